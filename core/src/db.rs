@@ -1,0 +1,297 @@
+//! PostgreSQL: the connection pool and the migrations.
+//!
+//! Migrations live in `migrations/`, compiled into the binary. A migration is either one file
+//! (`NNNN_name.sql`) or a pair of flavours (`NNNN_name.timescale.sql`, `NNNN_name.postgres.sql`):
+//! the TimescaleDB flavour is used when the extension is available to the database, the plain
+//! PostgreSQL one otherwise. The flavour is decided once, when the first flavoured migration is
+//! applied, and recorded with each migration in `schema_migration`.
+//!
+//! [`migrate`] holds a PostgreSQL advisory lock for its whole run, so several processes may
+//! call it at once; each migration runs in its own transaction, and applied ones are skipped.
+
+use anyhow::{Context as _, bail};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use std::fmt;
+use tokio_postgres::NoTls;
+
+/// Which schema the database gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavor {
+    /// TimescaleDB: `tag_reading` is a hypertable with compression and retention policies.
+    Timescale,
+    /// Plain PostgreSQL: `tag_reading` is an indexed table.
+    Postgres,
+}
+
+impl Flavor {
+    fn as_str(self) -> &'static str {
+        match self {
+            Flavor::Timescale => "timescale",
+            Flavor::Postgres => "postgres",
+        }
+    }
+}
+
+impl fmt::Display for Flavor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Flavor::Timescale => "TimescaleDB",
+            Flavor::Postgres => "plain PostgreSQL",
+        })
+    }
+}
+
+enum Sql {
+    Both(&'static str),
+    Flavored {
+        timescale: &'static str,
+        postgres: &'static str,
+    },
+}
+
+struct Migration {
+    version: i32,
+    name: &'static str,
+    sql: Sql,
+}
+
+/// Every migration, in order. A test checks that this list and `migrations/` agree.
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "registry",
+        sql: Sql::Both(include_str!("../../migrations/0001_registry.sql")),
+    },
+    Migration {
+        version: 2,
+        name: "tag_reading",
+        sql: Sql::Flavored {
+            timescale: include_str!("../../migrations/0002_tag_reading.timescale.sql"),
+            postgres: include_str!("../../migrations/0002_tag_reading.postgres.sql"),
+        },
+    },
+];
+
+/// An arbitrary constant naming the migration lock among the database's advisory locks.
+const MIGRATION_LOCK: i64 = 0x6461_7461_7669_7a00;
+
+/// Parses a `DATABASE_URL`, dropping the query parameters Symfony adds for Doctrine
+/// (`serverVersion`, `charset`), which PostgreSQL clients do not know.
+pub fn parse_url(url: &str) -> anyhow::Result<tokio_postgres::Config> {
+    let cleaned = match url.split_once('?') {
+        Some((base, query)) => {
+            let kept: Vec<&str> = query
+                .split('&')
+                .filter(|kv| {
+                    let key = kv.split('=').next().unwrap_or_default();
+                    !matches!(key, "serverVersion" | "charset" | "")
+                })
+                .collect();
+            if kept.is_empty() {
+                base.to_owned()
+            } else {
+                format!("{base}?{}", kept.join("&"))
+            }
+        }
+        None => url.to_owned(),
+    };
+    cleaned
+        .parse()
+        .context("DATABASE_URL is not a valid PostgreSQL URL")
+}
+
+/// A pool of connections; connections are opened lazily and checked on reuse.
+pub fn pool(url: &str, size: usize) -> anyhow::Result<Pool> {
+    let config = parse_url(url)?;
+    let manager = Manager::from_config(
+        config,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(size.max(1))
+        .build()
+        .context("building the PostgreSQL pool")
+}
+
+/// Opens one connection, for work outside the pool (migrations).
+pub async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
+    let config = parse_url(url)?;
+    let (client, connection) = config
+        .connect(NoTls)
+        .await
+        .context("connecting to DATABASE_URL")?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::warn!(error = %e, "PostgreSQL connection closed");
+        }
+    });
+    Ok(client)
+}
+
+/// What [`migrate`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationReport {
+    pub flavor: Flavor,
+    /// Names of the migrations applied by this call.
+    pub applied: Vec<String>,
+    /// Migrations that were already there.
+    pub already: usize,
+}
+
+/// Applies the migrations not yet applied. Safe to run twice, and from several processes.
+pub async fn migrate(client: &mut tokio_postgres::Client) -> anyhow::Result<MigrationReport> {
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .context("taking the migration lock")?;
+    let result = migrate_locked(client).await;
+    let unlock = client
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+        .await;
+    let report = result?;
+    unlock.context("releasing the migration lock")?;
+    Ok(report)
+}
+
+async fn migrate_locked(client: &mut tokio_postgres::Client) -> anyhow::Result<MigrationReport> {
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS schema_migration (
+                 version    integer PRIMARY KEY,
+                 name       text        NOT NULL,
+                 flavor     text,
+                 applied_at timestamptz NOT NULL DEFAULT now()
+             )",
+        )
+        .await
+        .context("creating schema_migration")?;
+    let rows = client
+        .query("SELECT version, flavor FROM schema_migration", &[])
+        .await?;
+    let applied: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
+    let recorded: Option<String> = rows.iter().find_map(|r| r.get(1));
+    let flavor = match recorded.as_deref() {
+        Some("timescale") => Flavor::Timescale,
+        Some("postgres") => Flavor::Postgres,
+        Some(other) => bail!("schema_migration records an unknown flavor {other:?}"),
+        None if timescale_available(client).await? => Flavor::Timescale,
+        None => Flavor::Postgres,
+    };
+    let mut report = MigrationReport {
+        flavor,
+        applied: Vec::new(),
+        already: applied.len(),
+    };
+    for migration in MIGRATIONS {
+        if applied.contains(&migration.version) {
+            continue;
+        }
+        let (sql, recorded_flavor) = match migration.sql {
+            Sql::Both(sql) => (sql, None),
+            Sql::Flavored { timescale, postgres } => match flavor {
+                Flavor::Timescale => (timescale, Some(flavor.as_str())),
+                Flavor::Postgres => (postgres, Some(flavor.as_str())),
+            },
+        };
+        let tx = client.transaction().await?;
+        if recorded_flavor == Some("timescale") {
+            tx.batch_execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+                .await
+                .context("creating the timescaledb extension")?;
+        }
+        tx.batch_execute(sql).await.with_context(|| {
+            format!(
+                "applying migration {:04}_{}",
+                migration.version, migration.name
+            )
+        })?;
+        tx.execute(
+            "INSERT INTO schema_migration (version, name, flavor) VALUES ($1, $2, $3)",
+            &[&migration.version, &migration.name, &recorded_flavor],
+        )
+        .await?;
+        tx.commit().await?;
+        report
+            .applied
+            .push(format!("{:04}_{}", migration.version, migration.name));
+    }
+    Ok(report)
+}
+
+async fn timescale_available(client: &tokio_postgres::Client) -> anyhow::Result<bool> {
+    let row = client
+        .query_opt(
+            "SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'",
+            &[],
+        )
+        .await
+        .context("looking for the timescaledb extension")?;
+    Ok(row.is_some())
+}
+
+/// Describes the database for the start-up log: server version and flavour.
+pub async fn describe(client: &tokio_postgres::Client) -> anyhow::Result<String> {
+    let version: String = client
+        .query_one("SHOW server_version", &[])
+        .await?
+        .get(0);
+    let timescale: Option<String> = client
+        .query_opt(
+            "SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'",
+            &[],
+        )
+        .await?
+        .map(|r| r.get(0));
+    Ok(match timescale {
+        Some(ts) => format!(
+            "PostgreSQL {version} with TimescaleDB {ts}: tag_reading is a hypertable"
+        ),
+        None => format!(
+            "PostgreSQL {version} without TimescaleDB: tag_reading is a plain indexed table"
+        ),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn symfony_parameters_are_dropped() {
+        let c = parse_url("postgresql://app:secret@db:5432/app?serverVersion=15&charset=utf8")
+            .unwrap();
+        assert_eq!(c.get_dbname(), Some("app"));
+        let c = parse_url("postgres://u@h/db?serverVersion=15&application_name=x").unwrap();
+        assert_eq!(c.get_application_name(), Some("x"));
+        assert!(parse_url("not a url at all ://").is_err());
+    }
+
+    #[test]
+    fn every_migration_file_is_listed() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../migrations");
+        let mut files: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|f| f.ends_with(".sql"))
+            .collect();
+        files.sort();
+        let mut listed: Vec<String> = MIGRATIONS
+            .iter()
+            .flat_map(|m| match m.sql {
+                Sql::Both(_) => vec![format!("{:04}_{}.sql", m.version, m.name)],
+                Sql::Flavored { .. } => vec![
+                    format!("{:04}_{}.postgres.sql", m.version, m.name),
+                    format!("{:04}_{}.timescale.sql", m.version, m.name),
+                ],
+            })
+            .collect();
+        listed.sort();
+        assert_eq!(files, listed);
+        for (i, m) in MIGRATIONS.iter().enumerate() {
+            assert_eq!(m.version as usize, i + 1, "versions are consecutive");
+        }
+    }
+}

@@ -1,0 +1,27 @@
+//! Dataviz core: everything the pipeline stages share.
+//!
+//! # Layout
+//! - [`topic`]: the MQTT topic `gateways/<gateway_id>/<device_code>`, parsed.
+//! - [`payload`]: the device payload `{"d": [{"tag", "value"}], "ts"}`, parsed tolerantly.
+//! - [`value`]: reading values, the PostgreSQL data types they map to, and how a tag's type
+//!   changes when its values do.
+//! - [`message`]: what travels on JetStream: the raw MQTT message (RAW), the typed batch of
+//!   readings (READINGS) and dead letters (DEAD).
+//! - [`streams`]: stream and consumer names, subjects and settings, created and checked at start.
+//! - [`db`]: the PostgreSQL pool and the migrations.
+//! - [`config`]: connection settings read from the environment, shared by every role.
+//! - [`telemetry`]: logging setup, including the `mqtt` channel.
+//! - [`shutdown`]: the signal every long-running loop takes as an input.
+
+pub mod config;
+pub mod db;
+pub mod message;
+pub mod payload;
+pub mod shutdown;
+pub mod streams;
+pub mod telemetry;
+pub mod topic;
+pub mod value;
+
+/// The `tracing` target of the `mqtt` log channel (the original's Monolog channel).
+pub const MQTT_LOG_TARGET: &str = "mqtt";

