@@ -1,0 +1,347 @@
+//! The bridge: MQTT → JetStream RAW.
+//!
+//! # How nothing is lost
+//! The bridge holds a persistent MQTT session (fixed client id, clean session off) and acks
+//! each message by hand: the MQTT PUBACK is sent only after JetStream has stored the message.
+//! Whatever the bridge held when it stopped, the broker delivers again.
+//!
+//! # How nothing is stored twice
+//! A redelivered MQTT message carries the same packet id, topic and payload; the bridge derives
+//! the JetStream deduplication id (`Nats-Msg-Id`) from them, so RAW keeps one copy within its
+//! duplicate window (`RAW_DUPLICATE_WINDOW`). A first delivery (no DUP flag) that JetStream
+//! calls a duplicate can only be a different message that reused a packet id with the same
+//! content; it is stored again under a unique id.
+//!
+//! Retained messages delivered on subscribe are old values the bridge saw live (its session
+//! persists while it is away); they are acknowledged and skipped.
+//!
+//! # Layout
+//! - [`config`]: `MQTT_*` settings.
+//! - [`run`]: the event loop task (reads MQTT, never blocks on JetStream) and the store task
+//!   (publishes to RAW with acks in flight, then acks MQTT).
+
+pub mod config;
+
+use async_nats::jetstream::{self, context::PublishAckFuture};
+use bytes::Bytes;
+use config::BridgeConfig;
+use dataviz_core::{MQTT_LOG_TARGET, message::DeadLetter, message::RawMessage, shutdown::Shutdown};
+use futures::{FutureExt, StreamExt, stream::FuturesUnordered};
+use rumqttc::{AsyncClient, Event, Packet, Publish, QoS};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+const STAGE: &str = "bridge";
+
+/// A message taken from MQTT, on its way to RAW.
+struct Received {
+    publish: Publish,
+    /// The MQTT connection it came on: an ack is only valid on that connection.
+    connection: u64,
+    raw: RawMessage,
+}
+
+/// Runs the bridge until `shutdown` fires, then stores or hands back what it holds.
+pub async fn run(
+    config: BridgeConfig,
+    js: jetstream::Context,
+    max_payload: usize,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    let mut options = config.mqtt.options(&config.mqtt_client_id)?;
+    options.set_clean_session(false);
+    options.set_manual_acks(true);
+    // Acks queue here; sized past the messages in flight so that acking never waits on it.
+    options.set_request_channel_capacity(config.bridge_max_in_flight * 2 + 64);
+    let (client, eventloop) = AsyncClient::new(options, config.bridge_max_in_flight * 2 + 64);
+    let (tx, rx) = mpsc::channel::<Received>(config.bridge_max_in_flight.max(1));
+    let connection = Arc::new(AtomicU64::new(0));
+
+    let store = tokio::spawn(store_loop(
+        rx,
+        js,
+        client.clone(),
+        connection.clone(),
+        config.mqtt_client_id.clone(),
+        max_payload,
+        config.bridge_max_in_flight,
+        shutdown.clone(),
+    ));
+    let events = tokio::spawn(event_loop(
+        eventloop,
+        client.clone(),
+        config,
+        tx,
+        connection,
+        shutdown,
+    ));
+    // Once the event loop stops reading and drops its sender, the store task finishes what it
+    // holds and ends; the event loop keeps serving the connection until the disconnect is out.
+    let stored = store.await?;
+    let _ = client.try_disconnect();
+    let events = events.await?;
+    events.and(stored)
+}
+
+async fn event_loop(
+    mut eventloop: rumqttc::EventLoop,
+    client: AsyncClient,
+    config: BridgeConfig,
+    tx: mpsc::Sender<Received>,
+    connection: Arc<AtomicU64>,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    let qos = config.qos();
+    let mut backoff = Backoff::default();
+    loop {
+        let event = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            event = eventloop.poll() => event,
+        };
+        match event {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                backoff.reset();
+                let generation = connection.fetch_add(1, Ordering::SeqCst) + 1;
+                tracing::info!(
+                    target: MQTT_LOG_TARGET,
+                    host = %config.mqtt.mqtt_host,
+                    port = config.mqtt.mqtt_port,
+                    client_id = %config.mqtt_client_id,
+                    session_present = ack.session_present,
+                    connection = generation,
+                    "connected to the MQTT broker"
+                );
+                let filters = config
+                    .mqtt_topics
+                    .0
+                    .iter()
+                    .map(|t| rumqttc::SubscribeFilter::new(t.clone(), qos));
+                if let Err(e) = client.try_subscribe_many(filters) {
+                    tracing::error!(target: MQTT_LOG_TARGET, error = %e, "could not subscribe");
+                }
+            }
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                tracing::info!(target: MQTT_LOG_TARGET, topics = ?config.mqtt_topics.0, codes = ?ack.return_codes, "subscribed");
+            }
+            Ok(Event::Incoming(Packet::Publish(publish))) => {
+                if publish.retain {
+                    tracing::debug!(target: MQTT_LOG_TARGET, topic = %publish.topic, "retained message skipped");
+                    let _ = client.try_ack(&publish);
+                    continue;
+                }
+                tracing::debug!(
+                    target: MQTT_LOG_TARGET,
+                    topic = %publish.topic,
+                    bytes = publish.payload.len(),
+                    pkid = publish.pkid,
+                    dup = publish.dup,
+                    "message received"
+                );
+                let raw = RawMessage::received(publish.topic.clone(), publish.payload.clone());
+                let received = Received {
+                    publish,
+                    connection: connection.load(Ordering::SeqCst),
+                    raw,
+                };
+                // Waits when the store task is full: the broker queues meanwhile.
+                tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => break,
+                    sent = tx.send(received) => if sent.is_err() { anyhow::bail!("the store task ended") },
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let wait = backoff.next();
+                tracing::warn!(
+                    target: MQTT_LOG_TARGET,
+                    error = %e,
+                    retry_in = ?wait,
+                    "MQTT connection lost"
+                );
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    }
+    drop(tx);
+    // Keep the connection served while the store task finishes, so that its acks go out.
+    let drain = async {
+        while let Ok(event) = eventloop.poll().await {
+            if let Event::Outgoing(rumqttc::Outgoing::Disconnect) = event {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(10), drain).await;
+    Ok(())
+}
+
+async fn store_loop(
+    mut rx: mpsc::Receiver<Received>,
+    js: jetstream::Context,
+    client: AsyncClient,
+    connection: Arc<AtomicU64>,
+    client_id: String,
+    max_payload: usize,
+    max_in_flight: usize,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    let mut in_flight = FuturesUnordered::new();
+    let mut open = true;
+    while open || !in_flight.is_empty() {
+        tokio::select! {
+            received = rx.recv(), if open && in_flight.len() < max_in_flight => match received {
+                Some(received) => in_flight.push(store(&js, received, &client_id, max_payload, &shutdown).boxed()),
+                None => open = false,
+            },
+            Some(stored) = in_flight.next() => {
+                // Not stored: shutting down while JetStream was unreachable. Unacked, the
+                // message comes back from the broker with the next session.
+                let Some(received): Option<Received> = stored else { continue };
+                if received.publish.qos != QoS::AtMostOnce {
+                    if received.connection == connection.load(Ordering::SeqCst) {
+                        if client.try_ack(&received.publish).is_err() {
+                            // The request queue is full: ack from another task, never block here.
+                            let client = client.clone();
+                            tokio::spawn(async move { let _ = client.ack(&received.publish).await; });
+                        }
+                    } else {
+                        tracing::debug!(target: MQTT_LOG_TARGET, pkid = received.publish.pkid, "stored a message of an earlier connection; the broker sends it again");
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Stores one message in RAW (or DEAD when it can never fit), retrying until JetStream has it.
+async fn store(
+    js: &jetstream::Context,
+    received: Received,
+    client_id: &str,
+    max_payload: usize,
+    shutdown: &Shutdown,
+) -> Option<Received> {
+    let publish = &received.publish;
+    let dedup_id = (publish.qos != QoS::AtMostOnce).then(|| {
+        let hash = xxhash_rust::xxh3::xxh3_64_with_seed(publish.payload.as_ref(), topic_seed(&publish.topic));
+        format!("{client_id}:{}:{hash:016x}", publish.pkid)
+    });
+    let mut backoff = Backoff::default();
+    let mut salted = None::<String>;
+    loop {
+        let id = salted.as_deref().or(dedup_id.as_deref());
+        let attempt = match oversized(&received.raw, max_payload) {
+            Some(dead) => js.publish_with_headers(dead.subject(), dead.headers(), dead.raw.payload.clone()).await,
+            None => js.publish_with_headers(received.raw.subject(), received.raw.headers(id), received.raw.payload.clone()).await,
+        };
+        let acked = match attempt {
+            Ok(ack) => await_ack(ack).await,
+            Err(e) => Err(e.to_string()),
+        };
+        match acked {
+            Ok(ack) if ack.duplicate && !publish.dup && salted.is_none() && dedup_id.is_some() => {
+                // A first delivery cannot be a redelivery: another message reused this packet
+                // id with the same content inside the duplicate window. Store it under its own id.
+                salted = Some(format!("{}:{}", dedup_id.as_deref().unwrap_or_default(), received.raw.id));
+            }
+            Ok(_) => return Some(received),
+            Err(e) => {
+                let wait = backoff.next();
+                tracing::warn!(error = %e, retry_in = ?wait, "storing a message in RAW failed; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return None,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    }
+}
+
+async fn await_ack(ack: PublishAckFuture) -> Result<jetstream::publish::PublishAck, String> {
+    ack.await.map_err(|e| e.to_string())
+}
+
+fn topic_seed(topic: &str) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(topic.as_bytes())
+}
+
+/// A message too large for the NATS server becomes a dead letter holding its first bytes.
+fn oversized(raw: &RawMessage, max_payload: usize) -> Option<DeadLetter> {
+    // Headers take a few hundred bytes; keep a margin.
+    let limit = max_payload.saturating_sub(4096);
+    if raw.payload.len() <= limit {
+        return None;
+    }
+    let kept = limit.min(64 * 1024);
+    let mut truncated = raw.clone();
+    truncated.payload = Bytes::copy_from_slice(&raw.payload[..kept]);
+    tracing::warn!(target: MQTT_LOG_TARGET, topic = %raw.topic, bytes = raw.payload.len(), "message larger than the NATS server accepts: dead-lettered");
+    Some(DeadLetter {
+        raw: truncated,
+        stage: STAGE.into(),
+        reason: "oversized".into(),
+        error: format!(
+            "payload of {} bytes is over what the NATS server accepts ({max_payload} bytes); the first {kept} bytes are kept",
+            raw.payload.len()
+        ),
+    })
+}
+
+/// Exponential backoff from 100 ms to 30 s.
+#[derive(Debug)]
+pub struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            next: Duration::from_millis(100),
+        }
+    }
+}
+
+impl Backoff {
+    pub fn next(&mut self) -> Duration {
+        let wait = self.next;
+        self.next = (self.next * 2).min(Duration::from_secs(30));
+        wait
+    }
+
+    pub fn reset(&mut self) {
+        *self = Backoff::default();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_a_ceiling() {
+        let mut b = Backoff::default();
+        let waits: Vec<_> = (0..12).map(|_| b.next().as_millis()).collect();
+        assert_eq!(&waits[..4], &[100, 200, 400, 800]);
+        assert_eq!(*waits.last().unwrap(), 30_000);
+        b.reset();
+        assert_eq!(b.next().as_millis(), 100);
+    }
+
+    #[test]
+    fn oversized_messages_become_dead_letters() {
+        let raw = RawMessage::received("gateways/1/d".into(), Bytes::from(vec![b'x'; 10_000]));
+        assert!(oversized(&raw, 1 << 20).is_none());
+        let dead = oversized(&raw, 8192).unwrap();
+        assert_eq!(dead.reason, "oversized");
+        assert_eq!(dead.raw.payload.len(), 8192 - 4096);
+        assert_eq!(dead.raw.id, raw.id);
+    }
+}

@@ -1,1 +1,80 @@
-fn main() {}
+//! `dataviz`: every role of the pipeline, the migrations and the device simulator, in one
+//! binary. Configuration comes from the environment (see `dataviz <command> --help`); errors
+//! are printed with their whole chain.
+
+mod roles;
+mod simulate;
+
+use clap::{Parser, Subcommand};
+use dataviz_core::telemetry::{self, LogConfig};
+use std::process::ExitCode;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "dataviz",
+    version,
+    about = "IoT telemetry pipeline: MQTT → NATS JetStream → PostgreSQL/TimescaleDB",
+    long_about = "IoT telemetry pipeline: MQTT → NATS JetStream → PostgreSQL/TimescaleDB.\n\n\
+        Every setting is read from the environment (the variable is named in each option's help) \
+        or given as an option. A missing or invalid setting stops the command at start."
+)]
+struct Cli {
+    #[command(flatten)]
+    log: LogConfig,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Every role in one process: bridge, processor and writer (the local default).
+    All(roles::AllArgs),
+    /// MQTT → JetStream RAW.
+    Bridge(roles::BridgeArgs),
+    /// RAW → gateways, devices, tags → READINGS.
+    Processor(roles::ProcessorArgs),
+    /// READINGS → tag_reading.
+    Writer(roles::WriterArgs),
+    /// Applies the database migrations (safe to run twice, or from several processes).
+    Migrate(roles::MigrateArgs),
+    /// Simulated devices publishing realistic readings over MQTT.
+    Simulate(simulate::SimulateArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // async-nats and rumqttc both use rustls; one crypto provider for the whole process.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let _log = match telemetry::init(&cli.log) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("dataviz: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("dataviz: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::All(args) => roles::all(args).await,
+            Command::Bridge(args) => roles::bridge(args).await,
+            Command::Processor(args) => roles::processor(args).await,
+            Command::Writer(args) => roles::writer(args).await,
+            Command::Migrate(args) => roles::migrate(args).await,
+            Command::Simulate(args) => simulate::run(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "dataviz stopped");
+            eprintln!("dataviz: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

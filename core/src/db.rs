@@ -232,6 +232,25 @@ async fn timescale_available(client: &tokio_postgres::Client) -> anyhow::Result<
     Ok(row.is_some())
 }
 
+/// Fails unless every migration this binary knows has been applied.
+pub async fn check_migrated(client: &tokio_postgres::Client) -> anyhow::Result<()> {
+    let applied: i64 = match client
+        .query_one("SELECT count(*) FROM schema_migration", &[])
+        .await
+    {
+        Ok(row) => row.get(0),
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => 0,
+        Err(e) => return Err(e).context("reading schema_migration"),
+    };
+    if applied < MIGRATIONS.len() as i64 {
+        bail!(
+            "the database is not migrated ({applied} of {} migrations applied): run `dataviz migrate`",
+            MIGRATIONS.len()
+        );
+    }
+    Ok(())
+}
+
 /// Describes the database for the start-up log: server version and flavour.
 pub async fn describe(client: &tokio_postgres::Client) -> anyhow::Result<String> {
     let version: String = client

@@ -7,6 +7,7 @@
 //!   changes when its values do.
 //! - [`message`]: what travels on JetStream: the raw MQTT message (RAW), the typed batch of
 //!   readings (READINGS) and dead letters (DEAD).
+//! - [`consume`]: the pull-and-handle loop every JetStream stage runs.
 //! - [`streams`]: stream and consumer names, subjects and settings, created and checked at start.
 //! - [`db`]: the PostgreSQL pool and the migrations.
 //! - [`config`]: connection settings read from the environment, shared by every role.
@@ -14,6 +15,7 @@
 //! - [`shutdown`]: the signal every long-running loop takes as an input.
 
 pub mod config;
+pub mod consume;
 pub mod db;
 pub mod message;
 pub mod payload;

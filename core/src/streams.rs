@@ -128,6 +128,7 @@ impl StreamSettings {
             discard: DiscardPolicy::New,
             num_replicas: usize::from(self.replicas),
             max_messages: -1,
+            max_bytes: -1,
             ..Default::default()
         }
     }
@@ -209,33 +210,24 @@ pub async fn ensure(
 }
 
 fn verify_stream(wanted: &stream::Config, got: &stream::Config) -> anyhow::Result<()> {
-    let checks: [(&str, bool); 7] = [
-        ("subjects", wanted.subjects == got.subjects),
-        ("discard", wanted.discard == got.discard),
-        ("retention", wanted.retention == got.retention),
-        ("storage", wanted.storage == got.storage),
-        ("max_age", wanted.max_age == got.max_age),
-        ("max_bytes", wanted.max_bytes == got.max_bytes),
-        ("duplicate_window", wanted.duplicate_window == got.duplicate_window),
+    let checks = [
+        ("subjects", format!("{:?}", wanted.subjects), format!("{:?}", got.subjects)),
+        ("discard", format!("{:?}", wanted.discard), format!("{:?}", got.discard)),
+        ("retention", format!("{:?}", wanted.retention), format!("{:?}", got.retention)),
+        ("storage", format!("{:?}", wanted.storage), format!("{:?}", got.storage)),
+        ("max_age", format!("{:?}", wanted.max_age), format!("{:?}", got.max_age)),
+        ("max_bytes", wanted.max_bytes.to_string(), got.max_bytes.to_string()),
+        ("duplicate_window", format!("{:?}", wanted.duplicate_window), format!("{:?}", got.duplicate_window)),
+        ("num_replicas", wanted.num_replicas.to_string(), got.num_replicas.to_string()),
     ];
-    for (setting, same) in checks {
-        if !same {
+    for (setting, asked, kept) in checks {
+        if asked != kept {
             bail!(
-                "stream {}: the server did not keep the setting {setting} (asked {:?}, kept {:?}); \
-                 an existing stream with another {setting} must be changed by hand",
-                wanted.name,
-                wanted,
-                got
+                "stream {}: the server did not keep {setting} (asked {asked}, kept {kept}); \
+                 a setting the server cannot change on an existing stream must be changed by hand",
+                wanted.name
             );
         }
-    }
-    if got.num_replicas != wanted.num_replicas {
-        bail!(
-            "stream {}: {} replicas asked, {} kept",
-            wanted.name,
-            wanted.num_replicas,
-            got.num_replicas
-        );
     }
     Ok(())
 }

@@ -1,0 +1,283 @@
+//! The processor: RAW → registry → READINGS.
+//!
+//! For each raw message: parse the topic and payload ([`dataviz_core::topic`],
+//! [`dataviz_core::payload`]), find or create the device and its tags ([`registry`]), and
+//! publish one [`TagReadingsBatch`] to READINGS under the raw message's id. The raw message is
+//! acknowledged only once READINGS (or DEAD) stored the result.
+//!
+//! Failures are sorted in one place, [`Outcome`]: a message that can never succeed (bad topic,
+//! bad payload, unknown gateway, a value PostgreSQL cannot store) goes to DEAD with the reason;
+//! anything else (database or NATS unreachable) is handed back and retried with backoff.
+
+pub mod registry;
+
+use async_nats::jetstream;
+use chrono::{DateTime, Utc};
+use dataviz_core::{
+    MQTT_LOG_TARGET,
+    consume::{self, ack, nak_later},
+    message::{DeadLetter, RawMessage, TagReading, TagReadingsBatch},
+    payload::{self, Payload, PayloadLimits},
+    shutdown::Shutdown,
+    streams, topic,
+    value::Value,
+};
+use futures::future::join_all;
+use registry::{Registry, RegistryError, Resolved};
+use std::sync::Arc;
+use std::time::Duration;
+
+const STAGE: &str = "processor";
+
+/// Processor settings.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ProcessorConfig {
+    /// Concurrent consume loops in this process.
+    #[arg(long, env = "WORKER_COUNT", value_name = "WORKER_COUNT", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub worker_count: u16,
+    /// Largest payload accepted, in bytes; larger ones go to DEAD.
+    #[arg(long, env = "MAX_PAYLOAD_BYTES", value_name = "MAX_PAYLOAD_BYTES", default_value_t = 256 * 1024)]
+    pub max_payload_bytes: usize,
+    /// Most readings in one payload; more go to DEAD.
+    #[arg(long, env = "MAX_READINGS_PER_MESSAGE", value_name = "MAX_READINGS_PER_MESSAGE", default_value_t = 1000)]
+    pub max_readings_per_message: usize,
+    /// Raw messages handled per batch by each worker.
+    #[arg(long, env = "PROCESSOR_BATCH_SIZE", value_name = "PROCESSOR_BATCH_SIZE", default_value_t = 500)]
+    pub processor_batch_size: usize,
+}
+
+impl ProcessorConfig {
+    pub fn limits(&self) -> PayloadLimits {
+        PayloadLimits {
+            max_bytes: self.max_payload_bytes,
+            max_readings: self.max_readings_per_message,
+        }
+    }
+}
+
+/// What becomes of one raw message.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Readings to publish to READINGS.
+    Readings(TagReadingsBatch),
+    /// Refused for good: to DEAD.
+    Dead(DeadLetter),
+    /// Failed for now: hand back, retry later.
+    Retry(String),
+}
+
+/// The processor: shared registry and settings.
+pub struct Processor {
+    registry: Registry,
+    limits: PayloadLimits,
+}
+
+impl Processor {
+    pub fn new(pool: deadpool_postgres::Pool, limits: PayloadLimits) -> Processor {
+        Processor {
+            registry: Registry::new(pool),
+            limits,
+        }
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Decides what becomes of one raw message.
+    pub async fn handle(&self, raw: RawMessage) -> Outcome {
+        let topic = match topic::parse(&raw.topic) {
+            Ok(t) => t,
+            Err(e) => return dead(raw, "bad_topic", e.to_string()),
+        };
+        let (gateway_id, device_code) = (topic.gateway_id, topic.device_code.to_owned());
+        let payload = match payload::parse(&raw.payload, &self.limits) {
+            Ok(p) => p,
+            Err(e) => return dead(raw, e.kind(), e.to_string()),
+        };
+        if let Some(problem) = unstorable(&payload) {
+            return dead(raw, "unstorable", problem);
+        }
+        let resolved = self
+            .registry
+            .resolve(gateway_id, &device_code, &payload.readings, raw.received_at)
+            .await;
+        match resolved {
+            Ok(resolved) => Outcome::Readings(batch(&raw, gateway_id, device_code, payload, resolved)),
+            Err(e @ RegistryError::UnknownGateway(_)) => dead(raw, "unknown_gateway", e.to_string()),
+            Err(e @ RegistryError::Database(_)) => Outcome::Retry(e.to_string()),
+        }
+    }
+
+    /// Handles a batch of RAW messages: publishes every outcome, then acks what was stored.
+    pub async fn handle_messages(&self, js: &jetstream::Context, messages: Vec<jetstream::Message>) {
+        let mut outcomes = Vec::with_capacity(messages.len());
+        for message in &messages {
+            let outcome = match RawMessage::from_parts(message.headers.as_ref(), message.payload.clone()) {
+                Ok(raw) => self.handle(raw).await,
+                Err(e) => {
+                    let raw = RawMessage::received(message.subject.to_string(), message.payload.clone());
+                    dead(raw, "foreign_message", e.to_string())
+                }
+            };
+            outcomes.push(outcome);
+        }
+        let stored = join_all(outcomes.iter().map(|outcome| store(js, outcome))).await;
+        let finish = messages.iter().zip(stored).map(|(message, stored)| async move {
+            match stored {
+                Ok(()) => ack(message).await,
+                Err(e) => {
+                    tracing::warn!(error = %e, "raw message not processed; it will be retried");
+                    nak_later(message).await;
+                }
+            }
+        });
+        join_all(finish).await;
+    }
+}
+
+fn dead(raw: RawMessage, reason: &str, error: String) -> Outcome {
+    tracing::error!(target: MQTT_LOG_TARGET, topic = %raw.topic, id = %raw.id, reason, error = %error, "message refused: sent to DEAD");
+    Outcome::Dead(DeadLetter {
+        raw,
+        stage: STAGE.into(),
+        reason: reason.into(),
+        error,
+    })
+}
+
+/// Publishes an outcome to its stream and waits for the stream to store it.
+async fn store(js: &jetstream::Context, outcome: &Outcome) -> Result<(), String> {
+    let published = match outcome {
+        Outcome::Readings(batch) => js.publish_with_headers(batch.subject(), batch.headers(), batch.to_json()).await,
+        Outcome::Dead(dead) => js.publish_with_headers(dead.subject(), dead.headers(), dead.raw.payload.clone()).await,
+        Outcome::Retry(e) => return Err(e.clone()),
+    };
+    let ack = published.map_err(|e| e.to_string())?;
+    ack.await.map(|_| ()).map_err(|e| e.to_string())
+}
+
+/// A value PostgreSQL refuses to store, named; such a message can only go to DEAD.
+fn unstorable(payload: &Payload) -> Option<String> {
+    fn json_has_nul(v: &serde_json::Value) -> bool {
+        match v {
+            serde_json::Value::String(s) => s.contains('\0'),
+            serde_json::Value::Array(a) => a.iter().any(json_has_nul),
+            serde_json::Value::Object(o) => o.iter().any(|(k, v)| k.contains('\0') || json_has_nul(v)),
+            _ => false,
+        }
+    }
+    payload.readings.iter().find_map(|(tag, value)| {
+        let bad = tag.contains('\0')
+            || match value {
+                Value::Text(s) => s.contains('\0'),
+                Value::Json(j) => json_has_nul(j),
+                _ => false,
+            };
+        bad.then(|| format!("tag {tag:?}: PostgreSQL text cannot hold the NUL character (\\u0000)"))
+    })
+}
+
+/// The readings of one message with their ids: the pure end of the processor.
+pub fn batch(
+    raw: &RawMessage,
+    gateway_id: i32,
+    device_code: String,
+    payload: Payload,
+    resolved: Resolved,
+) -> TagReadingsBatch {
+    let time: DateTime<Utc> = payload.ts.unwrap_or(raw.received_at);
+    TagReadingsBatch {
+        id: raw.id,
+        gateway_id,
+        device_id: resolved.device_id,
+        device_code,
+        time,
+        received_at: raw.received_at,
+        readings: payload
+            .readings
+            .into_iter()
+            .zip(resolved.tag_ids)
+            .map(|((tag, value), tag_id)| TagReading { tag_id, tag, value })
+            .collect(),
+    }
+}
+
+/// Runs `config.worker_count` consume loops on RAW until `shutdown`.
+pub async fn run(
+    config: ProcessorConfig,
+    js: jetstream::Context,
+    pool: deadpool_postgres::Pool,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    let processor = Arc::new(Processor::new(pool, config.limits()));
+    let flusher = {
+        let processor = processor.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                let stop = tokio::select! {
+                    _ = shutdown.cancelled() => true,
+                    _ = tick.tick() => false,
+                };
+                if let Err(e) = processor.registry().flush_last_seen().await {
+                    tracing::warn!(error = %e, "device last-seen times not written; retrying");
+                }
+                if stop {
+                    break;
+                }
+            }
+        })
+    };
+    let workers = (0..config.worker_count).map(|_| {
+        let (processor, js, shutdown) = (processor.clone(), js.clone(), shutdown.clone());
+        let batch_size = config.processor_batch_size;
+        tokio::spawn(async move {
+            consume::consume_batches(
+                &js,
+                streams::RAW_STREAM,
+                streams::processor_consumer(),
+                batch_size,
+                &shutdown,
+                |messages| processor.handle_messages(&js, messages),
+            )
+            .await
+        })
+    });
+    for worker in join_all(workers).await {
+        worker??;
+    }
+    flusher.await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn payload(json: &str) -> Payload {
+        payload::parse(json.as_bytes(), &PayloadLimits::default()).unwrap()
+    }
+
+    #[test]
+    fn batch_takes_the_device_time_or_the_receive_time() {
+        let raw = RawMessage::received("gateways/1/d".into(), Bytes::new());
+        let resolved = Resolved { device_id: 9, tag_ids: vec![4, 5] };
+        let with_ts = payload(r#"{"d":[{"tag":"a","value":1},{"tag":"b","value":true}],"ts":"2017-12-22T08:05:20+0000"}"#);
+        let b = batch(&raw, 1, "d".into(), with_ts, resolved.clone());
+        assert_eq!(b.time.to_rfc3339(), "2017-12-22T08:05:20+00:00");
+        assert_eq!(b.id, raw.id);
+        assert_eq!(b.readings[1], TagReading { tag_id: 5, tag: "b".into(), value: Value::Boolean(true) });
+        let without = payload(r#"{"d":[{"tag":"a","value":1},{"tag":"b","value":true}]}"#);
+        assert_eq!(batch(&raw, 1, "d".into(), without, resolved).time, raw.received_at);
+    }
+
+    #[test]
+    fn nul_characters_are_unstorable() {
+        assert!(unstorable(&payload(r#"{"d":[{"tag":"a","value":"x\u0000y"}]}"#)).is_some());
+        assert!(unstorable(&payload(r#"{"d":[{"tag":"a","value":{"k":["\u0000"]}}]}"#)).is_some());
+        assert!(unstorable(&payload(r#"{"d":[{"tag":"a","value":"fine"}]}"#)).is_none());
+    }
+}

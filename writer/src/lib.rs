@@ -1,0 +1,256 @@
+//! The writer: READINGS → `tag_reading`.
+//!
+//! Each batch of READINGS messages is written in one transaction: the message ids go into
+//! `ingested_message` (ids already there are skipped: a redelivery or a replay), and the rows of
+//! the new ones are streamed with binary COPY, the fastest path PostgreSQL offers. The messages
+//! are acknowledged after the commit; a crash before that means a redelivery, which the ids
+//! absorb, so a batch stored once or five times leaves the same rows.
+//!
+//! Failures are sorted in one place, [`WriteError`]: a batch PostgreSQL refuses for its data is
+//! split to find the message at fault, which goes to DEAD; anything else is retried.
+
+use async_nats::jetstream;
+use dataviz_core::{
+    consume::{self, ack, nak_later},
+    message::{DeadLetter, RawMessage, TagReadingsBatch},
+    shutdown::Shutdown,
+    streams,
+    value::Value,
+};
+use deadpool_postgres::Pool;
+use futures::future::join_all;
+use std::pin::pin;
+use thiserror::Error;
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::{ToSql, Type};
+use uuid::Uuid;
+
+const STAGE: &str = "writer";
+
+/// Writer settings.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WriterConfig {
+    /// READINGS messages written per transaction, at most.
+    #[arg(long, env = "WRITER_BATCH_SIZE", value_name = "WRITER_BATCH_SIZE", default_value_t = 2000)]
+    pub writer_batch_size: usize,
+}
+
+#[derive(Debug, Error)]
+pub enum WriteError {
+    /// PostgreSQL refused the data itself (SQLSTATE classes 22 and 23): retrying cannot help.
+    #[error("refused by PostgreSQL: {0}")]
+    Data(String),
+    /// Anything else: connection, server, pool.
+    #[error("database: {0}")]
+    Transient(String),
+}
+
+impl From<tokio_postgres::Error> for WriteError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        let data = e
+            .code()
+            .is_some_and(|c| c.code().starts_with("22") || c.code().starts_with("23"));
+        let text = match e.as_db_error() {
+            Some(db) => format!("{}: {}", db.code().code(), db.message()),
+            None => e.to_string(),
+        };
+        if data {
+            WriteError::Data(text)
+        } else {
+            WriteError::Transient(text)
+        }
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for WriteError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        WriteError::Transient(e.to_string())
+    }
+}
+
+/// What [`write`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Written {
+    /// Messages whose rows were written now.
+    pub messages: usize,
+    /// Messages skipped because their rows were already there.
+    pub duplicates: usize,
+    pub rows: u64,
+}
+
+const COLUMNS: [Type; 9] = [
+    Type::TIMESTAMPTZ,
+    Type::INT8,
+    Type::INT8,
+    Type::INT4,
+    Type::FLOAT8,
+    Type::BOOL,
+    Type::TEXT,
+    Type::JSONB,
+    Type::TEXT,
+];
+
+/// Writes batches in one transaction, skipping those already written.
+pub async fn write(pool: &Pool, batches: &[TagReadingsBatch]) -> Result<Written, WriteError> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let ids: Vec<Uuid> = batches.iter().map(|b| b.id).collect();
+    let new: std::collections::HashSet<Uuid> = tx
+        .query(
+            "INSERT INTO ingested_message (id) SELECT unnest($1::uuid[])
+             ON CONFLICT DO NOTHING RETURNING id",
+            &[&ids],
+        )
+        .await?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let mut written = Written {
+        messages: new.len(),
+        duplicates: batches.len() - new.len(),
+        rows: 0,
+    };
+    if !new.is_empty() {
+        let sink = tx
+            .copy_in(
+                "COPY tag_reading (time, device_id, tag_id, gateway_id, value_num, value_bool, \
+                 value_text, value_json, value_type) FROM STDIN BINARY",
+            )
+            .await?;
+        let mut writer = pin!(BinaryCopyInWriter::new(sink, &COLUMNS));
+        // Each message once, even when a batch holds it twice.
+        let mut done = std::collections::HashSet::with_capacity(new.len());
+        for batch in batches.iter().filter(|b| new.contains(&b.id) && done.insert(b.id)) {
+            for reading in &batch.readings {
+                let (num, boolean, text, json) = columns(&reading.value);
+                let value_type = reading.value.stored_type().as_str();
+                let row: [&(dyn ToSql + Sync); 9] = [
+                    &batch.time,
+                    &batch.device_id,
+                    &reading.tag_id,
+                    &batch.gateway_id,
+                    &num,
+                    &boolean,
+                    &text,
+                    &json,
+                    &value_type,
+                ];
+                writer.as_mut().write(&row).await?;
+            }
+        }
+        written.rows = writer.as_mut().finish().await?;
+    }
+    tx.commit().await?;
+    Ok(written)
+}
+
+/// A value spread over the typed columns.
+fn columns(value: &Value) -> (Option<f64>, Option<bool>, Option<&str>, Option<&serde_json::Value>) {
+    match value {
+        // Integers are stored in the numeric column; they are exact up to 2^53.
+        Value::Integer(i) => (Some(*i as f64), None, None, None),
+        Value::Double(f) => (Some(*f), None, None, None),
+        Value::Boolean(b) => (None, Some(*b), None, None),
+        Value::Text(s) => (None, None, Some(s.as_str()), None),
+        Value::Json(j) => (None, None, None, Some(j)),
+        Value::Null => (None, None, None, None),
+    }
+}
+
+/// Handles a batch of READINGS messages: writes, then acks; refuses for good what PostgreSQL
+/// can never store; hands back the rest.
+pub async fn handle_messages(js: &jetstream::Context, pool: &Pool, messages: Vec<jetstream::Message>) {
+    let mut batches = Vec::with_capacity(messages.len());
+    let mut kept = Vec::with_capacity(messages.len());
+    for message in messages {
+        match serde_json::from_slice::<TagReadingsBatch>(&message.payload) {
+            Ok(batch) => {
+                batches.push(batch);
+                kept.push(message);
+            }
+            Err(e) => {
+                let raw = RawMessage::received(message.subject.to_string(), message.payload.clone());
+                refuse(js, &message, raw, "bad_batch", format!("not a readings batch: {e}")).await;
+            }
+        }
+    }
+    if batches.is_empty() {
+        return;
+    }
+    match write(pool, &batches).await {
+        Ok(written) => {
+            tracing::debug!(messages = written.messages, duplicates = written.duplicates, rows = written.rows, "batch written");
+            join_all(kept.iter().map(ack)).await;
+        }
+        Err(WriteError::Data(e)) if batches.len() > 1 => {
+            tracing::warn!(error = %e, messages = batches.len(), "batch refused for its data; writing its messages one by one");
+            for (batch, message) in batches.into_iter().zip(kept) {
+                write_one(js, pool, batch, message).await;
+            }
+        }
+        Err(WriteError::Data(e)) => {
+            let (batch, message) = (batches.remove(0), &kept[0]);
+            refuse_batch(js, message, &batch, e).await;
+        }
+        Err(WriteError::Transient(e)) => {
+            tracing::warn!(error = %e, messages = batches.len(), "batch not written; it will be retried");
+            join_all(kept.iter().map(nak_later)).await;
+        }
+    }
+}
+
+async fn write_one(js: &jetstream::Context, pool: &Pool, batch: TagReadingsBatch, message: jetstream::Message) {
+    match write(pool, std::slice::from_ref(&batch)).await {
+        Ok(_) => ack(&message).await,
+        Err(WriteError::Data(e)) => refuse_batch(js, &message, &batch, e).await,
+        Err(WriteError::Transient(e)) => {
+            tracing::warn!(error = %e, "message not written; it will be retried");
+            nak_later(&message).await;
+        }
+    }
+}
+
+async fn refuse_batch(js: &jetstream::Context, message: &jetstream::Message, batch: &TagReadingsBatch, error: String) {
+    let raw = RawMessage {
+        id: batch.id,
+        topic: format!("gateways/{}/{}", batch.gateway_id, batch.device_code),
+        received_at: batch.received_at,
+        payload: message.payload.clone(),
+    };
+    refuse(js, message, raw, "unstorable", error).await;
+}
+
+/// Sends a message to DEAD, then acks it; if DEAD cannot take it, hands it back.
+async fn refuse(js: &jetstream::Context, message: &jetstream::Message, raw: RawMessage, reason: &str, error: String) {
+    tracing::error!(id = %raw.id, reason, error = %error, "readings refused: sent to DEAD");
+    let dead = DeadLetter {
+        raw,
+        stage: STAGE.into(),
+        reason: reason.into(),
+        error,
+    };
+    let stored = match js.publish_with_headers(dead.subject(), dead.headers(), dead.raw.payload.clone()).await {
+        Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    match stored {
+        Ok(()) => ack(message).await,
+        Err(e) => {
+            tracing::warn!(error = %e, "dead letter not stored; retrying later");
+            nak_later(message).await;
+        }
+    }
+}
+
+/// Consumes READINGS until `shutdown`.
+pub async fn run(config: WriterConfig, js: jetstream::Context, pool: Pool, shutdown: Shutdown) -> anyhow::Result<()> {
+    consume::consume_batches(
+        &js,
+        streams::READINGS_STREAM,
+        streams::writer_consumer(),
+        config.writer_batch_size,
+        &shutdown,
+        |messages| handle_messages(&js, &pool, messages),
+    )
+    .await
+}

@@ -1,0 +1,122 @@
+//! The consume loop every JetStream stage shares: pull batches from a durable consumer, hand
+//! each batch to the stage, start again after errors, stop on shutdown between batches.
+//!
+//! Batching is natural: a batch is whatever has arrived, up to `batch_size`, so an idle
+//! pipeline handles single messages at once and a loaded one amortizes round trips.
+
+use crate::shutdown::Shutdown;
+use async_nats::jetstream::{self, AckKind, consumer::pull};
+use futures::StreamExt;
+use std::future::Future;
+use std::time::Duration;
+
+/// Pulls from `consumer` on `stream` and calls `handle` with each batch until `shutdown`.
+/// `handle` acknowledges the messages itself.
+pub async fn consume_batches<F, Fut>(
+    js: &jetstream::Context,
+    stream: &str,
+    consumer: pull::Config,
+    batch_size: usize,
+    shutdown: &Shutdown,
+    mut handle: F,
+) -> anyhow::Result<()>
+where
+    F: FnMut(Vec<jetstream::Message>) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let name = consumer.durable_name.clone().unwrap_or_default();
+    let mut failures = 0u32;
+    while !shutdown.is_cancelled() {
+        let messages = async {
+            let stream = js.get_stream(stream).await?;
+            let consumer = stream.create_consumer(consumer.clone()).await?;
+            let messages = consumer
+                .stream()
+                .max_messages_per_batch(batch_size)
+                .heartbeat(Duration::from_secs(5))
+                .expires(Duration::from_secs(10))
+                .messages()
+                .await?;
+            Ok::<_, async_nats::Error>(messages)
+        };
+        let messages = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            messages = messages => messages,
+        };
+        let mut chunks = match messages {
+            Ok(messages) => messages.ready_chunks(batch_size),
+            Err(e) => {
+                failures += 1;
+                let wait = retry_delay(failures);
+                tracing::warn!(stream, consumer = %name, error = %e, retry_in = ?wait, "cannot consume; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(wait) => continue,
+                }
+            }
+        };
+        loop {
+            let chunk = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                chunk = chunks.next() => chunk,
+            };
+            let Some(chunk) = chunk else { break };
+            let mut batch = Vec::with_capacity(chunk.len());
+            let mut broken = false;
+            for item in chunk {
+                match item {
+                    Ok(message) => batch.push(message),
+                    Err(e) => {
+                        tracing::warn!(stream, consumer = %name, error = %e, "consumer stream error; reopening");
+                        broken = true;
+                    }
+                }
+            }
+            if !batch.is_empty() {
+                failures = 0;
+                handle(batch).await;
+            }
+            if broken {
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The delay before retrying after `attempt` failures in a row: 100 ms doubling to 30 s.
+pub fn retry_delay(attempt: u32) -> Duration {
+    let millis = 100u64.saturating_mul(1u64 << attempt.saturating_sub(1).min(9));
+    Duration::from_millis(millis.min(30_000))
+}
+
+/// Hands a message back for redelivery after a delay growing with its delivery count.
+pub async fn nak_later(message: &jetstream::Message) {
+    let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
+    let delay = retry_delay(u32::try_from(delivered).unwrap_or(u32::MAX));
+    if let Err(e) = message.ack_with(AckKind::Nak(Some(delay))).await {
+        tracing::debug!(error = %e, "nak not sent; the message comes back after ack_wait");
+    }
+}
+
+/// Acknowledges a message; a lost ack only means a redelivery, which every stage absorbs.
+pub async fn ack(message: &jetstream::Message) {
+    if let Err(e) = message.ack().await {
+        tracing::debug!(error = %e, "ack not sent; the message comes back after ack_wait");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delay_grows_and_caps() {
+        assert_eq!(retry_delay(0), Duration::from_millis(100));
+        assert_eq!(retry_delay(1), Duration::from_millis(100));
+        assert_eq!(retry_delay(2), Duration::from_millis(200));
+        assert_eq!(retry_delay(5), Duration::from_millis(1600));
+        assert_eq!(retry_delay(40), Duration::from_secs(30));
+    }
+}

@@ -1,0 +1,362 @@
+//! Gateways, devices and tags: looked up, created on first sight, cached.
+//!
+//! The cache answers almost every message without a query; the database is asked only for a
+//! device or tag not seen yet, or a tag whose type changes. Creation is race-free across
+//! processor instances (`INSERT … ON CONFLICT`), and a type change is a compare-and-set, so two
+//! instances seeing different types converge on the same rule ([`DataType::merge`]).
+
+use chrono::{DateTime, Utc};
+use dataviz_core::value::{DataType, Value};
+use deadpool_postgres::Pool;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use thiserror::Error;
+
+/// How long "this gateway does not exist" is believed before asking again.
+const UNKNOWN_GATEWAY_TTL: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Error)]
+pub enum RegistryError {
+    /// Permanent for this message: no gateway has this id.
+    #[error("unknown gateway {0}: no gateway has this id (create it, then re-queue the message)")]
+    UnknownGateway(i32),
+    /// Transient: the database is unreachable or failed.
+    #[error("database: {0}")]
+    Database(String),
+}
+
+impl From<tokio_postgres::Error> for RegistryError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        RegistryError::Database(e.to_string())
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for RegistryError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        RegistryError::Database(e.to_string())
+    }
+}
+
+/// The ids a message's readings are stored under.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved {
+    pub device_id: i64,
+    /// One per reading, in payload order.
+    pub tag_ids: Vec<i64>,
+}
+
+#[derive(Default)]
+struct Cache {
+    gateways: HashMap<i32, bool>,
+    unknown_gateways: HashMap<i32, Instant>,
+    devices: HashMap<(i32, String), i64>,
+    tags: HashMap<(i64, String), (i64, DataType)>,
+    /// Last receive time per device, written to `device.last_seen_at` by [`Registry::flush_last_seen`].
+    last_seen: HashMap<i64, DateTime<Utc>>,
+}
+
+/// The registry, shared by the workers of one processor.
+pub struct Registry {
+    pool: Pool,
+    cache: Mutex<Cache>,
+}
+
+impl Registry {
+    pub fn new(pool: Pool) -> Registry {
+        Registry {
+            pool,
+            cache: Mutex::new(Cache::default()),
+        }
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, Cache> {
+        // A panic while holding the lock leaves plain maps behind; they stay usable.
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Finds or creates the device and its tags, updating tag types as values require.
+    pub async fn resolve(
+        &self,
+        gateway_id: i32,
+        device_code: &str,
+        readings: &[(String, Value)],
+        seen_at: DateTime<Utc>,
+    ) -> Result<Resolved, RegistryError> {
+        self.check_gateway(gateway_id).await?;
+        let device_id = self.device(gateway_id, device_code).await?;
+        let tag_ids = match self.tags(device_id, readings).await {
+            Ok(ids) => ids,
+            // The device was deleted under the cache: forget it and start over once.
+            Err(TagsError::DeviceGone) => {
+                self.forget_device(gateway_id, device_code, device_id);
+                let device_id = self.device(gateway_id, device_code).await?;
+                return match self.tags(device_id, readings).await {
+                    Ok(tag_ids) => Ok(self.seen(device_id, tag_ids, seen_at)),
+                    Err(TagsError::DeviceGone) => Err(RegistryError::Database(format!(
+                        "device {device_id} disappeared while its tags were written"
+                    ))),
+                    Err(TagsError::Registry(e)) => Err(e),
+                };
+            }
+            Err(TagsError::Registry(e)) => return Err(e),
+        };
+        Ok(self.seen(device_id, tag_ids, seen_at))
+    }
+
+    fn seen(&self, device_id: i64, tag_ids: Vec<i64>, seen_at: DateTime<Utc>) -> Resolved {
+        let mut cache = self.cache();
+        let last = cache.last_seen.entry(device_id).or_insert(seen_at);
+        *last = (*last).max(seen_at);
+        Resolved { device_id, tag_ids }
+    }
+
+    async fn check_gateway(&self, gateway_id: i32) -> Result<(), RegistryError> {
+        {
+            let cache = self.cache();
+            if cache.gateways.contains_key(&gateway_id) {
+                return Ok(());
+            }
+            if let Some(at) = cache.unknown_gateways.get(&gateway_id)
+                && at.elapsed() < UNKNOWN_GATEWAY_TTL
+            {
+                return Err(RegistryError::UnknownGateway(gateway_id));
+            }
+        }
+        let client = self.pool.get().await?;
+        let exists = client
+            .query_opt("SELECT 1 FROM gateway WHERE id = $1", &[&gateway_id])
+            .await?
+            .is_some();
+        let mut cache = self.cache();
+        if exists {
+            cache.unknown_gateways.remove(&gateway_id);
+            cache.gateways.insert(gateway_id, true);
+            Ok(())
+        } else {
+            cache.unknown_gateways.insert(gateway_id, Instant::now());
+            Err(RegistryError::UnknownGateway(gateway_id))
+        }
+    }
+
+    async fn device(&self, gateway_id: i32, code: &str) -> Result<i64, RegistryError> {
+        if let Some(id) = self.cache().devices.get(&(gateway_id, code.to_owned())) {
+            return Ok(*id);
+        }
+        let client = self.pool.get().await?;
+        let row = client
+            .query_one(
+                "INSERT INTO device (gateway_id, code) VALUES ($1, $2)
+                 ON CONFLICT (gateway_id, code) DO UPDATE SET code = EXCLUDED.code
+                 RETURNING id",
+                &[&gateway_id, &code],
+            )
+            .await;
+        let id: i64 = match row {
+            Ok(row) => row.get(0),
+            Err(e) if is_foreign_key_violation(&e) => {
+                // The gateway was deleted since it was cached.
+                let mut cache = self.cache();
+                cache.gateways.remove(&gateway_id);
+                cache.unknown_gateways.insert(gateway_id, Instant::now());
+                return Err(RegistryError::UnknownGateway(gateway_id));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        tracing::info!(target: dataviz_core::MQTT_LOG_TARGET, gateway_id, device = code, device_id = id, "device registered");
+        self.cache().devices.insert((gateway_id, code.to_owned()), id);
+        Ok(id)
+    }
+
+    fn forget_device(&self, gateway_id: i32, code: &str, device_id: i64) {
+        let mut cache = self.cache();
+        cache.devices.remove(&(gateway_id, code.to_owned()));
+        cache.tags.retain(|(d, _), _| *d != device_id);
+        cache.last_seen.remove(&device_id);
+    }
+
+    async fn tags(&self, device_id: i64, readings: &[(String, Value)]) -> Result<Vec<i64>, TagsError> {
+        // What the cache knows, and what must change.
+        let mut ids = vec![0i64; readings.len()];
+        let mut missing: Vec<usize> = Vec::new();
+        let mut retype: Vec<(i64, DataType, DataType, String)> = Vec::new();
+        {
+            let mut cache = self.cache();
+            for (i, (code, value)) in readings.iter().enumerate() {
+                match cache.tags.get_mut(&(device_id, code.clone())) {
+                    Some((id, current)) => {
+                        ids[i] = *id;
+                        let wanted = current.merge(value.data_type());
+                        if wanted != *current {
+                            retype.push((*id, *current, wanted, code.clone()));
+                            // Later readings of the same tag in this message see the new type.
+                            *current = wanted;
+                        }
+                    }
+                    None => missing.push(i),
+                }
+            }
+        }
+        if missing.is_empty() && retype.is_empty() {
+            return Ok(ids);
+        }
+        let client = self.pool.get().await.map_err(RegistryError::from)?;
+        if !missing.is_empty() {
+            let mut codes: Vec<&str> = Vec::new();
+            let mut types: Vec<&str> = Vec::new();
+            for &i in &missing {
+                let (code, value) = &readings[i];
+                if !codes.contains(&code.as_str()) {
+                    codes.push(code);
+                    types.push(value.stored_type().as_str());
+                }
+            }
+            let inserted = client
+                .execute(
+                    "INSERT INTO tag (device_id, code, data_type)
+                     SELECT $1, code, data_type FROM unnest($2::text[], $3::text[]) AS t (code, data_type)
+                     ON CONFLICT (device_id, code) DO NOTHING",
+                    &[&device_id, &codes, &types],
+                )
+                .await;
+            if let Err(e) = inserted {
+                return Err(if is_foreign_key_violation(&e) {
+                    TagsError::DeviceGone
+                } else {
+                    TagsError::Registry(e.into())
+                });
+            }
+            let rows = client
+                .query(
+                    "SELECT id, code, data_type FROM tag WHERE device_id = $1 AND code = ANY($2)",
+                    &[&device_id, &codes],
+                )
+                .await
+                .map_err(RegistryError::from)?;
+            let mut found: HashMap<String, (i64, DataType)> = HashMap::new();
+            for row in rows {
+                let code: String = row.get(1);
+                let ty: String = row.get(2);
+                let ty = DataType::from_pg_name(&ty).unwrap_or(DataType::Text);
+                found.insert(code, (row.get(0), ty));
+            }
+            let mut cache = self.cache();
+            for &i in &missing {
+                let (code, value) = &readings[i];
+                let Some((id, current)) = found.get_mut(code) else {
+                    return Err(TagsError::Registry(RegistryError::Database(format!(
+                        "tag {code:?} of device {device_id} not found after insertion"
+                    ))));
+                };
+                ids[i] = *id;
+                let wanted = current.merge(value.data_type());
+                if wanted != *current {
+                    retype.push((*id, *current, wanted, code.clone()));
+                    *current = wanted;
+                }
+                cache.tags.insert((device_id, code.clone()), (*id, *current));
+            }
+            drop(cache);
+            tracing::info!(target: dataviz_core::MQTT_LOG_TARGET, device_id, tags = ?codes, "tags registered");
+        }
+        for (id, from, to, code) in retype {
+            self.retype(&client, device_id, id, from, to, &code).await?;
+        }
+        Ok(ids)
+    }
+
+    /// Changes a tag's type from `from` to `to`, unless someone changed it first; then applies
+    /// the rule to what they wrote.
+    async fn retype(
+        &self,
+        client: &deadpool_postgres::Client,
+        device_id: i64,
+        tag_id: i64,
+        mut from: DataType,
+        mut to: DataType,
+        code: &str,
+    ) -> Result<(), RegistryError> {
+        for _ in 0..5 {
+            let changed = client
+                .execute(
+                    "UPDATE tag SET data_type = $2, updated_at = now() WHERE id = $1 AND data_type = $3",
+                    &[&tag_id, &to.as_str(), &from.as_str()],
+                )
+                .await?;
+            if changed == 1 {
+                tracing::info!(target: dataviz_core::MQTT_LOG_TARGET, device_id, tag = code, from = %from, to = %to, "tag type changed");
+                break;
+            }
+            let Some(row) = client
+                .query_opt("SELECT data_type FROM tag WHERE id = $1", &[&tag_id])
+                .await?
+            else {
+                break;
+            };
+            let stored: String = row.get(0);
+            from = DataType::from_pg_name(&stored).unwrap_or(DataType::Text);
+            let merged = from.merge(Some(to));
+            if merged == from {
+                to = from;
+                break;
+            }
+            to = merged;
+        }
+        self.cache().tags.insert((device_id, code.to_owned()), (tag_id, to));
+        Ok(())
+    }
+
+    /// Writes the devices' last receive times gathered since the last call.
+    pub async fn flush_last_seen(&self) -> Result<usize, RegistryError> {
+        let pending: Vec<(i64, DateTime<Utc>)> = self.cache().last_seen.drain().collect();
+        if pending.is_empty() {
+            return Ok(0);
+        }
+        let (ids, times): (Vec<i64>, Vec<DateTime<Utc>>) = pending.iter().cloned().unzip();
+        let client = match self.pool.get().await {
+            Ok(client) => client,
+            Err(e) => {
+                self.restore_last_seen(pending);
+                return Err(e.into());
+            }
+        };
+        let updated = client
+            .execute(
+                "UPDATE device SET last_seen_at = v.t
+                 FROM unnest($1::bigint[], $2::timestamptz[]) AS v (id, t)
+                 WHERE device.id = v.id AND device.last_seen_at < v.t",
+                &[&ids, &times],
+            )
+            .await;
+        match updated {
+            Ok(n) => Ok(n as usize),
+            Err(e) => {
+                self.restore_last_seen(pending);
+                Err(e.into())
+            }
+        }
+    }
+
+    fn restore_last_seen(&self, pending: Vec<(i64, DateTime<Utc>)>) {
+        let mut cache = self.cache();
+        for (id, t) in pending {
+            let last = cache.last_seen.entry(id).or_insert(t);
+            *last = (*last).max(t);
+        }
+    }
+}
+
+enum TagsError {
+    DeviceGone,
+    Registry(RegistryError),
+}
+
+impl From<RegistryError> for TagsError {
+    fn from(e: RegistryError) -> Self {
+        TagsError::Registry(e)
+    }
+}
+
+fn is_foreign_key_violation(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&tokio_postgres::error::SqlState::FOREIGN_KEY_VIOLATION)
+}
