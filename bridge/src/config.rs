@@ -8,16 +8,31 @@ use std::time::Duration;
 #[derive(Debug, Clone, clap::Args)]
 pub struct MqttConnection {
     /// MQTT broker host.
-    #[arg(long, env = "MQTT_HOST", value_name = "MQTT_HOST", default_value = "127.0.0.1")]
+    #[arg(
+        long,
+        env = "MQTT_HOST",
+        value_name = "MQTT_HOST",
+        default_value = "127.0.0.1"
+    )]
     pub mqtt_host: String,
     /// MQTT broker port.
-    #[arg(long, env = "MQTT_PORT", value_name = "MQTT_PORT", default_value_t = 1883)]
+    #[arg(
+        long,
+        env = "MQTT_PORT",
+        value_name = "MQTT_PORT",
+        default_value_t = 1883
+    )]
     pub mqtt_port: u16,
     /// MQTT user name.
     #[arg(long, env = "MQTT_USERNAME", value_name = "MQTT_USERNAME")]
     pub mqtt_username: Option<String>,
     /// MQTT password.
-    #[arg(long, env = "MQTT_PASSWORD", value_name = "MQTT_PASSWORD", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "MQTT_PASSWORD",
+        value_name = "MQTT_PASSWORD",
+        hide_env_values = true
+    )]
     pub mqtt_password: Option<String>,
     /// Connect with TLS.
     #[arg(long, env = "MQTT_TLS", value_name = "MQTT_TLS", default_value_t = false, action = clap::ArgAction::Set)]
@@ -26,10 +41,20 @@ pub struct MqttConnection {
     #[arg(long, env = "MQTT_TLS_CA", value_name = "MQTT_TLS_CA")]
     pub mqtt_tls_ca: Option<PathBuf>,
     /// Client certificate (PEM) for mutual TLS (with MQTT_TLS_KEY).
-    #[arg(long, env = "MQTT_TLS_CERT", value_name = "MQTT_TLS_CERT", requires = "mqtt_tls_key")]
+    #[arg(
+        long,
+        env = "MQTT_TLS_CERT",
+        value_name = "MQTT_TLS_CERT",
+        requires = "mqtt_tls_key"
+    )]
     pub mqtt_tls_cert: Option<PathBuf>,
     /// Client key (PEM) for mutual TLS.
-    #[arg(long, env = "MQTT_TLS_KEY", value_name = "MQTT_TLS_KEY", requires = "mqtt_tls_cert")]
+    #[arg(
+        long,
+        env = "MQTT_TLS_KEY",
+        value_name = "MQTT_TLS_KEY",
+        requires = "mqtt_tls_cert"
+    )]
     pub mqtt_tls_key: Option<PathBuf>,
     /// Keep-alive interval.
     #[arg(long, env = "MQTT_KEEP_ALIVE", value_name = "MQTT_KEEP_ALIVE", default_value = "30s", value_parser = humantime::parse_duration)]
@@ -91,10 +116,20 @@ pub struct BridgeConfig {
     #[arg(long, env = "MQTT_QOS", value_name = "MQTT_QOS", default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=2))]
     pub mqtt_qos: u8,
     /// Fixed client id: the broker keeps the bridge's session (and queues its messages) under it.
-    #[arg(long, env = "MQTT_CLIENT_ID", value_name = "MQTT_CLIENT_ID", default_value = "dataviz-bridge")]
+    #[arg(
+        long,
+        env = "MQTT_CLIENT_ID",
+        value_name = "MQTT_CLIENT_ID",
+        default_value = "dataviz-bridge"
+    )]
     pub mqtt_client_id: String,
     /// Messages received from MQTT and not yet stored in JetStream, at most.
-    #[arg(long, env = "BRIDGE_MAX_IN_FLIGHT", value_name = "BRIDGE_MAX_IN_FLIGHT", default_value_t = 4096)]
+    #[arg(
+        long,
+        env = "BRIDGE_MAX_IN_FLIGHT",
+        value_name = "BRIDGE_MAX_IN_FLIGHT",
+        default_value_t = 4096
+    )]
     pub bridge_max_in_flight: usize,
 }
 

@@ -25,6 +25,7 @@ pub mod config;
 use async_nats::jetstream::{self, context::PublishAckFuture};
 use bytes::Bytes;
 use config::BridgeConfig;
+use dataviz_core::retry::Backoff;
 use dataviz_core::{MQTT_LOG_TARGET, message::DeadLetter, message::RawMessage, shutdown::Shutdown};
 use futures::{FutureExt, StreamExt, stream::FuturesUnordered};
 use rumqttc::{AsyncClient, Event, Packet, Publish, QoS};
@@ -59,15 +60,18 @@ pub async fn run(
     let (tx, rx) = mpsc::channel::<Received>(config.bridge_max_in_flight.max(1));
     let connection = Arc::new(AtomicU64::new(0));
 
+    let raw_store = RawStore {
+        js,
+        client_id: config.mqtt_client_id.clone(),
+        max_payload,
+        shutdown: shutdown.clone(),
+    };
     let store = tokio::spawn(store_loop(
         rx,
-        js,
+        raw_store,
         client.clone(),
         connection.clone(),
-        config.mqtt_client_id.clone(),
-        max_payload,
         config.bridge_max_in_flight,
-        shutdown.clone(),
     ));
     let events = tokio::spawn(event_loop(
         eventloop,
@@ -155,7 +159,7 @@ async fn event_loop(
             }
             Ok(_) => {}
             Err(e) => {
-                let wait = backoff.next();
+                let wait = backoff.next_delay();
                 tracing::warn!(
                     target: MQTT_LOG_TARGET,
                     error = %e,
@@ -182,22 +186,31 @@ async fn event_loop(
     Ok(())
 }
 
+/// Where and how the bridge stores messages.
+struct RawStore {
+    js: jetstream::Context,
+    /// Part of every deduplication id: packet ids are per MQTT session.
+    client_id: String,
+    /// The NATS server's largest message.
+    max_payload: usize,
+    shutdown: Shutdown,
+}
+
+/// Stores what the event loop hands over, many messages in flight, and acks each on MQTT once
+/// JetStream has it.
 async fn store_loop(
     mut rx: mpsc::Receiver<Received>,
-    js: jetstream::Context,
+    raw_store: RawStore,
     client: AsyncClient,
     connection: Arc<AtomicU64>,
-    client_id: String,
-    max_payload: usize,
     max_in_flight: usize,
-    shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let mut in_flight = FuturesUnordered::new();
     let mut open = true;
     while open || !in_flight.is_empty() {
         tokio::select! {
             received = rx.recv(), if open && in_flight.len() < max_in_flight => match received {
-                Some(received) => in_flight.push(store(&js, received, &client_id, max_payload, &shutdown).boxed()),
+                Some(received) => in_flight.push(raw_store.store(received).boxed()),
                 None => open = false,
             },
             Some(stored) = in_flight.next() => {
@@ -222,43 +235,64 @@ async fn store_loop(
 }
 
 /// Stores one message in RAW (or DEAD when it can never fit), retrying until JetStream has it.
-async fn store(
-    js: &jetstream::Context,
-    received: Received,
-    client_id: &str,
-    max_payload: usize,
-    shutdown: &Shutdown,
-) -> Option<Received> {
-    let publish = &received.publish;
-    let dedup_id = (publish.qos != QoS::AtMostOnce).then(|| {
-        let hash = xxhash_rust::xxh3::xxh3_64_with_seed(publish.payload.as_ref(), topic_seed(&publish.topic));
-        format!("{client_id}:{}:{hash:016x}", publish.pkid)
-    });
-    let mut backoff = Backoff::default();
-    let mut salted = None::<String>;
-    loop {
-        let id = salted.as_deref().or(dedup_id.as_deref());
-        let attempt = match oversized(&received.raw, max_payload) {
-            Some(dead) => js.publish_with_headers(dead.subject(), dead.headers(), dead.raw.payload.clone()).await,
-            None => js.publish_with_headers(received.raw.subject(), received.raw.headers(id), received.raw.payload.clone()).await,
-        };
-        let acked = match attempt {
-            Ok(ack) => await_ack(ack).await,
-            Err(e) => Err(e.to_string()),
-        };
-        match acked {
-            Ok(ack) if ack.duplicate && !publish.dup && salted.is_none() && dedup_id.is_some() => {
-                // A first delivery cannot be a redelivery: another message reused this packet
-                // id with the same content inside the duplicate window. Store it under its own id.
-                salted = Some(format!("{}:{}", dedup_id.as_deref().unwrap_or_default(), received.raw.id));
-            }
-            Ok(_) => return Some(received),
-            Err(e) => {
-                let wait = backoff.next();
-                tracing::warn!(error = %e, retry_in = ?wait, "storing a message in RAW failed; retrying");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return None,
-                    _ = tokio::time::sleep(wait) => {}
+impl RawStore {
+    async fn store(&self, received: Received) -> Option<Received> {
+        let (js, client_id, max_payload, shutdown) =
+            (&self.js, &self.client_id, self.max_payload, &self.shutdown);
+        let publish = &received.publish;
+        let dedup_id = (publish.qos != QoS::AtMostOnce).then(|| {
+            let hash = xxhash_rust::xxh3::xxh3_64_with_seed(
+                publish.payload.as_ref(),
+                topic_seed(&publish.topic),
+            );
+            format!("{client_id}:{}:{hash:016x}", publish.pkid)
+        });
+        let mut backoff = Backoff::default();
+        let mut salted = None::<String>;
+        loop {
+            let id = salted.as_deref().or(dedup_id.as_deref());
+            let attempt = match oversized(&received.raw, max_payload) {
+                Some(dead) => {
+                    js.publish_with_headers(
+                        dead.subject(),
+                        dead.headers(),
+                        dead.raw.payload.clone(),
+                    )
+                    .await
+                }
+                None => {
+                    js.publish_with_headers(
+                        received.raw.subject(),
+                        received.raw.headers(id),
+                        received.raw.payload.clone(),
+                    )
+                    .await
+                }
+            };
+            let acked = match attempt {
+                Ok(ack) => await_ack(ack).await,
+                Err(e) => Err(e.to_string()),
+            };
+            match acked {
+                Ok(ack)
+                    if ack.duplicate && !publish.dup && salted.is_none() && dedup_id.is_some() =>
+                {
+                    // A first delivery cannot be a redelivery: another message reused this packet
+                    // id with the same content inside the duplicate window. Store it under its own id.
+                    salted = Some(format!(
+                        "{}:{}",
+                        dedup_id.as_deref().unwrap_or_default(),
+                        received.raw.id
+                    ));
+                }
+                Ok(_) => return Some(received),
+                Err(e) => {
+                    let wait = backoff.next_delay();
+                    tracing::warn!(error = %e, retry_in = ?wait, "storing a message in RAW failed; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return None,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
                 }
             }
         }
@@ -295,45 +329,9 @@ fn oversized(raw: &RawMessage, max_payload: usize) -> Option<DeadLetter> {
     })
 }
 
-/// Exponential backoff from 100 ms to 30 s.
-#[derive(Debug)]
-pub struct Backoff {
-    next: Duration,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Backoff {
-            next: Duration::from_millis(100),
-        }
-    }
-}
-
-impl Backoff {
-    pub fn next(&mut self) -> Duration {
-        let wait = self.next;
-        self.next = (self.next * 2).min(Duration::from_secs(30));
-        wait
-    }
-
-    pub fn reset(&mut self) {
-        *self = Backoff::default();
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_doubles_up_to_a_ceiling() {
-        let mut b = Backoff::default();
-        let waits: Vec<_> = (0..12).map(|_| b.next().as_millis()).collect();
-        assert_eq!(&waits[..4], &[100, 200, 400, 800]);
-        assert_eq!(*waits.last().unwrap(), 30_000);
-        b.reset();
-        assert_eq!(b.next().as_millis(), 100);
-    }
 
     #[test]
     fn oversized_messages_become_dead_letters() {

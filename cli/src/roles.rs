@@ -84,10 +84,7 @@ async fn jetstream(
 /// A pool on a migrated database; says which flavour it is.
 async fn database(config: &DatabaseConfig) -> anyhow::Result<deadpool_postgres::Pool> {
     let pool = config.pool()?;
-    let client = pool
-        .get()
-        .await
-        .context("connecting to DATABASE_URL")?;
+    let client = pool.get().await.context("connecting to DATABASE_URL")?;
     db::check_migrated(&client).await?;
     tracing::info!("database: {}", db::describe(&client).await?);
     Ok(pool)
@@ -98,7 +95,10 @@ pub async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
     let report = db::migrate(&mut client).await?;
     let described = db::describe(&client).await?;
     if report.applied.is_empty() {
-        println!("Database up to date ({} migrations). {described}.", report.already);
+        println!(
+            "Database up to date ({} migrations). {described}.",
+            report.already
+        );
     } else {
         println!(
             "Applied {} migration(s): {}. {described}.",
@@ -131,7 +131,14 @@ pub async fn processor(args: ProcessorArgs) -> anyhow::Result<()> {
     let shutdown = shutdown::on_signals();
     let (client, js) = jetstream(&args.nats, &args.streams, "processor").await?;
     let pool = database(&args.database).await?;
-    dataviz_processor::run(args.processor, js, pool, shutdown).await?;
+    dataviz_processor::run(
+        args.processor,
+        args.streams.processor_consumer(),
+        js,
+        pool,
+        shutdown,
+    )
+    .await?;
     client.flush().await.ok();
     Ok(())
 }
@@ -140,7 +147,14 @@ pub async fn writer(args: WriterArgs) -> anyhow::Result<()> {
     let shutdown = shutdown::on_signals();
     let (client, js) = jetstream(&args.nats, &args.streams, "writer").await?;
     let pool = database(&args.database).await?;
-    dataviz_writer::run(args.writer, js, pool, shutdown).await?;
+    dataviz_writer::run(
+        args.writer,
+        args.streams.writer_consumer(),
+        js,
+        pool,
+        shutdown,
+    )
+    .await?;
     client.flush().await.ok();
     Ok(())
 }
@@ -160,9 +174,26 @@ pub async fn all(args: AllArgs) -> anyhow::Result<()> {
         "dataviz all: bridge, processor and writer running"
     );
     let roles = [
-        tokio::spawn(run_bridge(args.bridge, client.clone(), js.clone(), shutdown.clone())),
-        tokio::spawn(dataviz_processor::run(args.processor, js.clone(), pool.clone(), shutdown.clone())),
-        tokio::spawn(dataviz_writer::run(args.writer, js, pool, shutdown.clone())),
+        tokio::spawn(run_bridge(
+            args.bridge,
+            client.clone(),
+            js.clone(),
+            shutdown.clone(),
+        )),
+        tokio::spawn(dataviz_processor::run(
+            args.processor,
+            args.streams.processor_consumer(),
+            js.clone(),
+            pool.clone(),
+            shutdown.clone(),
+        )),
+        tokio::spawn(dataviz_writer::run(
+            args.writer,
+            args.streams.writer_consumer(),
+            js,
+            pool,
+            shutdown.clone(),
+        )),
     ];
     let mut first_error = None;
     for role in roles {

@@ -58,7 +58,12 @@ pub struct SimulateArgs {
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
     wait_timeout: Duration,
     /// PostgreSQL URL, for --create-gateways and --wait-db.
-    #[arg(long, env = "DATABASE_URL", value_name = "DATABASE_URL", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        value_name = "DATABASE_URL",
+        hide_env_values = true
+    )]
     database_url: Option<String>,
     /// Seed of the random values (same seed, same readings).
     #[arg(long, default_value_t = 42)]
@@ -74,7 +79,9 @@ struct Device {
 
 pub async fn run(args: SimulateArgs) -> anyhow::Result<()> {
     if args.count.is_none() && args.duration.is_none() && args.wait_db {
-        anyhow::bail!("--wait-db needs --count or --duration: it waits for a known number of readings");
+        anyhow::bail!(
+            "--wait-db needs --count or --duration: it waits for a known number of readings"
+        );
     }
     let db = match (&args.database_url, args.create_gateways || args.wait_db) {
         (Some(url), true) => Some(dataviz_core::db::connect(url).await?),
@@ -100,7 +107,10 @@ pub async fn run(args: SimulateArgs) -> anyhow::Result<()> {
             &[],
         )
         .await?;
-        println!("gateways: {created} created, {} already there", args.gateways as u64 - created);
+        println!(
+            "gateways: {created} created, {} already there",
+            args.gateways as u64 - created
+        );
     }
     let stored_before = match &db {
         Some(db) if args.wait_db => readings_stored(db).await?,
@@ -139,7 +149,12 @@ pub async fn run(args: SimulateArgs) -> anyhow::Result<()> {
     };
     tokio::time::timeout(Duration::from_secs(10), connected.notified())
         .await
-        .with_context(|| format!("no MQTT connection to {}:{} after 10 s", args.mqtt.mqtt_host, args.mqtt.mqtt_port))?;
+        .with_context(|| {
+            format!(
+                "no MQTT connection to {}:{} after 10 s",
+                args.mqtt.mqtt_host, args.mqtt.mqtt_port
+            )
+        })?;
 
     let mut rng = SmallRng::seed_from_u64(args.seed);
     let mut devices: Vec<Device> = (0..args.gateways)
@@ -164,7 +179,11 @@ pub async fn run(args: SimulateArgs) -> anyhow::Result<()> {
         args.gateways,
         args.devices,
         args.tags,
-        if args.rate > 0.0 { format!("{} msg/s", args.rate) } else { "as fast as possible".into() },
+        if args.rate > 0.0 {
+            format!("{} msg/s", args.rate)
+        } else {
+            "as fast as possible".into()
+        },
         args.mqtt.mqtt_host,
         args.mqtt.mqtt_port
     );
@@ -184,19 +203,29 @@ pub async fn run(args: SimulateArgs) -> anyhow::Result<()> {
             1000
         };
         for _ in 0..burst {
-            if args.count.is_some_and(|c| sent >= c) || deadline.is_some_and(|d| Instant::now() >= d) {
+            if args.count.is_some_and(|c| sent >= c)
+                || deadline.is_some_and(|d| Instant::now() >= d)
+            {
                 break 'publish;
             }
             let index = (sent % devices.len() as u64) as usize;
             let device = &mut devices[index];
             let with_ts = rng.random_range(0..100) >= args.without_ts;
             let payload = payload(device, &mut rng, with_ts.then_some(sent));
-            client.publish(device.topic.clone(), qos, false, payload).await?;
+            client
+                .publish(device.topic.clone(), qos, false, payload)
+                .await?;
             sent += 1;
         }
         if Instant::now() >= next_report {
             next_report += Duration::from_secs(1);
-            report(interactive, "published", sent, acked.load(Ordering::Relaxed), start.elapsed());
+            report(
+                interactive,
+                "published",
+                sent,
+                acked.load(Ordering::Relaxed),
+                start.elapsed(),
+            );
         }
         if args.rate > 0.0 {
             tokio::select! {
@@ -209,7 +238,10 @@ pub async fn run(args: SimulateArgs) -> anyhow::Result<()> {
     }
     // Every message acknowledged by the broker, then disconnect.
     let ack_deadline = Instant::now() + Duration::from_secs(60);
-    while qos != QoS::AtMostOnce && acked.load(Ordering::Relaxed) < sent && Instant::now() < ack_deadline {
+    while qos != QoS::AtMostOnce
+        && acked.load(Ordering::Relaxed) < sent
+        && Instant::now() < ack_deadline
+    {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let published_in = start.elapsed();
@@ -244,9 +276,20 @@ pub async fn run(args: SimulateArgs) -> anyhow::Result<()> {
                 break;
             }
             if Instant::now() > wait_until {
-                anyhow::bail!("only {} of {} readings stored after {:?}", stored - stored_before, expected - stored_before, args.wait_timeout);
+                anyhow::bail!(
+                    "only {} of {} readings stored after {:?}",
+                    stored - stored_before,
+                    expected - stored_before,
+                    args.wait_timeout
+                );
             }
-            report(interactive, "stored", (stored - stored_before) as u64, (expected - stored_before) as u64, start.elapsed());
+            report(
+                interactive,
+                "stored",
+                (stored - stored_before) as u64,
+                (expected - stored_before) as u64,
+                start.elapsed(),
+            );
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
@@ -262,7 +305,11 @@ async fn readings_stored(db: &tokio_postgres::Client) -> anyhow::Result<i64> {
 }
 
 fn report(interactive: bool, what: &str, done: u64, of: u64, elapsed: Duration) {
-    let line = format!("{what} {done} ({of}) after {:.0} s, {:.0}/s", elapsed.as_secs_f64(), done as f64 / elapsed.as_secs_f64().max(0.001));
+    let line = format!(
+        "{what} {done} ({of}) after {:.0} s, {:.0}/s",
+        elapsed.as_secs_f64(),
+        done as f64 / elapsed.as_secs_f64().max(0.001)
+    );
     if interactive {
         eprint!("\r{line}    ");
     } else {
@@ -283,7 +330,11 @@ fn payload(device: &mut Device, rng: &mut SmallRng, ts_format: Option<u64>) -> V
             }
             6 | 7 => serde_json::json!(rng.random_bool(0.5)),
             8 => serde_json::json!(device.counter),
-            _ => serde_json::json!(if rng.random_bool(0.95) { "RUN" } else { "ALARM" }),
+            _ => serde_json::json!(if rng.random_bool(0.95) {
+                "RUN"
+            } else {
+                "ALARM"
+            }),
         };
         let kind = match i % 10 {
             0..=5 => "AI",

@@ -12,7 +12,12 @@ use std::time::Duration;
 #[derive(Debug, Clone, clap::Args)]
 pub struct NatsConfig {
     /// NATS server URL(s), comma separated (`tls://` for TLS).
-    #[arg(long, env = "NATS_URL", value_name = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    #[arg(
+        long,
+        env = "NATS_URL",
+        value_name = "NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
     pub nats_url: String,
     /// NATS credentials file (JWT and NKey seed).
     #[arg(long, env = "NATS_CREDS", value_name = "NATS_CREDS")]
@@ -21,10 +26,20 @@ pub struct NatsConfig {
     #[arg(long, env = "NATS_USER", value_name = "NATS_USER")]
     pub nats_user: Option<String>,
     /// NATS password.
-    #[arg(long, env = "NATS_PASSWORD", value_name = "NATS_PASSWORD", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "NATS_PASSWORD",
+        value_name = "NATS_PASSWORD",
+        hide_env_values = true
+    )]
     pub nats_password: Option<String>,
     /// NATS token.
-    #[arg(long, env = "NATS_TOKEN", value_name = "NATS_TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "NATS_TOKEN",
+        value_name = "NATS_TOKEN",
+        hide_env_values = true
+    )]
     pub nats_token: Option<String>,
     /// Require TLS to NATS.
     #[arg(long, env = "NATS_TLS", value_name = "NATS_TLS", default_value_t = false, action = clap::ArgAction::Set)]
@@ -33,10 +48,20 @@ pub struct NatsConfig {
     #[arg(long, env = "NATS_TLS_CA", value_name = "NATS_TLS_CA")]
     pub nats_tls_ca: Option<PathBuf>,
     /// Client certificate (PEM) for NATS mutual TLS (with NATS_TLS_KEY).
-    #[arg(long, env = "NATS_TLS_CERT", value_name = "NATS_TLS_CERT", requires = "nats_tls_key")]
+    #[arg(
+        long,
+        env = "NATS_TLS_CERT",
+        value_name = "NATS_TLS_CERT",
+        requires = "nats_tls_key"
+    )]
     pub nats_tls_cert: Option<PathBuf>,
     /// Client key (PEM) for NATS mutual TLS.
-    #[arg(long, env = "NATS_TLS_KEY", value_name = "NATS_TLS_KEY", requires = "nats_tls_cert")]
+    #[arg(
+        long,
+        env = "NATS_TLS_KEY",
+        value_name = "NATS_TLS_KEY",
+        requires = "nats_tls_cert"
+    )]
     pub nats_tls_key: Option<PathBuf>,
 }
 
@@ -98,10 +123,21 @@ pub fn jetstream(client: async_nats::Client) -> jetstream::Context {
 #[derive(Debug, Clone, clap::Args)]
 pub struct DatabaseConfig {
     /// PostgreSQL URL (Symfony's `serverVersion` and `charset` parameters are accepted and ignored).
-    #[arg(long, env = "DATABASE_URL", value_name = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/dataviz", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        value_name = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/dataviz",
+        hide_env_values = true
+    )]
     pub database_url: String,
     /// Connections in each process's pool.
-    #[arg(long, env = "DATABASE_POOL_SIZE", value_name = "DATABASE_POOL_SIZE", default_value_t = 8)]
+    #[arg(
+        long,
+        env = "DATABASE_POOL_SIZE",
+        value_name = "DATABASE_POOL_SIZE",
+        default_value_t = 8
+    )]
     pub database_pool_size: usize,
 }
 

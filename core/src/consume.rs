@@ -25,7 +25,7 @@ where
     Fut: Future<Output = ()>,
 {
     let name = consumer.durable_name.clone().unwrap_or_default();
-    let mut failures = 0u32;
+    let mut backoff = crate::retry::Backoff::default();
     while !shutdown.is_cancelled() {
         let messages = async {
             let stream = js.get_stream(stream).await?;
@@ -46,8 +46,7 @@ where
         let mut chunks = match messages {
             Ok(messages) => messages.ready_chunks(batch_size),
             Err(e) => {
-                failures += 1;
-                let wait = retry_delay(failures);
+                let wait = backoff.next_delay();
                 tracing::warn!(stream, consumer = %name, error = %e, retry_in = ?wait, "cannot consume; retrying");
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
@@ -74,7 +73,7 @@ where
                 }
             }
             if !batch.is_empty() {
-                failures = 0;
+                backoff.reset();
                 handle(batch).await;
             }
             if broken {
@@ -85,16 +84,10 @@ where
     Ok(())
 }
 
-/// The delay before retrying after `attempt` failures in a row: 100 ms doubling to 30 s.
-pub fn retry_delay(attempt: u32) -> Duration {
-    let millis = 100u64.saturating_mul(1u64 << attempt.saturating_sub(1).min(9));
-    Duration::from_millis(millis.min(30_000))
-}
-
 /// Hands a message back for redelivery after a delay growing with its delivery count.
 pub async fn nak_later(message: &jetstream::Message) {
     let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
-    let delay = retry_delay(u32::try_from(delivered).unwrap_or(u32::MAX));
+    let delay = crate::retry::delay(u32::try_from(delivered).unwrap_or(u32::MAX));
     if let Err(e) = message.ack_with(AckKind::Nak(Some(delay))).await {
         tracing::debug!(error = %e, "nak not sent; the message comes back after ack_wait");
     }
@@ -104,19 +97,5 @@ pub async fn nak_later(message: &jetstream::Message) {
 pub async fn ack(message: &jetstream::Message) {
     if let Err(e) = message.ack().await {
         tracing::debug!(error = %e, "ack not sent; the message comes back after ack_wait");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn retry_delay_grows_and_caps() {
-        assert_eq!(retry_delay(0), Duration::from_millis(100));
-        assert_eq!(retry_delay(1), Duration::from_millis(100));
-        assert_eq!(retry_delay(2), Duration::from_millis(200));
-        assert_eq!(retry_delay(5), Duration::from_millis(1600));
-        assert_eq!(retry_delay(40), Duration::from_secs(30));
     }
 }

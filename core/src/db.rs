@@ -191,7 +191,10 @@ async fn migrate_locked(client: &mut tokio_postgres::Client) -> anyhow::Result<M
         }
         let (sql, recorded_flavor) = match migration.sql {
             Sql::Both(sql) => (sql, None),
-            Sql::Flavored { timescale, postgres } => match flavor {
+            Sql::Flavored {
+                timescale,
+                postgres,
+            } => match flavor {
                 Flavor::Timescale => (timescale, Some(flavor.as_str())),
                 Flavor::Postgres => (postgres, Some(flavor.as_str())),
             },
@@ -253,10 +256,7 @@ pub async fn check_migrated(client: &tokio_postgres::Client) -> anyhow::Result<(
 
 /// Describes the database for the start-up log: server version and flavour.
 pub async fn describe(client: &tokio_postgres::Client) -> anyhow::Result<String> {
-    let version: String = client
-        .query_one("SHOW server_version", &[])
-        .await?
-        .get(0);
+    let version: String = client.query_one("SHOW server_version", &[]).await?.get(0);
     let timescale: Option<String> = client
         .query_opt(
             "SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'",
@@ -265,9 +265,9 @@ pub async fn describe(client: &tokio_postgres::Client) -> anyhow::Result<String>
         .await?
         .map(|r| r.get(0));
     Ok(match timescale {
-        Some(ts) => format!(
-            "PostgreSQL {version} with TimescaleDB {ts}: tag_reading is a hypertable"
-        ),
+        Some(ts) => {
+            format!("PostgreSQL {version} with TimescaleDB {ts}: tag_reading is a hypertable")
+        }
         None => format!(
             "PostgreSQL {version} without TimescaleDB: tag_reading is a plain indexed table"
         ),
@@ -280,8 +280,8 @@ mod tests {
 
     #[test]
     fn symfony_parameters_are_dropped() {
-        let c = parse_url("postgresql://app:secret@db:5432/app?serverVersion=15&charset=utf8")
-            .unwrap();
+        let c =
+            parse_url("postgresql://app:secret@db:5432/app?serverVersion=15&charset=utf8").unwrap();
         assert_eq!(c.get_dbname(), Some("app"));
         let c = parse_url("postgres://u@h/db?serverVersion=15&application_name=x").unwrap();
         assert_eq!(c.get_application_name(), Some("x"));

@@ -12,6 +12,7 @@
 //! - [`db`]: the PostgreSQL pool and the migrations.
 //! - [`config`]: connection settings read from the environment, shared by every role.
 //! - [`telemetry`]: logging setup, including the `mqtt` channel.
+//! - [`retry`]: backoff delays for transient failures.
 //! - [`shutdown`]: the signal every long-running loop takes as an input.
 
 pub mod config;
@@ -19,6 +20,7 @@ pub mod consume;
 pub mod db;
 pub mod message;
 pub mod payload;
+pub mod retry;
 pub mod shutdown;
 pub mod streams;
 pub mod telemetry;

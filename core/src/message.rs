@@ -91,7 +91,10 @@ impl RawMessage {
     }
 
     /// Reads a message written by [`RawMessage::headers`].
-    pub fn from_parts(headers: Option<&HeaderMap>, payload: Bytes) -> Result<RawMessage, HeaderError> {
+    pub fn from_parts(
+        headers: Option<&HeaderMap>,
+        payload: Bytes,
+    ) -> Result<RawMessage, HeaderError> {
         let get = |header: &'static str| {
             headers
                 .and_then(|h| h.get(header))
@@ -206,7 +209,10 @@ impl DeadLetter {
     }
 
     /// Reads a dead letter back from its stored headers and payload.
-    pub fn from_parts(headers: Option<&HeaderMap>, payload: Bytes) -> Result<DeadLetter, HeaderError> {
+    pub fn from_parts(
+        headers: Option<&HeaderMap>,
+        payload: Bytes,
+    ) -> Result<DeadLetter, HeaderError> {
         let raw = RawMessage::from_parts(headers, payload)?;
         let get = |header: &'static str| {
             headers
@@ -275,14 +281,33 @@ mod tests {
             time: Utc::now(),
             received_at: Utc::now(),
             readings: vec![
-                TagReading { tag_id: 1, tag: "i".into(), value: Value::Integer(3) },
-                TagReading { tag_id: 2, tag: "f".into(), value: Value::Double(1.5) },
-                TagReading { tag_id: 3, tag: "j".into(), value: Value::Json(serde_json::json!({"a": [1]})) },
-                TagReading { tag_id: 4, tag: "n".into(), value: Value::Null },
+                TagReading {
+                    tag_id: 1,
+                    tag: "i".into(),
+                    value: Value::Integer(3),
+                },
+                TagReading {
+                    tag_id: 2,
+                    tag: "f".into(),
+                    value: Value::Double(1.5),
+                },
+                TagReading {
+                    tag_id: 3,
+                    tag: "j".into(),
+                    value: Value::Json(serde_json::json!({"a": [1]})),
+                },
+                TagReading {
+                    tag_id: 4,
+                    tag: "n".into(),
+                    value: Value::Null,
+                },
             ],
         };
         let json: serde_json::Value = serde_json::from_slice(&batch.to_json()).unwrap();
-        assert_eq!(json["readings"][1], serde_json::json!({"tag_id": 2, "tag": "f", "type": "double precision", "value": 1.5}));
+        assert_eq!(
+            json["readings"][1],
+            serde_json::json!({"tag_id": 2, "tag": "f", "type": "double precision", "value": 1.5})
+        );
         let back: TagReadingsBatch = serde_json::from_slice(&batch.to_json()).unwrap();
         assert_eq!(back, batch);
     }

@@ -264,7 +264,10 @@ mod tests {
             ("2017-12-22T09:05:20+01:00", base),
             ("2017-12-22T08:05:20.123Z", ms),
             ("2017-12-22T08:05:20.123+0000", ms),
-            ("2017-12-22T08:05:20.123456789+00:00", base + chrono::Duration::nanoseconds(123_456_789)),
+            (
+                "2017-12-22T08:05:20.123456789+00:00",
+                base + chrono::Duration::nanoseconds(123_456_789),
+            ),
             ("2017-12-22 08:05:20+0000", base),
             ("2017-12-22T08:05:20", base),
             ("2017-12-22 08:05:20.123", ms),
@@ -298,17 +301,29 @@ mod tests {
         ];
         for (bytes, kind) in cases {
             let err = parse(bytes, &limits).unwrap_err();
-            assert_eq!(err.kind(), kind, "{:?}: {err}", String::from_utf8_lossy(bytes));
+            assert_eq!(
+                err.kind(),
+                kind,
+                "{:?}: {err}",
+                String::from_utf8_lossy(bytes)
+            );
         }
     }
 
     #[test]
     fn deep_nesting_is_refused_not_overflowed() {
-        let deep = format!("{{\"d\": [{{\"tag\": \"x\", \"value\": {}{}}}]}}", "[".repeat(10_000), "]".repeat(10_000));
+        let deep = format!(
+            "{{\"d\": [{{\"tag\": \"x\", \"value\": {}{}}}]}}",
+            "[".repeat(10_000),
+            "]".repeat(10_000)
+        );
         let limits = PayloadLimits {
             max_bytes: 1 << 20,
             ..Default::default()
         };
-        assert_eq!(parse(deep.as_bytes(), &limits).unwrap_err().kind(), "bad_json");
+        assert_eq!(
+            parse(deep.as_bytes(), &limits).unwrap_err().kind(),
+            "bad_json"
+        );
     }
 }

@@ -67,6 +67,9 @@ pub struct StreamSettings {
     /// How long DEAD keeps dead letters.
     #[arg(long, env = "DEAD_RETENTION", value_name = "DEAD_RETENTION", default_value = "30d", value_parser = humantime::parse_duration)]
     pub dead_retention: Duration,
+    /// How long a consumer waits for an ack before delivering a message again (after a crash).
+    #[arg(long, env = "ACK_WAIT", value_name = "ACK_WAIT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub ack_wait: Duration,
     /// Replicas of each stream (3 on a 3-node cluster).
     #[arg(long, env = "NATS_REPLICAS", value_name = "NATS_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
     pub replicas: u8,
@@ -80,6 +83,7 @@ impl Default for StreamSettings {
             raw_duplicate_window: Duration::from_secs(30),
             readings_max_bytes: -1,
             dead_retention: Duration::from_secs(30 * 24 * 3600),
+            ack_wait: Duration::from_secs(30),
             replicas: 1,
         }
     }
@@ -132,33 +136,35 @@ impl StreamSettings {
             ..Default::default()
         }
     }
-}
 
-/// The processor's durable consumer of RAW.
-pub fn processor_consumer() -> consumer::pull::Config {
-    consumer::pull::Config {
-        durable_name: Some(PROCESSOR_CONSUMER.into()),
-        description: Some("Every processor instance; raw message -> readings".into()),
-        deliver_policy: DeliverPolicy::All,
-        ack_policy: AckPolicy::Explicit,
-        ack_wait: Duration::from_secs(30),
-        max_deliver: -1,
-        max_ack_pending: 20_000,
-        ..Default::default()
+    /// The processor's durable consumer of RAW.
+    pub fn processor_consumer(&self) -> consumer::pull::Config {
+        consumer::pull::Config {
+            durable_name: Some(PROCESSOR_CONSUMER.into()),
+            description: Some("Every processor instance; raw message -> readings".into()),
+            ..self.consumer_common()
+        }
     }
-}
 
-/// The writer's durable consumer of READINGS.
-pub fn writer_consumer() -> consumer::pull::Config {
-    consumer::pull::Config {
-        durable_name: Some(WRITER_CONSUMER.into()),
-        description: Some("Every writer instance; readings -> tag_reading".into()),
-        deliver_policy: DeliverPolicy::All,
-        ack_policy: AckPolicy::Explicit,
-        ack_wait: Duration::from_secs(30),
-        max_deliver: -1,
-        max_ack_pending: 20_000,
-        ..Default::default()
+    /// The writer's durable consumer of READINGS.
+    pub fn writer_consumer(&self) -> consumer::pull::Config {
+        consumer::pull::Config {
+            durable_name: Some(WRITER_CONSUMER.into()),
+            description: Some("Every writer instance; readings -> tag_reading".into()),
+            ..self.consumer_common()
+        }
+    }
+
+    fn consumer_common(&self) -> consumer::pull::Config {
+        consumer::pull::Config {
+            deliver_policy: DeliverPolicy::All,
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: self.ack_wait,
+            // Transient failures are retried until they pass; permanent ones go to DEAD.
+            max_deliver: -1,
+            max_ack_pending: 20_000,
+            ..Default::default()
+        }
     }
 }
 
@@ -195,7 +201,7 @@ pub async fn ensure(
         verify_stream(&wanted, &info.config)?;
     }
     let raw = js.get_stream(RAW_STREAM).await.context("opening RAW")?;
-    raw.create_consumer(processor_consumer())
+    raw.create_consumer(settings.processor_consumer())
         .await
         .context("creating the processor consumer on RAW")?;
     let readings = js
@@ -203,7 +209,7 @@ pub async fn ensure(
         .await
         .context("opening READINGS")?;
     readings
-        .create_consumer(writer_consumer())
+        .create_consumer(settings.writer_consumer())
         .await
         .context("creating the writer consumer on READINGS")?;
     Ok(())
@@ -211,14 +217,46 @@ pub async fn ensure(
 
 fn verify_stream(wanted: &stream::Config, got: &stream::Config) -> anyhow::Result<()> {
     let checks = [
-        ("subjects", format!("{:?}", wanted.subjects), format!("{:?}", got.subjects)),
-        ("discard", format!("{:?}", wanted.discard), format!("{:?}", got.discard)),
-        ("retention", format!("{:?}", wanted.retention), format!("{:?}", got.retention)),
-        ("storage", format!("{:?}", wanted.storage), format!("{:?}", got.storage)),
-        ("max_age", format!("{:?}", wanted.max_age), format!("{:?}", got.max_age)),
-        ("max_bytes", wanted.max_bytes.to_string(), got.max_bytes.to_string()),
-        ("duplicate_window", format!("{:?}", wanted.duplicate_window), format!("{:?}", got.duplicate_window)),
-        ("num_replicas", wanted.num_replicas.to_string(), got.num_replicas.to_string()),
+        (
+            "subjects",
+            format!("{:?}", wanted.subjects),
+            format!("{:?}", got.subjects),
+        ),
+        (
+            "discard",
+            format!("{:?}", wanted.discard),
+            format!("{:?}", got.discard),
+        ),
+        (
+            "retention",
+            format!("{:?}", wanted.retention),
+            format!("{:?}", got.retention),
+        ),
+        (
+            "storage",
+            format!("{:?}", wanted.storage),
+            format!("{:?}", got.storage),
+        ),
+        (
+            "max_age",
+            format!("{:?}", wanted.max_age),
+            format!("{:?}", got.max_age),
+        ),
+        (
+            "max_bytes",
+            wanted.max_bytes.to_string(),
+            got.max_bytes.to_string(),
+        ),
+        (
+            "duplicate_window",
+            format!("{:?}", wanted.duplicate_window),
+            format!("{:?}", got.duplicate_window),
+        ),
+        (
+            "num_replicas",
+            wanted.num_replicas.to_string(),
+            got.num_replicas.to_string(),
+        ),
     ];
     for (setting, asked, kept) in checks {
         if asked != kept {

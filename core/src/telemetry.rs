@@ -6,7 +6,9 @@
 //! production every event is a JSON line on stderr, the channel named by its `target` field.
 
 use std::path::PathBuf;
-use tracing_subscriber::{EnvFilter, Layer, filter::filter_fn, layer::SubscriberExt, util::SubscriberInitExt};
+use tracing_subscriber::{
+    EnvFilter, Layer, filter::filter_fn, layer::SubscriberExt, util::SubscriberInitExt,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum AppEnv {
@@ -24,16 +26,34 @@ pub enum LogFormat {
 #[derive(Debug, Clone, clap::Args)]
 pub struct LogConfig {
     /// Environment: `dev` (text logs, the mqtt channel in its own file) or `prod` (JSON lines on stderr).
-    #[arg(long, env = "APP_ENV", value_name = "APP_ENV", default_value = "dev", global = true)]
+    #[arg(
+        long,
+        env = "APP_ENV",
+        value_name = "APP_ENV",
+        default_value = "dev",
+        global = true
+    )]
     pub app_env: AppEnv,
     /// Log format on stderr; defaults to `text` in dev and `json` in prod.
     #[arg(long, env = "LOG_FORMAT", value_name = "LOG_FORMAT", global = true)]
     pub log_format: Option<LogFormat>,
     /// Directory of the development log files (`mqtt.log`).
-    #[arg(long, env = "LOG_DIR", value_name = "LOG_DIR", default_value = "var/log", global = true)]
+    #[arg(
+        long,
+        env = "LOG_DIR",
+        value_name = "LOG_DIR",
+        default_value = "var/log",
+        global = true
+    )]
     pub log_dir: PathBuf,
     /// Which events to log, as `RUST_LOG` filters (e.g. `info,dataviz_processor=debug`).
-    #[arg(long, env = "RUST_LOG", value_name = "RUST_LOG", default_value = "info", global = true)]
+    #[arg(
+        long,
+        env = "RUST_LOG",
+        value_name = "RUST_LOG",
+        default_value = "info",
+        global = true
+    )]
     pub rust_log: String,
 }
 
@@ -66,7 +86,10 @@ pub fn init(config: &LogConfig) -> anyhow::Result<LogGuard> {
 
     let (mqtt_file, guard) = if separate_mqtt {
         std::fs::create_dir_all(&config.log_dir).map_err(|e| {
-            anyhow::anyhow!("LOG_DIR {}: cannot create it: {e}", config.log_dir.display())
+            anyhow::anyhow!(
+                "LOG_DIR {}: cannot create it: {e}",
+                config.log_dir.display()
+            )
         })?;
         let appender = tracing_appender::rolling::never(&config.log_dir, "mqtt.log");
         let (writer, guard) = tracing_appender::non_blocking(appender);

@@ -105,7 +105,9 @@ impl Value {
                 None => Value::Double(n.as_f64().unwrap_or(f64::NAN)),
             },
             serde_json::Value::String(s) => Value::Text(s),
-            json @ (serde_json::Value::Array(_) | serde_json::Value::Object(_)) => Value::Json(json),
+            json @ (serde_json::Value::Array(_) | serde_json::Value::Object(_)) => {
+                Value::Json(json)
+            }
         }
     }
 

@@ -39,10 +39,20 @@ pub struct ProcessorConfig {
     #[arg(long, env = "MAX_PAYLOAD_BYTES", value_name = "MAX_PAYLOAD_BYTES", default_value_t = 256 * 1024)]
     pub max_payload_bytes: usize,
     /// Most readings in one payload; more go to DEAD.
-    #[arg(long, env = "MAX_READINGS_PER_MESSAGE", value_name = "MAX_READINGS_PER_MESSAGE", default_value_t = 1000)]
+    #[arg(
+        long,
+        env = "MAX_READINGS_PER_MESSAGE",
+        value_name = "MAX_READINGS_PER_MESSAGE",
+        default_value_t = 1000
+    )]
     pub max_readings_per_message: usize,
     /// Raw messages handled per batch by each worker.
-    #[arg(long, env = "PROCESSOR_BATCH_SIZE", value_name = "PROCESSOR_BATCH_SIZE", default_value_t = 500)]
+    #[arg(
+        long,
+        env = "PROCESSOR_BATCH_SIZE",
+        value_name = "PROCESSOR_BATCH_SIZE",
+        default_value_t = 500
+    )]
     pub processor_batch_size: usize,
 }
 
@@ -103,36 +113,62 @@ impl Processor {
             .resolve(gateway_id, &device_code, &payload.readings, raw.received_at)
             .await;
         match resolved {
-            Ok(resolved) => Outcome::Readings(batch(&raw, gateway_id, device_code, payload, resolved)),
-            Err(e @ RegistryError::UnknownGateway(_)) => dead(raw, "unknown_gateway", e.to_string()),
+            Ok(resolved) => {
+                Outcome::Readings(batch(&raw, gateway_id, device_code, payload, resolved))
+            }
+            Err(e @ RegistryError::UnknownGateway(_)) => {
+                dead(raw, "unknown_gateway", e.to_string())
+            }
             Err(e @ RegistryError::Database(_)) => Outcome::Retry(e.to_string()),
         }
     }
 
-    /// Handles a batch of RAW messages: publishes every outcome, then acks what was stored.
-    pub async fn handle_messages(&self, js: &jetstream::Context, messages: Vec<jetstream::Message>) {
-        let mut outcomes = Vec::with_capacity(messages.len());
-        for message in &messages {
-            let outcome = match RawMessage::from_parts(message.headers.as_ref(), message.payload.clone()) {
-                Ok(raw) => self.handle(raw).await,
-                Err(e) => {
-                    let raw = RawMessage::received(message.subject.to_string(), message.payload.clone());
-                    dead(raw, "foreign_message", e.to_string())
+    /// Handles a batch of RAW messages: publishes every outcome, then acks what was stored and
+    /// hands back the rest.
+    pub async fn handle_messages(
+        &self,
+        js: &jetstream::Context,
+        messages: Vec<jetstream::Message>,
+    ) {
+        let stored = self.process(js, &messages).await;
+        let finish = messages
+            .iter()
+            .zip(stored)
+            .map(|(message, stored)| async move {
+                match stored {
+                    Ok(()) => ack(message).await,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "raw message not processed; it will be retried");
+                        nak_later(message).await;
+                    }
                 }
-            };
+            });
+        join_all(finish).await;
+    }
+
+    /// Decides what becomes of each RAW message and publishes it to READINGS or DEAD, waiting
+    /// until stored; acknowledges nothing. `Ok` for each message whose outcome is stored.
+    pub async fn process(
+        &self,
+        js: &jetstream::Context,
+        messages: &[jetstream::Message],
+    ) -> Vec<Result<(), String>> {
+        let mut outcomes = Vec::with_capacity(messages.len());
+        for message in messages {
+            let outcome =
+                match RawMessage::from_parts(message.headers.as_ref(), message.payload.clone()) {
+                    Ok(raw) => self.handle(raw).await,
+                    Err(e) => {
+                        let raw = RawMessage::received(
+                            message.subject.to_string(),
+                            message.payload.clone(),
+                        );
+                        dead(raw, "foreign_message", e.to_string())
+                    }
+                };
             outcomes.push(outcome);
         }
-        let stored = join_all(outcomes.iter().map(|outcome| store(js, outcome))).await;
-        let finish = messages.iter().zip(stored).map(|(message, stored)| async move {
-            match stored {
-                Ok(()) => ack(message).await,
-                Err(e) => {
-                    tracing::warn!(error = %e, "raw message not processed; it will be retried");
-                    nak_later(message).await;
-                }
-            }
-        });
-        join_all(finish).await;
+        join_all(outcomes.iter().map(|outcome| store(js, outcome))).await
     }
 }
 
@@ -149,8 +185,14 @@ fn dead(raw: RawMessage, reason: &str, error: String) -> Outcome {
 /// Publishes an outcome to its stream and waits for the stream to store it.
 async fn store(js: &jetstream::Context, outcome: &Outcome) -> Result<(), String> {
     let published = match outcome {
-        Outcome::Readings(batch) => js.publish_with_headers(batch.subject(), batch.headers(), batch.to_json()).await,
-        Outcome::Dead(dead) => js.publish_with_headers(dead.subject(), dead.headers(), dead.raw.payload.clone()).await,
+        Outcome::Readings(batch) => {
+            js.publish_with_headers(batch.subject(), batch.headers(), batch.to_json())
+                .await
+        }
+        Outcome::Dead(dead) => {
+            js.publish_with_headers(dead.subject(), dead.headers(), dead.raw.payload.clone())
+                .await
+        }
         Outcome::Retry(e) => return Err(e.clone()),
     };
     let ack = published.map_err(|e| e.to_string())?;
@@ -163,7 +205,9 @@ fn unstorable(payload: &Payload) -> Option<String> {
         match v {
             serde_json::Value::String(s) => s.contains('\0'),
             serde_json::Value::Array(a) => a.iter().any(json_has_nul),
-            serde_json::Value::Object(o) => o.iter().any(|(k, v)| k.contains('\0') || json_has_nul(v)),
+            serde_json::Value::Object(o) => {
+                o.iter().any(|(k, v)| k.contains('\0') || json_has_nul(v))
+            }
             _ => false,
         }
     }
@@ -203,9 +247,11 @@ pub fn batch(
     }
 }
 
-/// Runs `config.worker_count` consume loops on RAW until `shutdown`.
+/// Runs `config.worker_count` consume loops on RAW until `shutdown`, on the durable
+/// `consumer` ([`dataviz_core::streams::StreamSettings::processor_consumer`]).
 pub async fn run(
     config: ProcessorConfig,
+    consumer: async_nats::jetstream::consumer::pull::Config,
     js: jetstream::Context,
     pool: deadpool_postgres::Pool,
     shutdown: Shutdown,
@@ -233,11 +279,12 @@ pub async fn run(
     let workers = (0..config.worker_count).map(|_| {
         let (processor, js, shutdown) = (processor.clone(), js.clone(), shutdown.clone());
         let batch_size = config.processor_batch_size;
+        let consumer = consumer.clone();
         tokio::spawn(async move {
             consume::consume_batches(
                 &js,
                 streams::RAW_STREAM,
-                streams::processor_consumer(),
+                consumer,
                 batch_size,
                 &shutdown,
                 |messages| processor.handle_messages(&js, messages),
@@ -264,14 +311,29 @@ mod tests {
     #[test]
     fn batch_takes_the_device_time_or_the_receive_time() {
         let raw = RawMessage::received("gateways/1/d".into(), Bytes::new());
-        let resolved = Resolved { device_id: 9, tag_ids: vec![4, 5] };
-        let with_ts = payload(r#"{"d":[{"tag":"a","value":1},{"tag":"b","value":true}],"ts":"2017-12-22T08:05:20+0000"}"#);
+        let resolved = Resolved {
+            device_id: 9,
+            tag_ids: vec![4, 5],
+        };
+        let with_ts = payload(
+            r#"{"d":[{"tag":"a","value":1},{"tag":"b","value":true}],"ts":"2017-12-22T08:05:20+0000"}"#,
+        );
         let b = batch(&raw, 1, "d".into(), with_ts, resolved.clone());
         assert_eq!(b.time.to_rfc3339(), "2017-12-22T08:05:20+00:00");
         assert_eq!(b.id, raw.id);
-        assert_eq!(b.readings[1], TagReading { tag_id: 5, tag: "b".into(), value: Value::Boolean(true) });
+        assert_eq!(
+            b.readings[1],
+            TagReading {
+                tag_id: 5,
+                tag: "b".into(),
+                value: Value::Boolean(true)
+            }
+        );
         let without = payload(r#"{"d":[{"tag":"a","value":1},{"tag":"b","value":true}]}"#);
-        assert_eq!(batch(&raw, 1, "d".into(), without, resolved).time, raw.received_at);
+        assert_eq!(
+            batch(&raw, 1, "d".into(), without, resolved).time,
+            raw.received_at
+        );
     }
 
     #[test]

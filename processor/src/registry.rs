@@ -164,7 +164,9 @@ impl Registry {
             Err(e) => return Err(e.into()),
         };
         tracing::info!(target: dataviz_core::MQTT_LOG_TARGET, gateway_id, device = code, device_id = id, "device registered");
-        self.cache().devices.insert((gateway_id, code.to_owned()), id);
+        self.cache()
+            .devices
+            .insert((gateway_id, code.to_owned()), id);
         Ok(id)
     }
 
@@ -175,7 +177,11 @@ impl Registry {
         cache.last_seen.remove(&device_id);
     }
 
-    async fn tags(&self, device_id: i64, readings: &[(String, Value)]) -> Result<Vec<i64>, TagsError> {
+    async fn tags(
+        &self,
+        device_id: i64,
+        readings: &[(String, Value)],
+    ) -> Result<Vec<i64>, TagsError> {
         // What the cache knows, and what must change.
         let mut ids = vec![0i64; readings.len()];
         let mut missing: Vec<usize> = Vec::new();
@@ -254,7 +260,9 @@ impl Registry {
                     retype.push((*id, *current, wanted, code.clone()));
                     *current = wanted;
                 }
-                cache.tags.insert((device_id, code.clone()), (*id, *current));
+                cache
+                    .tags
+                    .insert((device_id, code.clone()), (*id, *current));
             }
             drop(cache);
             tracing::info!(target: dataviz_core::MQTT_LOG_TARGET, device_id, tags = ?codes, "tags registered");
@@ -302,7 +310,9 @@ impl Registry {
             }
             to = merged;
         }
-        self.cache().tags.insert((device_id, code.to_owned()), (tag_id, to));
+        self.cache()
+            .tags
+            .insert((device_id, code.to_owned()), (tag_id, to));
         Ok(())
     }
 

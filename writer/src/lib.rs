@@ -31,7 +31,12 @@ const STAGE: &str = "writer";
 #[derive(Debug, Clone, clap::Args)]
 pub struct WriterConfig {
     /// READINGS messages written per transaction, at most.
-    #[arg(long, env = "WRITER_BATCH_SIZE", value_name = "WRITER_BATCH_SIZE", default_value_t = 2000)]
+    #[arg(
+        long,
+        env = "WRITER_BATCH_SIZE",
+        value_name = "WRITER_BATCH_SIZE",
+        default_value_t = 2000
+    )]
     pub writer_batch_size: usize,
 }
 
@@ -120,7 +125,10 @@ pub async fn write(pool: &Pool, batches: &[TagReadingsBatch]) -> Result<Written,
         let mut writer = pin!(BinaryCopyInWriter::new(sink, &COLUMNS));
         // Each message once, even when a batch holds it twice.
         let mut done = std::collections::HashSet::with_capacity(new.len());
-        for batch in batches.iter().filter(|b| new.contains(&b.id) && done.insert(b.id)) {
+        for batch in batches
+            .iter()
+            .filter(|b| new.contains(&b.id) && done.insert(b.id))
+        {
             for reading in &batch.readings {
                 let (num, boolean, text, json) = columns(&reading.value);
                 let value_type = reading.value.stored_type().as_str();
@@ -145,7 +153,14 @@ pub async fn write(pool: &Pool, batches: &[TagReadingsBatch]) -> Result<Written,
 }
 
 /// A value spread over the typed columns.
-fn columns(value: &Value) -> (Option<f64>, Option<bool>, Option<&str>, Option<&serde_json::Value>) {
+fn columns(
+    value: &Value,
+) -> (
+    Option<f64>,
+    Option<bool>,
+    Option<&str>,
+    Option<&serde_json::Value>,
+) {
     match value {
         // Integers are stored in the numeric column; they are exact up to 2^53.
         Value::Integer(i) => (Some(*i as f64), None, None, None),
@@ -159,7 +174,11 @@ fn columns(value: &Value) -> (Option<f64>, Option<bool>, Option<&str>, Option<&s
 
 /// Handles a batch of READINGS messages: writes, then acks; refuses for good what PostgreSQL
 /// can never store; hands back the rest.
-pub async fn handle_messages(js: &jetstream::Context, pool: &Pool, messages: Vec<jetstream::Message>) {
+pub async fn handle_messages(
+    js: &jetstream::Context,
+    pool: &Pool,
+    messages: Vec<jetstream::Message>,
+) {
     let mut batches = Vec::with_capacity(messages.len());
     let mut kept = Vec::with_capacity(messages.len());
     for message in messages {
@@ -169,8 +188,16 @@ pub async fn handle_messages(js: &jetstream::Context, pool: &Pool, messages: Vec
                 kept.push(message);
             }
             Err(e) => {
-                let raw = RawMessage::received(message.subject.to_string(), message.payload.clone());
-                refuse(js, &message, raw, "bad_batch", format!("not a readings batch: {e}")).await;
+                let raw =
+                    RawMessage::received(message.subject.to_string(), message.payload.clone());
+                refuse(
+                    js,
+                    &message,
+                    raw,
+                    "bad_batch",
+                    format!("not a readings batch: {e}"),
+                )
+                .await;
             }
         }
     }
@@ -179,7 +206,12 @@ pub async fn handle_messages(js: &jetstream::Context, pool: &Pool, messages: Vec
     }
     match write(pool, &batches).await {
         Ok(written) => {
-            tracing::debug!(messages = written.messages, duplicates = written.duplicates, rows = written.rows, "batch written");
+            tracing::debug!(
+                messages = written.messages,
+                duplicates = written.duplicates,
+                rows = written.rows,
+                "batch written"
+            );
             join_all(kept.iter().map(ack)).await;
         }
         Err(WriteError::Data(e)) if batches.len() > 1 => {
@@ -199,7 +231,12 @@ pub async fn handle_messages(js: &jetstream::Context, pool: &Pool, messages: Vec
     }
 }
 
-async fn write_one(js: &jetstream::Context, pool: &Pool, batch: TagReadingsBatch, message: jetstream::Message) {
+async fn write_one(
+    js: &jetstream::Context,
+    pool: &Pool,
+    batch: TagReadingsBatch,
+    message: jetstream::Message,
+) {
     match write(pool, std::slice::from_ref(&batch)).await {
         Ok(_) => ack(&message).await,
         Err(WriteError::Data(e)) => refuse_batch(js, &message, &batch, e).await,
@@ -210,7 +247,12 @@ async fn write_one(js: &jetstream::Context, pool: &Pool, batch: TagReadingsBatch
     }
 }
 
-async fn refuse_batch(js: &jetstream::Context, message: &jetstream::Message, batch: &TagReadingsBatch, error: String) {
+async fn refuse_batch(
+    js: &jetstream::Context,
+    message: &jetstream::Message,
+    batch: &TagReadingsBatch,
+    error: String,
+) {
     let raw = RawMessage {
         id: batch.id,
         topic: format!("gateways/{}/{}", batch.gateway_id, batch.device_code),
@@ -221,7 +263,13 @@ async fn refuse_batch(js: &jetstream::Context, message: &jetstream::Message, bat
 }
 
 /// Sends a message to DEAD, then acks it; if DEAD cannot take it, hands it back.
-async fn refuse(js: &jetstream::Context, message: &jetstream::Message, raw: RawMessage, reason: &str, error: String) {
+async fn refuse(
+    js: &jetstream::Context,
+    message: &jetstream::Message,
+    raw: RawMessage,
+    reason: &str,
+    error: String,
+) {
     tracing::error!(id = %raw.id, reason, error = %error, "readings refused: sent to DEAD");
     let dead = DeadLetter {
         raw,
@@ -229,7 +277,10 @@ async fn refuse(js: &jetstream::Context, message: &jetstream::Message, raw: RawM
         reason: reason.into(),
         error,
     };
-    let stored = match js.publish_with_headers(dead.subject(), dead.headers(), dead.raw.payload.clone()).await {
+    let stored = match js
+        .publish_with_headers(dead.subject(), dead.headers(), dead.raw.payload.clone())
+        .await
+    {
         Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),
     };
@@ -242,12 +293,19 @@ async fn refuse(js: &jetstream::Context, message: &jetstream::Message, raw: RawM
     }
 }
 
-/// Consumes READINGS until `shutdown`.
-pub async fn run(config: WriterConfig, js: jetstream::Context, pool: Pool, shutdown: Shutdown) -> anyhow::Result<()> {
+/// Consumes READINGS until `shutdown`, on the durable `consumer`
+/// ([`dataviz_core::streams::StreamSettings::writer_consumer`]).
+pub async fn run(
+    config: WriterConfig,
+    consumer: async_nats::jetstream::consumer::pull::Config,
+    js: jetstream::Context,
+    pool: Pool,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
     consume::consume_batches(
         &js,
         streams::READINGS_STREAM,
-        streams::writer_consumer(),
+        consumer,
         config.writer_batch_size,
         &shutdown,
         |messages| handle_messages(&js, &pool, messages),

@@ -1,0 +1,280 @@
+//! What the pipeline tests share: a stack of real servers, the `dataviz` binary started as
+//! processes, an MQTT publisher, and waiting on the database.
+
+#![allow(dead_code)]
+
+use dataviz_testkit::{Mosquitto, NatsServer, TestDb};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// NATS, Mosquitto and a migrated database, each the test's own.
+pub struct Stack {
+    pub nats: NatsServer,
+    pub mosquitto: Mosquitto,
+    pub db: TestDb,
+    pub log_dir: tempfile::TempDir,
+}
+
+impl Stack {
+    pub async fn start() -> Stack {
+        let nats = NatsServer::start();
+        let mosquitto = Mosquitto::start();
+        let db = TestDb::create().await;
+        let mut client = db.connect().await;
+        dataviz_core::db::migrate(&mut client)
+            .await
+            .expect("migrations apply");
+        let stack = Stack {
+            nats,
+            mosquitto,
+            db,
+            log_dir: tempfile::tempdir().expect("temp dir"),
+        };
+        stack.open_bridge_session().await;
+        stack
+    }
+
+    /// Opens the bridge's persistent MQTT session, as its first run does, so that the broker
+    /// queues what the test publishes before the bridge process is up.
+    pub async fn open_bridge_session(&self) {
+        let mut options = MqttOptions::new("dataviz-bridge", "127.0.0.1", self.mosquitto.port());
+        options.set_clean_session(false);
+        let (client, mut eventloop) = AsyncClient::new(options, 10);
+        client
+            .subscribe("gateways/+/+", QoS::AtLeastOnce)
+            .await
+            .expect("subscribe queued");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await {
+                Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => break,
+                _ => assert!(Instant::now() < deadline, "no SUBACK from the broker"),
+            }
+        }
+        client.disconnect().await.ok();
+        let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
+    }
+
+    /// The environment of a `dataviz` process pointed at this stack.
+    pub fn env(&self) -> Vec<(String, String)> {
+        [
+            ("NATS_URL", self.nats.url()),
+            ("MQTT_HOST", "127.0.0.1".to_owned()),
+            ("MQTT_PORT", self.mosquitto.port().to_string()),
+            ("DATABASE_URL", self.db.url().to_owned()),
+            ("LOG_DIR", self.log_dir.path().display().to_string()),
+            ("RUST_LOG", "info".to_owned()),
+            ("APP_ENV", "prod".to_owned()),
+            ("LOG_FORMAT", "text".to_owned()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
+    }
+
+    /// Starts `dataviz <role>` with this stack's environment plus `extra`.
+    pub fn spawn(&self, role: &str, extra: &[(&str, &str)]) -> Role {
+        Role::spawn(role, self.env(), extra)
+    }
+
+    pub async fn create_gateway(&self, id: i32) {
+        self.db
+            .connect()
+            .await
+            .execute(
+                "INSERT INTO gateway (id, name) VALUES ($1, 'gateway ' || $1::int)",
+                &[&id],
+            )
+            .await
+            .expect("gateway inserted");
+    }
+
+    pub async fn count(&self, sql: &str) -> i64 {
+        self.db
+            .connect()
+            .await
+            .query_one(sql, &[])
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .get(0)
+    }
+
+    /// Waits until `sql` (a single bigint) returns `expected`; panics with the last value.
+    pub async fn wait_for_count(&self, sql: &str, expected: i64, timeout: Duration) {
+        let client = self.db.connect().await;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let value: i64 = client.query_one(sql, &[]).await.expect(sql).get(0);
+            if value == expected {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{sql}: {value} after {timeout:?}, expected {expected}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// A `dataviz` process; killed when dropped.
+pub struct Role {
+    pub role: String,
+    env: Vec<(String, String)>,
+    extra: Vec<(String, String)>,
+    child: Child,
+}
+
+impl Role {
+    fn spawn(role: &str, env: Vec<(String, String)>, extra: &[(&str, &str)]) -> Role {
+        let extra: Vec<(String, String)> = extra
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let child = launch(role, &env, &extra);
+        Role {
+            role: role.to_owned(),
+            env,
+            extra,
+            child,
+        }
+    }
+
+    /// SIGKILL: a crash, nothing flushed.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGKILL, then start the same role again.
+    pub fn crash_and_restart(&mut self) {
+        self.kill();
+        self.child = launch(&self.role, &self.env, &self.extra);
+    }
+
+    /// Still running?
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Role {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn launch(role: &str, env: &[(String, String)], extra: &[(String, String)]) -> Child {
+    let quiet = std::env::var_os("DATAVIZ_TEST_LOGS").is_none();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_dataviz"));
+    command
+        .arg(role)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .envs(extra.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null());
+    if quiet {
+        command.stdout(Stdio::null()).stderr(Stdio::null());
+    }
+    command
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting dataviz {role}: {e}"))
+}
+
+/// An MQTT client publishing at QoS 1, counting the broker's acks.
+pub struct Publisher {
+    pub client: AsyncClient,
+    acked: Arc<AtomicU64>,
+    sent: u64,
+}
+
+impl Publisher {
+    pub async fn connect(port: u16) -> Publisher {
+        let mut options = MqttOptions::new(
+            format!("test-publisher-{}", uuid::Uuid::now_v7().simple()),
+            "127.0.0.1",
+            port,
+        );
+        options.set_inflight(500);
+        options.set_max_packet_size(8 << 20, 8 << 20);
+        let (client, mut eventloop) = AsyncClient::new(options, 1000);
+        let acked = Arc::new(AtomicU64::new(0));
+        let counter = acked.clone();
+        tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::PubAck(_))) => {
+                        counter.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        Publisher {
+            client,
+            acked,
+            sent: 0,
+        }
+    }
+
+    pub async fn publish(&mut self, topic: &str, payload: impl Into<Vec<u8>>) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
+            .expect("queued for publishing");
+        self.sent += 1;
+    }
+
+    /// Waits until the broker acknowledged everything published.
+    pub async fn wait_acked(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.acked.load(Ordering::SeqCst) < self.sent {
+            assert!(
+                Instant::now() < deadline,
+                "broker acked {} of {} messages",
+                self.acked.load(Ordering::SeqCst),
+                self.sent
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// The messages in a stream, read from the start with an ephemeral consumer.
+pub async fn stream_messages(nats_url: &str, stream: &str) -> Vec<async_nats::jetstream::Message> {
+    use futures::StreamExt;
+    let client = async_nats::connect(nats_url).await.expect("NATS");
+    let js = async_nats::jetstream::new(client);
+    let stream = js.get_stream(stream).await.expect("stream exists");
+    let pending = stream.get_info().await.expect("stream info").state.messages as usize;
+    if pending == 0 {
+        return Vec::new();
+    }
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            ack_policy: async_nats::jetstream::consumer::AckPolicy::None,
+            ..Default::default()
+        })
+        .await
+        .expect("ephemeral consumer");
+    let mut messages = consumer
+        .fetch()
+        .max_messages(pending)
+        .expires(Duration::from_secs(5))
+        .messages()
+        .await
+        .expect("fetch");
+    let mut out = Vec::new();
+    while let Some(message) = messages.next().await {
+        out.push(message.expect("message"));
+        if out.len() == pending {
+            break;
+        }
+    }
+    out
+}
