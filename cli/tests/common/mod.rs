@@ -106,11 +106,24 @@ impl Stack {
     pub async fn wait_for_count(&self, sql: &str, expected: i64, timeout: Duration) {
         let client = self.db.connect().await;
         let deadline = Instant::now() + timeout;
+        let (mut last, mut last_change) = (-1, Instant::now());
         loop {
             let value: i64 = client.query_one(sql, &[]).await.expect(sql).get(0);
+            if value != last {
+                (last, last_change) = (value, Instant::now());
+            }
+            assert!(
+                last_change.elapsed() < Duration::from_secs(30),
+                "{sql}: stuck at {value} for 30 s, expected {expected}"
+            );
             if value == expected {
                 return;
             }
+            // Rows are never removed: past the mark is a duplicate, no need to wait longer.
+            assert!(
+                value < expected,
+                "{sql}: {value}, more than the {expected} expected"
+            );
             assert!(
                 Instant::now() < deadline,
                 "{sql}: {value} after {timeout:?}, expected {expected}"
