@@ -59,7 +59,7 @@ pub struct MqttConnection {
     /// Keep-alive interval.
     #[arg(long, env = "MQTT_KEEP_ALIVE", value_name = "MQTT_KEEP_ALIVE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub mqtt_keep_alive: Duration,
-    /// Largest MQTT packet accepted, in bytes (keep it above the broker's message_size_limit).
+    /// Largest MQTT packet accepted, in bytes (keep it above the broker's max_packet_size).
     #[arg(long, env = "MQTT_MAX_PACKET_SIZE", value_name = "MQTT_MAX_PACKET_SIZE", default_value_t = 4 * 1024 * 1024)]
     pub mqtt_max_packet_size: usize,
 }

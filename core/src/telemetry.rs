@@ -31,11 +31,18 @@ pub struct LogConfig {
         env = "APP_ENV",
         value_name = "APP_ENV",
         default_value = "dev",
-        global = true
+        global = true,
+        display_order = 900
     )]
     pub app_env: AppEnv,
     /// Log format on stderr; defaults to `text` in dev and `json` in prod.
-    #[arg(long, env = "LOG_FORMAT", value_name = "LOG_FORMAT", global = true)]
+    #[arg(
+        long,
+        env = "LOG_FORMAT",
+        value_name = "LOG_FORMAT",
+        global = true,
+        display_order = 900
+    )]
     pub log_format: Option<LogFormat>,
     /// Directory of the development log files (`mqtt.log`).
     #[arg(
@@ -43,7 +50,8 @@ pub struct LogConfig {
         env = "LOG_DIR",
         value_name = "LOG_DIR",
         default_value = "var/log",
-        global = true
+        global = true,
+        display_order = 900
     )]
     pub log_dir: PathBuf,
     /// Which events to log, as `RUST_LOG` filters (e.g. `info,dataviz_processor=debug`).
@@ -52,7 +60,8 @@ pub struct LogConfig {
         env = "RUST_LOG",
         value_name = "RUST_LOG",
         default_value = "info",
-        global = true
+        global = true,
+        display_order = 900
     )]
     pub rust_log: String,
 }
