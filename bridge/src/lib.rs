@@ -25,6 +25,7 @@ pub mod config;
 use async_nats::jetstream::{self, context::PublishAckFuture};
 use bytes::Bytes;
 use config::BridgeConfig;
+use dataviz_core::ops::{Progress, metric};
 use dataviz_core::retry::Backoff;
 use dataviz_core::{MQTT_LOG_TARGET, message::DeadLetter, message::RawMessage, shutdown::Shutdown};
 use futures::{FutureExt, StreamExt, stream::FuturesUnordered};
@@ -49,6 +50,7 @@ pub async fn run(
     config: BridgeConfig,
     js: jetstream::Context,
     max_payload: usize,
+    progress: Arc<Progress>,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let mut options = config.mqtt.options(&config.mqtt_client_id)?;
@@ -72,6 +74,7 @@ pub async fn run(
         client.clone(),
         connection.clone(),
         config.bridge_max_in_flight,
+        progress,
     ));
     let events = tokio::spawn(event_loop(
         eventloop,
@@ -144,6 +147,7 @@ async fn event_loop(
                     dup = publish.dup,
                     "message received"
                 );
+                metrics::counter!(metric::BRIDGE_RECEIVED).increment(1);
                 let raw = RawMessage::received(publish.topic.clone(), publish.payload.clone());
                 let received = Received {
                     publish,
@@ -204,19 +208,26 @@ async fn store_loop(
     client: AsyncClient,
     connection: Arc<AtomicU64>,
     max_in_flight: usize,
+    progress: Arc<Progress>,
 ) -> anyhow::Result<()> {
     let mut in_flight = FuturesUnordered::new();
     let mut open = true;
     while open || !in_flight.is_empty() {
         tokio::select! {
             received = rx.recv(), if open && in_flight.len() < max_in_flight => match received {
-                Some(received) => in_flight.push(raw_store.store(received).boxed()),
+                Some(received) => {
+                    in_flight.push(raw_store.store(received).boxed());
+                    progress.set_waiting(in_flight.len() as u64);
+                }
                 None => open = false,
             },
             Some(stored) = in_flight.next() => {
                 // Not stored: shutting down while JetStream was unreachable. Unacked, the
                 // message comes back from the broker with the next session.
+                progress.set_waiting(in_flight.len() as u64);
                 let Some(received): Option<Received> = stored else { continue };
+                metrics::counter!(metric::BRIDGE_STORED).increment(1);
+                progress.advanced();
                 if received.publish.qos != QoS::AtMostOnce {
                     if received.connection == connection.load(Ordering::SeqCst) {
                         if client.try_ack(&received.publish).is_err() {
@@ -317,7 +328,8 @@ fn oversized(raw: &RawMessage, max_payload: usize) -> Option<DeadLetter> {
     let kept = limit.min(64 * 1024);
     let mut truncated = raw.clone();
     truncated.payload = Bytes::copy_from_slice(&raw.payload[..kept]);
-    tracing::warn!(target: MQTT_LOG_TARGET, topic = %raw.topic, bytes = raw.payload.len(), "message larger than the NATS server accepts: dead-lettered");
+    tracing::error!(target: MQTT_LOG_TARGET, topic = %raw.topic, bytes = raw.payload.len(), "message larger than the NATS server accepts: dead-lettered");
+    metrics::counter!(metric::DEAD_LETTERS, "stage" => STAGE, "reason" => "oversized").increment(1);
     Some(DeadLetter {
         raw: truncated,
         stage: STAGE.into(),

@@ -1,10 +1,12 @@
-//! Start-up of each role: read settings, connect, check the servers, run until a signal.
+//! Start-up of each role: read settings, connect, check the servers, serve health and
+//! metrics, run until a signal.
 
 use anyhow::Context as _;
 use dataviz_bridge::config::BridgeConfig;
 use dataviz_core::{
     config::{DatabaseConfig, NatsConfig},
     db,
+    ops::{Ops, OpsConfig},
     shutdown::{self, Shutdown},
     streams::{self, StreamSettings},
 };
@@ -25,6 +27,8 @@ pub struct AllArgs {
     processor: ProcessorConfig,
     #[command(flatten)]
     writer: WriterConfig,
+    #[command(flatten)]
+    ops: OpsConfig,
 }
 
 #[derive(Debug, clap::Args)]
@@ -35,6 +39,8 @@ pub struct BridgeArgs {
     streams: StreamSettings,
     #[command(flatten)]
     bridge: BridgeConfig,
+    #[command(flatten)]
+    ops: OpsConfig,
 }
 
 #[derive(Debug, clap::Args)]
@@ -47,6 +53,8 @@ pub struct ProcessorArgs {
     database: DatabaseConfig,
     #[command(flatten)]
     processor: ProcessorConfig,
+    #[command(flatten)]
+    ops: OpsConfig,
 }
 
 #[derive(Debug, clap::Args)]
@@ -59,35 +67,105 @@ pub struct WriterArgs {
     database: DatabaseConfig,
     #[command(flatten)]
     writer: WriterConfig,
+    #[command(flatten)]
+    ops: OpsConfig,
 }
 
 #[derive(Debug, clap::Args)]
 pub struct MigrateArgs {
     #[command(flatten)]
-    database: DatabaseConfig,
+    pub database: DatabaseConfig,
 }
 
-/// Connects to NATS, refuses an old server, and creates or checks the streams.
-async fn jetstream(
-    nats: &NatsConfig,
-    settings: &StreamSettings,
-    role: &str,
-) -> anyhow::Result<(async_nats::Client, async_nats::jetstream::Context)> {
-    let client = nats.connect(role).await?;
-    let info = client.server_info();
-    tracing::info!(server = %info.server_name, version = %info.version, url = %nats.nats_url, "connected to NATS");
-    let js = dataviz_core::config::jetstream(client.clone());
-    streams::ensure(&client, &js, settings).await?;
-    Ok((client, js))
+/// What every long-running role starts with: the shutdown signal and the health server.
+struct Role {
+    ops: Ops,
+    shutdown: Shutdown,
 }
 
-/// A pool on a migrated database; says which flavour it is.
-async fn database(config: &DatabaseConfig) -> anyhow::Result<deadpool_postgres::Pool> {
-    let pool = config.pool()?;
-    let client = pool.get().await.context("connecting to DATABASE_URL")?;
-    db::check_migrated(&client).await?;
-    tracing::info!("database: {}", db::describe(&client).await?);
-    Ok(pool)
+impl Role {
+    async fn start(config: &OpsConfig, default_port: u16) -> anyhow::Result<Role> {
+        let shutdown = shutdown::on_signals(config.shutdown_timeout);
+        let ops = Ops::new(config);
+        if let Some(addr) = config.addr(default_port)? {
+            ops.serve(addr, shutdown.clone()).await?;
+        }
+        Ok(Role { ops, shutdown })
+    }
+
+    /// Connects to NATS, refuses an old server, and creates or checks the streams.
+    async fn jetstream(
+        &self,
+        nats: &NatsConfig,
+        settings: &StreamSettings,
+        name: &str,
+    ) -> anyhow::Result<(async_nats::Client, async_nats::jetstream::Context)> {
+        let client = nats.connect(name).await?;
+        let info = client.server_info();
+        tracing::info!(server = %info.server_name, version = %info.version, url = %nats.nats_url, "connected to NATS");
+        let js = dataviz_core::config::jetstream(client.clone());
+        streams::ensure(&client, &js, settings).await?;
+        self.ops.set_nats(client.clone());
+        Ok((client, js))
+    }
+
+    /// A pool on a migrated database; says which flavour it is.
+    async fn database(&self, config: &DatabaseConfig) -> anyhow::Result<deadpool_postgres::Pool> {
+        let pool = config.pool()?;
+        let client = pool.get().await.context("connecting to DATABASE_URL")?;
+        db::check_migrated(&client).await?;
+        tracing::info!("database: {}", db::describe(&client).await?);
+        self.ops.set_db(pool.clone());
+        Ok(pool)
+    }
+
+    fn bridge(
+        &self,
+        config: BridgeConfig,
+        client: &async_nats::Client,
+        js: async_nats::jetstream::Context,
+    ) -> impl Future<Output = anyhow::Result<()>> + use<> {
+        let max_payload = client.server_info().max_payload;
+        let progress = self.ops.stage("bridge");
+        dataviz_bridge::run(config, js, max_payload, progress, self.shutdown.clone())
+    }
+
+    fn processor(
+        &self,
+        config: ProcessorConfig,
+        settings: &StreamSettings,
+        js: async_nats::jetstream::Context,
+        pool: deadpool_postgres::Pool,
+    ) -> impl Future<Output = anyhow::Result<()>> + use<> {
+        let progress = self.ops.stage("processor");
+        self.ops.watch_consumer(
+            js.clone(),
+            streams::RAW_STREAM,
+            streams::PROCESSOR_CONSUMER.into(),
+            progress.clone(),
+            self.shutdown.clone(),
+        );
+        dataviz_processor::run(config, settings.processor_consumer(), js, pool, progress, self.shutdown.clone())
+    }
+
+    fn writer(
+        &self,
+        config: WriterConfig,
+        settings: &StreamSettings,
+        js: async_nats::jetstream::Context,
+        pool: deadpool_postgres::Pool,
+    ) -> impl Future<Output = anyhow::Result<()>> + use<> {
+        let progress = self.ops.stage("writer");
+        self.ops.watch_consumer(
+            js.clone(),
+            streams::READINGS_STREAM,
+            streams::WRITER_CONSUMER.into(),
+            progress.clone(),
+            self.shutdown.clone(),
+        );
+        let (consumer, shutdown) = (settings.writer_consumer(), self.shutdown.clone());
+        async move { dataviz_writer::run(config, consumer, js, pool, &progress, shutdown).await }
+    }
 }
 
 pub async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
@@ -95,10 +173,7 @@ pub async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
     let report = db::migrate(&mut client).await?;
     let described = db::describe(&client).await?;
     if report.applied.is_empty() {
-        println!(
-            "Database up to date ({} migrations). {described}.",
-            report.already
-        );
+        println!("Database up to date ({} migrations). {described}.", report.already);
     } else {
         println!(
             "Applied {} migration(s): {}. {described}.",
@@ -110,97 +185,56 @@ pub async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
 }
 
 pub async fn bridge(args: BridgeArgs) -> anyhow::Result<()> {
-    let shutdown = shutdown::on_signals();
-    let (client, js) = jetstream(&args.nats, &args.streams, "bridge").await?;
-    run_bridge(args.bridge, client, js, shutdown).await
-}
-
-async fn run_bridge(
-    config: BridgeConfig,
-    client: async_nats::Client,
-    js: async_nats::jetstream::Context,
-    shutdown: Shutdown,
-) -> anyhow::Result<()> {
-    let max_payload = client.server_info().max_payload;
-    dataviz_bridge::run(config, js, max_payload, shutdown).await?;
+    let role = Role::start(&args.ops, 9101).await?;
+    let (client, js) = role.jetstream(&args.nats, &args.streams, "bridge").await?;
+    role.bridge(args.bridge, &client, js).await?;
     client.flush().await.ok();
     Ok(())
 }
 
 pub async fn processor(args: ProcessorArgs) -> anyhow::Result<()> {
-    let shutdown = shutdown::on_signals();
-    let (client, js) = jetstream(&args.nats, &args.streams, "processor").await?;
-    let pool = database(&args.database).await?;
-    dataviz_processor::run(
-        args.processor,
-        args.streams.processor_consumer(),
-        js,
-        pool,
-        shutdown,
-    )
-    .await?;
+    let role = Role::start(&args.ops, 9102).await?;
+    let (client, js) = role.jetstream(&args.nats, &args.streams, "processor").await?;
+    let pool = role.database(&args.database).await?;
+    role.processor(args.processor, &args.streams, js, pool).await?;
     client.flush().await.ok();
     Ok(())
 }
 
 pub async fn writer(args: WriterArgs) -> anyhow::Result<()> {
-    let shutdown = shutdown::on_signals();
-    let (client, js) = jetstream(&args.nats, &args.streams, "writer").await?;
-    let pool = database(&args.database).await?;
-    dataviz_writer::run(
-        args.writer,
-        args.streams.writer_consumer(),
-        js,
-        pool,
-        shutdown,
-    )
-    .await?;
+    let role = Role::start(&args.ops, 9103).await?;
+    let (client, js) = role.jetstream(&args.nats, &args.streams, "writer").await?;
+    let pool = role.database(&args.database).await?;
+    role.writer(args.writer, &args.streams, js, pool).await?;
     client.flush().await.ok();
     Ok(())
 }
 
 /// Every role in one process; the database is migrated first.
 pub async fn all(args: AllArgs) -> anyhow::Result<()> {
-    let shutdown = shutdown::on_signals();
     migrate(MigrateArgs {
         database: args.database.clone(),
     })
     .await?;
-    let (client, js) = jetstream(&args.nats, &args.streams, "all").await?;
-    let pool = database(&args.database).await?;
+    let role = Role::start(&args.ops, 9100).await?;
+    let (client, js) = role.jetstream(&args.nats, &args.streams, "all").await?;
+    let pool = role.database(&args.database).await?;
     tracing::info!(
         mqtt = format!("{}:{}", args.bridge.mqtt.mqtt_host, args.bridge.mqtt.mqtt_port),
         topics = ?args.bridge.mqtt_topics.0,
         "dataviz all: bridge, processor and writer running"
     );
     let roles = [
-        tokio::spawn(run_bridge(
-            args.bridge,
-            client.clone(),
-            js.clone(),
-            shutdown.clone(),
-        )),
-        tokio::spawn(dataviz_processor::run(
-            args.processor,
-            args.streams.processor_consumer(),
-            js.clone(),
-            pool.clone(),
-            shutdown.clone(),
-        )),
-        tokio::spawn(dataviz_writer::run(
-            args.writer,
-            args.streams.writer_consumer(),
-            js,
-            pool,
-            shutdown.clone(),
-        )),
+        tokio::spawn(role.bridge(args.bridge, &client, js.clone())),
+        tokio::spawn(role.processor(args.processor, &args.streams, js.clone(), pool.clone())),
+        tokio::spawn(role.writer(args.writer, &args.streams, js, pool)),
     ];
     let mut first_error = None;
-    for role in roles {
-        let result = role.await.map_err(anyhow::Error::from).and_then(|r| r);
+    for task in roles {
+        let result = task.await.map_err(anyhow::Error::from).and_then(|r| r);
         if let Err(e) = result {
             // One role failing stops the others: a half-running pipeline hides the problem.
-            shutdown.cancel();
+            role.shutdown.cancel();
             first_error.get_or_insert(e);
         }
     }

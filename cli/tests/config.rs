@@ -85,7 +85,11 @@ fn an_unreachable_database_is_named() {
 #[test]
 fn a_nats_server_older_than_2_12_is_refused() {
     let old = std::env::var("DATAVIZ_OLD_NATS_SERVER").unwrap_or_else(|_| {
-        concat!(env!("CARGO_MANIFEST_DIR"), "/../.local/nats-old/bin/nats-server").to_owned()
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../.local/nats-old/bin/nats-server"
+        )
+        .to_owned()
     });
     assert!(
         std::path::Path::new(&old).exists(),

@@ -4,19 +4,23 @@
 //! Batching is natural: a batch is whatever has arrived, up to `batch_size`, so an idle
 //! pipeline handles single messages at once and a loaded one amortizes round trips.
 
+use crate::ops::{Progress, metric};
 use crate::shutdown::Shutdown;
 use async_nats::jetstream::{self, AckKind, consumer::pull};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Pulls from `consumer` on `stream` and calls `handle` with each batch until `shutdown`.
-/// `handle` acknowledges the messages itself.
+/// `handle` acknowledges the messages itself; each batch handled counts as progress, and its
+/// size and duration are recorded under the consumer's name. On shutdown, messages already
+/// pulled but not handled are handed back at once (nak), for another instance to take.
 pub async fn consume_batches<F, Fut>(
     js: &jetstream::Context,
     stream: &str,
     consumer: pull::Config,
     batch_size: usize,
+    progress: &Progress,
     shutdown: &Shutdown,
     mut handle: F,
 ) -> anyhow::Result<()>
@@ -74,10 +78,28 @@ where
             }
             if !batch.is_empty() {
                 backoff.reset();
+                let started = Instant::now();
+                let size = batch.len();
                 handle(batch).await;
+                metrics::histogram!(metric::BATCH_SIZE, "stage" => name.clone()).record(size as f64);
+                metrics::histogram!(metric::BATCH_SECONDS, "stage" => name.clone())
+                    .record(started.elapsed().as_secs_f64());
+                progress.advanced();
             }
             if broken {
                 break;
+            }
+        }
+        if shutdown.is_cancelled() {
+            let mut handed_back = 0;
+            while let Some(Some(chunk)) = chunks.next().now_or_never() {
+                for message in chunk.into_iter().flatten() {
+                    let _ = message.ack_with(AckKind::Nak(None)).await;
+                    handed_back += 1;
+                }
+            }
+            if handed_back > 0 {
+                tracing::info!(stream, consumer = %name, handed_back, "unhandled messages handed back");
             }
         }
     }

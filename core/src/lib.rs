@@ -8,6 +8,7 @@
 //! - [`message`]: what travels on JetStream: the raw MQTT message (RAW), the typed batch of
 //!   readings (READINGS) and dead letters (DEAD).
 //! - [`consume`]: the pull-and-handle loop every JetStream stage runs.
+//! - [`ops`]: health, readiness and Prometheus metrics over HTTP.
 //! - [`streams`]: stream and consumer names, subjects and settings, created and checked at start.
 //! - [`db`]: the PostgreSQL pool and the migrations.
 //! - [`config`]: connection settings read from the environment, shared by every role.
@@ -19,6 +20,7 @@ pub mod config;
 pub mod consume;
 pub mod db;
 pub mod message;
+pub mod ops;
 pub mod payload;
 pub mod retry;
 pub mod shutdown;

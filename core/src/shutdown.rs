@@ -1,13 +1,15 @@
 //! Shutdown as an input: every long-running loop takes a [`Shutdown`] and stops taking work
 //! when it fires, then finishes or hands back what it holds.
 
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// A cloneable shutdown signal.
 pub type Shutdown = CancellationToken;
 
-/// A signal that fires on SIGTERM or Ctrl-C.
-pub fn on_signals() -> Shutdown {
+/// A signal that fires on SIGTERM or Ctrl-C. Work in hand then has `deadline` to finish; past
+/// it the process exits with status 1 (what it did not acknowledge is delivered again).
+pub fn on_signals(deadline: Duration) -> Shutdown {
     let token = Shutdown::new();
     let fire = token.clone();
     tokio::spawn(async move {
@@ -24,8 +26,11 @@ pub fn on_signals() -> Shutdown {
         }
         #[cfg(not(unix))]
         let _ = ctrl_c.await;
-        tracing::info!("shutdown requested: finishing the work in hand");
+        tracing::info!(deadline = ?deadline, "shutdown requested: finishing the work in hand");
         fire.cancel();
+        tokio::time::sleep(deadline).await;
+        tracing::error!(deadline = ?deadline, "work in hand not finished in time: exiting; unacknowledged messages will be delivered again");
+        std::process::exit(1);
     });
     token
 }

@@ -16,6 +16,7 @@ use chrono::{DateTime, Utc};
 use dataviz_core::{
     MQTT_LOG_TARGET,
     consume::{self, ack, nak_later},
+    ops::{Progress, metric},
     message::{DeadLetter, RawMessage, TagReading, TagReadingsBatch},
     payload::{self, Payload, PayloadLimits},
     shutdown::Shutdown,
@@ -168,8 +169,31 @@ impl Processor {
                 };
             outcomes.push(outcome);
         }
-        join_all(outcomes.iter().map(|outcome| store(js, outcome))).await
+        let stored = join_all(outcomes.iter().map(|outcome| store(js, outcome))).await;
+        for (outcome, stored) in outcomes.iter().zip(&stored) {
+            count(outcome, stored);
+        }
+        stored
     }
+}
+
+/// Counts what became of one raw message.
+fn count(outcome: &Outcome, stored: &Result<(), String>) {
+    let label = match (outcome, stored) {
+        (_, Err(_)) | (Outcome::Retry(_), _) => {
+            metrics::counter!(metric::FAILURES, "stage" => STAGE, "kind" => "transient").increment(1);
+            "retry"
+        }
+        (Outcome::Readings(batch), Ok(())) => {
+            metrics::counter!(metric::PROCESSOR_READINGS).increment(batch.readings.len() as u64);
+            "readings"
+        }
+        (Outcome::Dead(dead), Ok(())) => {
+            metrics::counter!(metric::DEAD_LETTERS, "stage" => STAGE, "reason" => dead.reason.clone()).increment(1);
+            "dead"
+        }
+    };
+    metrics::counter!(metric::PROCESSOR_MESSAGES, "outcome" => label).increment(1);
 }
 
 fn dead(raw: RawMessage, reason: &str, error: String) -> Outcome {
@@ -254,6 +278,7 @@ pub async fn run(
     consumer: async_nats::jetstream::consumer::pull::Config,
     js: jetstream::Context,
     pool: deadpool_postgres::Pool,
+    progress: Arc<Progress>,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let processor = Arc::new(Processor::new(pool, config.limits()));
@@ -278,6 +303,7 @@ pub async fn run(
     };
     let workers = (0..config.worker_count).map(|_| {
         let (processor, js, shutdown) = (processor.clone(), js.clone(), shutdown.clone());
+        let progress = progress.clone();
         let batch_size = config.processor_batch_size;
         let consumer = consumer.clone();
         tokio::spawn(async move {
@@ -286,6 +312,7 @@ pub async fn run(
                 streams::RAW_STREAM,
                 consumer,
                 batch_size,
+                &progress,
                 &shutdown,
                 |messages| processor.handle_messages(&js, messages),
             )

@@ -12,6 +12,7 @@
 use async_nats::jetstream;
 use dataviz_core::{
     consume::{self, ack, nak_later},
+    ops::{Progress, metric},
     message::{DeadLetter, RawMessage, TagReadingsBatch},
     shutdown::Shutdown,
     streams,
@@ -225,6 +226,7 @@ pub async fn handle_messages(
             refuse_batch(js, message, &batch, e).await;
         }
         Err(WriteError::Transient(e)) => {
+            metrics::counter!(metric::FAILURES, "stage" => STAGE, "kind" => "database").increment(1);
             tracing::warn!(error = %e, messages = batches.len(), "batch not written; it will be retried");
             join_all(kept.iter().map(nak_later)).await;
         }
@@ -300,6 +302,7 @@ pub async fn run(
     consumer: async_nats::jetstream::consumer::pull::Config,
     js: jetstream::Context,
     pool: Pool,
+    progress: &Progress,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     consume::consume_batches(
@@ -307,6 +310,7 @@ pub async fn run(
         streams::READINGS_STREAM,
         consumer,
         config.writer_batch_size,
+        progress,
         &shutdown,
         |messages| handle_messages(&js, &pool, messages),
     )

@@ -69,6 +69,8 @@ impl Stack {
             ("RUST_LOG", "info".to_owned()),
             ("APP_ENV", "prod".to_owned()),
             ("LOG_FORMAT", "text".to_owned()),
+            // Several roles per test: each serves /healthz and /metrics on a port of its own.
+            ("HTTP_ADDR", "127.0.0.1:0".to_owned()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
@@ -290,4 +292,81 @@ pub async fn stream_messages(nats_url: &str, stream: &str) -> Vec<async_nats::je
         }
     }
     out
+}
+
+/// Starts `dataviz <role>` with exactly `env` plus `extra`: for tests that build their own
+/// environment (e.g. against a NATS cluster instead of a [`Stack`]).
+pub fn spawn_role(role: &str, env: Vec<(String, String)>, extra: &[(&str, &str)]) -> Role {
+    Role::spawn(role, env, extra)
+}
+
+/// Opens a persistent MQTT session for `client_id` subscribed to `filter` (e.g. a shared
+/// subscription `$share/group/...`), as a bridge's first run does, so that the broker queues
+/// what the test publishes before the bridge process is up.
+pub async fn open_mqtt_session(port: u16, client_id: &str, filter: &str) {
+    let mut options = MqttOptions::new(client_id, "127.0.0.1", port);
+    options.set_clean_session(false);
+    let (client, mut eventloop) = AsyncClient::new(options, 10);
+    client
+        .subscribe(filter, QoS::AtLeastOnce)
+        .await
+        .expect("subscribe queued");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::SubAck(ack)))) => {
+                assert!(
+                    ack.return_codes
+                        .iter()
+                        .all(|c| matches!(c, rumqttc::SubscribeReasonCode::Success(_))),
+                    "{client_id}: {filter} refused: {:?}",
+                    ack.return_codes
+                );
+                break;
+            }
+            _ => assert!(Instant::now() < deadline, "no SUBACK from the broker"),
+        }
+    }
+    client.disconnect().await.ok();
+    let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
+}
+
+/// A single bigint from `sql` on `db`.
+pub async fn count_on(db: &TestDb, sql: &str) -> i64 {
+    db.connect()
+        .await
+        .query_one(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .get(0)
+}
+
+/// [`Stack::wait_for_count`] on any database: waits until `sql` (a single bigint) returns
+/// `expected`; panics with the last value, when it passes the mark, or when it is stuck.
+pub async fn wait_for_count_on(db: &TestDb, sql: &str, expected: i64, timeout: Duration) {
+    let client = db.connect().await;
+    let deadline = Instant::now() + timeout;
+    let (mut last, mut last_change) = (-1, Instant::now());
+    loop {
+        let value: i64 = client.query_one(sql, &[]).await.expect(sql).get(0);
+        if value != last {
+            (last, last_change) = (value, Instant::now());
+        }
+        assert!(
+            last_change.elapsed() < Duration::from_secs(30),
+            "{sql}: stuck at {value} for 30 s, expected {expected}"
+        );
+        if value == expected {
+            return;
+        }
+        assert!(
+            value < expected,
+            "{sql}: {value}, more than the {expected} expected"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "{sql}: {value} after {timeout:?}, expected {expected}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
