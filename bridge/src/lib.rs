@@ -338,6 +338,7 @@ fn oversized(raw: &RawMessage, max_payload: usize) -> Option<DeadLetter> {
             "payload of {} bytes is over what the NATS server accepts ({max_payload} bytes); the first {kept} bytes are kept",
             raw.payload.len()
         ),
+        source_seq: None,
     })
 }
 

@@ -2,6 +2,8 @@
 //! binary. Configuration comes from the environment (see `dataviz <command> --help`); errors
 //! are printed with their whole chain.
 
+mod dlq;
+mod replay;
 mod roles;
 mod simulate;
 
@@ -39,6 +41,10 @@ enum Command {
     Migrate(roles::MigrateArgs),
     /// Simulated devices publishing realistic readings over MQTT.
     Simulate(simulate::SimulateArgs),
+    /// Runs the processor again over a time range of RAW (no duplicates; resumable).
+    Replay(replay::ReplayArgs),
+    /// Dead letters: list, show, re-queue, purge.
+    Dlq(dlq::DlqArgs),
 }
 
 fn main() -> ExitCode {
@@ -70,6 +76,8 @@ fn main() -> ExitCode {
             Command::Writer(args) => roles::writer(args).await,
             Command::Migrate(args) => roles::migrate(args).await,
             Command::Simulate(args) => simulate::run(args).await,
+            Command::Dlq(args) => dlq::run(args).await,
+            Command::Replay(args) => replay::run(args).await,
         }
     });
     match result {

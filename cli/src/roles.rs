@@ -5,7 +5,7 @@ use anyhow::Context as _;
 use dataviz_bridge::config::BridgeConfig;
 use dataviz_core::{
     config::{DatabaseConfig, NatsConfig},
-    db,
+    db::{self, RetentionConfig},
     ops::{Ops, OpsConfig},
     shutdown::{self, Shutdown},
     streams::{self, StreamSettings},
@@ -27,6 +27,8 @@ pub struct AllArgs {
     processor: ProcessorConfig,
     #[command(flatten)]
     writer: WriterConfig,
+    #[command(flatten)]
+    retention: RetentionConfig,
     #[command(flatten)]
     ops: OpsConfig,
 }
@@ -68,6 +70,8 @@ pub struct WriterArgs {
     #[command(flatten)]
     writer: WriterConfig,
     #[command(flatten)]
+    retention: RetentionConfig,
+    #[command(flatten)]
     ops: OpsConfig,
 }
 
@@ -75,6 +79,8 @@ pub struct WriterArgs {
 pub struct MigrateArgs {
     #[command(flatten)]
     pub database: DatabaseConfig,
+    #[command(flatten)]
+    pub retention: RetentionConfig,
 }
 
 /// What every long-running role starts with: the shutdown signal and the health server.
@@ -145,16 +151,33 @@ impl Role {
             progress.clone(),
             self.shutdown.clone(),
         );
-        dataviz_processor::run(config, settings.processor_consumer(), js, pool, progress, self.shutdown.clone())
+        dataviz_processor::run(
+            config,
+            settings.processor_consumer(),
+            js,
+            pool,
+            progress,
+            self.shutdown.clone(),
+        )
     }
 
     fn writer(
         &self,
         config: WriterConfig,
+        retention: &RetentionConfig,
         settings: &StreamSettings,
         js: async_nats::jetstream::Context,
         pool: deadpool_postgres::Pool,
     ) -> impl Future<Output = anyhow::Result<()>> + use<> {
+        // Message ids outlive RAW by a day: until then a replay could bring a message back.
+        let ids = settings.raw_retention + std::time::Duration::from_secs(86_400);
+        tokio::spawn(dataviz_writer::prune_loop(
+            pool.clone(),
+            retention.readings_retention,
+            ids,
+            config.retention_check_every,
+            self.shutdown.clone(),
+        ));
         let progress = self.ops.stage("writer");
         self.ops.watch_consumer(
             js.clone(),
@@ -171,9 +194,13 @@ impl Role {
 pub async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
     let mut client = db::connect(&args.database.database_url).await?;
     let report = db::migrate(&mut client).await?;
-    let described = db::describe(&client).await?;
+    let retention = db::apply_retention(&client, &args.retention).await?;
+    let described = format!("{}; {retention}", db::describe(&client).await?);
     if report.applied.is_empty() {
-        println!("Database up to date ({} migrations). {described}.", report.already);
+        println!(
+            "Database up to date ({} migrations). {described}.",
+            report.already
+        );
     } else {
         println!(
             "Applied {} migration(s): {}. {described}.",
@@ -194,9 +221,12 @@ pub async fn bridge(args: BridgeArgs) -> anyhow::Result<()> {
 
 pub async fn processor(args: ProcessorArgs) -> anyhow::Result<()> {
     let role = Role::start(&args.ops, 9102).await?;
-    let (client, js) = role.jetstream(&args.nats, &args.streams, "processor").await?;
+    let (client, js) = role
+        .jetstream(&args.nats, &args.streams, "processor")
+        .await?;
     let pool = role.database(&args.database).await?;
-    role.processor(args.processor, &args.streams, js, pool).await?;
+    role.processor(args.processor, &args.streams, js, pool)
+        .await?;
     client.flush().await.ok();
     Ok(())
 }
@@ -205,7 +235,8 @@ pub async fn writer(args: WriterArgs) -> anyhow::Result<()> {
     let role = Role::start(&args.ops, 9103).await?;
     let (client, js) = role.jetstream(&args.nats, &args.streams, "writer").await?;
     let pool = role.database(&args.database).await?;
-    role.writer(args.writer, &args.streams, js, pool).await?;
+    role.writer(args.writer, &args.retention, &args.streams, js, pool)
+        .await?;
     client.flush().await.ok();
     Ok(())
 }
@@ -214,6 +245,7 @@ pub async fn writer(args: WriterArgs) -> anyhow::Result<()> {
 pub async fn all(args: AllArgs) -> anyhow::Result<()> {
     migrate(MigrateArgs {
         database: args.database.clone(),
+        retention: args.retention.clone(),
     })
     .await?;
     let role = Role::start(&args.ops, 9100).await?;
@@ -227,7 +259,7 @@ pub async fn all(args: AllArgs) -> anyhow::Result<()> {
     let roles = [
         tokio::spawn(role.bridge(args.bridge, &client, js.clone())),
         tokio::spawn(role.processor(args.processor, &args.streams, js.clone(), pool.clone())),
-        tokio::spawn(role.writer(args.writer, &args.streams, js, pool)),
+        tokio::spawn(role.writer(args.writer, &args.retention, &args.streams, js, pool)),
     ];
     let mut first_error = None;
     for task in roles {

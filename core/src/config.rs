@@ -66,6 +66,15 @@ pub struct NatsConfig {
 }
 
 impl NatsConfig {
+    /// The servers of `NATS_URL`, split on commas.
+    pub fn servers(&self) -> Vec<&str> {
+        self.nats_url
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect()
+    }
+
     /// Connects; retries the first connection, reconnects forever afterwards.
     pub async fn connect(&self, name: &str) -> anyhow::Result<async_nats::Client> {
         let mut options = match &self.nats_creds {
@@ -94,7 +103,7 @@ impl NatsConfig {
             .event_callback(|event| async move {
                 tracing::info!(%event, "NATS connection event");
             })
-            .connect(self.nats_url.as_str())
+            .connect(self.servers())
             .await
             .with_context(|| format!("connecting to NATS_URL {}", self.nats_url))?;
         // With retry_on_initial_connect, connect() returns at once; wait for the real handshake

@@ -81,7 +81,8 @@ where
                 let started = Instant::now();
                 let size = batch.len();
                 handle(batch).await;
-                metrics::histogram!(metric::BATCH_SIZE, "stage" => name.clone()).record(size as f64);
+                metrics::histogram!(metric::BATCH_SIZE, "stage" => name.clone())
+                    .record(size as f64);
                 metrics::histogram!(metric::BATCH_SECONDS, "stage" => name.clone())
                     .record(started.elapsed().as_secs_f64());
                 progress.advanced();

@@ -10,6 +10,7 @@
 //! - [`consume`]: the pull-and-handle loop every JetStream stage runs.
 //! - [`ops`]: health, readiness and Prometheus metrics over HTTP.
 //! - [`streams`]: stream and consumer names, subjects and settings, created and checked at start.
+//! - [`dead`]: dead letters as an operator sees them: list, show, re-queue, purge.
 //! - [`db`]: the PostgreSQL pool and the migrations.
 //! - [`config`]: connection settings read from the environment, shared by every role.
 //! - [`telemetry`]: logging setup, including the `mqtt` channel.
@@ -19,6 +20,7 @@
 pub mod config;
 pub mod consume;
 pub mod db;
+pub mod dead;
 pub mod message;
 pub mod ops;
 pub mod payload;

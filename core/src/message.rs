@@ -184,6 +184,10 @@ pub struct DeadLetter {
     pub reason: String,
     /// The whole error, for a human.
     pub error: String,
+    /// The sequence of the refused message in the stream it was read from, when it was read
+    /// from one. With the raw id it makes the deduplication id: a redelivery of the same stored
+    /// message is refused once, a re-queued copy (a new sequence) is refused again. Not stored.
+    pub source_seq: Option<u64>,
 }
 
 impl DeadLetter {
@@ -194,7 +198,12 @@ impl DeadLetter {
     /// The raw message's headers plus the stage and reason. The deduplication id is derived
     /// from the raw id, so a redelivered refusal is stored once.
     pub fn headers(&self) -> HeaderMap {
-        let dedup = format!("dead:{}:{}", self.stage, self.raw.id);
+        let dedup = format!(
+            "dead:{}:{}:{}",
+            self.stage,
+            self.raw.id,
+            self.source_seq.unwrap_or_default()
+        );
         let mut headers = self.raw.headers(Some(&dedup));
         headers.insert(HEADER_DEAD_STAGE, self.stage.as_str());
         headers.insert(HEADER_DEAD_REASON, self.reason.as_str());
@@ -230,6 +239,7 @@ impl DeadLetter {
             error: percent_decode_str(&get(HEADER_DEAD_ERROR)?)
                 .decode_utf8_lossy()
                 .into_owned(),
+            source_seq: None,
         })
     }
 }
@@ -265,6 +275,7 @@ mod tests {
             stage: "processor".into(),
             reason: "bad_topic".into(),
             error: "topic \"bad topic\" is not of the form\nx".into(),
+            source_seq: None,
         };
         assert_eq!(dead.subject(), "dataviz.dead.processor.bad_topic");
         let back = DeadLetter::from_parts(Some(&dead.headers()), dead.raw.payload.clone()).unwrap();

@@ -71,10 +71,9 @@ impl OpsConfig {
     pub fn addr(&self, default_port: u16) -> anyhow::Result<Option<SocketAddr>> {
         match self.http_addr.as_deref() {
             Some("off") => Ok(None),
-            Some(addr) => addr
-                .parse()
-                .map(Some)
-                .map_err(|e| anyhow::anyhow!("HTTP_ADDR {addr:?}: {e} (expected e.g. 0.0.0.0:9100 or off)")),
+            Some(addr) => addr.parse().map(Some).map_err(|e| {
+                anyhow::anyhow!("HTTP_ADDR {addr:?}: {e} (expected e.g. 0.0.0.0:9100 or off)")
+            }),
             None => Ok(Some(SocketAddr::from(([127, 0, 0, 1], default_port)))),
         }
     }
@@ -116,9 +115,15 @@ impl Progress {
 
     fn stalled(&self, after: Duration) -> Option<String> {
         let waiting = self.waiting.load(Ordering::Relaxed);
-        let idle = Duration::from_millis((now_ms() - self.last_progress_ms.load(Ordering::Relaxed)).max(0) as u64);
+        let idle = Duration::from_millis(
+            (now_ms() - self.last_progress_ms.load(Ordering::Relaxed)).max(0) as u64,
+        );
         (waiting > 0 && idle > after).then(|| {
-            format!("{}: {waiting} messages waiting and no progress for {}s", self.name, idle.as_secs())
+            format!(
+                "{}: {waiting} messages waiting and no progress for {}s",
+                self.name,
+                idle.as_secs()
+            )
         })
     }
 }
@@ -145,7 +150,8 @@ pub fn recorder() -> PrometheusHandle {
         .get_or_init(|| {
             let recorder = PrometheusBuilder::new()
                 .set_buckets(&[
-                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                    30.0,
                 ])
                 .expect("static buckets are valid")
                 .build_recorder();
@@ -209,18 +215,26 @@ impl Ops {
                 }
                 let info = async {
                     let stream = js.get_stream(stream).await?;
-                    let mut consumer: jetstream::consumer::PullConsumer = stream.get_consumer(&consumer).await?;
+                    let mut consumer: jetstream::consumer::PullConsumer =
+                        stream.get_consumer(&consumer).await?;
                     Ok::<_, async_nats::Error>(consumer.info().await?.clone())
                 }
                 .await;
                 match info {
                     Ok(info) => {
-                        let labels = [("stream", stream.to_owned()), ("consumer", consumer.clone())];
-                        metrics::gauge!(metric::CONSUMER_PENDING, &labels).set(info.num_pending as f64);
-                        metrics::gauge!(metric::CONSUMER_ACK_PENDING, &labels).set(info.num_ack_pending as f64);
+                        let labels = [
+                            ("stream", stream.to_owned()),
+                            ("consumer", consumer.clone()),
+                        ];
+                        metrics::gauge!(metric::CONSUMER_PENDING, &labels)
+                            .set(info.num_pending as f64);
+                        metrics::gauge!(metric::CONSUMER_ACK_PENDING, &labels)
+                            .set(info.num_ack_pending as f64);
                         progress.set_waiting(info.num_pending + info.num_ack_pending as u64);
                     }
-                    Err(e) => tracing::debug!(stream, consumer = %consumer, error = %e, "consumer lag not read"),
+                    Err(e) => {
+                        tracing::debug!(stream, consumer = %consumer, error = %e, "consumer lag not read")
+                    }
                 }
             }
         });
@@ -229,17 +243,30 @@ impl Ops {
     /// The failing readiness checks; empty when ready.
     pub async fn not_ready(&self) -> Vec<String> {
         let mut failing = Vec::new();
-        let nats = self.inner.nats.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let nats = self
+            .inner
+            .nats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         if let Some(nats) = nats
             && nats.connection_state() != async_nats::connection::State::Connected
         {
             failing.push(format!("nats: {}", nats.connection_state()));
         }
-        let db = self.inner.db.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let db = self
+            .inner
+            .db
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         if let Some(pool) = db {
             let check = async {
                 let client = pool.get().await.map_err(|e| e.to_string())?;
-                client.simple_query("SELECT 1").await.map_err(|e| e.to_string())?;
+                client
+                    .simple_query("SELECT 1")
+                    .await
+                    .map_err(|e| e.to_string())?;
                 Ok::<_, String>(())
             };
             match tokio::time::timeout(Duration::from_secs(2), check).await {
@@ -248,8 +275,17 @@ impl Ops {
                 Err(_) => failing.push("database: no answer within 2s".into()),
             }
         }
-        let stages = self.inner.stages.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        failing.extend(stages.iter().filter_map(|s| s.stalled(self.inner.stall_after)));
+        let stages = self
+            .inner
+            .stages
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        failing.extend(
+            stages
+                .iter()
+                .filter_map(|s| s.stalled(self.inner.stall_after)),
+        );
         failing
     }
 
@@ -258,7 +294,10 @@ impl Ops {
         Router::new()
             .route("/healthz", get(|| async { "ok\n" }))
             .route("/readyz", get(readyz))
-            .route("/metrics", get(|State(ops): State<Ops>| async move { ops.inner.metrics.render() }))
+            .route(
+                "/metrics",
+                get(|State(ops): State<Ops>| async move { ops.inner.metrics.render() }),
+            )
             .with_state(self.clone())
     }
 
@@ -287,7 +326,10 @@ async fn readyz(State(ops): State<Ops>) -> impl IntoResponse {
     if failing.is_empty() {
         (StatusCode::OK, "ready\n".to_owned())
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready:\n{}\n", failing.join("\n")))
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready:\n{}\n", failing.join("\n")),
+        )
     }
 }
 
@@ -300,7 +342,8 @@ mod tests {
         let p = Progress::new("writer");
         assert!(p.stalled(Duration::ZERO).is_none(), "nothing waiting");
         p.set_waiting(5);
-        p.last_progress_ms.store(now_ms() - 10_000, Ordering::Relaxed);
+        p.last_progress_ms
+            .store(now_ms() - 10_000, Ordering::Relaxed);
         assert!(p.stalled(Duration::from_secs(60)).is_none());
         let why = p.stalled(Duration::from_secs(5)).unwrap();
         assert!(why.contains("writer: 5 messages waiting"), "{why}");
@@ -315,7 +358,10 @@ mod tests {
             shutdown_timeout: Duration::from_secs(30),
             ready_stall_after: Duration::from_secs(60),
         };
-        assert_eq!(config(None).addr(9101).unwrap(), Some("127.0.0.1:9101".parse().unwrap()));
+        assert_eq!(
+            config(None).addr(9101).unwrap(),
+            Some("127.0.0.1:9101".parse().unwrap())
+        );
         assert_eq!(config(Some("off")).addr(9101).unwrap(), None);
         assert!(config(Some("nowhere")).addr(9101).is_err());
     }

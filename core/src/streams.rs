@@ -186,13 +186,39 @@ pub fn check_server_version(version: &str) -> anyhow::Result<()> {
 }
 
 /// Creates or updates the three streams and the consumers every role relies on, then checks
-/// that the server kept the settings asked for.
+/// that the server kept the settings asked for. Timeouts are retried for a minute: roles that
+/// start together on a fresh cluster, or while a node is down, wait for the meta leader.
 pub async fn ensure(
     client: &async_nats::Client,
     js: &jetstream::Context,
     settings: &StreamSettings,
 ) -> anyhow::Result<()> {
     check_server_version(&client.server_info().version)?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut backoff = crate::retry::Backoff::default();
+    loop {
+        match ensure_once(js, settings).await {
+            Ok(()) => return Ok(()),
+            Err(e) if tokio::time::Instant::now() < deadline && is_timeout(&e) => {
+                let wait = backoff.next_delay();
+                tracing::warn!(error = format!("{e:#}"), retry_in = ?wait, "JetStream did not answer in time; retrying");
+                tokio::time::sleep(wait).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn is_timeout(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        let text = cause.to_string();
+        text.contains("timed out")
+            || text.contains("no responders")
+            || text.contains("temporarily unavailable")
+    })
+}
+
+async fn ensure_once(js: &jetstream::Context, settings: &StreamSettings) -> anyhow::Result<()> {
     for wanted in [settings.raw(), settings.readings(), settings.dead()] {
         let info = js
             .create_or_update_stream(wanted.clone())

@@ -550,6 +550,58 @@ async fn timescale_flavour_on_real_timescaledb() {
     let report = db::migrate(&mut client).await.unwrap();
     assert!(report.applied.is_empty());
 
+    // Retention and compression as configured replace the policies in place; `off` removes one.
+    let configured = db::RetentionConfig {
+        readings_retention: db::Period(Some(Duration::from_secs(30 * 86_400))),
+        readings_compress_after: db::Period(None),
+    };
+    let said = db::apply_retention(&client, &configured).await.unwrap();
+    assert!(
+        said.contains("kept 30days") && said.contains("compressed after off"),
+        "{said}"
+    );
+    let jobs: Vec<(String, String)> = client
+        .query(
+            "SELECT proc_name::text, config::text FROM timescaledb_information.jobs
+              WHERE hypertable_name = 'tag_reading' ORDER BY proc_name",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    assert_eq!(jobs[0].0, "policy_retention");
+    assert!(jobs[0].1.contains(r#""drop_after": "30 days""#), "{jobs:?}");
+    // TimescaleDB drops chunks itself: pruning deletes no reading, only old message ids.
+    client
+        .execute(
+            "INSERT INTO ingested_message (id, ingested_at) VALUES ($1, now() - interval '40 days')",
+            &[&Uuid::now_v7()],
+        )
+        .await
+        .unwrap();
+    let readings_before: i64 = client
+        .query_one("SELECT count(*) FROM tag_reading", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let pruned = db::prune(
+        &client,
+        configured.readings_retention,
+        Duration::from_secs(8 * 86_400),
+    )
+    .await
+    .unwrap();
+    assert_eq!(pruned, 1);
+    let readings_after: i64 = client
+        .query_one("SELECT count(*) FROM tag_reading", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(readings_before, readings_after);
+
     eprintln!("TimescaleDB test took {:?}", started.elapsed());
     drop(server);
 }

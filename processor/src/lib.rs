@@ -16,8 +16,8 @@ use chrono::{DateTime, Utc};
 use dataviz_core::{
     MQTT_LOG_TARGET,
     consume::{self, ack, nak_later},
-    ops::{Progress, metric},
     message::{DeadLetter, RawMessage, TagReading, TagReadingsBatch},
+    ops::{Progress, metric},
     payload::{self, Payload, PayloadLimits},
     shutdown::Shutdown,
     streams, topic,
@@ -154,9 +154,15 @@ impl Processor {
         js: &jetstream::Context,
         messages: &[jetstream::Message],
     ) -> Vec<Result<(), String>> {
+        let outcomes = self.outcomes(messages).await;
+        self.store_all(js, &outcomes).await
+    }
+
+    /// What becomes of each RAW message, nothing published yet.
+    pub async fn outcomes(&self, messages: &[jetstream::Message]) -> Vec<Outcome> {
         let mut outcomes = Vec::with_capacity(messages.len());
         for message in messages {
-            let outcome =
+            let mut outcome =
                 match RawMessage::from_parts(message.headers.as_ref(), message.payload.clone()) {
                     Ok(raw) => self.handle(raw).await,
                     Err(e) => {
@@ -167,13 +173,51 @@ impl Processor {
                         dead(raw, "foreign_message", e.to_string())
                     }
                 };
+            if let Outcome::Dead(letter) = &mut outcome {
+                letter.source_seq = message.info().ok().map(|i| i.stream_sequence);
+            }
             outcomes.push(outcome);
         }
+        outcomes
+    }
+
+    /// Publishes outcomes to READINGS or DEAD, waiting until stored, and counts them.
+    pub async fn store_all(
+        &self,
+        js: &jetstream::Context,
+        outcomes: &[Outcome],
+    ) -> Vec<Result<(), String>> {
         let stored = join_all(outcomes.iter().map(|outcome| store(js, outcome))).await;
         for (outcome, stored) in outcomes.iter().zip(&stored) {
             count(outcome, stored);
         }
         stored
+    }
+
+    /// What would become of a raw message, without creating anything: `Ok` with the number of
+    /// readings, or the dead-letter reason and error.
+    pub async fn dry_run(
+        &self,
+        raw: &RawMessage,
+    ) -> Result<Result<usize, (String, String)>, RegistryError> {
+        let topic = match topic::parse(&raw.topic) {
+            Ok(t) => t,
+            Err(e) => return Ok(Err(("bad_topic".into(), e.to_string()))),
+        };
+        let payload = match payload::parse(&raw.payload, &self.limits) {
+            Ok(p) => p,
+            Err(e) => return Ok(Err((e.kind().into(), e.to_string()))),
+        };
+        if let Some(problem) = unstorable(&payload) {
+            return Ok(Err(("unstorable".into(), problem)));
+        }
+        match self.registry.check_gateway(topic.gateway_id).await {
+            Ok(()) => Ok(Ok(payload.readings.len())),
+            Err(e @ RegistryError::UnknownGateway(_)) => {
+                Ok(Err(("unknown_gateway".into(), e.to_string())))
+            }
+            Err(e) => Err(e),
+        }
     }
 }
 
@@ -181,7 +225,8 @@ impl Processor {
 fn count(outcome: &Outcome, stored: &Result<(), String>) {
     let label = match (outcome, stored) {
         (_, Err(_)) | (Outcome::Retry(_), _) => {
-            metrics::counter!(metric::FAILURES, "stage" => STAGE, "kind" => "transient").increment(1);
+            metrics::counter!(metric::FAILURES, "stage" => STAGE, "kind" => "transient")
+                .increment(1);
             "retry"
         }
         (Outcome::Readings(batch), Ok(())) => {
@@ -203,6 +248,7 @@ fn dead(raw: RawMessage, reason: &str, error: String) -> Outcome {
         stage: STAGE.into(),
         reason: reason.into(),
         error,
+        source_seq: None,
     })
 }
 

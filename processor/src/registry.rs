@@ -13,8 +13,10 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use thiserror::Error;
 
-/// How long "this gateway does not exist" is believed before asking again.
-const UNKNOWN_GATEWAY_TTL: Duration = Duration::from_secs(5);
+/// How long "this gateway does not exist" is believed before asking again: long enough that a
+/// flood from an unknown gateway costs one query a second, short enough that a gateway just
+/// created is seen before anyone can re-queue its dead letters.
+const UNKNOWN_GATEWAY_TTL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Error)]
 pub enum RegistryError {
@@ -111,7 +113,8 @@ impl Registry {
         Resolved { device_id, tag_ids }
     }
 
-    async fn check_gateway(&self, gateway_id: i32) -> Result<(), RegistryError> {
+    /// Fails unless the gateway exists (cached; an unknown id is asked again after a few seconds).
+    pub async fn check_gateway(&self, gateway_id: i32) -> Result<(), RegistryError> {
         {
             let cache = self.cache();
             if cache.gateways.contains_key(&gateway_id) {

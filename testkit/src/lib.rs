@@ -8,6 +8,8 @@
 //!   its own temporary store directory. The binary comes from `DATAVIZ_NATS_SERVER`, else the
 //!   workspace's `.local/venv/bin/nats-server` (installed by `scripts/setup`), else `PATH`.
 //!   Debian's 2.9 is refused: it silently ignores stream and consumer settings we rely on.
+//! - [`NatsCluster`]: three such servers routed into one JetStream cluster on loopback, each
+//!   node killable and restartable on its own: for replicated (R3) streams and node failures.
 //! - [`Mosquitto`]: Debian's `/usr/sbin/mosquitto` running the project's own
 //!   `mosquitto/mosquitto.conf` (persistence, queue limits), with only the listener, the data
 //!   directory and the log destination rewritten for the test.
@@ -26,12 +28,14 @@
 //! seconds: after `kill()` it loses what changed since its last autosave, as it would in
 //! production.
 
+mod cluster;
 mod db;
 mod mosquitto;
 mod nats;
 mod net;
 mod process;
 
+pub use cluster::{CLUSTER_SIZE, NatsCluster};
 pub use db::TestDb;
 pub use mosquitto::Mosquitto;
 pub use nats::NatsServer;

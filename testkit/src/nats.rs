@@ -153,7 +153,7 @@ pub(crate) fn info_line(port: u16) -> Option<String> {
 }
 
 /// The checked nats-server binary, found once per test process.
-fn nats_binary() -> &'static Path {
+pub(crate) fn nats_binary() -> &'static Path {
     static BINARY: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     match BINARY.get_or_init(find_nats_binary) {
         Ok(path) => path,

@@ -12,8 +12,8 @@
 use async_nats::jetstream;
 use dataviz_core::{
     consume::{self, ack, nak_later},
-    ops::{Progress, metric},
     message::{DeadLetter, RawMessage, TagReadingsBatch},
+    ops::{Progress, metric},
     shutdown::Shutdown,
     streams,
     value::Value,
@@ -39,6 +39,54 @@ pub struct WriterConfig {
         default_value_t = 2000
     )]
     pub writer_batch_size: usize,
+    /// How often old readings (plain PostgreSQL) and old message ids are deleted.
+    #[arg(long, env = "RETENTION_CHECK_EVERY", value_name = "RETENTION_CHECK_EVERY", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub retention_check_every: std::time::Duration,
+}
+
+/// An arbitrary constant naming the retention lock: one writer prunes at a time.
+const PRUNE_LOCK: i64 = 0x6461_7461_7669_7a01;
+
+/// Deletes what retention no longer keeps every `every`, until `shutdown`
+/// ([`dataviz_core::db::prune`]); one writer at a time, under an advisory lock.
+pub async fn prune_loop(
+    pool: Pool,
+    readings: dataviz_core::db::Period,
+    ids: std::time::Duration,
+    every: std::time::Duration,
+    shutdown: Shutdown,
+) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let pruned = async {
+            let client = pool.get().await?;
+            let locked: bool = client
+                .query_one("SELECT pg_try_advisory_lock($1)", &[&PRUNE_LOCK])
+                .await?
+                .get(0);
+            if !locked {
+                return Ok(0);
+            }
+            let result = dataviz_core::db::prune(&client, readings, ids).await;
+            client
+                .execute("SELECT pg_advisory_unlock($1)", &[&PRUNE_LOCK])
+                .await?;
+            result
+        }
+        .await;
+        match pruned {
+            Ok(0) => {}
+            Ok(deleted) => tracing::info!(deleted, "retention: old rows deleted"),
+            Err(e) => tracing::warn!(
+                error = format!("{e:#}"),
+                "retention: pruning failed; retrying later"
+            ),
+        }
+    }
 }
 
 #[derive(Debug, Error)]
@@ -213,6 +261,7 @@ pub async fn handle_messages(
                 rows = written.rows,
                 "batch written"
             );
+            count_written(&written, &batches);
             join_all(kept.iter().map(ack)).await;
         }
         Err(WriteError::Data(e)) if batches.len() > 1 => {
@@ -226,10 +275,23 @@ pub async fn handle_messages(
             refuse_batch(js, message, &batch, e).await;
         }
         Err(WriteError::Transient(e)) => {
-            metrics::counter!(metric::FAILURES, "stage" => STAGE, "kind" => "database").increment(1);
+            metrics::counter!(metric::FAILURES, "stage" => STAGE, "kind" => "database")
+                .increment(1);
             tracing::warn!(error = %e, messages = batches.len(), "batch not written; it will be retried");
             join_all(kept.iter().map(nak_later)).await;
         }
+    }
+}
+
+/// Counts what a committed write did, and how long its messages took from the bridge.
+fn count_written(written: &Written, batches: &[TagReadingsBatch]) {
+    metrics::counter!(metric::WRITER_MESSAGES).increment(written.messages as u64);
+    metrics::counter!(metric::WRITER_ROWS).increment(written.rows);
+    metrics::counter!(metric::WRITER_DUPLICATES).increment(written.duplicates as u64);
+    let now = chrono::Utc::now();
+    let latency = metrics::histogram!(metric::END_TO_END_SECONDS);
+    for batch in batches {
+        latency.record((now - batch.received_at).as_seconds_f64().max(0.0));
     }
 }
 
@@ -240,7 +302,10 @@ async fn write_one(
     message: jetstream::Message,
 ) {
     match write(pool, std::slice::from_ref(&batch)).await {
-        Ok(_) => ack(&message).await,
+        Ok(written) => {
+            count_written(&written, std::slice::from_ref(&batch));
+            ack(&message).await
+        }
         Err(WriteError::Data(e)) => refuse_batch(js, &message, &batch, e).await,
         Err(WriteError::Transient(e)) => {
             tracing::warn!(error = %e, "message not written; it will be retried");
@@ -273,11 +338,14 @@ async fn refuse(
     error: String,
 ) {
     tracing::error!(id = %raw.id, reason, error = %error, "readings refused: sent to DEAD");
+    metrics::counter!(metric::DEAD_LETTERS, "stage" => STAGE, "reason" => reason.to_owned())
+        .increment(1);
     let dead = DeadLetter {
         raw,
         stage: STAGE.into(),
         reason: reason.into(),
         error,
+        source_seq: message.info().ok().map(|i| i.stream_sequence),
     };
     let stored = match js
         .publish_with_headers(dead.subject(), dead.headers(), dead.raw.payload.clone())

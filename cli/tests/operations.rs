@@ -1,0 +1,293 @@
+//! Operations: replay, dead letters, readiness and metrics, graceful shutdown; against real
+//! servers, with the `dataviz` binary.
+
+mod common;
+
+use common::{Publisher, Stack, http_get};
+use dataviz_testkit::free_port;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn dataviz(stack: &Stack, args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_dataviz"))
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .envs(stack.env())
+        .output()
+        .expect("dataviz runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn reading(i: i64) -> String {
+    format!(
+        r#"{{"d": [{{"tag": "seq", "value": {i}}}, {{"tag": "AI.0", "value": 1.5}}], "ts": "2024-01-01T00:00:{:02}.{:03}Z"}}"#,
+        i / 1000 % 60,
+        i % 1000
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_of_an_ingested_range_writes_nothing_new() {
+    let stack = Stack::start().await;
+    stack.create_gateway(1).await;
+    let _all = stack.spawn("all", &[]);
+    let mut mqtt = Publisher::connect(stack.mosquitto.port()).await;
+    for i in 0..500 {
+        mqtt.publish(&format!("gateways/1/dev-{}", i % 5), reading(i))
+            .await;
+    }
+    mqtt.wait_acked(Duration::from_secs(20)).await;
+    stack
+        .wait_for_count(
+            "SELECT count(*) FROM tag_reading",
+            1000,
+            Duration::from_secs(60),
+        )
+        .await;
+
+    let (ok, out) = dataviz(&stack, &["replay", "--since", "1h"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("replayed 500 raw messages"), "{out}");
+    assert!(out.contains("500 already stored, 0 new (0 rows)"), "{out}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(stack.count("SELECT count(*) FROM tag_reading").await, 1000);
+
+    // One device, dry run: reads, creates and publishes nothing.
+    let (ok, out) = dataviz(
+        &stack,
+        &["replay", "--since", "1h", "--device", "dev-1", "--dry-run"],
+    );
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("dry run: 500 raw messages read, 400 skipped"),
+        "{out}"
+    );
+    assert!(out.contains("100  would be processed"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_requeued_once_its_gateway_exists_is_ingested() {
+    let stack = Stack::start().await;
+    let _all = stack.spawn("all", &[]);
+    let mut mqtt = Publisher::connect(stack.mosquitto.port()).await;
+    for i in 0..3 {
+        mqtt.publish("gateways/5/early-device", reading(i)).await;
+    }
+    mqtt.publish("gateways/6/other", reading(9)).await;
+    mqtt.wait_acked(Duration::from_secs(10)).await;
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let listed = loop {
+        // Until `all` has created the streams, the command says DEAD does not exist.
+        let (ok, out) = dataviz(&stack, &["dlq", "list", "--gateway", "5"]);
+        if ok && out.contains("3 dead letter(s)") || Instant::now() > deadline {
+            break out;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert!(
+        listed.contains("unknown_gateway") && listed.contains("gateways/5/early-device"),
+        "{listed}"
+    );
+    let first_id = listed
+        .lines()
+        .find(|l| l.contains("early-device"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap()
+        .to_owned();
+    let (ok, shown) = dataviz(&stack, &["dlq", "show", &first_id]);
+    assert!(
+        ok && shown.contains("reason:       unknown_gateway") && shown.contains(r#""tag": "seq""#),
+        "{shown}"
+    );
+
+    stack.create_gateway(5).await;
+    // The processor believes "unknown gateway" for a second before asking again.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (ok, out) = dataviz(
+        &stack,
+        &[
+            "dlq",
+            "requeue",
+            "--all-matching",
+            "--reason",
+            "unknown_gateway",
+            "--gateway",
+            "5",
+        ],
+    );
+    assert!(ok && out.contains("re-queued 3 dead letter(s)"), "{out}");
+    stack
+        .wait_for_count(
+            "SELECT count(*) FROM tag_reading",
+            6,
+            Duration::from_secs(30),
+        )
+        .await;
+    let (ok, out) = dataviz(&stack, &["dlq", "list"]);
+    assert!(
+        ok && out.contains("1 dead letter(s)") && out.contains("gateways/6/other"),
+        "{out}"
+    );
+    let (ok, out) = dataviz(&stack, &["dlq", "purge", "--reason", "unknown_gateway"]);
+    assert!(ok && out.contains("would delete 1"), "{out}");
+    let (ok, out) = dataviz(
+        &stack,
+        &["dlq", "purge", "--reason", "unknown_gateway", "--yes"],
+    );
+    assert!(ok && out.contains("deleted 1"), "{out}");
+    let (_, out) = dataviz(&stack, &["dlq", "list"]);
+    assert!(out.contains("0 dead letter(s)"), "{out}");
+}
+
+async fn wait_status(port: u16, path: &str, want: u16, within: Duration) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        let got = http_get(port, path).await;
+        if let Some((status, body)) = &got
+            && *status == want
+        {
+            return body.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "GET {path}: wanted {want}, got {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_fails_while_nats_is_down_and_recovers() {
+    let mut stack = Stack::start().await;
+    stack.create_gateway(1).await;
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let _all = stack.spawn("all", &[("HTTP_ADDR", &addr)]);
+    wait_status(port, "/readyz", 200, Duration::from_secs(20)).await;
+    assert_eq!(http_get(port, "/healthz").await.unwrap().0, 200);
+
+    stack.nats.kill();
+    let why = wait_status(port, "/readyz", 503, Duration::from_secs(20)).await;
+    assert!(why.contains("nats"), "{why}");
+    assert_eq!(
+        http_get(port, "/healthz").await.unwrap().0,
+        200,
+        "alive all the same"
+    );
+    stack.nats.restart();
+    wait_status(port, "/readyz", 200, Duration::from_secs(30)).await;
+
+    // And the pipeline works again, its metrics counting.
+    let mut mqtt = Publisher::connect(stack.mosquitto.port()).await;
+    mqtt.publish("gateways/1/d", reading(1)).await;
+    mqtt.publish("gateways/404/d", reading(2)).await;
+    mqtt.wait_acked(Duration::from_secs(10)).await;
+    stack
+        .wait_for_count(
+            "SELECT count(*) FROM tag_reading",
+            2,
+            Duration::from_secs(30),
+        )
+        .await;
+    let metrics = wait_status(port, "/metrics", 200, Duration::from_secs(5)).await;
+    for line in [
+        "dataviz_bridge_messages_received_total 2",
+        "dataviz_processor_messages_total{outcome=\"readings\"} 1",
+        "dataviz_dead_letters_total{stage=\"processor\",reason=\"unknown_gateway\"} 1",
+        "dataviz_writer_rows_total 2",
+        "dataviz_end_to_end_latency_seconds_count 1",
+    ] {
+        assert!(metrics.contains(line), "{line} missing from:\n{metrics}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_run_loses_nothing() {
+    const MESSAGES: i64 = 5_000;
+    let stack = Stack::start().await;
+    stack.create_gateway(1).await;
+    let mut all = stack.spawn("all", &[("SHUTDOWN_TIMEOUT", "20s")]);
+    let mut mqtt = Publisher::connect(stack.mosquitto.port()).await;
+    for i in 0..MESSAGES {
+        mqtt.publish(&format!("gateways/1/dev-{}", i % 10), reading(i))
+            .await;
+        if i == MESSAGES / 2 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let started = Instant::now();
+            let code = all.terminate(Duration::from_secs(25));
+            assert_eq!(code, Some(0), "clean exit on SIGTERM");
+            assert!(started.elapsed() < Duration::from_secs(20));
+            all.start_again();
+        }
+    }
+    mqtt.wait_acked(Duration::from_secs(30)).await;
+    stack
+        .wait_for_count(
+            "SELECT count(*) FROM tag_reading",
+            2 * MESSAGES,
+            Duration::from_secs(120),
+        )
+        .await;
+    assert_eq!(
+        stack
+            .count("SELECT count(DISTINCT value_num)::bigint FROM tag_reading r JOIN tag t ON t.id = r.tag_id WHERE t.code = 'seq'")
+            .await,
+        MESSAGES
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readings_past_retention_are_deleted_on_plain_postgresql() {
+    let stack = Stack::start().await;
+    stack.create_gateway(1).await;
+    let _all = stack.spawn(
+        "all",
+        &[
+            ("READINGS_RETENTION", "30d"),
+            ("RETENTION_CHECK_EVERY", "1s"),
+        ],
+    );
+    let mut mqtt = Publisher::connect(stack.mosquitto.port()).await;
+    let old = (chrono::Utc::now() - chrono::Duration::days(60)).to_rfc3339();
+    let recent = (chrono::Utc::now() - chrono::Duration::days(1)).to_rfc3339();
+    for ts in [&old, &recent] {
+        let payload = format!(r#"{{"d": [{{"tag": "AI.0", "value": 1.5}}], "ts": "{ts}"}}"#);
+        mqtt.publish("gateways/1/d", payload).await;
+    }
+    mqtt.wait_acked(Duration::from_secs(10)).await;
+    stack
+        .wait_for_count(
+            "SELECT count(*) FROM ingested_message",
+            2,
+            Duration::from_secs(30),
+        )
+        .await;
+    stack
+        .wait_for_count(
+            "SELECT count(*) FROM tag_reading WHERE time > now() - interval '30 days'",
+            1,
+            Duration::from_secs(10),
+        )
+        .await;
+    // The old row goes (rows decrease here: wait_for_count expects them to grow).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stack.count("SELECT count(*) FROM tag_reading").await != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the 60-day-old reading is still there"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        stack.count("SELECT count(*) FROM ingested_message").await,
+        2,
+        "ids kept"
+    );
+}
