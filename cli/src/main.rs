@@ -2,10 +2,13 @@
 //! binary. Configuration comes from the environment (see `dataviz <command> --help`); errors
 //! are printed with their whole chain.
 
+mod app;
+mod bench;
 mod dlq;
 mod replay;
 mod roles;
 mod simulate;
+mod user;
 
 use clap::{Parser, Subcommand};
 use dataviz_core::telemetry::{self, LogConfig};
@@ -29,14 +32,18 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Every role in one process: bridge, processor and writer (the local default).
-    All(roles::AllArgs),
+    /// Every role, the Mercure hub and the admin site in one process (the local default).
+    All(Box<roles::AllArgs>),
     /// MQTT → JetStream RAW.
     Bridge(roles::BridgeArgs),
     /// RAW → gateways, devices, tags → READINGS.
     Processor(roles::ProcessorArgs),
     /// READINGS → tag_reading.
     Writer(roles::WriterArgs),
+    /// READINGS → Mercure hub (live updates).
+    Publisher(roles::PublisherArgs),
+    /// The embedded Mercure hub on its own.
+    Hub(roles::HubArgs),
     /// Applies the database migrations (safe to run twice, or from several processes).
     Migrate(roles::MigrateArgs),
     /// Simulated devices publishing realistic readings over MQTT.
@@ -45,6 +52,12 @@ enum Command {
     Replay(replay::ReplayArgs),
     /// Dead letters: list, show, re-queue, purge.
     Dlq(dlq::DlqArgs),
+    /// The admin site (Leptos SSR): gateways, devices, their data, dead letters.
+    App(app::AppArgs),
+    /// Users of the admin site: add, list, passwd.
+    User(user::UserArgs),
+    /// Throughput, latency and memory beside the machine's limits, on servers of its own.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -70,14 +83,19 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::All(args) => roles::all(args).await,
+            Command::All(args) => roles::all(*args).await,
             Command::Bridge(args) => roles::bridge(args).await,
             Command::Processor(args) => roles::processor(args).await,
             Command::Writer(args) => roles::writer(args).await,
+            Command::Publisher(args) => roles::publisher(args).await,
+            Command::Hub(args) => roles::hub(args).await,
             Command::Migrate(args) => roles::migrate(args).await,
             Command::Simulate(args) => simulate::run(args).await,
             Command::Dlq(args) => dlq::run(args).await,
+            Command::App(args) => app::run(args).await,
+            Command::User(args) => user::run(args).await,
             Command::Replay(args) => replay::run(args).await,
+            Command::Bench(args) => bench::run(args).await,
         }
     });
     match result {

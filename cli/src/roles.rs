@@ -2,6 +2,7 @@
 //! metrics, run until a signal.
 
 use anyhow::Context as _;
+use dataviz_app::{AppConfig, AppState, LiveConfig};
 use dataviz_bridge::config::BridgeConfig;
 use dataviz_core::{
     config::{DatabaseConfig, NatsConfig},
@@ -10,8 +11,11 @@ use dataviz_core::{
     shutdown::{self, Shutdown},
     streams::{self, StreamSettings},
 };
+use dataviz_mercure::{Hub, HubConfig, MercureKeysConfig, MercurePublisher};
 use dataviz_processor::ProcessorConfig;
+use dataviz_publisher::PublisherConfig;
 use dataviz_writer::WriterConfig;
+use std::net::SocketAddr;
 
 #[derive(Debug, clap::Args)]
 pub struct AllArgs {
@@ -29,6 +33,42 @@ pub struct AllArgs {
     writer: WriterConfig,
     #[command(flatten)]
     retention: RetentionConfig,
+    #[command(flatten)]
+    hub: HubConfig,
+    #[command(flatten)]
+    publisher: PublisherConfig,
+    #[command(flatten)]
+    app: AppConfig,
+    #[command(flatten)]
+    ops: OpsConfig,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PublisherArgs {
+    #[command(flatten)]
+    nats: NatsConfig,
+    #[command(flatten)]
+    streams: StreamSettings,
+    #[command(flatten)]
+    publisher: PublisherConfig,
+    #[command(flatten)]
+    keys: MercureKeysConfig,
+    #[command(flatten)]
+    ops: OpsConfig,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct HubArgs {
+    #[command(flatten)]
+    hub: HubConfig,
+    /// Address the hub listens on (it serves /.well-known/mercure).
+    #[arg(
+        long,
+        env = "MERCURE_ADDR",
+        value_name = "MERCURE_ADDR",
+        default_value = "127.0.0.1:3000"
+    )]
+    mercure_addr: SocketAddr,
     #[command(flatten)]
     ops: OpsConfig,
 }
@@ -191,6 +231,39 @@ impl Role {
     }
 }
 
+impl Role {
+    fn publisher(
+        &self,
+        config: PublisherConfig,
+        settings: &StreamSettings,
+        js: async_nats::jetstream::Context,
+        client: MercurePublisher,
+    ) -> impl Future<Output = anyhow::Result<()>> + use<> {
+        let progress = self.ops.stage("publisher");
+        self.ops.watch_consumer(
+            js.clone(),
+            streams::READINGS_STREAM,
+            streams::PUBLISHER_CONSUMER.into(),
+            progress.clone(),
+            self.shutdown.clone(),
+        );
+        let (consumer, shutdown) = (settings.publisher_consumer(), self.shutdown.clone());
+        async move { dataviz_publisher::run(config, consumer, js, client, &progress, shutdown).await }
+    }
+}
+
+/// The hub's settings with a key: a random development key, said loudly, when none is set.
+fn hub_with_keys(mut config: HubConfig) -> anyhow::Result<(Hub, dataviz_mercure::MercureKeys)> {
+    if config.keys.generate_development_keys() {
+        tracing::warn!(
+            "no MERCURE_PUBLISHER_JWT_KEY (or MERCURE_JWT_SECRET): the hub uses a random key made \
+             at start, fine for development only; set the keys in production"
+        );
+    }
+    let keys = config.keys.keys()?;
+    Ok((Hub::new(&config)?, keys))
+}
+
 pub async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
     let mut client = db::connect(&args.database.database_url).await?;
     let report = db::migrate(&mut client).await?;
@@ -241,6 +314,32 @@ pub async fn writer(args: WriterArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+pub async fn publisher(args: PublisherArgs) -> anyhow::Result<()> {
+    let role = Role::start(&args.ops, 9104).await?;
+    let (client, js) = role
+        .jetstream(&args.nats, &args.streams, "publisher")
+        .await?;
+    streams::ensure_publisher(&js, &args.streams).await?;
+    let key = args.keys.keys()?.publisher;
+    let hub = MercurePublisher::new(&args.publisher.mercure_url, key)?;
+    tracing::info!(hub = %args.publisher.mercure_url, "publishing readings to the Mercure hub");
+    role.publisher(args.publisher, &args.streams, js, hub)
+        .await?;
+    client.flush().await.ok();
+    Ok(())
+}
+
+pub async fn hub(args: HubArgs) -> anyhow::Result<()> {
+    let role = Role::start(&args.ops, 9105).await?;
+    let (hub, _) = hub_with_keys(args.hub)?;
+    let listener = tokio::net::TcpListener::bind(args.mercure_addr)
+        .await
+        .with_context(|| format!("MERCURE_ADDR {}: cannot listen", args.mercure_addr))?;
+    tracing::info!(addr = %listener.local_addr()?, "Mercure hub at /.well-known/mercure");
+    dataviz_mercure::serve(listener, hub, role.shutdown.clone()).await?;
+    Ok(())
+}
+
 /// Every role in one process; the database is migrated first.
 pub async fn all(args: AllArgs) -> anyhow::Result<()> {
     migrate(MigrateArgs {
@@ -250,13 +349,64 @@ pub async fn all(args: AllArgs) -> anyhow::Result<()> {
     .await?;
     let role = Role::start(&args.ops, 9100).await?;
     let (client, js) = role.jetstream(&args.nats, &args.streams, "all").await?;
+    streams::ensure_publisher(&js, &args.streams).await?;
     let pool = role.database(&args.database).await?;
+
+    // The admin site and the embedded Mercure hub share one listener, so that the site's
+    // subscriber cookie reaches the hub; the publisher posts to that hub.
+    let (hub, keys) = hub_with_keys(args.hub)?;
+    let live = LiveConfig {
+        hub_url: args
+            .app
+            .mercure_public_url
+            .clone()
+            .unwrap_or_else(|| dataviz_mercure::HUB_PATH.to_owned()),
+        topic_base: args.publisher.mercure_topic_base.clone(),
+        subscriber_key: keys.subscriber.clone(),
+    };
+    let site = dataviz_app::router(AppState::new(
+        pool.clone(),
+        js.clone(),
+        &args.app,
+        Some(live),
+    ))
+    .merge(hub.router());
+    let listener = tokio::net::TcpListener::bind(args.app.app_addr)
+        .await
+        .with_context(|| format!("APP_ADDR {}: cannot listen", args.app.app_addr))?;
+    let bound = listener.local_addr()?;
+    let local = match bound.ip() {
+        ip if ip.is_unspecified() => SocketAddr::from(([127, 0, 0, 1], bound.port())),
+        _ => bound,
+    };
+    let served = {
+        let shutdown = role.shutdown.clone();
+        let hub = hub.clone();
+        tokio::spawn(async move {
+            axum::serve(
+                listener,
+                site.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(async move {
+                shutdown.cancelled().await;
+                hub.close();
+            })
+            .await
+        })
+    };
+    let mercure = MercurePublisher::new(
+        &format!("http://{local}{}", dataviz_mercure::HUB_PATH),
+        keys.publisher,
+    )?;
     tracing::info!(
         mqtt = format!("{}:{}", args.bridge.mqtt.mqtt_host, args.bridge.mqtt.mqtt_port),
         topics = ?args.bridge.mqtt_topics.0,
-        "dataviz all: bridge, processor and writer running"
+        site = format!("http://{local}/"),
+        hub = format!("http://{local}{}", dataviz_mercure::HUB_PATH),
+        "dataviz all: bridge, processor, writer, publisher, Mercure hub and admin site running"
     );
     let roles = [
+        tokio::spawn(role.publisher(args.publisher, &args.streams, js.clone(), mercure)),
         tokio::spawn(role.bridge(args.bridge, &client, js.clone())),
         tokio::spawn(role.processor(args.processor, &args.streams, js.clone(), pool.clone())),
         tokio::spawn(role.writer(args.writer, &args.retention, &args.streams, js, pool)),
@@ -269,6 +419,10 @@ pub async fn all(args: AllArgs) -> anyhow::Result<()> {
             role.shutdown.cancel();
             first_error.get_or_insert(e);
         }
+    }
+    role.shutdown.cancel();
+    if let Ok(Err(e)) = served.await {
+        first_error.get_or_insert(anyhow::anyhow!("serving the admin site and hub: {e}"));
     }
     client.flush().await.ok();
     first_error.map_or(Ok(()), Err)

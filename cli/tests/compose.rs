@@ -26,74 +26,6 @@ const ROLES: [(&str, &str); 6] = [
     ("app", "app"),
 ];
 
-/// Roles compose.yaml runs that the binary does not have yet (their crates are being
-/// written). Until a role lands, its environment in compose.yaml is checked against these lists
-/// instead of its `--help`: `needs`, the variables compose.yaml must set for it (checked both
-/// ways), and `may_read`, further variables it is expected to read. Once `dataviz <role>`
-/// exists, its entry is ignored and the role is checked like the others from its `--help` (the
-/// lead then removes the entry). The test prints which roles were checked this way.
-struct PendingRole {
-    subcommand: &'static str,
-    needs: &'static [&'static str],
-    may_read: &'static [&'static str],
-}
-
-const PENDING_ROLES: [PendingRole; 2] = [
-    PendingRole {
-        subcommand: "publisher",
-        needs: &[
-            "APP_ENV",
-            "HTTP_ADDR",
-            "NATS_URL",
-            "NATS_REPLICAS",
-            "MERCURE_URL",
-            "MERCURE_PUBLISHER_JWT_KEY",
-        ],
-        may_read: &[
-            "MERCURE_JWT_SECRET",
-            "MERCURE_SUBSCRIBER_JWT_KEY",
-            "MERCURE_TOPIC_BASE",
-        ],
-    },
-    PendingRole {
-        subcommand: "app",
-        needs: &[
-            "APP_ENV",
-            "HTTP_ADDR",
-            "NATS_URL",
-            "NATS_REPLICAS",
-            "DATABASE_URL",
-            "APP_ADDR",
-            "MERCURE_PUBLIC_URL",
-            "MERCURE_SUBSCRIBER_JWT_KEY",
-        ],
-        may_read: &["MERCURE_TOPIC_BASE", "DATABASE_POOL_SIZE"],
-    },
-];
-
-/// What every pending role may read besides its own lists: the groups the existing roles share
-/// (logs, health, NATS and the stream settings).
-const PENDING_COMMON: [&str; 18] = [
-    "APP_ENV",
-    "LOG_FORMAT",
-    "LOG_DIR",
-    "RUST_LOG",
-    "HTTP_ADDR",
-    "SHUTDOWN_TIMEOUT",
-    "READY_STALL_AFTER",
-    "NATS_URL",
-    "NATS_REPLICAS",
-    "NATS_USER",
-    "NATS_PASSWORD",
-    "NATS_TOKEN",
-    "RAW_RETENTION",
-    "RAW_MAX_BYTES",
-    "RAW_DUPLICATE_WINDOW",
-    "READINGS_MAX_BYTES",
-    "DEAD_RETENTION",
-    "ACK_WAIT",
-];
-
 /// Settings whose built-in defaults point at 127.0.0.1 or suit development only: compose.yaml
 /// must set each one for every role that reads it.
 const MUST_SET: [&str; 8] = [
@@ -287,38 +219,24 @@ fn roles_set_only_variables_the_binary_reads_and_all_it_needs() {
     let compose = compose();
     let existing = subcommands();
     let mut problems = Vec::new();
-    let mut pending_used = Vec::new();
     for (name, subcommand) in ROLES {
         let env = environment(service(&compose, name));
-        let (read, must): (BTreeSet<String>, BTreeSet<String>) = if existing.contains(subcommand) {
-            let read = variables_read(subcommand);
-            let must = MUST_SET
-                .iter()
-                .filter(|v| read.contains(**v))
-                .map(|v| (*v).to_owned())
-                .collect();
-            (read, must)
-        } else {
-            let Some(pending) = PENDING_ROLES.iter().find(|p| p.subcommand == subcommand) else {
-                problems.push(format!(
-                    "compose.yaml runs `dataviz {subcommand}` (service {name}), but the binary \
-                     has no such subcommand (it has: {existing:?})"
-                ));
-                continue;
-            };
-            pending_used.push(subcommand);
-            let read = pending
-                .needs
-                .iter()
-                .chain(pending.may_read)
-                .chain(PENDING_COMMON.iter())
-                .map(|v| (*v).to_owned())
-                .collect();
-            (
-                read,
-                pending.needs.iter().map(|v| (*v).to_owned()).collect(),
-            )
-        };
+        if !existing.contains(subcommand) {
+            problems.push(format!(
+                "compose.yaml runs `dataviz {subcommand}` (service {name}), but the binary has \
+                 no such subcommand (it has: {existing:?})"
+            ));
+            continue;
+        }
+        let read = variables_read(subcommand);
+        // The publisher key signs publications: only roles that publish (to MERCURE_URL) need
+        // it; the admin site reads the key group for the subscriber key alone.
+        let must: BTreeSet<String> = MUST_SET
+            .iter()
+            .filter(|v| read.contains(**v))
+            .filter(|v| **v != "MERCURE_PUBLISHER_JWT_KEY" || read.contains("MERCURE_URL"))
+            .map(|v| (*v).to_owned())
+            .collect();
         for var in env.keys() {
             if !read.contains(var) {
                 problems.push(format!(
@@ -335,13 +253,6 @@ fn roles_set_only_variables_the_binary_reads_and_all_it_needs() {
             }
         }
     }
-    // Said, not skipped: the lead removes PENDING_ROLES entries as the roles land.
-    if !pending_used.is_empty() {
-        eprintln!(
-            "compose.rs: {pending_used:?} not in the binary yet: their compose environment was \
-             checked against PENDING_ROLES, not against --help"
-        );
-    }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
 
@@ -349,9 +260,10 @@ fn roles_set_only_variables_the_binary_reads_and_all_it_needs() {
 fn every_nats_role_has_the_same_stream_settings() {
     let compose = compose();
     let mut seen: Option<(String, BTreeMap<String, Option<String>>)> = None;
-    for (name, _) in ROLES {
+    for (name, subcommand) in ROLES {
         let env = environment(service(&compose, name));
-        if !env.contains_key("NATS_URL") {
+        // Roles that create the streams read their settings; the admin site only reads NATS.
+        if !variables_read(subcommand).contains("ACK_WAIT") {
             continue;
         }
         let settings: BTreeMap<String, Option<String>> = STREAM_SETTINGS

@@ -71,6 +71,11 @@ const MIGRATIONS: &[Migration] = &[
             postgres: include_str!("../../migrations/0002_tag_reading.postgres.sql"),
         },
     },
+    Migration {
+        version: 3,
+        name: "users",
+        sql: Sql::Both(include_str!("../../migrations/0003_users.sql")),
+    },
 ];
 
 /// An arbitrary constant naming the migration lock among the database's advisory locks.

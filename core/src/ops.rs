@@ -33,6 +33,10 @@ pub mod metric {
     pub const WRITER_MESSAGES: &str = "dataviz_writer_messages_total";
     /// Rows written to `tag_reading`.
     pub const WRITER_ROWS: &str = "dataviz_writer_rows_total";
+    /// Updates the Mercure hub accepted.
+    pub const PUBLISHER_UPDATES: &str = "dataviz_publisher_updates_total";
+    /// READINGS messages acknowledged without their own update, coalesced into a later one.
+    pub const PUBLISHER_COALESCED: &str = "dataviz_publisher_coalesced_total";
     /// READINGS messages skipped because their rows were already there.
     pub const WRITER_DUPLICATES: &str = "dataviz_writer_duplicates_total";
     /// Dead letters, by `stage` and `reason`.
@@ -55,7 +59,8 @@ pub mod metric {
 #[derive(Debug, Clone, clap::Args)]
 pub struct OpsConfig {
     /// Address of /healthz, /readyz and /metrics (`off` to serve none); each role has its own
-    /// default port: all 9100, bridge 9101, processor 9102, writer 9103.
+    /// default port: all 9100, bridge 9101, processor 9102, writer 9103, publisher 9104, hub
+    /// 9105, app 9106.
     #[arg(long, env = "HTTP_ADDR", value_name = "HTTP_ADDR")]
     pub http_addr: Option<String>,
     /// On SIGTERM or Ctrl-C, time given to the work in hand before the process exits anyway.

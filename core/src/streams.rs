@@ -29,6 +29,8 @@ pub const DEAD_SUBJECTS: &str = "dataviz.dead.>";
 pub const PROCESSOR_CONSUMER: &str = "processor";
 /// Durable consumer of READINGS shared by every writer instance.
 pub const WRITER_CONSUMER: &str = "writer";
+/// Durable consumer of READINGS shared by every publisher instance.
+pub const PUBLISHER_CONSUMER: &str = "publisher";
 
 /// The oldest NATS server whose stream and consumer settings we rely on (older servers accept
 /// and silently ignore several of them).
@@ -155,6 +157,17 @@ impl StreamSettings {
         }
     }
 
+    /// The publisher's durable consumer of READINGS. Created by the roles that publish (see
+    /// [`ensure_publisher`]): READINGS keeps a message until every consumer acknowledged it,
+    /// so a publisher consumer that no publisher reads would keep everything.
+    pub fn publisher_consumer(&self) -> consumer::pull::Config {
+        consumer::pull::Config {
+            durable_name: Some(PUBLISHER_CONSUMER.into()),
+            description: Some("Every publisher instance; readings -> Mercure".into()),
+            ..self.consumer_common()
+        }
+    }
+
     fn consumer_common(&self) -> consumer::pull::Config {
         consumer::pull::Config {
             deliver_policy: DeliverPolicy::All,
@@ -207,6 +220,20 @@ pub async fn ensure(
             Err(e) => return Err(e),
         }
     }
+}
+
+/// Creates or updates the publisher's consumer on READINGS (after [`ensure`]).
+pub async fn ensure_publisher(
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+) -> anyhow::Result<()> {
+    js.get_stream(READINGS_STREAM)
+        .await
+        .context("opening READINGS")?
+        .create_consumer(settings.publisher_consumer())
+        .await
+        .context("creating the publisher consumer on READINGS")?;
+    Ok(())
 }
 
 fn is_timeout(e: &anyhow::Error) -> bool {

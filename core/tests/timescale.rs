@@ -199,7 +199,10 @@ async fn timescale_flavour_on_real_timescaledb() {
         .await
         .expect("migrating on TimescaleDB");
     assert_eq!(report.flavor, Flavor::Timescale);
-    assert_eq!(report.applied, ["0001_registry", "0002_tag_reading"]);
+    assert_eq!(
+        report.applied,
+        ["0001_registry", "0002_tag_reading", "0003_users"]
+    );
     assert_eq!(report.already, 0);
     let again = db::migrate(&mut client).await.expect("migrating again");
     assert_eq!(again.flavor, Flavor::Timescale);
@@ -208,7 +211,7 @@ async fn timescale_flavour_on_real_timescaledb() {
         "applied again: {:?}",
         again.applied
     );
-    assert_eq!(again.already, 2);
+    assert_eq!(again.already, 3);
     db::check_migrated(&client).await.unwrap();
     let flavors: Vec<Option<String>> = client
         .query("SELECT flavor FROM schema_migration ORDER BY version", &[])
@@ -217,7 +220,7 @@ async fn timescale_flavour_on_real_timescaledb() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(flavors, [None, Some("timescale".to_owned())]);
+    assert_eq!(flavors, [None, Some("timescale".to_owned()), None]);
 
     let described = db::describe(&client).await.unwrap();
     assert!(

@@ -20,6 +20,11 @@ impl TestDb {
             .ok()
             .filter(|v| !v.is_empty())
             .unwrap_or_else(|| DEFAULT_ADMIN_URL.to_owned());
+        Self::create_on(admin_url).await
+    }
+
+    /// Creates the database on the server of `admin_url` (a superuser URL).
+    pub async fn create_on(admin_url: String) -> Self {
         // v7: names sort by creation time, which helps when cleaning up after killed test runs.
         let name = format!("dataviz_test_{}", uuid::Uuid::now_v7().simple());
         let client = connect(&admin_url).await.unwrap_or_else(|e| {

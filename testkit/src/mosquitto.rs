@@ -80,6 +80,11 @@ impl Mosquitto {
         self.process.log()
     }
 
+    /// The server's process id while it runs (to read its memory use, say).
+    pub fn pid(&self) -> Option<u32> {
+        self.process.pid()
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.process.is_running()
     }

@@ -56,7 +56,8 @@ pub async fn prune_loop(
     every: std::time::Duration,
     shutdown: Shutdown,
 ) {
-    let mut tick = tokio::time::interval(every);
+    // The first pass one period after start, not at once: restarts do not prune each time.
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,

@@ -71,6 +71,10 @@ impl Stack {
             ("LOG_FORMAT", "text".to_owned()),
             // Several roles per test: each serves /healthz and /metrics on a port of its own.
             ("HTTP_ADDR", "127.0.0.1:0".to_owned()),
+            ("APP_ADDR", "127.0.0.1:0".to_owned()),
+            // Tests replay dated payloads (the original's example is from 2017): retention is
+            // tested on its own, with this set.
+            ("READINGS_RETENTION", "off".to_owned()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))

@@ -1,0 +1,253 @@
+//! The server functions: every change the site makes, posted by a plain form to a fixed URL
+//! under `/api` and answered with a redirect (see `paths` for where to).
+//!
+//! | function | URL | who |
+//! |---|---|---|
+//! | [`login`] | `/api/login` | anyone (slowed after failures) |
+//! | [`logout`] | `/api/logout` | anyone (ends the session, if any) |
+//! | [`create_gateway`] | `/api/gateways/create` | admins |
+//! | [`update_gateway`] | `/api/gateways/update` | admins |
+//! | [`delete_gateway`] | `/api/gateways/delete` | admins |
+//! | [`requeue_dead_letter`] | `/api/dead-letters/requeue` | admins |
+//!
+//! Server functions are public HTTP endpoints: each admin function starts with
+//! [`require_admin`](crate::auth::require_admin), whatever the pages do. Expected failures
+//! (a field to fix, a gateway with devices) redirect back to the form with the reason;
+//! unexpected ones return a `ServerFnError`, which the page the form came from shows.
+
+use leptos::prelude::*;
+
+/// Every URL of a server function, for tests and the docs.
+pub const ENDPOINTS: &[&str] = &[
+    "/api/login",
+    "/api/logout",
+    "/api/gateways/create",
+    "/api/gateways/update",
+    "/api/gateways/delete",
+    "/api/dead-letters/requeue",
+];
+
+mod server {
+    use crate::AppState;
+    use leptos::prelude::*;
+
+    pub fn state() -> Result<AppState, ServerFnError> {
+        use_context::<AppState>().ok_or_else(|| ServerFnError::new("no AppState in context"))
+    }
+
+    pub async fn db(state: &AppState) -> Result<deadpool_postgres::Object, ServerFnError> {
+        state
+            .pool
+            .get()
+            .await
+            .map_err(|e| ServerFnError::new(format!("database unavailable: {e}")))
+    }
+
+    pub fn failed(e: impl std::fmt::Display) -> ServerFnError {
+        tracing::warn!(error = %e, "server function failed");
+        ServerFnError::new(e.to_string())
+    }
+
+    /// `path?field=value&...&error.field=message`: a form sent back with what was typed and
+    /// why it was refused.
+    pub fn form_back(
+        path: &str,
+        form: &crate::data::GatewayForm,
+        errors: &crate::data::FieldErrors,
+    ) -> String {
+        let mut pairs: Vec<(String, String)> = vec![
+            ("id".into(), form.id.clone()),
+            ("name".into(), form.name.clone()),
+            ("description".into(), form.description.clone()),
+        ];
+        for (field, message) in errors {
+            pairs.push((format!("error.{field}"), message.clone()));
+        }
+        let refs: Vec<(&str, &str)> = pairs
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        crate::paths::with_query(path, &refs)
+    }
+}
+
+/// Checks the credentials (after the delay earlier failures earned) and opens the session;
+/// back to the login page with a message when they are wrong.
+#[server(endpoint = "login")]
+pub async fn login(
+    email: String,
+    password: String,
+    next: Option<String>,
+) -> Result<(), ServerFnError> {
+    use crate::auth::{AuthSession, Credentials};
+    use crate::paths;
+    let state = server::state()?;
+    let mut session: AuthSession = leptos_axum::extract().await?;
+    let ip = leptos_axum::extract::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .await
+        .ok()
+        .map(|c| c.0.ip());
+    let delay = state.throttle.delay(&email, ip);
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    let next = next
+        .filter(|n| paths::is_local(n) && !n.starts_with(paths::LOGIN))
+        .unwrap_or_else(|| paths::HOME.to_owned());
+    let user = session
+        .authenticate(Credentials {
+            email: email.clone(),
+            password,
+        })
+        .await
+        .map_err(server::failed)?;
+    match user {
+        Some(user) => {
+            session.login(&user).await.map_err(server::failed)?;
+            state.throttle.succeeded(&email);
+            tracing::info!(user = %user.email, "logged in");
+            leptos_axum::redirect(&next);
+        }
+        None => {
+            state.throttle.failed(&email, ip);
+            tracing::warn!(email = %email, ip = ?ip, "failed login");
+            leptos_axum::redirect(&paths::with_query(
+                paths::LOGIN,
+                &[("error", "invalid"), ("email", &email), ("next", &next)],
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Ends the session (if any) and goes to the login page.
+#[server(endpoint = "logout")]
+pub async fn logout() -> Result<(), ServerFnError> {
+    use crate::auth::AuthSession;
+    let mut session: AuthSession = leptos_axum::extract().await?;
+    session.logout().await.map_err(server::failed)?;
+    leptos_axum::redirect(crate::paths::LOGIN);
+    Ok(())
+}
+
+/// Creates a gateway (with the id its devices already use, or the next free one).
+#[server(endpoint = "gateways/create")]
+pub async fn create_gateway(
+    id: String,
+    name: String,
+    description: String,
+) -> Result<(), ServerFnError> {
+    use crate::{data, paths};
+    crate::auth::require_admin().await?;
+    let state = server::state()?;
+    let form = data::GatewayForm {
+        id,
+        name,
+        description,
+    };
+    let input = match form.check() {
+        Ok(input) => input,
+        Err(errors) => {
+            leptos_axum::redirect(&server::form_back(paths::GATEWAY_NEW, &form, &errors));
+            return Ok(());
+        }
+    };
+    let db = server::db(&state).await?;
+    match data::create_gateway(&db, &input)
+        .await
+        .map_err(server::failed)?
+    {
+        Ok(id) => leptos_axum::redirect(&format!("{}?created={id}", paths::GATEWAYS)),
+        Err(errors) => {
+            leptos_axum::redirect(&server::form_back(paths::GATEWAY_NEW, &form, &errors))
+        }
+    }
+    Ok(())
+}
+
+/// Changes a gateway's name and description.
+#[server(endpoint = "gateways/update")]
+pub async fn update_gateway(
+    id: i32,
+    name: String,
+    description: String,
+) -> Result<(), ServerFnError> {
+    use crate::{data, paths};
+    crate::auth::require_admin().await?;
+    let state = server::state()?;
+    let form = data::GatewayForm {
+        id: id.to_string(),
+        name,
+        description,
+    };
+    let input = match form.check() {
+        Ok(input) => input,
+        Err(errors) => {
+            leptos_axum::redirect(&server::form_back(&paths::gateway_edit(id), &form, &errors));
+            return Ok(());
+        }
+    };
+    let db = server::db(&state).await?;
+    if data::update_gateway(&db, id, &input)
+        .await
+        .map_err(server::failed)?
+    {
+        leptos_axum::redirect(&format!("{}?updated={id}", paths::GATEWAYS));
+        Ok(())
+    } else {
+        crate::auth::set_status(axum::http::StatusCode::NOT_FOUND);
+        Err(ServerFnError::new(format!("no gateway {id}")))
+    }
+}
+
+/// Deletes a gateway, unless devices still hang on it: then back to the confirmation page,
+/// which says so.
+#[server(endpoint = "gateways/delete")]
+pub async fn delete_gateway(id: i32) -> Result<(), ServerFnError> {
+    use crate::data::{self, Deleted};
+    use crate::paths;
+    crate::auth::require_admin().await?;
+    let state = server::state()?;
+    let db = server::db(&state).await?;
+    match data::delete_gateway(&db, id)
+        .await
+        .map_err(server::failed)?
+    {
+        Deleted::Yes => {
+            tracing::info!(gateway = id, "gateway deleted");
+            leptos_axum::redirect(&format!("{}?deleted={id}", paths::GATEWAYS));
+            Ok(())
+        }
+        Deleted::HasDevices(n) => {
+            crate::auth::set_status(axum::http::StatusCode::CONFLICT);
+            leptos_axum::redirect(&format!("{}?refused={n}", paths::gateway_delete(id)));
+            Ok(())
+        }
+        Deleted::NotFound => {
+            crate::auth::set_status(axum::http::StatusCode::NOT_FOUND);
+            Err(ServerFnError::new(format!("no gateway {id}")))
+        }
+    }
+}
+
+/// Publishes a dead letter's raw message to RAW again and removes the letter.
+#[server(endpoint = "dead-letters/requeue")]
+pub async fn requeue_dead_letter(seq: u64) -> Result<(), ServerFnError> {
+    use crate::paths;
+    crate::auth::require_admin().await?;
+    let state = server::state()?;
+    match dataviz_core::dead::requeue(&state.js, seq).await {
+        Ok(()) => {
+            tracing::info!(seq, "dead letter re-queued");
+            leptos_axum::redirect(&format!("{}?requeued={seq}", paths::DEAD_LETTERS));
+        }
+        Err(e) => {
+            let message = format!("{e:#}");
+            leptos_axum::redirect(&paths::with_query(
+                &paths::dead_letter(seq),
+                &[("error", &message)],
+            ));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,554 @@
+//! `dataviz bench`: the pipeline's throughput, latency and memory, beside the machine's limits
+//! measured in the same run.
+//!
+//! It starts its own servers (a nats-server and a Mosquitto on free ports, a scratch database
+//! on the PostgreSQL of `DATABASE_URL`), then measures, in order:
+//!
+//! 1. the limits: Mosquitto alone (one QoS 1 publisher to one subscriber), JetStream publishing
+//!    alone (acks pipelined), PostgreSQL binary COPY alone into a table shaped like
+//!    `tag_reading`, all with the same messages and rows the pipeline gets;
+//! 2. sustained throughput: `dataviz all` (a child process) fed as fast as Mosquitto takes
+//!    messages, until every reading is committed;
+//! 3. latency at a fixed rate: MQTT publish → row committed, p50 and p99;
+//! 4. peak memory (VmHWM) of each process.
+//!
+//! Figures are printed with their ratio to the limit they stand beside: on a shared machine the
+//! ratios are what compares from one run to the next.
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use dataviz_testkit::{Mosquitto, NatsServer, TestDb};
+use futures::{StreamExt, stream::FuturesUnordered};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::{ToSql, Type};
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Messages for the throughput runs.
+    #[arg(long, default_value_t = 100_000)]
+    messages: u64,
+    /// Simulated devices.
+    #[arg(long, default_value_t = 1_000)]
+    devices: u64,
+    /// Readings (tags) per message.
+    #[arg(long, default_value_t = 10)]
+    tags: u64,
+    /// Rate of the latency run, messages per second.
+    #[arg(long, default_value_t = 1_000)]
+    latency_rate: u64,
+    /// Length of the latency run.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    latency_for: Duration,
+    /// A PostgreSQL superuser URL: the bench creates (and drops) a database of its own there.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        value_name = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres",
+        hide_env_values = true
+    )]
+    database_url: String,
+}
+
+/// A realistic payload: `tags` readings of the kinds devices send, and a timestamp.
+fn payload(seq: u64, tags: u64, ts: chrono::DateTime<chrono::Utc>) -> Vec<u8> {
+    let mut d = String::with_capacity(40 * tags as usize + 60);
+    for i in 0..tags {
+        if !d.is_empty() {
+            d.push(',');
+        }
+        let value = match i % 10 {
+            0..=5 => format!("{}.{:02}", 20 + (seq + i) % 60, (seq * 7 + i) % 100),
+            6 | 7 => (seq + i).is_multiple_of(2).to_string(),
+            8 => seq.to_string(),
+            _ => "\"RUN\"".to_owned(),
+        };
+        d.push_str(&format!(r#"{{"tag":"T.{i}","value":{value}}}"#));
+    }
+    format!(
+        r#"{{"d":[{d}],"ts":"{}"}}"#,
+        ts.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+    )
+    .into_bytes()
+}
+
+fn topic(seq: u64, devices: u64) -> String {
+    format!("gateways/1/bench-{:05}", seq % devices)
+}
+
+fn rate(count: u64, elapsed: Duration) -> f64 {
+    count as f64 / elapsed.as_secs_f64().max(1e-9)
+}
+
+/// Peak resident memory of a process, in MiB.
+fn peak_rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
+
+/// An MQTT client that publishes at QoS 1 and counts the broker's acks.
+struct Publisher {
+    client: AsyncClient,
+    acked: Arc<AtomicU64>,
+}
+
+impl Publisher {
+    async fn connect(port: u16, id: &str) -> Publisher {
+        let mut options = MqttOptions::new(id, "127.0.0.1", port);
+        options.set_inflight(1000);
+        options.set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut eventloop) = AsyncClient::new(options, 4096);
+        let acked = Arc::new(AtomicU64::new(0));
+        let counter = acked.clone();
+        tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::PubAck(_))) => {
+                        counter.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        Publisher { client, acked }
+    }
+
+    async fn publish(&self, topic: String, payload: Vec<u8>) -> anyhow::Result<()> {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
+            .context("publishing over MQTT")
+    }
+
+    async fn wait_acked(&self, n: u64) {
+        while self.acked.load(Ordering::Relaxed) < n {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.messages > 0 && args.devices > 0 && args.tags > 0,
+        "--messages, --devices and --tags must be at least 1"
+    );
+    let db = TestDb::create_on(args.database_url.clone()).await;
+    let nats = NatsServer::start();
+    let mosquitto = Mosquitto::start();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!(
+        "dataviz bench: {} messages × {} readings, {} devices; {cores} cores; nats-server, Mosquitto and PostgreSQL on this machine\n",
+        args.messages, args.tags, args.devices
+    );
+
+    // 1. The limits.
+    let mqtt_alone = mosquitto_alone(&mosquitto, &args).await?;
+    let js_alone = jetstream_alone(&nats, &args).await?;
+    let copy_alone = copy_alone(&db, &args).await?;
+
+    // 2. The pipeline, flat out.
+    let mut client = db.connect().await;
+    dataviz_core::db::migrate(&mut client).await?;
+    client
+        .execute("INSERT INTO gateway (id, name) VALUES (1, 'bench')", &[])
+        .await?;
+    let log_dir = tempfile::tempdir()?;
+    let mut all = spawn_all(&nats, &mosquitto, &db, log_dir.path())?;
+    wait_ready(&client).await?;
+    let (pipeline_msgs, pipeline_readings) = pipeline(&mosquitto, &client, &args).await?;
+
+    // 3. Latency at a fixed rate.
+    let latency = latency(&mosquitto, &client, &args).await?;
+
+    // 4. Memory.
+    let mem_all = peak_rss_mib(all.id());
+    let mem_nats = nats.pid().and_then(peak_rss_mib);
+    let mem_mqtt = mosquitto.pid().and_then(peak_rss_mib);
+    let _ = all.kill();
+    let _ = all.wait();
+
+    println!("\n{:<58} {:>14} {:>10}", "measure", "figure", "ratio");
+    let line =
+        |what: &str, figure: String, ratio: String| println!("{what:<58} {figure:>14} {ratio:>10}");
+    line(
+        "Mosquitto alone, QoS 1, 1 publisher → 1 subscriber",
+        format!("{mqtt_alone:.0} msg/s"),
+        "1.00".into(),
+    );
+    line(
+        "JetStream publish alone, acks pipelined",
+        format!("{js_alone:.0} msg/s"),
+        String::new(),
+    );
+    line(
+        "PostgreSQL binary COPY alone",
+        format!("{copy_alone:.0} rows/s"),
+        "1.00".into(),
+    );
+    line(
+        "pipeline: MQTT → tag_reading, messages (vs Mosquitto alone)",
+        format!("{pipeline_msgs:.0} msg/s"),
+        format!("{:.2}", pipeline_msgs / mqtt_alone),
+    );
+    line(
+        "pipeline: readings committed (vs COPY alone)",
+        format!("{pipeline_readings:.0} rows/s"),
+        format!("{:.2}", pipeline_readings / copy_alone),
+    );
+    line(
+        &format!(
+            "latency MQTT publish → row committed, p50 at {} msg/s",
+            args.latency_rate
+        ),
+        format!("{:.1} ms", latency.0),
+        String::new(),
+    );
+    line(
+        &format!(
+            "latency MQTT publish → row committed, p99 at {} msg/s",
+            args.latency_rate
+        ),
+        format!("{:.1} ms", latency.1),
+        String::new(),
+    );
+    let mib = |m: Option<f64>| m.map_or("n/a".to_owned(), |m| format!("{m:.0} MiB"));
+    line("peak memory: dataviz all", mib(mem_all), String::new());
+    line("peak memory: nats-server", mib(mem_nats), String::new());
+    line("peak memory: mosquitto", mib(mem_mqtt), String::new());
+    Ok(())
+}
+
+async fn mosquitto_alone(mosquitto: &Mosquitto, args: &BenchArgs) -> anyhow::Result<f64> {
+    eprintln!("limits: Mosquitto alone…");
+    let mut options = MqttOptions::new("bench-subscriber", "127.0.0.1", mosquitto.port());
+    options.set_max_packet_size(1 << 20, 1 << 20);
+    let (sub, mut events) = AsyncClient::new(options, 1000);
+    sub.subscribe("limits/#", QoS::AtLeastOnce).await?;
+    loop {
+        if let Event::Incoming(Packet::SubAck(_)) = events.poll().await? {
+            break;
+        }
+    }
+    let received = Arc::new(AtomicU64::new(0));
+    let counter = received.clone();
+    let receiver = tokio::spawn(async move {
+        while let Ok(event) = events.poll().await {
+            if let Event::Incoming(Packet::Publish(_)) = event {
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    });
+    let publisher = Publisher::connect(mosquitto.port(), "bench-limits").await;
+    let now = chrono::Utc::now();
+    let start = Instant::now();
+    for seq in 0..args.messages {
+        publisher
+            .publish(
+                format!("limits/{}", seq % args.devices),
+                payload(seq, args.tags, now),
+            )
+            .await?;
+    }
+    while received.load(Ordering::Relaxed) < args.messages {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let elapsed = start.elapsed();
+    receiver.abort();
+    Ok(rate(args.messages, elapsed))
+}
+
+async fn jetstream_alone(nats: &NatsServer, args: &BenchArgs) -> anyhow::Result<f64> {
+    eprintln!("limits: JetStream alone…");
+    let client = async_nats::connect(nats.url()).await?;
+    let js = dataviz_core::config::jetstream(client);
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "BENCH".into(),
+        subjects: vec!["bench.>".into()],
+        storage: async_nats::jetstream::stream::StorageType::File,
+        ..Default::default()
+    })
+    .await?;
+    let now = chrono::Utc::now();
+    let start = Instant::now();
+    let mut in_flight = FuturesUnordered::new();
+    for seq in 0..args.messages {
+        let ack = js
+            .publish(
+                format!("bench.{}", seq % args.devices),
+                Bytes::from(payload(seq, args.tags, now)),
+            )
+            .await?;
+        in_flight.push(ack.into_future());
+        if in_flight.len() >= 4096 {
+            in_flight.next().await.transpose()?;
+        }
+    }
+    while let Some(ack) = in_flight.next().await {
+        ack?;
+    }
+    let elapsed = start.elapsed();
+    js.delete_stream("BENCH").await?;
+    Ok(rate(args.messages, elapsed))
+}
+
+async fn copy_alone(db: &TestDb, args: &BenchArgs) -> anyhow::Result<f64> {
+    eprintln!("limits: PostgreSQL binary COPY alone…");
+    let mut client = db.connect().await;
+    client
+        .batch_execute(
+            "CREATE TABLE bench_copy (time timestamptz NOT NULL, device_id bigint NOT NULL,
+                 tag_id bigint NOT NULL, gateway_id integer, value_num double precision,
+                 value_bool boolean, value_text text, value_json jsonb, value_type text NOT NULL);
+             CREATE INDEX ON bench_copy (tag_id, time DESC);",
+        )
+        .await?;
+    let rows = args.messages * args.tags;
+    let now = chrono::Utc::now();
+    let start = Instant::now();
+    // The writer's batches: 2,000 messages per transaction.
+    let per_tx = 2_000 * args.tags;
+    let mut written = 0;
+    while written < rows {
+        let tx = client.transaction().await?;
+        let sink = tx.copy_in("COPY bench_copy FROM STDIN BINARY").await?;
+        let types = [
+            Type::TIMESTAMPTZ,
+            Type::INT8,
+            Type::INT8,
+            Type::INT4,
+            Type::FLOAT8,
+            Type::BOOL,
+            Type::TEXT,
+            Type::JSONB,
+            Type::TEXT,
+        ];
+        let mut writer = std::pin::pin!(BinaryCopyInWriter::new(sink, &types));
+        for i in written..(written + per_tx).min(rows) {
+            let device = (i / args.tags % args.devices) as i64;
+            let tag = (i % (args.tags * args.devices)) as i64;
+            let value = (i % 1000) as f64 / 10.0;
+            let none_bool: Option<bool> = None;
+            let none_text: Option<&str> = None;
+            let none_json: Option<serde_json::Value> = None;
+            let row: [&(dyn ToSql + Sync); 9] = [
+                &now,
+                &device,
+                &tag,
+                &1i32,
+                &Some(value),
+                &none_bool,
+                &none_text,
+                &none_json,
+                &"double precision",
+            ];
+            writer.as_mut().write(&row).await?;
+        }
+        written += writer.as_mut().finish().await?;
+        tx.commit().await?;
+    }
+    Ok(rate(rows, start.elapsed()))
+}
+
+fn spawn_all(
+    nats: &NatsServer,
+    mosquitto: &Mosquitto,
+    db: &TestDb,
+    log_dir: &std::path::Path,
+) -> anyhow::Result<Child> {
+    Command::new(std::env::current_exe()?)
+        .arg("all")
+        .env("NATS_URL", nats.url())
+        .env("MQTT_HOST", "127.0.0.1")
+        .env("MQTT_PORT", mosquitto.port().to_string())
+        .env("DATABASE_URL", db.url())
+        .env("HTTP_ADDR", "127.0.0.1:0")
+        .env("APP_ENV", "prod")
+        .env("RUST_LOG", "warn")
+        .env("LOG_DIR", log_dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting dataviz all")
+}
+
+/// Waits until the pipeline answers: a message published until one row appears.
+async fn wait_ready(client: &tokio_postgres::Client) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client
+        .query_opt("SELECT 1 FROM schema_migration LIMIT 1", &[])
+        .await
+        .is_err()
+    {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "dataviz all did not migrate within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The bridge subscribes a moment after start.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    Ok(())
+}
+
+async fn count(client: &tokio_postgres::Client) -> anyhow::Result<i64> {
+    Ok(client
+        .query_one("SELECT count(*) FROM ingested_message", &[])
+        .await?
+        .get(0))
+}
+
+async fn pipeline(
+    mosquitto: &Mosquitto,
+    client: &tokio_postgres::Client,
+    args: &BenchArgs,
+) -> anyhow::Result<(f64, f64)> {
+    eprintln!(
+        "pipeline: {} messages as fast as Mosquitto takes them…",
+        args.messages
+    );
+    let publisher = Publisher::connect(mosquitto.port(), "bench-pipeline").await;
+    let now = chrono::Utc::now() - chrono::Duration::hours(1);
+    let start = Instant::now();
+    for seq in 0..args.messages {
+        publisher
+            .publish(
+                topic(seq, args.devices),
+                payload(
+                    seq,
+                    args.tags,
+                    now + chrono::Duration::microseconds(seq as i64),
+                ),
+            )
+            .await?;
+    }
+    publisher.wait_acked(args.messages).await;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let mut last = Instant::now();
+    loop {
+        let stored = count(client).await?;
+        if stored as u64 >= args.messages {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {stored} of {} messages stored after 10 minutes",
+            args.messages
+        );
+        if last.elapsed() > Duration::from_secs(5) {
+            eprintln!("pipeline: {stored} of {} messages stored", args.messages);
+            last = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let elapsed = start.elapsed();
+    Ok((
+        rate(args.messages, elapsed),
+        rate(args.messages * args.tags, elapsed),
+    ))
+}
+
+/// p50 and p99, in milliseconds, of MQTT publish → row committed, at a fixed rate.
+///
+/// The messages go to one device and carry their number in a `seq` tag; a watcher polls the
+/// `(tag_id, time desc)` index every 2 ms and dates each number when its row appears.
+async fn latency(
+    mosquitto: &Mosquitto,
+    client: &tokio_postgres::Client,
+    args: &BenchArgs,
+) -> anyhow::Result<(f64, f64)> {
+    eprintln!(
+        "latency: {} msg/s for {:?}…",
+        args.latency_rate, args.latency_for
+    );
+    let publisher = Publisher::connect(mosquitto.port(), "bench-latency").await;
+    let total = (args.latency_rate as f64 * args.latency_for.as_secs_f64()).max(1.0) as usize;
+    let message = |seq: usize| {
+        format!(
+            r#"{{"d":[{{"tag":"seq","value":{seq}}}],"ts":"{}"}}"#,
+            chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+        )
+        .into_bytes()
+    };
+    // The first message creates the device and its tag; the watcher needs the tag's id.
+    publisher
+        .publish("gateways/1/latency".into(), message(0))
+        .await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let tag_id: i64 = loop {
+        let row = client
+            .query_opt(
+                "SELECT t.id FROM tag t JOIN device d ON d.id = t.device_id
+                 WHERE d.code = 'latency' AND t.code = 'seq'",
+                &[],
+            )
+            .await?;
+        if let Some(row) = row {
+            break row.get(0);
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the latency device never appeared"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let mut sent: Vec<Option<Instant>> = vec![None; total + 1];
+    let mut seen: Vec<Option<Instant>> = vec![None; total + 1];
+    let start = Instant::now();
+    let mut next = 1;
+    let mut since = chrono::DateTime::<chrono::Utc>::MIN_UTC;
+    let mut poll = tokio::time::interval(Duration::from_millis(2));
+    while seen[1..].iter().any(Option::is_none) {
+        anyhow::ensure!(
+            start.elapsed() < args.latency_for + Duration::from_secs(120),
+            "latency run: rows missing after 2 minutes"
+        );
+        // Publish what is due, then look at what arrived.
+        while next <= total
+            && start.elapsed().as_secs_f64() >= (next - 1) as f64 / args.latency_rate as f64
+        {
+            sent[next] = Some(Instant::now());
+            publisher
+                .publish("gateways/1/latency".into(), message(next))
+                .await?;
+            next += 1;
+        }
+        poll.tick().await;
+        let rows = client
+            .query(
+                "SELECT time, value_num FROM tag_reading WHERE tag_id = $1 AND time > $2 ORDER BY time",
+                &[&tag_id, &since],
+            )
+            .await?;
+        let now = Instant::now();
+        for row in rows {
+            since = since.max(row.get(0));
+            let seq = row.get::<_, Option<f64>>(1).unwrap_or_default() as usize;
+            if (1..=total).contains(&seq) && seen[seq].is_none() {
+                seen[seq] = Some(now);
+            }
+        }
+    }
+    let mut ms: Vec<f64> = sent[1..]
+        .iter()
+        .zip(&seen[1..])
+        .filter_map(|(s, r)| {
+            Some((r.as_ref()?.duration_since(*s.as_ref()?)).as_secs_f64() * 1000.0)
+        })
+        .collect();
+    ms.sort_by(f64::total_cmp);
+    let at = |q: f64| ms[((ms.len() as f64 * q) as usize).min(ms.len() - 1)];
+    Ok((at(0.5), at(0.99)))
+}

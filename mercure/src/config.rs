@@ -1,0 +1,241 @@
+//! Hub and key settings, read once from the environment, named as the reference hub names them
+//! where it has a name.
+//!
+//! The keys live in their own group, [`MercureKeysConfig`], because two roles need them: the
+//! hub (to verify) and the publisher (to sign). A process running both (`dataviz all`) reads
+//! them once and gives the same keys to both, which is also how a generated development key
+//! works with no setting at all.
+
+use crate::jwt::JwtKey;
+use std::time::Duration;
+use thiserror::Error;
+
+/// The JWT keys (HS256 secrets).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct MercureKeysConfig {
+    /// Key of the publishers' JWTs (HS256).
+    #[arg(
+        long,
+        env = "MERCURE_PUBLISHER_JWT_KEY",
+        value_name = "MERCURE_PUBLISHER_JWT_KEY",
+        hide_env_values = true
+    )]
+    pub mercure_publisher_jwt_key: Option<String>,
+    /// The publisher key under the name Symfony uses; MERCURE_PUBLISHER_JWT_KEY wins.
+    #[arg(
+        long,
+        env = "MERCURE_JWT_SECRET",
+        value_name = "MERCURE_JWT_SECRET",
+        hide_env_values = true
+    )]
+    pub mercure_jwt_secret: Option<String>,
+    /// Key of the subscribers' JWTs (HS256). Default: the publisher key.
+    #[arg(
+        long,
+        env = "MERCURE_SUBSCRIBER_JWT_KEY",
+        value_name = "MERCURE_SUBSCRIBER_JWT_KEY",
+        hide_env_values = true
+    )]
+    pub mercure_subscriber_jwt_key: Option<String>,
+}
+
+/// The keys, resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MercureKeys {
+    pub publisher: JwtKey,
+    pub subscriber: JwtKey,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum KeyError {
+    #[error("MERCURE_PUBLISHER_JWT_KEY (or MERCURE_JWT_SECRET) is not set")]
+    MissingPublisherKey,
+    #[error("{0} is set but empty")]
+    Empty(&'static str),
+}
+
+impl MercureKeysConfig {
+    /// True when no key at all is set (the development quick start).
+    pub fn is_empty(&self) -> bool {
+        self.mercure_publisher_jwt_key.is_none()
+            && self.mercure_jwt_secret.is_none()
+            && self.mercure_subscriber_jwt_key.is_none()
+    }
+
+    /// Fills every unset key with one random key and returns true, when no key at all is set:
+    /// the caller logs a warning saying so (the key changes at each start, so tokens minted
+    /// elsewhere stop working). Does nothing and returns false when any key is set.
+    pub fn generate_development_keys(&mut self) -> bool {
+        if !self.is_empty() {
+            return false;
+        }
+        let key = JwtKey::random();
+        let key = String::from_utf8(key.as_bytes().to_vec()).expect("hex digits");
+        self.mercure_publisher_jwt_key = Some(key);
+        true
+    }
+
+    /// The keys; the subscriber key defaults to the publisher key.
+    pub fn keys(&self) -> Result<MercureKeys, KeyError> {
+        let publisher = match (&self.mercure_publisher_jwt_key, &self.mercure_jwt_secret) {
+            (Some(k), _) if k.is_empty() => {
+                return Err(KeyError::Empty("MERCURE_PUBLISHER_JWT_KEY"));
+            }
+            (Some(k), _) => k,
+            (None, Some(k)) if k.is_empty() => return Err(KeyError::Empty("MERCURE_JWT_SECRET")),
+            (None, Some(k)) => k,
+            (None, None) => return Err(KeyError::MissingPublisherKey),
+        };
+        let subscriber = match &self.mercure_subscriber_jwt_key {
+            Some(k) if k.is_empty() => return Err(KeyError::Empty("MERCURE_SUBSCRIBER_JWT_KEY")),
+            Some(k) => k,
+            None => publisher,
+        };
+        Ok(MercureKeys {
+            publisher: JwtKey::new(publisher.as_str()),
+            subscriber: JwtKey::new(subscriber.as_str()),
+        })
+    }
+}
+
+/// Settings of the embedded hub.
+#[derive(Debug, Clone, clap::Args)]
+pub struct HubConfig {
+    #[command(flatten)]
+    pub keys: MercureKeysConfig,
+    /// Let subscribers without a JWT in; they receive public updates only (the reference
+    /// hub's `anonymous` directive).
+    #[arg(long, env = "MERCURE_ANONYMOUS", value_name = "MERCURE_ANONYMOUS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub mercure_anonymous: bool,
+    /// Origins allowed to use the hub from a browser (CORS), space or comma separated; `*` for
+    /// any. Empty: no CORS headers (same-origin use only).
+    #[arg(
+        long,
+        env = "MERCURE_CORS_ORIGINS",
+        value_name = "MERCURE_CORS_ORIGINS",
+        default_value = ""
+    )]
+    pub mercure_cors_origins: String,
+    /// Origins allowed to publish with the `mercureAuthorization` cookie, space or comma
+    /// separated; `*` for any. Empty: publishing with the cookie is refused.
+    #[arg(
+        long,
+        env = "MERCURE_PUBLISH_ORIGINS",
+        value_name = "MERCURE_PUBLISH_ORIGINS",
+        default_value = ""
+    )]
+    pub mercure_publish_origins: String,
+    /// Updates kept in memory for reconnecting subscribers (`Last-Event-ID`); 0: none. The
+    /// history starts empty at each start of the hub.
+    #[arg(
+        long,
+        env = "MERCURE_HISTORY_SIZE",
+        value_name = "MERCURE_HISTORY_SIZE",
+        default_value_t = 10_000
+    )]
+    pub mercure_history_size: usize,
+    /// Interval of the heartbeat comment sent to idle subscribers; 0s: none.
+    #[arg(long, env = "MERCURE_HEARTBEAT", value_name = "MERCURE_HEARTBEAT", default_value = "40s", value_parser = humantime::parse_duration)]
+    pub mercure_heartbeat: Duration,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        HubConfig {
+            keys: MercureKeysConfig::default(),
+            mercure_anonymous: true,
+            mercure_cors_origins: String::new(),
+            mercure_publish_origins: String::new(),
+            mercure_history_size: 10_000,
+            mercure_heartbeat: Duration::from_secs(40),
+        }
+    }
+}
+
+impl HubConfig {
+    /// The defaults with a random key (publisher and subscriber alike): for a quick start with
+    /// no setting, and for tests. Whoever calls this logs a warning that the key is generated.
+    pub fn development() -> HubConfig {
+        let mut config = HubConfig::default();
+        config.keys.generate_development_keys();
+        config
+    }
+
+    pub fn cors_origins(&self) -> Vec<String> {
+        split_list(&self.mercure_cors_origins)
+    }
+
+    pub fn publish_origins(&self) -> Vec<String> {
+        split_list(&self.mercure_publish_origins)
+    }
+
+    /// `None` when heartbeats are off.
+    pub fn heartbeat(&self) -> Option<Duration> {
+        Some(self.mercure_heartbeat).filter(|d| !d.is_zero())
+    }
+}
+
+fn split_list(s: &str) -> Vec<String> {
+    s.split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|p| !p.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        hub: HubConfig,
+    }
+
+    #[test]
+    fn keys_resolve_with_fallbacks() {
+        let mut k = MercureKeysConfig::default();
+        assert_eq!(k.keys(), Err(KeyError::MissingPublisherKey));
+        k.mercure_jwt_secret = Some("s".into());
+        assert_eq!(k.keys().unwrap().publisher, JwtKey::new("s"));
+        assert_eq!(k.keys().unwrap().subscriber, JwtKey::new("s"));
+        k.mercure_publisher_jwt_key = Some("p".into());
+        k.mercure_subscriber_jwt_key = Some("sub".into());
+        let keys = k.keys().unwrap();
+        assert_eq!(keys.publisher, JwtKey::new("p"));
+        assert_eq!(keys.subscriber, JwtKey::new("sub"));
+        k.mercure_subscriber_jwt_key = Some(String::new());
+        assert_eq!(k.keys(), Err(KeyError::Empty("MERCURE_SUBSCRIBER_JWT_KEY")));
+        assert!(!k.generate_development_keys(), "set keys are kept");
+    }
+
+    #[test]
+    fn development_generates_one_random_key() {
+        let a = HubConfig::development().keys.keys().unwrap();
+        let b = HubConfig::development().keys.keys().unwrap();
+        assert_eq!(a.publisher, a.subscriber);
+        assert_ne!(a.publisher, b.publisher);
+    }
+
+    #[test]
+    fn parses_lists_and_durations_from_arguments() {
+        let cli = Cli::parse_from([
+            "x",
+            "--mercure-cors-origins",
+            "https://a.example, https://b.example",
+            "--mercure-heartbeat",
+            "0s",
+            "--mercure-anonymous",
+            "false",
+        ]);
+        assert_eq!(
+            cli.hub.cors_origins(),
+            ["https://a.example", "https://b.example"]
+        );
+        assert_eq!(cli.hub.heartbeat(), None);
+        assert!(!cli.hub.mercure_anonymous);
+        assert!(cli.hub.publish_origins().is_empty());
+        assert_eq!(cli.hub.mercure_history_size, 10_000);
+    }
+}

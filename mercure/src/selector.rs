@@ -1,0 +1,273 @@
+//! Topic selectors: which topics a subscription, a publisher claim or a subscriber claim covers.
+//!
+//! A selector matches a topic when it is `*`, when it is the topic itself, or when it is a URI
+//! template (RFC 6570) the topic is an expansion of. Templates are compiled to regular
+//! expressions once and cached ([`TopicSelectorStore`]), as the reference hub does. The
+//! compiler covers what topic selectors use in practice:
+//! - `{var}` matches unreserved characters and percent-escapes, so it never crosses `/`;
+//! - `{+var}` and `{#var}` also match reserved characters (`/`, `:`, `?`, ...);
+//! - `{.var}`, `{/var}`, `{;var}`, `{?var}`, `{&var}` match their prefixed forms;
+//! - several variables in one expression (`{x,y}`), prefix (`:3`) and explode (`*`) modifiers
+//!   are accepted; an exploded variable matches a list.
+//!
+//! A selector containing `{` that is not a valid template is only matched exactly.
+
+use regex::Regex;
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::{Arc, RwLock};
+
+/// Compiled templates kept at most (the cache is emptied when full; recompiling is cheap).
+pub const DEFAULT_TEMPLATE_CACHE_SIZE: usize = 10_000;
+
+/// Matches topics against selectors, caching compiled templates.
+#[derive(Debug)]
+pub struct TopicSelectorStore {
+    /// `None` for a selector with `{` that is not a valid template.
+    templates: RwLock<HashMap<String, Option<Arc<Regex>>>>,
+    capacity: usize,
+}
+
+impl Default for TopicSelectorStore {
+    fn default() -> Self {
+        TopicSelectorStore::new(DEFAULT_TEMPLATE_CACHE_SIZE)
+    }
+}
+
+impl TopicSelectorStore {
+    pub fn new(capacity: usize) -> TopicSelectorStore {
+        TopicSelectorStore {
+            templates: RwLock::new(HashMap::new()),
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// Does `selector` cover `topic`?
+    pub fn matches(&self, topic: &str, selector: &str) -> bool {
+        if selector == "*" || selector == topic {
+            return true;
+        }
+        if !selector.contains('{') {
+            return false;
+        }
+        self.template(selector).is_some_and(|re| re.is_match(topic))
+    }
+
+    /// Does any selector cover any topic? (What a subscriber needs to receive an update.)
+    pub fn any_matches(&self, topics: &[String], selectors: &[String]) -> bool {
+        topics
+            .iter()
+            .any(|t| selectors.iter().any(|s| self.matches(t, s)))
+    }
+
+    /// Is every topic covered by some selector? (What a publisher needs to publish an update.)
+    pub fn all_match(&self, topics: &[String], selectors: &[String]) -> bool {
+        if selectors.iter().any(|s| s == "*") {
+            return true;
+        }
+        topics
+            .iter()
+            .all(|t| selectors.iter().any(|s| self.matches(t, s)))
+    }
+
+    fn template(&self, selector: &str) -> Option<Arc<Regex>> {
+        let read = self.templates.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(cached) = read.get(selector) {
+            return cached.clone();
+        }
+        drop(read);
+        let compiled = compile_template(selector).map(Arc::new);
+        let mut write = self.templates.write().unwrap_or_else(|e| e.into_inner());
+        if write.len() >= self.capacity {
+            write.clear();
+        }
+        write.insert(selector.to_owned(), compiled.clone());
+        compiled
+    }
+}
+
+/// Characters a simple expansion leaves as they are (RFC 6570 "unreserved").
+const UNRESERVED: &str = r"(?:[A-Za-z0-9\-._~]|%[0-9A-Fa-f]{2})";
+/// Characters a reserved expansion (`+`, `#`) leaves as they are: unreserved and reserved.
+const RESERVED: &str = r"(?:[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]|%[0-9A-Fa-f]{2})";
+
+/// Compiles a URI template to an anchored regular expression matching its expansions, or
+/// `None` when `template` is not a valid template.
+pub fn compile_template(template: &str) -> Option<Regex> {
+    let mut pattern = String::from("^");
+    let mut rest = template;
+    while let Some(open) = rest.find(['{', '}']) {
+        if rest.as_bytes()[open] == b'}' {
+            return None;
+        }
+        pattern.push_str(&regex::escape(&rest[..open]));
+        let close = open + rest[open..].find('}')?;
+        expression(&rest[open + 1..close], &mut pattern)?;
+        rest = &rest[close + 1..];
+    }
+    pattern.push_str(&regex::escape(rest));
+    pattern.push('$');
+    Regex::new(&pattern).ok()
+}
+
+/// Appends the pattern of one `{...}` expression (without the braces).
+fn expression(expr: &str, pattern: &mut String) -> Option<()> {
+    let (operator, list) = match expr.chars().next()? {
+        c @ ('+' | '#' | '.' | '/' | ';' | '?' | '&') => (Some(c), &expr[1..]),
+        _ => (None, expr),
+    };
+    let (first, separator, named, chars) = match operator {
+        None => ("", ",", false, UNRESERVED),
+        Some('+') => ("", ",", false, RESERVED),
+        Some('#') => ("#", ",", false, RESERVED),
+        Some('.') => (".", ".", false, UNRESERVED),
+        Some('/') => ("/", "/", false, UNRESERVED),
+        Some(';') => (";", ";", true, UNRESERVED),
+        Some('?') => ("?", "&", true, UNRESERVED),
+        Some('&') => ("&", "&", true, UNRESERVED),
+        Some(_) => unreachable!("operators listed above"),
+    };
+    let mut values = Vec::new();
+    for spec in list.split(',') {
+        let (name, explode) = match spec.strip_suffix('*') {
+            Some(name) => (name, true),
+            None => (spec.split(':').next().unwrap_or(spec), false),
+        };
+        let valid = !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.' || c == '%');
+        if !valid {
+            return None;
+        }
+        let one = if named {
+            // `;x=1` (`;x` when empty), `?x=1`, `&x=1`; exploded: `k=v` pairs.
+            let key = if explode {
+                format!("{UNRESERVED}+")
+            } else {
+                regex::escape(name)
+            };
+            format!("{key}(?:={chars}*)?")
+        } else {
+            format!("{chars}*")
+        };
+        let item = if explode {
+            format!("{one}(?:(?:{}|,){one})*", regex::escape(separator))
+        } else {
+            one
+        };
+        values.push(item);
+    }
+    // Undefined variables are left out of an expansion, so every value is optional; their
+    // separators go with them.
+    let _ = write!(pattern, "(?:{}", regex::escape(first));
+    for (i, value) in values.iter().enumerate() {
+        if i == 0 {
+            let _ = write!(pattern, "(?:{value})?");
+        } else {
+            let _ = write!(pattern, "(?:{}?{value})?", regex::escape(separator));
+        }
+    }
+    pattern.push_str(")?");
+    Some(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(topic: &str, selector: &str) -> bool {
+        TopicSelectorStore::default().matches(topic, selector)
+    }
+
+    #[test]
+    fn exact_and_wildcard() {
+        assert!(m("foo", "foo"));
+        assert!(m("https://example.com/a", "*"));
+        assert!(!m("foo", "bar"));
+        assert!(!m("foo", "fo"));
+        // A `*` inside a selector is not a wildcard.
+        assert!(!m("https://example.com/a", "https://example.com/*"));
+    }
+
+    #[test]
+    fn simple_variables_stay_within_a_segment() {
+        let s = "https://example.com/books/{id}";
+        assert!(m("https://example.com/books/1", s));
+        assert!(m("https://example.com/books/a-b_c.d~e%20", s));
+        assert!(!m("https://example.com/books/1/reviews", s));
+        assert!(!m("https://example.com/reviews/1", s));
+        assert!(!m("https://example.com/books/1?x=y", s));
+        assert!(m(
+            "https://example.com/books/1/reviews/2",
+            "https://example.com/books/{book}/reviews/{review}"
+        ));
+        // The conformance suite's non-matching template.
+        assert!(!m(
+            "https://example.net/foo/will-not-match}",
+            "https://example.net/bar/{var}"
+        ));
+    }
+
+    #[test]
+    fn reserved_expansion_crosses_segments() {
+        let s = "https://example.com/{+path}";
+        assert!(m("https://example.com/a/b/c", s));
+        assert!(m("https://example.com/a/b?c=d#e", s));
+        assert!(m("https://example.com/", s));
+        assert!(m(
+            "https://example.com/x#y/z",
+            "https://example.com/x{#frag}"
+        ));
+    }
+
+    #[test]
+    fn other_operators() {
+        assert!(m("https://e.com/a/b", "https://e.com{/x,y}"));
+        assert!(m("https://e.com/file.json", "https://e.com/file{.ext}"));
+        assert!(m("https://e.com/s?q=1&lang=fr", "https://e.com/s{?q,lang}"));
+        assert!(m("https://e.com/s?q=1", "https://e.com/s{?q,lang}"));
+        assert!(m("https://e.com/m;x=1;y", "https://e.com/m{;x,y}"));
+        assert!(m("https://e.com/l/1,2,3", "https://e.com/l/{list*}"));
+        assert!(m("https://e.com/p/abc", "https://e.com/p/{v:3}"));
+    }
+
+    #[test]
+    fn invalid_templates_only_match_exactly() {
+        for bad in [
+            "https://e.com/{",
+            "https://e.com/}{x}",
+            "https://e.com/{}",
+            "{a b}",
+        ] {
+            assert!(compile_template(bad).is_none(), "{bad}");
+            assert!(m(bad, bad));
+            assert!(!m("https://e.com/x", bad));
+        }
+    }
+
+    #[test]
+    fn literal_parts_are_not_patterns() {
+        assert!(!m("https://exampleXcom/1", "https://example.com/{id}"));
+        assert!(m("https://e.com/(a)/1", "https://e.com/(a)/{id}"));
+    }
+
+    #[test]
+    fn publishers_need_every_topic_subscribers_any() {
+        let s = TopicSelectorStore::new(2);
+        let topics = vec!["foo".to_owned(), "bar".to_owned()];
+        let sel = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(s.all_match(&topics, &sel(&["foo", "bar"])));
+        assert!(s.all_match(&topics, &sel(&["*"])));
+        assert!(!s.all_match(&topics, &sel(&[])));
+        assert!(!s.all_match(&topics, &sel(&["foo"])));
+        assert!(s.any_matches(&topics, &sel(&["bar"])));
+        assert!(s.any_matches(&topics, &sel(&["*"])));
+        assert!(!s.any_matches(&topics, &sel(&[])));
+        assert!(!s.any_matches(&topics, &sel(&["baz", "bat"])));
+        // The cache keeps working past its capacity.
+        for i in 0..10 {
+            assert!(s.matches(&format!("t/{i}"), &format!("t/{{x{i}}}")));
+        }
+    }
+}

@@ -1,0 +1,257 @@
+//! An update: what a publisher posts and a subscriber receives, its form encoding (the publish
+//! request body) and its server-sent-event encoding.
+//!
+//! Validation follows the reference hub: at least one topic and at most [`MAX_TOPICS`]; `retry`
+//! an unsigned integer; no CR, LF or NUL in `id` or `type` (they would let a publisher inject
+//! SSE fields); no topic inside `/.well-known/mercure` (reserved for the hub's own events).
+
+use axum::response::sse::Event;
+use std::time::Duration;
+use thiserror::Error;
+
+/// The most topics one update (publish) or one subscription may name.
+pub const MAX_TOPICS: usize = 1000;
+
+/// Topics containing this are the hub's own; publishers may not forge them.
+pub const RESERVED_TOPIC_PART: &str = "/.well-known/mercure";
+
+/// One update.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Update {
+    /// Every topic the update belongs to (the first is its canonical topic, the others
+    /// alternates). A subscriber receives it when any of them matches its selectors.
+    pub topics: Vec<String>,
+    pub data: String,
+    /// Private updates go only to subscribers whose JWT allows one of their topics.
+    pub private: bool,
+    /// The event id; the hub generates a `urn:uuid:` one when the publisher gives none.
+    pub id: Option<String>,
+    /// The SSE event type.
+    pub event_type: Option<String>,
+    /// The SSE reconnection delay, in milliseconds.
+    pub retry: Option<u64>,
+}
+
+/// Why an update was refused; [`UpdateError::forbidden`] tells 403 from 400.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum UpdateError {
+    #[error("Missing \"topic\" parameter")]
+    MissingTopic,
+    #[error("too many topics in update (more than {MAX_TOPICS})")]
+    TooManyTopics,
+    #[error("Invalid \"retry\" parameter")]
+    InvalidRetry,
+    #[error("\"id\" field contains a forbidden control character")]
+    InvalidId,
+    #[error("\"type\" field contains a forbidden control character")]
+    InvalidType,
+    #[error("{0:?}: topic value references the reserved \"/.well-known/mercure\" namespace")]
+    ReservedTopic(String),
+}
+
+impl UpdateError {
+    /// A forbidden topic (403) rather than a malformed request (400).
+    pub fn forbidden(&self) -> bool {
+        matches!(self, UpdateError::ReservedTopic(_))
+    }
+}
+
+fn has_control(s: &str) -> bool {
+    s.contains(['\r', '\n', '\0'])
+}
+
+impl Update {
+    /// A public update on `topics`.
+    pub fn new(topics: Vec<String>, data: impl Into<String>) -> Update {
+        Update {
+            topics,
+            data: data.into(),
+            ..Default::default()
+        }
+    }
+
+    /// Reads a publish request body (`application/x-www-form-urlencoded`): `topic` (repeated),
+    /// `data`, `private` (present means private, whatever its value), `id`, `type`, `retry`.
+    /// Only the form is checked here; see [`Update::validate`] for the rest.
+    pub fn from_form(body: &[u8]) -> Result<Update, UpdateError> {
+        let mut update = Update::default();
+        let (mut data, mut retry) = (None, None);
+        for (key, value) in form_urlencoded::parse(body) {
+            // Go's `PostForm.Get` takes the first value of a field; so do we.
+            match &*key {
+                "topic" => update.topics.push(value.into_owned()),
+                "data" if data.is_none() => data = Some(value.into_owned()),
+                "private" => update.private = true,
+                "id" if update.id.is_none() => update.id = Some(value.into_owned()),
+                "type" if update.event_type.is_none() => {
+                    update.event_type = Some(value.into_owned())
+                }
+                "retry" if retry.is_none() => retry = Some(value.into_owned()),
+                _ => {}
+            }
+        }
+        if update.topics.is_empty() {
+            return Err(UpdateError::MissingTopic);
+        }
+        if update.topics.len() > MAX_TOPICS {
+            return Err(UpdateError::TooManyTopics);
+        }
+        update.data = data.unwrap_or_default();
+        update.id = update.id.filter(|id| !id.is_empty());
+        update.event_type = update.event_type.filter(|t| !t.is_empty());
+        update.retry = match retry.as_deref() {
+            None | Some("") => None,
+            Some(r) => Some(r.parse::<u64>().map_err(|_| UpdateError::InvalidRetry)?),
+        };
+        Ok(update)
+    }
+
+    /// The publish request body for this update.
+    pub fn to_form(&self) -> String {
+        let mut form = form_urlencoded::Serializer::new(String::new());
+        for topic in &self.topics {
+            form.append_pair("topic", topic);
+        }
+        form.append_pair("data", &self.data);
+        if self.private {
+            form.append_pair("private", "on");
+        }
+        if let Some(id) = &self.id {
+            form.append_pair("id", id);
+        }
+        if let Some(t) = &self.event_type {
+            form.append_pair("type", t);
+        }
+        if let Some(retry) = self.retry {
+            form.append_pair("retry", &retry.to_string());
+        }
+        form.finish()
+    }
+
+    /// Checks what would let a publisher forge events or inject SSE fields.
+    pub fn validate(&self) -> Result<(), UpdateError> {
+        if self.topics.is_empty() {
+            return Err(UpdateError::MissingTopic);
+        }
+        if self.topics.len() > MAX_TOPICS {
+            return Err(UpdateError::TooManyTopics);
+        }
+        if let Some(t) = self.topics.iter().find(|t| t.contains(RESERVED_TOPIC_PART)) {
+            return Err(UpdateError::ReservedTopic(t.clone()));
+        }
+        if self.id.as_deref().is_some_and(has_control) {
+            return Err(UpdateError::InvalidId);
+        }
+        if self.event_type.as_deref().is_some_and(has_control) {
+            return Err(UpdateError::InvalidType);
+        }
+        Ok(())
+    }
+
+    /// The server-sent event. Call on validated updates only: axum panics on CR or LF in an
+    /// id or type, and [`Update::validate`] refuses them.
+    pub fn to_event(&self) -> Event {
+        let mut event = Event::default();
+        if let Some(t) = &self.event_type {
+            event = event.event(t);
+        }
+        if let Some(retry) = self.retry {
+            event = event.retry(Duration::from_millis(retry));
+        }
+        event = event.id(self.id.as_deref().unwrap_or_default());
+        // Every line break form (CRLF, CR, LF) becomes one `data:` line, as the reference hub
+        // writes it; axum would turn a CRLF into two lines.
+        event.data(self.data.replace("\r\n", "\n").replace('\r', "\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::response::IntoResponse;
+
+    fn parse(body: &str) -> Result<Update, UpdateError> {
+        Update::from_form(body.as_bytes())
+    }
+
+    #[test]
+    fn reads_repeated_topics_and_every_field() {
+        let u =
+            parse("topic=a&topic=https%3A%2F%2Fe.com%2F1&data=x%0Ay&private=&id=i&type=t&retry=5")
+                .unwrap();
+        assert_eq!(u.topics, ["a", "https://e.com/1"]);
+        assert_eq!(u.data, "x\ny");
+        assert!(u.private, "private counts by presence alone");
+        assert_eq!(u.id.as_deref(), Some("i"));
+        assert_eq!(u.event_type.as_deref(), Some("t"));
+        assert_eq!(u.retry, Some(5));
+        assert_eq!(Update::from_form(u.to_form().as_bytes()).unwrap(), u);
+    }
+
+    #[test]
+    fn refuses_bad_forms() {
+        assert_eq!(parse("data=x"), Err(UpdateError::MissingTopic));
+        assert_eq!(parse(""), Err(UpdateError::MissingTopic));
+        for retry in ["-1", "1.5", "abc", "18446744073709551616"] {
+            assert_eq!(
+                parse(&format!("topic=a&retry={retry}")),
+                Err(UpdateError::InvalidRetry),
+                "{retry}"
+            );
+        }
+        let many = vec!["topic=a"; MAX_TOPICS + 1].join("&");
+        assert_eq!(parse(&many), Err(UpdateError::TooManyTopics));
+        assert!(parse("topic=a&retry=").unwrap().retry.is_none());
+    }
+
+    #[test]
+    fn validation_blocks_injection_and_reserved_topics() {
+        let ok = Update::new(vec!["a".into()], "d");
+        assert_eq!(ok.validate(), Ok(()));
+        for bad in ["a\nb", "a\rb", "a\0b"] {
+            let u = Update {
+                id: Some(bad.into()),
+                ..ok.clone()
+            };
+            assert_eq!(u.validate(), Err(UpdateError::InvalidId));
+            let u = Update {
+                event_type: Some(bad.into()),
+                ..ok.clone()
+            };
+            assert_eq!(u.validate(), Err(UpdateError::InvalidType));
+        }
+        let u = Update::new(
+            vec![
+                "a".into(),
+                "https://e.com/.well-known/mercure/subscriptions".into(),
+            ],
+            "",
+        );
+        let err = u.validate().unwrap_err();
+        assert!(err.forbidden());
+        assert!(!UpdateError::InvalidId.forbidden());
+    }
+
+    async fn render(event: Event) -> String {
+        use futures::stream;
+        let sse =
+            axum::response::Sse::new(stream::iter([Ok::<_, std::convert::Infallible>(event)]));
+        let body = sse.into_response().into_body();
+        let bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn renders_events_as_the_reference_hub() {
+        let u = Update {
+            id: Some("id-1".into()),
+            event_type: Some("reading".into()),
+            retry: Some(1500),
+            ..Update::new(vec!["a".into()], "l1\r\nl2\rl3\nl4")
+        };
+        assert_eq!(
+            render(u.to_event()).await,
+            "event: reading\nretry: 1500\nid: id-1\ndata: l1\ndata: l2\ndata: l3\ndata: l4\n\n"
+        );
+    }
+}

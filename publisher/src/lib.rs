@@ -1,0 +1,416 @@
+//! The publisher: READINGS → Mercure hub.
+//!
+//! Each [`TagReadingsBatch`] becomes one private update posted to the hub at `MERCURE_URL`,
+//! on two topics under `MERCURE_TOPIC_BASE` (default `https://dataviz.local`):
+//!
+//! | topic                                                | who subscribes                     |
+//! |------------------------------------------------------|------------------------------------|
+//! | `{base}/gateways/{gateway_id}/devices/{device_id}`   | a view of one device               |
+//! | `{base}/gateways/{gateway_id}`                       | a view of every device of a gateway|
+//!
+//! A subscriber selects them exactly or with templates (`{base}/gateways/{g}/devices/{d}`,
+//! `{base}/gateways/{+rest}` for everything); a private update reaches only subscribers whose
+//! JWT `mercure.subscribe` claim matches one of the two topics. The ids are the registry's
+//! integer ids (as in the admin site's URLs), not the device codes.
+//!
+//! The update's id is `urn:uuid:<batch id>`: a redelivered batch carries the same id, so a
+//! subscriber (and our hub, which does not dispatch an id twice) sees it once. Its data is JSON:
+//!
+//! ```json
+//! {"id": "0190…", "gateway": 7, "device": {"id": 12, "code": "dev-1"},
+//!  "time": "2017-12-22T08:05:20Z",
+//!  "readings": [{"tag": "AI.0", "type": "double precision", "value": 12.0}]}
+//! ```
+//!
+//! # Acknowledgements and failures
+//! A message is acknowledged only after the hub accepted its update (`200`): a hub that is
+//! down loses nothing, the messages wait in READINGS. Failures are sorted by
+//! [`PublishError`]:
+//! - unavailable (no connection, timeout, 5xx, 429): warning, every message not yet published
+//!   is handed back with a delay ([`nak_later`]) and the stage backs off before its next batch;
+//! - refused (401, 403, 400...): **also retried, logged at ERROR**. A refusal of our own update
+//!   is a configuration problem (wrong key, a `mercure.publish` claim or a hub ACL not covering
+//!   the topic base), not a bad message: dead-lettering would throw away every update until an
+//!   operator fixes it, while retrying resumes by itself once the configuration is right.
+//! - a message that is not a readings batch is acknowledged with an error log: the writer,
+//!   which reads the same stream, sends it to DEAD; there is nothing to publish.
+//!
+//! # Ordering and coalescing
+//! Updates of one device are posted in stream order, one at a time; devices are posted
+//! concurrently (at most `PUBLISHER_CONCURRENCY` requests in flight). When the backlog of the
+//! consumer reaches `PUBLISHER_COALESCE_BACKLOG` messages (a burst, or catching up after the
+//! hub was down), a fetched batch is **coalesced**: only the latest update of each device
+//! (by reading time, then stream order) is posted, and the older ones are acknowledged with it.
+//! Subscribers then see fewer intermediate values but the current state at once, and the hub
+//! is not flooded; nothing is lost for storage (the writer has its own consumer). Below the
+//! threshold every update is posted. After an outage, redelivered updates may arrive after
+//! newer ones: a live view should order by `time`.
+
+use async_nats::jetstream::{self, consumer::pull};
+use dataviz_core::{
+    consume::{self, ack, nak_later},
+    message::TagReadingsBatch,
+    ops::{Progress, metric},
+    retry::Backoff,
+    shutdown::Shutdown,
+    streams,
+};
+use dataviz_mercure::{MercurePublisher, PublishError, Update};
+use futures::StreamExt;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+const STAGE: &str = "publisher";
+
+/// Publisher settings. The JWT key is [`dataviz_mercure::MercureKeysConfig`], shared with the
+/// embedded hub when both run in one process.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PublisherConfig {
+    /// The hub's publish URL.
+    #[arg(
+        long,
+        env = "MERCURE_URL",
+        value_name = "MERCURE_URL",
+        default_value = "http://127.0.0.1:3000/.well-known/mercure"
+    )]
+    pub mercure_url: String,
+    /// Base IRI of the topics (`{base}/gateways/{id}` and `{base}/gateways/{id}/devices/{id}`).
+    #[arg(
+        long,
+        env = "MERCURE_TOPIC_BASE",
+        value_name = "MERCURE_TOPIC_BASE",
+        default_value = "https://dataviz.local"
+    )]
+    pub mercure_topic_base: String,
+    /// READINGS messages fetched at once, at most.
+    #[arg(
+        long,
+        env = "PUBLISHER_BATCH_SIZE",
+        value_name = "PUBLISHER_BATCH_SIZE",
+        default_value_t = 500
+    )]
+    pub publisher_batch_size: usize,
+    /// Updates posted at once, at most (one device at a time each).
+    #[arg(
+        long,
+        env = "PUBLISHER_CONCURRENCY",
+        value_name = "PUBLISHER_CONCURRENCY",
+        default_value_t = 16
+    )]
+    pub publisher_concurrency: usize,
+    /// Backlog (messages waiting for the publisher) from which a fetched batch is coalesced to
+    /// the latest update per device; 0: never coalesce.
+    #[arg(
+        long,
+        env = "PUBLISHER_COALESCE_BACKLOG",
+        value_name = "PUBLISHER_COALESCE_BACKLOG",
+        default_value_t = 1000
+    )]
+    pub publisher_coalesce_backlog: u64,
+}
+
+impl Default for PublisherConfig {
+    fn default() -> Self {
+        PublisherConfig {
+            mercure_url: "http://127.0.0.1:3000/.well-known/mercure".into(),
+            mercure_topic_base: "https://dataviz.local".into(),
+            publisher_batch_size: 500,
+            publisher_concurrency: 16,
+            publisher_coalesce_backlog: 1000,
+        }
+    }
+}
+
+/// The device topic and the gateway topic of a batch.
+pub fn topics(base: &str, batch: &TagReadingsBatch) -> [String; 2] {
+    let base = base.trim_end_matches('/');
+    let gateway = format!("{base}/gateways/{}", batch.gateway_id);
+    [format!("{gateway}/devices/{}", batch.device_id), gateway]
+}
+
+/// The update id of a batch.
+pub fn update_id(batch: &TagReadingsBatch) -> String {
+    format!("urn:uuid:{}", batch.id)
+}
+
+/// The update's data (see the crate doc).
+pub fn update_data(batch: &TagReadingsBatch) -> serde_json::Value {
+    serde_json::json!({
+        "id": batch.id,
+        "gateway": batch.gateway_id,
+        "device": { "id": batch.device_id, "code": batch.device_code },
+        "time": batch.time,
+        "readings": batch.readings.iter().map(|r| serde_json::json!({
+            "tag": r.tag,
+            "type": r.value.stored_type().as_str(),
+            "value": r.value.to_json(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// The private update of a batch.
+pub fn to_update(base: &str, batch: &TagReadingsBatch) -> Update {
+    Update {
+        topics: topics(base, batch).into(),
+        data: update_data(batch).to_string(),
+        private: true,
+        id: Some(update_id(batch)),
+        event_type: None,
+        retry: None,
+    }
+}
+
+/// What to post for a fetched batch: per device, the indexes of the messages in order, and for
+/// each, the indexes of older messages it stands for (coalesced).
+fn plan(batches: &[(usize, TagReadingsBatch)], coalesce: bool) -> Vec<Vec<(usize, Vec<usize>)>> {
+    let mut devices: HashMap<i64, Vec<usize>> = HashMap::new();
+    let mut order = Vec::new();
+    for (position, (_, batch)) in batches.iter().enumerate() {
+        devices
+            .entry(batch.device_id)
+            .or_insert_with(|| {
+                order.push(batch.device_id);
+                Vec::new()
+            })
+            .push(position);
+    }
+    order
+        .into_iter()
+        .map(|device| {
+            let positions = devices.remove(&device).unwrap_or_default();
+            if !coalesce || positions.len() < 2 {
+                return positions.into_iter().map(|p| (p, Vec::new())).collect();
+            }
+            // Latest by reading time, then by stream order (later position wins ties).
+            let latest = positions
+                .iter()
+                .copied()
+                .max_by_key(|p| (batches[*p].1.time, *p))
+                .expect("non-empty");
+            let rest = positions.into_iter().filter(|p| *p != latest).collect();
+            vec![(latest, rest)]
+        })
+        .collect()
+}
+
+/// State kept between batches.
+#[derive(Debug, Default)]
+struct Pacing {
+    backoff: Mutex<Backoff>,
+}
+
+/// Handles one fetched batch: posts, acks what the hub accepted, hands back the rest. Returns
+/// false when the hub failed (the caller backs off).
+pub async fn handle_messages(
+    config: &PublisherConfig,
+    publisher: &MercurePublisher,
+    messages: Vec<jetstream::Message>,
+) -> bool {
+    let mut batches = Vec::with_capacity(messages.len());
+    for (index, message) in messages.iter().enumerate() {
+        match serde_json::from_slice::<TagReadingsBatch>(&message.payload) {
+            Ok(batch) => batches.push((index, batch)),
+            Err(e) => {
+                tracing::error!(subject = %message.subject, error = %e, "not a readings batch: nothing to publish (the writer dead-letters it)");
+                ack(message).await;
+            }
+        }
+    }
+    if batches.is_empty() {
+        return true;
+    }
+    let backlog = messages
+        .iter()
+        .filter_map(|m| m.info().ok().map(|i| i.pending))
+        .min()
+        .unwrap_or(0);
+    let coalesce = config.publisher_coalesce_backlog > 0
+        && backlog.saturating_add(messages.len() as u64) >= config.publisher_coalesce_backlog;
+    let plan = plan(&batches, coalesce);
+    // Set at the first failure: the rest of the batch is handed back without trying.
+    let failed = AtomicBool::new(false);
+    let base = config.mercure_topic_base.as_str();
+    let devices = futures::stream::iter(plan.into_iter().map(|device| {
+        let (batches, messages, failed) = (&batches, &messages, &failed);
+        async move {
+            for (position, coalesced) in device {
+                let (index, batch) = &batches[position];
+                let covered = std::iter::once(*index)
+                    .chain(coalesced.iter().map(|p| batches[*p].0))
+                    .map(|i| &messages[i]);
+                if failed.load(Ordering::Relaxed) {
+                    futures::future::join_all(covered.map(nak_later)).await;
+                    continue;
+                }
+                match publisher.publish(&to_update(base, batch)).await {
+                    Ok(_) => {
+                        metrics::counter!(metric::PUBLISHER_UPDATES).increment(1);
+                        metrics::counter!(metric::PUBLISHER_COALESCED)
+                            .increment(coalesced.len() as u64);
+                        futures::future::join_all(covered.map(ack)).await;
+                    }
+                    Err(e) => {
+                        if !failed.swap(true, Ordering::Relaxed) {
+                            report(&e, publisher);
+                        }
+                        futures::future::join_all(covered.map(nak_later)).await;
+                    }
+                }
+            }
+        }
+    }))
+    .buffer_unordered(config.publisher_concurrency.max(1))
+    .collect::<Vec<()>>();
+    devices.await;
+    !failed.load(Ordering::Relaxed)
+}
+
+/// One log line and one metric per failed batch.
+fn report(error: &PublishError, publisher: &MercurePublisher) {
+    match error {
+        PublishError::Unavailable(_) => {
+            metrics::counter!(metric::FAILURES, "stage" => STAGE, "kind" => "hub_unavailable")
+                .increment(1);
+            tracing::warn!(hub = %publisher.url(), error = %error, "hub unavailable; updates kept and retried");
+        }
+        PublishError::Refused { .. } => {
+            metrics::counter!(metric::FAILURES, "stage" => STAGE, "kind" => "hub_refused")
+                .increment(1);
+            tracing::error!(hub = %publisher.url(), error = %error, "hub refused our update: check MERCURE_PUBLISHER_JWT_KEY, the JWT's mercure.publish claim and MERCURE_TOPIC_BASE; updates kept and retried");
+        }
+    }
+}
+
+/// Consumes READINGS until `shutdown`, on the durable `consumer`
+/// ([`dataviz_core::streams::StreamSettings::publisher_consumer`]),
+/// posting to the hub through `publisher`.
+pub async fn run(
+    config: PublisherConfig,
+    consumer: pull::Config,
+    js: jetstream::Context,
+    publisher: MercurePublisher,
+    progress: &Progress,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    let pacing = Pacing::default();
+    consume::consume_batches(
+        &js,
+        streams::READINGS_STREAM,
+        consumer,
+        config.publisher_batch_size,
+        progress,
+        &shutdown,
+        |messages| {
+            let (config, publisher, pacing, shutdown) = (&config, &publisher, &pacing, &shutdown);
+            async move {
+                if handle_messages(config, publisher, messages).await {
+                    pacing
+                        .backoff
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .reset();
+                    return;
+                }
+                let wait = pacing
+                    .backoff
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .next_delay();
+                tokio::select! {
+                    _ = shutdown.cancelled() => {},
+                    _ = tokio::time::sleep(wait) => {},
+                }
+            }
+        },
+    )
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::{TimeZone, Utc};
+    use dataviz_core::message::TagReading;
+    use dataviz_core::value::Value;
+    use uuid::Uuid;
+
+    fn batch(device: i64, second: u32) -> TagReadingsBatch {
+        TagReadingsBatch {
+            id: Uuid::now_v7(),
+            gateway_id: 7,
+            device_id: device,
+            device_code: format!("dev-{device}"),
+            time: Utc.with_ymd_and_hms(2017, 12, 22, 8, 5, second).unwrap(),
+            received_at: Utc::now(),
+            readings: vec![
+                TagReading {
+                    tag_id: 1,
+                    tag: "AI.0".into(),
+                    value: Value::Double(12.0),
+                },
+                TagReading {
+                    tag_id: 2,
+                    tag: "flag".into(),
+                    value: Value::Null,
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn topics_under_the_base() {
+        let b = batch(12, 0);
+        assert_eq!(
+            topics("https://dataviz.local/", &b),
+            [
+                "https://dataviz.local/gateways/7/devices/12",
+                "https://dataviz.local/gateways/7"
+            ]
+        );
+        let update = to_update("https://x.example", &b);
+        assert!(update.private);
+        assert_eq!(update.id, Some(format!("urn:uuid:{}", b.id)));
+        assert_eq!(update.validate(), Ok(()));
+    }
+
+    #[test]
+    fn data_holds_gateway_device_time_and_typed_readings() {
+        let b = batch(12, 20);
+        let data = update_data(&b);
+        assert_eq!(
+            data,
+            serde_json::json!({
+                "id": b.id,
+                "gateway": 7,
+                "device": {"id": 12, "code": "dev-12"},
+                "time": "2017-12-22T08:05:20Z",
+                "readings": [
+                    {"tag": "AI.0", "type": "double precision", "value": 12.0},
+                    {"tag": "flag", "type": "text", "value": null},
+                ],
+            })
+        );
+    }
+
+    #[test]
+    fn plans_keep_device_order_and_coalesce_to_the_latest() {
+        let batches: Vec<_> = [(1, 3), (2, 1), (1, 5), (1, 4), (2, 2)]
+            .into_iter()
+            .enumerate()
+            .map(|(i, (d, s))| (i, batch(d, s)))
+            .collect();
+        assert_eq!(
+            plan(&batches, false),
+            vec![
+                vec![(0, vec![]), (2, vec![]), (3, vec![])],
+                vec![(1, vec![]), (4, vec![])]
+            ]
+        );
+        // Device 1: the reading at :05 (position 2) is the latest, even though :04 came after.
+        assert_eq!(
+            plan(&batches, true),
+            vec![vec![(2, vec![0, 3])], vec![(4, vec![1])]]
+        );
+    }
+}
