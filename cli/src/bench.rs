@@ -166,19 +166,26 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         .execute("INSERT INTO gateway (id, name) VALUES (1, 'bench')", &[])
         .await?;
     let log_dir = tempfile::tempdir()?;
-    let mut all = spawn_all(&nats, &mosquitto, &db, log_dir.path())?;
+    let app_addr = format!("127.0.0.1:{}", dataviz_testkit::free_port());
+    let all = KillOnDrop(spawn_all(
+        &nats,
+        &mosquitto,
+        &db,
+        &app_addr,
+        log_dir.path(),
+    )?);
     wait_ready(&client).await?;
+    let hub = format!("http://{app_addr}{}", dataviz_mercure::HUB_PATH);
     let (pipeline_msgs, pipeline_readings) = pipeline(&mosquitto, &client, &args).await?;
 
     // 3. Latency at a fixed rate.
-    let latency = latency(&mosquitto, &client, &args).await?;
+    let latency = latency(&mosquitto, &client, &hub, &args).await?;
 
     // 4. Memory.
-    let mem_all = peak_rss_mib(all.id());
+    let mem_all = peak_rss_mib(all.0.id());
     let mem_nats = nats.pid().and_then(peak_rss_mib);
     let mem_mqtt = mosquitto.pid().and_then(peak_rss_mib);
-    let _ = all.kill();
-    let _ = all.wait();
+    drop(all);
 
     println!("\n{:<58} {:>14} {:>10}", "measure", "figure", "ratio");
     let line =
@@ -222,6 +229,22 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             args.latency_rate
         ),
         format!("{:.1} ms", latency.1),
+        String::new(),
+    );
+    line(
+        &format!(
+            "latency MQTT publish → Mercure event, p50 at {} msg/s",
+            args.latency_rate
+        ),
+        format!("{:.1} ms", latency.2),
+        String::new(),
+    );
+    line(
+        &format!(
+            "latency MQTT publish → Mercure event, p99 at {} msg/s",
+            args.latency_rate
+        ),
+        format!("{:.1} ms", latency.3),
         String::new(),
     );
     let mib = |m: Option<f64>| m.map_or("n/a".to_owned(), |m| format!("{m:.0} MiB"));
@@ -362,14 +385,31 @@ async fn copy_alone(db: &TestDb, args: &BenchArgs) -> anyhow::Result<f64> {
     Ok(rate(rows, start.elapsed()))
 }
 
+/// A child process killed with the bench, whatever way the bench ends.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The key `dataviz all` signs subscribers' tokens with, in the bench.
+const SUBSCRIBER_KEY: &str = "dataviz-bench-subscriber-key";
+
 fn spawn_all(
     nats: &NatsServer,
     mosquitto: &Mosquitto,
     db: &TestDb,
+    app_addr: &str,
     log_dir: &std::path::Path,
 ) -> anyhow::Result<Child> {
     Command::new(std::env::current_exe()?)
         .arg("all")
+        .env("APP_ADDR", app_addr)
+        .env("MERCURE_PUBLISHER_JWT_KEY", "dataviz-bench-publisher-key")
+        .env("MERCURE_SUBSCRIBER_JWT_KEY", SUBSCRIBER_KEY)
         .env("NATS_URL", nats.url())
         .env("MQTT_HOST", "127.0.0.1")
         .env("MQTT_PORT", mosquitto.port().to_string())
@@ -380,6 +420,7 @@ fn spawn_all(
         .env("LOG_DIR", log_dir)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log_dir.join("dataviz-all.log"))?)
         .spawn()
         .context("starting dataviz all")
 }
@@ -460,31 +501,34 @@ async fn pipeline(
     ))
 }
 
-/// p50 and p99, in milliseconds, of MQTT publish → row committed, at a fixed rate.
+/// p50 and p99, in milliseconds, of MQTT publish → row committed, then of MQTT publish →
+/// Mercure event, at a fixed rate.
 ///
 /// The messages go to one device and carry their number in a `seq` tag; a watcher polls the
-/// `(tag_id, time desc)` index every 2 ms and dates each number when its row appears.
+/// `(tag_id, time desc)` index every 2 ms and dates each number when its row appears, and a
+/// subscriber holding a JWT dates each number when its event arrives.
 async fn latency(
     mosquitto: &Mosquitto,
     client: &tokio_postgres::Client,
+    hub: &str,
     args: &BenchArgs,
-) -> anyhow::Result<(f64, f64)> {
+) -> anyhow::Result<(f64, f64, f64, f64)> {
     eprintln!(
         "latency: {} msg/s for {:?}…",
         args.latency_rate, args.latency_for
     );
     let publisher = Publisher::connect(mosquitto.port(), "bench-latency").await;
     let total = (args.latency_rate as f64 * args.latency_for.as_secs_f64()).max(1.0) as usize;
-    let message = |seq: usize| {
+    let message = |seq: usize, at: chrono::DateTime<chrono::Utc>| {
         format!(
             r#"{{"d":[{{"tag":"seq","value":{seq}}}],"ts":"{}"}}"#,
-            chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+            at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
         )
         .into_bytes()
     };
     // The first message creates the device and its tag; the watcher needs the tag's id.
     publisher
-        .publish("gateways/1/latency".into(), message(0))
+        .publish("gateways/1/latency".into(), message(0, chrono::Utc::now()))
         .await?;
     let deadline = Instant::now() + Duration::from_secs(30);
     let tag_id: i64 = loop {
@@ -504,11 +548,42 @@ async fn latency(
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
+    let token = dataviz_mercure::jwt::sign(
+        &dataviz_mercure::Claims::subscriber(vec!["*".into()], Some(Duration::from_secs(3600))),
+        &dataviz_mercure::JwtKey::new(SUBSCRIBER_KEY),
+    );
+    let mut events = dataviz_mercure::subscriber::EventStream::connect(
+        hub,
+        &dataviz_mercure::subscriber::SubscribeRequest {
+            topics: vec!["https://dataviz.local/gateways/1/devices/{device}".into()],
+            token: Some(token),
+            last_event_id: None,
+        },
+    )
+    .await
+    .context("subscribing to the embedded hub")?;
+    let (arrived_tx, mut arrived) = tokio::sync::mpsc::unbounded_channel::<(usize, Instant)>();
+    let subscriber = tokio::spawn(async move {
+        while let Ok(Some(event)) = events.next().await {
+            let at = Instant::now();
+            let seq = serde_json::from_str::<serde_json::Value>(&event.data)
+                .ok()
+                .and_then(|d| d["readings"][0]["value"].as_u64());
+            if let Some(seq) = seq
+                && arrived_tx.send((seq as usize, at)).is_err()
+            {
+                break;
+            }
+        }
+    });
     let mut sent: Vec<Option<Instant>> = vec![None; total + 1];
     let mut seen: Vec<Option<Instant>> = vec![None; total + 1];
     let start = Instant::now();
     let mut next = 1;
-    let mut since = chrono::DateTime::<chrono::Utc>::MIN_UTC;
+    // Rows commit out of order (workers, batches): each poll reads from the oldest message not
+    // seen yet, by its `ts`, which is the time it was published.
+    let mut published = vec![chrono::Utc::now(); total + 1];
+    let mut oldest_unseen = 1;
     let mut poll = tokio::time::interval(Duration::from_millis(2));
     while seen[1..].iter().any(Option::is_none) {
         anyhow::ensure!(
@@ -520,35 +595,62 @@ async fn latency(
             && start.elapsed().as_secs_f64() >= (next - 1) as f64 / args.latency_rate as f64
         {
             sent[next] = Some(Instant::now());
+            published[next] = chrono::Utc::now();
             publisher
-                .publish("gateways/1/latency".into(), message(next))
+                .publish("gateways/1/latency".into(), message(next, published[next]))
                 .await?;
             next += 1;
         }
         poll.tick().await;
         let rows = client
             .query(
-                "SELECT time, value_num FROM tag_reading WHERE tag_id = $1 AND time > $2 ORDER BY time",
-                &[&tag_id, &since],
+                "SELECT value_num FROM tag_reading WHERE tag_id = $1 AND time > $2",
+                &[
+                    &tag_id,
+                    &(published[oldest_unseen] - chrono::Duration::milliseconds(1)),
+                ],
             )
             .await?;
         let now = Instant::now();
         for row in rows {
-            since = since.max(row.get(0));
-            let seq = row.get::<_, Option<f64>>(1).unwrap_or_default() as usize;
+            let seq = row.get::<_, Option<f64>>(0).unwrap_or_default() as usize;
             if (1..=total).contains(&seq) && seen[seq].is_none() {
                 seen[seq] = Some(now);
             }
         }
+        while oldest_unseen < total && seen[oldest_unseen].is_some() {
+            oldest_unseen += 1;
+        }
     }
-    let mut ms: Vec<f64> = sent[1..]
+    // Every event too (the publisher follows the writer closely), then the percentiles.
+    let mut evented: Vec<Option<Instant>> = vec![None; total + 1];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while evented[1..].iter().any(Option::is_none) && Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_millis(200), arrived.recv()).await {
+            Ok(Some((seq, at))) if (1..=total).contains(&seq) => evented[seq] = Some(at),
+            Ok(None) => break,
+            _ => {}
+        }
+    }
+    subscriber.abort();
+    let missing = evented[1..].iter().filter(|e| e.is_none()).count();
+    anyhow::ensure!(
+        missing == 0,
+        "latency run: {missing} Mercure events never arrived"
+    );
+    let (row50, row99) = percentiles(&sent, &seen);
+    let (event50, event99) = percentiles(&sent, &evented);
+    Ok((row50, row99, event50, event99))
+}
+
+/// p50 and p99 of `to - from`, in milliseconds, over the messages numbered from 1.
+fn percentiles(from: &[Option<Instant>], to: &[Option<Instant>]) -> (f64, f64) {
+    let mut ms: Vec<f64> = from[1..]
         .iter()
-        .zip(&seen[1..])
-        .filter_map(|(s, r)| {
-            Some((r.as_ref()?.duration_since(*s.as_ref()?)).as_secs_f64() * 1000.0)
-        })
+        .zip(&to[1..])
+        .filter_map(|(s, r)| Some(r.as_ref()?.duration_since(*s.as_ref()?).as_secs_f64() * 1000.0))
         .collect();
     ms.sort_by(f64::total_cmp);
     let at = |q: f64| ms[((ms.len() as f64 * q) as usize).min(ms.len() - 1)];
-    Ok((at(0.5), at(0.99)))
+    (at(0.5), at(0.99))
 }
