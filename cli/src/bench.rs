@@ -178,6 +178,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let hub = format!("http://{app_addr}{}", dataviz_mercure::HUB_PATH);
     let (pipeline_msgs, pipeline_readings) = pipeline(&mosquitto, &client, &args).await?;
 
+    // The publisher's backlog (updates for the hub) drains before the latency run.
+    wait_publisher_drained(&nats).await?;
+
     // 3. Latency at a fixed rate.
     let latency = latency(&mosquitto, &client, &hub, &args).await?;
 
@@ -501,10 +504,34 @@ async fn pipeline(
     ))
 }
 
+/// Waits until the publisher has acknowledged everything in READINGS.
+async fn wait_publisher_drained(nats: &NatsServer) -> anyhow::Result<()> {
+    eprintln!("pipeline: waiting for the publisher's backlog to drain…");
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await?);
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let mut consumer: async_nats::jetstream::consumer::PullConsumer = js
+            .get_stream(dataviz_core::streams::READINGS_STREAM)
+            .await?
+            .get_consumer(dataviz_core::streams::PUBLISHER_CONSUMER)
+            .await
+            .map_err(|e| anyhow::anyhow!("the publisher's consumer: {e}"))?;
+        let info = consumer.info().await?;
+        if info.num_pending == 0 && info.num_ack_pending == 0 {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the publisher did not drain in 10 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// p50 and p99, in milliseconds, of MQTT publish → row committed, then of MQTT publish →
 /// Mercure event, at a fixed rate.
 ///
-/// The messages go to one device and carry their number in a `seq` tag; a watcher polls the
+/// The messages go to 50 devices and carry their number in a `seq` tag; a watcher polls the
 /// `(tag_id, time desc)` index every 2 ms and dates each number when its row appears, and a
 /// subscriber holding a JWT dates each number when its event arrives.
 async fn latency(
@@ -526,25 +553,33 @@ async fn latency(
         )
         .into_bytes()
     };
-    // The first message creates the device and its tag; the watcher needs the tag's id.
-    publisher
-        .publish("gateways/1/latency".into(), message(0, chrono::Utc::now()))
-        .await?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let tag_id: i64 = loop {
-        let row = client
-            .query_opt(
+    // Spread over devices, as real traffic is (the publisher posts one device's updates in
+    // order). A first message creates each device and its tag; the watcher needs the tags' ids.
+    const DEVICES: usize = 50;
+    let topic = |seq: usize| format!("gateways/1/latency-{:02}", seq % DEVICES);
+    for device in 0..DEVICES {
+        publisher
+            .publish(topic(device), message(0, chrono::Utc::now()))
+            .await?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let tag_ids: Vec<i64> = loop {
+        let ids: Vec<i64> = client
+            .query(
                 "SELECT t.id FROM tag t JOIN device d ON d.id = t.device_id
-                 WHERE d.code = 'latency' AND t.code = 'seq'",
+                 WHERE d.code LIKE 'latency-%' AND t.code = 'seq'",
                 &[],
             )
-            .await?;
-        if let Some(row) = row {
-            break row.get(0);
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if ids.len() == DEVICES {
+            break ids;
         }
         anyhow::ensure!(
             Instant::now() < deadline,
-            "the latency device never appeared"
+            "the latency devices never all appeared"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
@@ -597,16 +632,16 @@ async fn latency(
             sent[next] = Some(Instant::now());
             published[next] = chrono::Utc::now();
             publisher
-                .publish("gateways/1/latency".into(), message(next, published[next]))
+                .publish(topic(next), message(next, published[next]))
                 .await?;
             next += 1;
         }
         poll.tick().await;
         let rows = client
             .query(
-                "SELECT value_num FROM tag_reading WHERE tag_id = $1 AND time > $2",
+                "SELECT value_num FROM tag_reading WHERE tag_id = ANY($1) AND time > $2",
                 &[
-                    &tag_id,
+                    &tag_ids,
                     &(published[oldest_unseen] - chrono::Duration::milliseconds(1)),
                 ],
             )

@@ -4,6 +4,7 @@
 
 mod app;
 mod bench;
+mod bench_site;
 mod dlq;
 mod replay;
 mod roles;
@@ -58,6 +59,8 @@ enum Command {
     User(user::UserArgs),
     /// Throughput, latency and memory beside the machine's limits, on servers of its own.
     Bench(bench::BenchArgs),
+    /// The admin site's page timings (p50, p99) on 10,000 devices and a million readings.
+    BenchSite(bench_site::BenchSiteArgs),
 }
 
 fn main() -> ExitCode {
@@ -96,6 +99,7 @@ fn main() -> ExitCode {
             Command::User(args) => user::run(args).await,
             Command::Replay(args) => replay::run(args).await,
             Command::Bench(args) => bench::run(args).await,
+            Command::BenchSite(args) => bench_site::run(args).await,
         }
     });
     match result {

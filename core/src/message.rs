@@ -30,8 +30,8 @@ pub const HEADER_DEAD_REASON: &str = "Dataviz-Dead-Reason";
 pub const HEADER_DEAD_ERROR: &str = "Dataviz-Dead-Error";
 
 /// Characters escaped in header values: controls (CR and LF would end the header), `%` itself,
-/// and everything outside ASCII.
-const HEADER_ESCAPES: &AsciiSet = &CONTROLS.add(b'%');
+/// spaces (NATS trims them at both ends of a value), and everything outside ASCII.
+const HEADER_ESCAPES: &AsciiSet = &CONTROLS.add(b'%').add(b' ');
 
 /// A message as the bridge received it from MQTT.
 #[derive(Debug, Clone, PartialEq)]
@@ -251,7 +251,7 @@ mod tests {
     #[test]
     fn raw_messages_round_trip_through_headers() {
         let raw = RawMessage::received(
-            "gateways/7/dév\r\nice %20".into(),
+            "gateways/7/ dév\r\nice %20 ".into(),
             Bytes::from_static(b"\xff not json"),
         );
         let headers = raw.headers(Some("abc"));

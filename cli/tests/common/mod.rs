@@ -416,3 +416,36 @@ pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
     Some((status, body))
 }
+
+/// A [`Publisher`] with a persistent session (clean session off, fixed random client id): what
+/// it had in flight when the connection dropped is sent again on reconnection, as a device
+/// that must not lose readings does. For tests that stop the broker under it.
+pub async fn persistent_publisher(port: u16) -> Publisher {
+    let mut options = MqttOptions::new(
+        format!("test-device-{}", uuid::Uuid::now_v7().simple()),
+        "127.0.0.1",
+        port,
+    );
+    options.set_clean_session(false);
+    options.set_inflight(500);
+    options.set_max_packet_size(8 << 20, 8 << 20);
+    let (client, mut eventloop) = AsyncClient::new(options, 1000);
+    let acked = Arc::new(AtomicU64::new(0));
+    let counter = acked.clone();
+    tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    });
+    Publisher {
+        client,
+        acked,
+        sent: 0,
+    }
+}

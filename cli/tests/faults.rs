@@ -1,0 +1,493 @@
+//! Faults of the servers around the roles, each during a sustained run of 10,000 messages
+//! published in bursts: SIGKILL of Mosquitto and of NATS, PostgreSQL unreachable, the Mercure
+//! hub down, READINGS at its size limit. Each ends with every reading stored exactly once.
+//! docs/FAULTS.md lists them with the other fault tests.
+//!
+//! The tests of this file run one at a time (`SERIAL`): each starts a whole stack and several
+//! roles, which is all two cores can carry at once.
+
+mod common;
+
+use chrono::{TimeZone, Utc};
+use common::{Publisher, Stack};
+use dataviz_mercure::JwtKey;
+use dataviz_mercure::jwt::{Claims, sign};
+use dataviz_mercure::subscriber::{EventStream, SubscribeRequest};
+use dataviz_testkit::free_port;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+const MESSAGES: i64 = 10_000;
+const BURST: i64 = 1_000;
+/// Readings per message: `seq` (the message's number) and `AI.0`.
+const TAGS: i64 = 2;
+/// How long PostgreSQL and the hub stay away.
+const OUTAGE: Duration = Duration::from_secs(30);
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn reading(i: i64) -> String {
+    let ts = Utc.with_ymd_and_hms(2024, 1, 1, 0, 0, 0).unwrap() + chrono::Duration::milliseconds(i);
+    format!(
+        r#"{{"d": [{{"tag": "seq", "value": {i}}}, {{"tag": "AI.0", "value": {}.5}}], "ts": "{}"}}"#,
+        i % 97,
+        ts.to_rfc3339()
+    )
+}
+
+async fn publish_burst(mqtt: &mut Publisher, burst: i64) {
+    for i in burst * BURST..(burst + 1) * BURST {
+        mqtt.publish(&format!("gateways/1/dev-{}", i % 20), reading(i))
+            .await;
+    }
+}
+
+/// Every message's readings are stored, each exactly once.
+async fn assert_every_row_once(stack: &Stack, timeout: Duration) {
+    stack
+        .wait_for_count("SELECT count(*) FROM tag_reading", MESSAGES * TAGS, timeout)
+        .await;
+    assert_eq!(
+        stack
+            .count(
+                "SELECT count(DISTINCT r.value_num)::bigint FROM tag_reading r
+                 JOIN tag t ON t.id = r.tag_id WHERE t.code = 'seq'"
+            )
+            .await,
+        MESSAGES,
+        "every message's sequence number is there"
+    );
+    assert_eq!(
+        stack
+            .count(
+                "SELECT count(*) FROM (SELECT tag_id, time FROM tag_reading
+                 GROUP BY tag_id, time HAVING count(*) > 1) AS twice"
+            )
+            .await,
+        0,
+        "no reading stored twice"
+    );
+    assert_eq!(stack.count("SELECT count(*) FROM device").await, 20);
+}
+
+async fn dead_letters(stack: &Stack) -> usize {
+    common::stream_messages(&stack.nats.url(), "DEAD")
+        .await
+        .len()
+}
+
+/// The roles every test runs, with a short ack wait so that what a role held at a fault comes
+/// back within the test.
+const ENV: [(&str, &str); 2] = [("ACK_WAIT", "2s"), ("WORKER_COUNT", "2")];
+
+/// Fails today: Mosquitto saves its state every `autosave_interval` (10 s), so a SIGKILL loses
+/// the QoS 1 messages it had acknowledged to the device but not yet delivered to the bridge
+/// (about 2,300 of 10,000 in a run). Ignored until fixed (docs/FAULTS.md).
+#[ignore = "bug: SIGKILL of Mosquitto loses acknowledged messages queued for the bridge"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_mosquitto_mid_run_loses_no_acknowledged_message() {
+    let _serial = SERIAL.lock().await;
+    let mut stack = Stack::start().await;
+    stack.create_gateway(1).await;
+    let _bridge = stack.spawn("bridge", &ENV);
+    let _processor = stack.spawn("processor", &ENV);
+    let _writer = stack.spawn("writer", &ENV);
+    // The device keeps its session: what it had in flight at the crash is sent again.
+    let mut mqtt = common::persistent_publisher(stack.mosquitto.port()).await;
+
+    for burst in 0..MESSAGES / BURST {
+        publish_burst(&mut mqtt, burst).await;
+        if burst == 3 || burst == 6 {
+            // Mid-burst for the bridge: part of it is still queued in the broker, part in
+            // flight between the broker, the bridge and JetStream.
+            tokio::time::sleep(Duration::from_millis(40)).await;
+            stack.mosquitto.kill();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            stack.mosquitto.restart();
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    mqtt.wait_acked(Duration::from_secs(60)).await;
+    assert_every_row_once(&stack, Duration::from_secs(120)).await;
+    assert_eq!(dead_letters(&stack).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_nats_mid_run_loses_nothing_and_stores_nothing_twice() {
+    let _serial = SERIAL.lock().await;
+    let mut stack = Stack::start().await;
+    stack.create_gateway(1).await;
+    let mut roles = vec![
+        stack.spawn("bridge", &ENV),
+        stack.spawn("processor", &ENV),
+        stack.spawn("writer", &ENV),
+    ];
+    let mut mqtt = Publisher::connect(stack.mosquitto.port()).await;
+
+    for burst in 0..MESSAGES / BURST {
+        publish_burst(&mut mqtt, burst).await;
+        if burst == 3 || burst == 6 {
+            tokio::time::sleep(Duration::from_millis(40)).await;
+            stack.nats.kill();
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            stack.nats.restart();
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    mqtt.wait_acked(Duration::from_secs(60)).await;
+    assert_every_row_once(&stack, Duration::from_secs(120)).await;
+    assert_eq!(dead_letters(&stack).await, 0);
+    for role in &mut roles {
+        assert!(role.is_running(), "{} survived NATS restarts", role.role);
+    }
+}
+
+/// A TCP forwarder to PostgreSQL that the test can cut: [`stop`](Self::stop) closes the
+/// listener and every forwarded connection, so clients see their connections drop and new
+/// ones refused, as when the server or the network goes away.
+struct TcpProxy {
+    port: u16,
+    target: std::net::SocketAddr,
+    stop: Option<CancellationToken>,
+}
+
+impl TcpProxy {
+    async fn start(target: std::net::SocketAddr) -> TcpProxy {
+        let mut proxy = TcpProxy {
+            port: free_port(),
+            target,
+            stop: None,
+        };
+        proxy.resume().await;
+        proxy
+    }
+
+    async fn resume(&mut self) {
+        assert!(self.stop.is_none(), "proxy already running");
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port))
+            .await
+            .expect("proxy port");
+        let stop = CancellationToken::new();
+        let (target, token) = (self.target, stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let (mut inbound, _) = tokio::select! {
+                    _ = token.cancelled() => return,
+                    accepted = listener.accept() => match accepted {
+                        Ok(pair) => pair,
+                        Err(_) => continue,
+                    },
+                };
+                let token = token.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = token.cancelled() => {}
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                    }
+                });
+            }
+        });
+        self.stop = Some(stop);
+    }
+
+    fn cut(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            stop.cancel();
+        }
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.cut();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgresql_unreachable_for_a_while_is_waited_for_not_dead_lettered() {
+    let _serial = SERIAL.lock().await;
+    let stack = Stack::start().await;
+    stack.create_gateway(1).await;
+    let mut proxy = TcpProxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let url = stack
+        .db
+        .url()
+        .replace("127.0.0.1:5432", &format!("127.0.0.1:{}", proxy.port));
+    assert_ne!(
+        url,
+        stack.db.url(),
+        "the database URL goes through the proxy"
+    );
+    let env = [ENV[0], ENV[1], ("DATABASE_URL", &url)];
+    let mut roles = vec![
+        stack.spawn("bridge", &env),
+        stack.spawn("processor", &env),
+        stack.spawn("writer", &env),
+    ];
+    let mut mqtt = Publisher::connect(stack.mosquitto.port()).await;
+
+    let mut cut_at = None;
+    for burst in 0..MESSAGES / BURST {
+        publish_burst(&mut mqtt, burst).await;
+        if burst == 3 {
+            tokio::time::sleep(Duration::from_millis(40)).await;
+            proxy.cut();
+            cut_at = Some(Instant::now());
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // The rest of the run happened during the outage; it lasts OUTAGE in all.
+    let cut_at = cut_at.unwrap();
+    tokio::time::sleep(OUTAGE.saturating_sub(cut_at.elapsed())).await;
+    let stored_during = stack.count("SELECT count(*) FROM tag_reading").await;
+    assert!(
+        stored_during < MESSAGES * TAGS,
+        "the outage held readings back"
+    );
+    proxy.resume().await;
+    mqtt.wait_acked(Duration::from_secs(60)).await;
+    assert_every_row_once(&stack, Duration::from_secs(120)).await;
+    assert_eq!(
+        dead_letters(&stack).await,
+        0,
+        "a database outage is not the messages' fault"
+    );
+    for role in &mut roles {
+        assert!(role.is_running(), "{} waited for the database", role.role);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mercure_hub_down_for_a_while_loses_no_update() {
+    const PUBLISHER_KEY: &str = "publisher-key-for-tests-0123456789";
+    const SUBSCRIBER_KEY: &str = "subscriber-key-for-tests-0123456789";
+    let _serial = SERIAL.lock().await;
+    let stack = Stack::start().await;
+    stack.create_gateway(1).await;
+    let hub_port = free_port();
+    let hub_addr = format!("127.0.0.1:{hub_port}");
+    let hub_url = format!("http://{hub_addr}/.well-known/mercure");
+    let keys = [
+        ("MERCURE_PUBLISHER_JWT_KEY", PUBLISHER_KEY),
+        ("MERCURE_SUBSCRIBER_JWT_KEY", SUBSCRIBER_KEY),
+    ];
+    let mut hub = stack.spawn(
+        "hub",
+        &[
+            keys[0],
+            keys[1],
+            ("MERCURE_ADDR", &hub_addr),
+            // The whole run fits in the history, for the subscriber that comes last.
+            ("MERCURE_HISTORY_SIZE", "100000"),
+        ],
+    );
+    let _publisher = stack.spawn(
+        "publisher",
+        &[
+            ENV[0],
+            keys[0],
+            ("MERCURE_URL", &hub_url),
+            // Every update posted, none coalesced: the test counts them.
+            ("PUBLISHER_COALESCE_BACKLOG", "0"),
+        ],
+    );
+    let _bridge = stack.spawn("bridge", &ENV);
+    let _processor = stack.spawn("processor", &ENV);
+    let _writer = stack.spawn("writer", &ENV);
+
+    let nats = async_nats::connect(stack.nats.url()).await.expect("NATS");
+    let js = async_nats::jetstream::new(nats);
+    let publisher_consumer = || async {
+        js.get_stream("READINGS")
+            .await
+            .ok()?
+            .consumer_info("publisher")
+            .await
+            .ok()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while publisher_consumer().await.is_none()
+        || !dataviz_testkit::wait_for_port(hub_port, Duration::ZERO)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "publisher consumer and hub not up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let selector = "https://dataviz.local/gateways/{gateway}/devices/{device}".to_owned();
+    let request = |last_event_id: Option<&str>| SubscribeRequest {
+        topics: vec![selector.clone()],
+        token: Some(sign(
+            &Claims::subscriber(vec![selector.clone()], Some(Duration::from_secs(600))),
+            &JwtKey::new(SUBSCRIBER_KEY),
+        )),
+        last_event_id: last_event_id.map(str::to_owned),
+    };
+    // Seen live before the hub goes down.
+    let before: Arc<Mutex<HashSet<i64>>> = Arc::default();
+    let mut early = EventStream::connect(&hub_url, &request(None))
+        .await
+        .expect("subscribed");
+    let listening = CancellationToken::new();
+    let early_task = tokio::spawn({
+        let (before, listening) = (before.clone(), listening.clone());
+        async move {
+            while !listening.is_cancelled() {
+                if let Some(event) = early.next_within(Duration::from_millis(500)).await {
+                    before.lock().unwrap().extend(seq_of(&event.data));
+                }
+            }
+        }
+    });
+
+    let mut mqtt = Publisher::connect(stack.mosquitto.port()).await;
+    let mut killed_at = None;
+    let mut published_after_kill = HashSet::new();
+    for burst in 0..MESSAGES / BURST {
+        if killed_at.is_some() {
+            published_after_kill.extend(burst * BURST..(burst + 1) * BURST);
+        }
+        publish_burst(&mut mqtt, burst).await;
+        if burst == 3 {
+            tokio::time::sleep(Duration::from_millis(40)).await;
+            hub.kill();
+            killed_at = Some(Instant::now());
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    tokio::time::sleep(OUTAGE.saturating_sub(killed_at.unwrap().elapsed())).await;
+    listening.cancel();
+    early_task.await.unwrap();
+    hub.start_again();
+    mqtt.wait_acked(Duration::from_secs(60)).await;
+    assert_every_row_once(&stack, Duration::from_secs(120)).await;
+
+    // The publisher catches up: nothing pending, nothing waiting for an ack.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let info = publisher_consumer().await;
+        if let Some(info) = &info
+            && info.num_pending == 0
+            && info.num_ack_pending == 0
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the publisher did not catch up: {info:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // A subscriber from the start of the new hub's history gets every update posted since it
+    // restarted: all those published while it was down, and whatever it missed before.
+    let mut late = EventStream::connect(&hub_url, &request(Some("earliest")))
+        .await
+        .expect("subscribed after the restart");
+    let mut after = HashSet::new();
+    while let Some(event) = late.next_within(Duration::from_secs(3)).await {
+        after.extend(seq_of(&event.data));
+    }
+    let missing: Vec<i64> = published_after_kill.difference(&after).copied().collect();
+    assert!(
+        missing.is_empty(),
+        "{} updates published during the outage never reached the restarted hub, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+    // Updates the hub had accepted but not yet sent when it was SIGKILLed are gone with its
+    // in-memory history: the publisher's ack means "the hub took it", and this hub keeps
+    // nothing on disk (docs/FAULTS.md). Said, not asserted.
+    let before = before.lock().unwrap();
+    let lost = (0..MESSAGES)
+        .filter(|i| !before.contains(i) && !after.contains(i))
+        .count();
+    eprintln!(
+        "hub SIGKILL: {lost} updates accepted by the killed hub reached no subscriber \
+         ({} seen live before the kill, {} after the restart)",
+        before.len(),
+        after.len()
+    );
+}
+
+/// The `seq` reading of an update's data.
+fn seq_of(data: &str) -> Option<i64> {
+    let data: serde_json::Value = serde_json::from_str(data).ok()?;
+    data["readings"]
+        .as_array()?
+        .iter()
+        .find(|r| r["tag"] == "seq")?["value"]
+        .as_i64()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readings_stream_at_its_size_limit_pushes_back_and_loses_nothing() {
+    const LIMIT: i64 = 256 * 1024;
+    let _serial = SERIAL.lock().await;
+    let stack = Stack::start().await;
+    stack.create_gateway(1).await;
+    let limit = LIMIT.to_string();
+    let env = [ENV[0], ENV[1], ("READINGS_MAX_BYTES", &limit)];
+    let _bridge = stack.spawn("bridge", &env);
+    let mut processor = stack.spawn("processor", &env);
+    let mut mqtt = Publisher::connect(stack.mosquitto.port()).await;
+
+    // No writer yet: READINGS (interest retention) keeps every batch for the writer's
+    // consumer, and fills up.
+    for burst in 0..MESSAGES / BURST {
+        publish_burst(&mut mqtt, burst).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    mqtt.wait_acked(Duration::from_secs(60)).await;
+    let nats = async_nats::connect(stack.nats.url()).await.expect("NATS");
+    let js = async_nats::jetstream::new(nats);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let full = loop {
+        let readings = js
+            .get_stream("READINGS")
+            .await
+            .unwrap()
+            .get_info()
+            .await
+            .unwrap();
+        let raw = js
+            .get_stream("RAW")
+            .await
+            .unwrap()
+            .get_info()
+            .await
+            .unwrap();
+        if raw.state.messages == MESSAGES as u64 && readings.state.bytes + 2048 > LIMIT as u64 {
+            break readings;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "RAW {} messages, READINGS {} bytes of {LIMIT}",
+            raw.state.messages,
+            readings.state.bytes
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(full.state.bytes <= LIMIT as u64, "{:?}", full.state);
+    assert!(full.state.messages < MESSAGES as u64, "{:?}", full.state);
+    // Held there for a while: the processor keeps retrying, dead-letters nothing.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        dead_letters(&stack).await,
+        0,
+        "a full stream is not the messages' fault"
+    );
+    assert!(processor.is_running());
+    assert_eq!(stack.count("SELECT count(*) FROM tag_reading").await, 0);
+
+    let _writer = stack.spawn("writer", &env);
+    assert_every_row_once(&stack, Duration::from_secs(120)).await;
+    assert_eq!(dead_letters(&stack).await, 0);
+}
