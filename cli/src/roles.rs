@@ -165,6 +165,25 @@ impl Role {
         Ok(pool)
     }
 
+    /// A stage whose progress readiness watches, with its consumer's lag polled.
+    fn watched_stage(
+        &self,
+        js: &async_nats::jetstream::Context,
+        name: &str,
+        stream: &'static str,
+        consumer: &str,
+    ) -> std::sync::Arc<dataviz_core::ops::Progress> {
+        let progress = self.ops.stage(name);
+        self.ops.watch_consumer(
+            js.clone(),
+            stream,
+            consumer.to_owned(),
+            progress.clone(),
+            self.shutdown.clone(),
+        );
+        progress
+    }
+
     fn bridge(
         &self,
         config: BridgeConfig,
@@ -183,13 +202,11 @@ impl Role {
         js: async_nats::jetstream::Context,
         pool: deadpool_postgres::Pool,
     ) -> impl Future<Output = anyhow::Result<()>> + use<> {
-        let progress = self.ops.stage("processor");
-        self.ops.watch_consumer(
-            js.clone(),
+        let progress = self.watched_stage(
+            &js,
+            "processor",
             streams::RAW_STREAM,
-            streams::PROCESSOR_CONSUMER.into(),
-            progress.clone(),
-            self.shutdown.clone(),
+            streams::PROCESSOR_CONSUMER,
         );
         dataviz_processor::run(
             config,
@@ -218,20 +235,16 @@ impl Role {
             config.retention_check_every,
             self.shutdown.clone(),
         ));
-        let progress = self.ops.stage("writer");
-        self.ops.watch_consumer(
-            js.clone(),
+        let progress = self.watched_stage(
+            &js,
+            "writer",
             streams::READINGS_STREAM,
-            streams::WRITER_CONSUMER.into(),
-            progress.clone(),
-            self.shutdown.clone(),
+            streams::WRITER_CONSUMER,
         );
         let (consumer, shutdown) = (settings.writer_consumer(), self.shutdown.clone());
         async move { dataviz_writer::run(config, consumer, js, pool, &progress, shutdown).await }
     }
-}
 
-impl Role {
     fn publisher(
         &self,
         config: PublisherConfig,
@@ -239,13 +252,11 @@ impl Role {
         js: async_nats::jetstream::Context,
         client: MercurePublisher,
     ) -> impl Future<Output = anyhow::Result<()>> + use<> {
-        let progress = self.ops.stage("publisher");
-        self.ops.watch_consumer(
-            js.clone(),
+        let progress = self.watched_stage(
+            &js,
+            "publisher",
             streams::READINGS_STREAM,
-            streams::PUBLISHER_CONSUMER.into(),
-            progress.clone(),
-            self.shutdown.clone(),
+            streams::PUBLISHER_CONSUMER,
         );
         let (consumer, shutdown) = (settings.publisher_consumer(), self.shutdown.clone());
         async move { dataviz_publisher::run(config, consumer, js, client, &progress, shutdown).await }

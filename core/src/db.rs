@@ -312,37 +312,33 @@ pub async fn apply_retention(
             describe(config.readings_retention)
         ));
     }
-    client
-        .execute(
-            "SELECT remove_retention_policy('tag_reading', if_exists => true)",
-            &[],
-        )
-        .await
-        .context("removing the retention policy")?;
-    if let Some(keep) = config.readings_retention.0 {
+    // TimescaleDB has no "alter policy": each is removed, then added as configured.
+    for (kind, argument, period) in [
+        ("retention", "drop_after", config.readings_retention),
+        (
+            "compression",
+            "compress_after",
+            config.readings_compress_after,
+        ),
+    ] {
         client
             .execute(
-                "SELECT add_retention_policy('tag_reading', drop_after => $1::text::interval)",
-                &[&interval(keep)],
+                &format!("SELECT remove_{kind}_policy('tag_reading', if_exists => true)"),
+                &[],
             )
             .await
-            .context("adding the retention policy")?;
-    }
-    client
-        .execute(
-            "SELECT remove_compression_policy('tag_reading', if_exists => true)",
-            &[],
-        )
-        .await
-        .context("removing the compression policy")?;
-    if let Some(after) = config.readings_compress_after.0 {
-        client
-            .execute(
-                "SELECT add_compression_policy('tag_reading', compress_after => $1::text::interval)",
-                &[&interval(after)],
-            )
-            .await
-            .context("adding the compression policy")?;
+            .with_context(|| format!("removing the {kind} policy"))?;
+        if let Some(period) = period.0 {
+            client
+                .execute(
+                    &format!(
+                        "SELECT add_{kind}_policy('tag_reading', {argument} => $1::text::interval)"
+                    ),
+                    &[&interval(period)],
+                )
+                .await
+                .with_context(|| format!("adding the {kind} policy"))?;
+        }
     }
     Ok(format!(
         "readings kept {}, compressed after {} (TimescaleDB policies)",

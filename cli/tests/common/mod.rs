@@ -99,43 +99,12 @@ impl Stack {
     }
 
     pub async fn count(&self, sql: &str) -> i64 {
-        self.db
-            .connect()
-            .await
-            .query_one(sql, &[])
-            .await
-            .unwrap_or_else(|e| panic!("{sql}: {e}"))
-            .get(0)
+        count_on(&self.db, sql).await
     }
 
-    /// Waits until `sql` (a single bigint) returns `expected`; panics with the last value.
+    /// Waits until `sql` (a single bigint) returns `expected`; see [`wait_for_count_on`].
     pub async fn wait_for_count(&self, sql: &str, expected: i64, timeout: Duration) {
-        let client = self.db.connect().await;
-        let deadline = Instant::now() + timeout;
-        let (mut last, mut last_change) = (-1, Instant::now());
-        loop {
-            let value: i64 = client.query_one(sql, &[]).await.expect(sql).get(0);
-            if value != last {
-                (last, last_change) = (value, Instant::now());
-            }
-            assert!(
-                last_change.elapsed() < Duration::from_secs(30),
-                "{sql}: stuck at {value} for 30 s, expected {expected}"
-            );
-            if value == expected {
-                return;
-            }
-            // Rows are never removed: past the mark is a duplicate, no need to wait longer.
-            assert!(
-                value < expected,
-                "{sql}: {value}, more than the {expected} expected"
-            );
-            assert!(
-                Instant::now() < deadline,
-                "{sql}: {value} after {timeout:?}, expected {expected}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_for_count_on(&self.db, sql, expected, timeout).await
     }
 }
 
@@ -366,8 +335,8 @@ pub async fn count_on(db: &TestDb, sql: &str) -> i64 {
         .get(0)
 }
 
-/// [`Stack::wait_for_count`] on any database: waits until `sql` (a single bigint) returns
-/// `expected`; panics with the last value, when it passes the mark, or when it is stuck.
+/// Waits until `sql` (a single bigint) returns `expected`; panics with the last value, when it
+/// passes the mark (rows are never removed: past it is a duplicate), or when it is stuck.
 pub async fn wait_for_count_on(db: &TestDb, sql: &str, expected: i64, timeout: Duration) {
     let client = db.connect().await;
     let deadline = Instant::now() + timeout;
