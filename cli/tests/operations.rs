@@ -291,3 +291,37 @@ async fn readings_past_retention_are_deleted_on_plain_postgresql() {
         "ids kept"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_fails_while_the_publisher_cannot_reach_its_hub() {
+    let stack = Stack::start().await;
+    stack.create_gateway(1).await;
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let nowhere = format!("http://127.0.0.1:{}/.well-known/mercure", free_port());
+    let _bridge = stack.spawn("bridge", &[]);
+    let _processor = stack.spawn("processor", &[]);
+    let _publisher = stack.spawn(
+        "publisher",
+        &[
+            ("HTTP_ADDR", &addr),
+            // Longer than the first redelivery delays (0.1 s doubling): a batch handed back
+            // again and again must not count as progress.
+            ("READY_STALL_AFTER", "8s"),
+            ("MERCURE_URL", &nowhere),
+            (
+                "MERCURE_PUBLISHER_JWT_KEY",
+                "a-key-for-a-hub-that-is-not-there",
+            ),
+        ],
+    );
+    wait_status(port, "/readyz", 200, Duration::from_secs(20)).await;
+    let mut mqtt = Publisher::connect(stack.mosquitto.port()).await;
+    mqtt.publish("gateways/1/d", reading(1)).await;
+    mqtt.wait_acked(Duration::from_secs(10)).await;
+    let why = wait_status(port, "/readyz", 503, Duration::from_secs(20)).await;
+    assert!(
+        why.contains("publisher: 1 messages waiting and no progress"),
+        "{why}"
+    );
+}

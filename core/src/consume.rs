@@ -12,7 +12,8 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 /// Pulls from `consumer` on `stream` and calls `handle` with each batch until `shutdown`.
-/// `handle` acknowledges the messages itself; each batch handled counts as progress, and its
+/// `handle` acknowledges the messages itself and says whether it did any work: a batch handed
+/// back whole (a dependency is down) is not progress, so readiness sees the stall. Each batch's
 /// size and duration are recorded under the consumer's name. On shutdown, messages already
 /// pulled but not handled are handed back at once (nak), for another instance to take.
 pub async fn consume_batches<F, Fut>(
@@ -26,7 +27,7 @@ pub async fn consume_batches<F, Fut>(
 ) -> anyhow::Result<()>
 where
     F: FnMut(Vec<jetstream::Message>) -> Fut,
-    Fut: Future<Output = ()>,
+    Fut: Future<Output = bool>,
 {
     let name = consumer.durable_name.clone().unwrap_or_default();
     let mut backoff = crate::retry::Backoff::default();
@@ -80,12 +81,14 @@ where
                 backoff.reset();
                 let started = Instant::now();
                 let size = batch.len();
-                handle(batch).await;
+                let progressed = handle(batch).await;
                 metrics::histogram!(metric::BATCH_SIZE, "stage" => name.clone())
                     .record(size as f64);
                 metrics::histogram!(metric::BATCH_SECONDS, "stage" => name.clone())
                     .record(started.elapsed().as_secs_f64());
-                progress.advanced();
+                if progressed {
+                    progress.advanced();
+                }
             }
             if broken {
                 break;

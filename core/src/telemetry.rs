@@ -66,12 +66,20 @@ pub struct LogConfig {
     pub rust_log: String,
 }
 
+/// Targets that log secrets below info, capped there whatever `RUST_LOG` says.
+const NO_SECRETS: &str = "tokio_postgres=info";
+
 /// Keeps the file writer flushing; drop it at exit.
 pub struct LogGuard(#[allow(dead_code)] Option<tracing_appender::non_blocking::WorkerGuard>);
 
 /// Installs the global subscriber.
 pub fn init(config: &LogConfig) -> anyhow::Result<LogGuard> {
-    let filter = || EnvFilter::try_new(&config.rust_log);
+    // tokio_postgres logs every statement's parameters at debug: session ids, password hashes.
+    // No RUST_LOG may turn that on.
+    let filter = || {
+        EnvFilter::try_new(&config.rust_log)
+            .map(|f| f.add_directive(NO_SECRETS.parse().expect("a valid directive")))
+    };
     filter().map_err(|e| anyhow::anyhow!("RUST_LOG {:?}: {e}", config.rust_log))?;
     let format = config.log_format.unwrap_or(match config.app_env {
         AppEnv::Dev => LogFormat::Text,

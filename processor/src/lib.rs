@@ -125,13 +125,14 @@ impl Processor {
     }
 
     /// Handles a batch of RAW messages: publishes every outcome, then acks what was stored and
-    /// hands back the rest.
+    /// hands back the rest. `false` when nothing was done (all handed back).
     pub async fn handle_messages(
         &self,
         js: &jetstream::Context,
         messages: Vec<jetstream::Message>,
-    ) {
+    ) -> bool {
         let stored = self.process(js, &messages).await;
+        let progressed = stored.iter().any(Result::is_ok);
         let finish = messages
             .iter()
             .zip(stored)
@@ -145,6 +146,7 @@ impl Processor {
                 }
             });
         join_all(finish).await;
+        progressed
     }
 
     /// Decides what becomes of each RAW message and publishes it to READINGS or DEAD, waiting

@@ -310,7 +310,7 @@ pub async fn run(
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .reset();
-                    return;
+                    return true;
                 }
                 let wait = pacing
                     .backoff
@@ -321,6 +321,7 @@ pub async fn run(
                     _ = shutdown.cancelled() => {},
                     _ = tokio::time::sleep(wait) => {},
                 }
+                false
             }
         },
     )

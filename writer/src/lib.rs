@@ -223,12 +223,12 @@ fn columns(
 }
 
 /// Handles a batch of READINGS messages: writes, then acks; refuses for good what PostgreSQL
-/// can never store; hands back the rest.
+/// can never store; hands back the rest. `false` when nothing was done (all handed back).
 pub async fn handle_messages(
     js: &jetstream::Context,
     pool: &Pool,
     messages: Vec<jetstream::Message>,
-) {
+) -> bool {
     let mut batches = Vec::with_capacity(messages.len());
     let mut kept = Vec::with_capacity(messages.len());
     for message in messages {
@@ -252,7 +252,7 @@ pub async fn handle_messages(
         }
     }
     if batches.is_empty() {
-        return;
+        return true;
     }
     match write(pool, &batches).await {
         Ok(written) => {
@@ -264,22 +264,26 @@ pub async fn handle_messages(
             );
             count_written(&written, &batches);
             join_all(kept.iter().map(ack)).await;
+            true
         }
         Err(WriteError::Data(e)) if batches.len() > 1 => {
             tracing::warn!(error = %e, messages = batches.len(), "batch refused for its data; writing its messages one by one");
             for (batch, message) in batches.into_iter().zip(kept) {
                 write_one(js, pool, batch, message).await;
             }
+            true
         }
         Err(WriteError::Data(e)) => {
             let (batch, message) = (batches.remove(0), &kept[0]);
             refuse_batch(js, message, &batch, e).await;
+            true
         }
         Err(WriteError::Transient(e)) => {
             metrics::counter!(metric::FAILURES, "stage" => STAGE, "kind" => "database")
                 .increment(1);
             tracing::warn!(error = %e, messages = batches.len(), "batch not written; it will be retried");
             join_all(kept.iter().map(nak_later)).await;
+            false
         }
     }
 }

@@ -418,3 +418,115 @@ pub async fn persistent_publisher(port: u16) -> Publisher {
         sent: 0,
     }
 }
+
+/// A `dataviz` process whose stderr and stdout are kept (and echoed with `DATAVIZ_TEST_LOGS`),
+/// for tests that assert on what it logs; killed when dropped.
+pub struct LoggedRole {
+    pub role: String,
+    child: Child,
+    output: Arc<std::sync::Mutex<String>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl LoggedRole {
+    /// Everything the process wrote so far.
+    pub fn log(&self) -> String {
+        self.output.lock().expect("log lock").clone()
+    }
+
+    /// Waits up to `timeout` for a line containing every one of `needles`; that line.
+    pub async fn wait_for_line(&self, needles: &[&str], timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let found = self
+                .log()
+                .lines()
+                .find(|line| needles.iter().all(|n| line.contains(n)))
+                .map(str::to_owned);
+            if found.is_some() || Instant::now() > deadline {
+                return found;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits up to `timeout` for the process to exit; its exit code (`Some(None)`: by a signal).
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<Option<i32>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status.code());
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// SIGKILL, then waits until everything it wrote has been read.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for reader in self.readers.drain(..) {
+            let _ = reader.join();
+        }
+    }
+}
+
+impl Drop for LoggedRole {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Starts `dataviz <role>` with exactly `env` plus `extra`, its output captured (see
+/// [`LoggedRole`]).
+pub fn spawn_logged(role: &str, env: &[(String, String)], extra: &[(&str, &str)]) -> LoggedRole {
+    use std::io::BufRead;
+    let mut command = Command::new(env!("CARGO_BIN_EXE_dataviz"));
+    command
+        .arg(role)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .envs(extra.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = command
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting dataviz {role}: {e}"));
+    let output = Arc::new(std::sync::Mutex::new(String::new()));
+    let echo = std::env::var_os("DATAVIZ_TEST_LOGS").is_some();
+    let pipes: [Box<dyn std::io::Read + Send>; 2] = [
+        Box::new(child.stdout.take().expect("stdout piped")),
+        Box::new(child.stderr.take().expect("stderr piped")),
+    ];
+    let mut readers = Vec::new();
+    for pipe in pipes {
+        let output = output.clone();
+        let role = role.to_owned();
+        readers.push(std::thread::spawn(move || {
+            for line in std::io::BufReader::new(pipe).lines() {
+                let Ok(line) = line else { break };
+                if echo {
+                    eprintln!("[{role}] {line}");
+                }
+                let mut output = output.lock().expect("log lock");
+                output.push_str(&line);
+                output.push('\n');
+            }
+        }));
+    }
+    LoggedRole {
+        role: role.to_owned(),
+        child,
+        output,
+        readers,
+    }
+}

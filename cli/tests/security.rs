@@ -1,0 +1,734 @@
+//! Security of the transport and of the logs, against real servers and the `dataviz` binary:
+//! MQTT (Mosquitto) and NATS over TLS with credentials, certificates made at test time; wrong
+//! credentials refused with a clear log line and nothing ingested; no password or key in any
+//! log line, even at `RUST_LOG=debug`.
+
+mod common;
+
+use common::{Stack, spawn_logged};
+use dataviz_testkit::{NatsServer, free_port, wait_for_port};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose,
+};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
+
+const MESSAGE: &str = r#"{"d": [{"tag": "AI.0", "value": 1.5}], "ts": "2024-06-01T12:00:00Z"}"#;
+const ROWS: &str = "SELECT count(*) FROM tag_reading";
+const ADMIN: &str = "admin@example.com";
+
+/// A CA and a server certificate for 127.0.0.1 signed by it, as PEM files in a temp dir.
+struct Pki {
+    _dir: TempDir,
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = tempfile::Builder::new()
+            .prefix("dataviz-pki-")
+            .tempdir()
+            .expect("temp dir");
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "dataviz test CA");
+        ca_params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("CA key"))
+            .expect("CA certificate");
+
+        let server_key = KeyPair::generate().expect("server key");
+        let mut params = CertificateParams::new(vec!["127.0.0.1".to_owned()]).expect("params");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "127.0.0.1");
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        let cert = params
+            .signed_by(&server_key, &ca)
+            .expect("server certificate");
+
+        let write = |name: &str, pem: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, pem).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            path
+        };
+        let ca_path = write("ca.pem", &ca.pem());
+        let cert_path = write("server.pem", &cert.pem());
+        let key_path = write("server-key.pem", &server_key.serialize_pem());
+        Pki {
+            ca: ca_path,
+            cert: cert_path,
+            key: key_path,
+            _dir: dir,
+        }
+    }
+
+    fn ca_pem(&self) -> Vec<u8> {
+        std::fs::read(&self.ca).expect("CA file")
+    }
+}
+
+/// Mosquitto with only a TLS listener on 127.0.0.1, anonymous clients refused, and one user
+/// from a `mosquitto_passwd` file.
+struct TlsMosquitto {
+    port: u16,
+    dir: TempDir,
+    child: Child,
+}
+
+impl TlsMosquitto {
+    fn start(pki: &Pki, user: &str, password: &str) -> TlsMosquitto {
+        let dir = tempfile::Builder::new()
+            .prefix("dataviz-mosquitto-tls-")
+            .tempdir()
+            .expect("temp dir");
+        let passwords = dir.path().join("passwords");
+        let made = Command::new("mosquitto_passwd")
+            .args(["-b", "-c"])
+            .arg(&passwords)
+            .args([user, password])
+            .output()
+            .expect("mosquitto_passwd runs");
+        assert!(made.status.success(), "mosquitto_passwd: {made:?}");
+        let mut errors = Vec::new();
+        for _ in 0..3 {
+            let port = free_port();
+            let config = dir.path().join("mosquitto.conf");
+            std::fs::write(
+                &config,
+                format!(
+                    "listener {port} 127.0.0.1\n\
+                     cafile {}\ncertfile {}\nkeyfile {}\n\
+                     allow_anonymous false\npassword_file {}\n\
+                     persistence false\nuser root\n\
+                     log_dest stderr\nlog_type all\nconnection_messages true\n",
+                    pki.ca.display(),
+                    pki.cert.display(),
+                    pki.key.display(),
+                    passwords.display()
+                ),
+            )
+            .expect("config written");
+            let log = std::fs::File::create(dir.path().join("mosquitto.log")).expect("log file");
+            let mut child = Command::new("/usr/sbin/mosquitto")
+                .arg("-c")
+                .arg(&config)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().expect("log file"))
+                .stderr(log)
+                .spawn()
+                .expect("mosquitto starts");
+            if wait_for_port(port, Duration::from_secs(10)) {
+                return TlsMosquitto { port, dir, child };
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            errors.push(
+                std::fs::read_to_string(dir.path().join("mosquitto.log")).unwrap_or_default(),
+            );
+        }
+        panic!(
+            "mosquitto with TLS did not start:\n{}",
+            errors.join("\n---\n")
+        );
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for TlsMosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// MQTT options for a TLS client of `port` trusting `ca`, with credentials.
+fn tls_options(client_id: &str, port: u16, ca: Vec<u8>, user: &str, password: &str) -> MqttOptions {
+    let mut options = MqttOptions::new(client_id, "127.0.0.1", port);
+    options.set_credentials(user, password);
+    options.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
+        ca,
+        alpn: None,
+        client_auth: None,
+    }));
+    options
+}
+
+/// Connects with `options`, does `then` (subscribe or publish, QoS 1), and waits for the
+/// broker's SUBACK or PUBACK. Panics with the connection error otherwise.
+async fn mqtt_exchange(
+    options: MqttOptions,
+    subscribe: Option<&str>,
+    publish: Option<(&str, &str)>,
+) {
+    let (client, mut eventloop) = AsyncClient::new(options, 10);
+    if let Some(filter) = subscribe {
+        client
+            .subscribe(filter, QoS::AtLeastOnce)
+            .await
+            .expect("subscribe queued");
+    }
+    if let Some((topic, payload)) = publish {
+        client
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
+            .expect("publish queued");
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::SubAck(_) | Packet::PubAck(_)))) => break,
+            Ok(Ok(_)) | Err(_) => {}
+            Ok(Err(e)) => panic!("MQTT over TLS: {e}"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no SUBACK or PUBACK from the broker"
+        );
+    }
+    client.disconnect().await.ok();
+    let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
+}
+
+/// What a device does: publishes one message over TLS with credentials, waits for the PUBACK.
+async fn publish_tls(broker: &TlsMosquitto, pki: &Pki, user: &str, password: &str, topic: &str) {
+    let id = format!("test-device-{}", uuid::Uuid::now_v7().simple());
+    let options = tls_options(&id, broker.port, pki.ca_pem(), user, password);
+    mqtt_exchange(options, None, Some((topic, MESSAGE))).await;
+}
+
+/// Opens the bridge's persistent session on the TLS broker (as its first run does), so that
+/// the broker queues what is published before a bridge is connected.
+async fn open_bridge_session_tls(broker: &TlsMosquitto, pki: &Pki, user: &str, password: &str) {
+    let mut options = tls_options("dataviz-bridge", broker.port, pki.ca_pem(), user, password);
+    options.set_clean_session(false);
+    mqtt_exchange(options, Some("gateways/+/+"), None).await;
+}
+
+/// A nats-server with TLS (certificate of `pki`) and one user.
+fn tls_nats(pki: &Pki, user: &str, password: &str) -> NatsServer {
+    NatsServer::start_with_config(&format!(
+        "tls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n  ca_file: \"{}\"\n}}\n\
+         authorization {{\n  user: \"{user}\"\n  password: \"{password}\"\n}}\n",
+        pki.cert.display(),
+        pki.key.display(),
+        pki.ca.display()
+    ))
+}
+
+fn tls_url(nats: &NatsServer) -> String {
+    format!("tls://127.0.0.1:{}", nats.port())
+}
+
+fn path(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// A raw HTTP/1.1 request on 127.0.0.1:`port` (an urlencoded form when `form` is given, with
+/// the site's own Origin); the status code and the response head.
+async fn http_request(
+    port: u16,
+    method: &str,
+    path: &str,
+    form: Option<&str>,
+    cookie: Option<&str>,
+) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("the site listens");
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nOrigin: http://127.0.0.1:{port}\r\n\
+         Accept: text/html\r\nConnection: close\r\n"
+    );
+    if let Some(cookie) = cookie {
+        request.push_str(&format!("Cookie: {cookie}\r\n"));
+    }
+    let body = form.unwrap_or("");
+    if form.is_some() {
+        request.push_str(&format!(
+            "Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    request.push_str("\r\n");
+    request.push_str(body);
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .expect("request sent");
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut response))
+        .await
+        .expect("response within 10 s")
+        .expect("response read");
+    let response = String::from_utf8_lossy(&response).into_owned();
+    let head = response
+        .split_once("\r\n\r\n")
+        .map_or(response.as_str(), |(head, _)| head)
+        .to_owned();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {head:?}"));
+    (status, head)
+}
+
+/// Creates an admin user with `dataviz user add EMAIL --admin`, the password on stdin.
+fn add_admin(env: &[(String, String)], password: &str) {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dataviz"))
+        .args(["user", "add", ADMIN, "--admin"])
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("dataviz user add starts");
+    writeln!(child.stdin.take().expect("stdin"), "{password}").expect("password written");
+    let output = child.wait_with_output().expect("dataviz user add ends");
+    assert!(output.status.success(), "dataviz user add: {output:?}");
+    let printed = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !printed.contains(password),
+        "dataviz user add printed the password: {printed}"
+    );
+}
+
+/// `ADMIN` fails to log in with `wrong`, logs in with `password` over plain HTTP (the site's
+/// own Origin), and opens a page with the session; the session cookie's value.
+async fn admin_logs_in(port: u16, wrong: &str, password: &str) -> String {
+    let form = |password: &str| format!("email=admin%40example.com&password={password}&next=%2F");
+    let (status, head) = http_request(port, "POST", "/api/login", Some(&form(wrong)), None).await;
+    assert!(status == 302 || status == 303, "{head}");
+    assert!(head.contains("/login?error"), "{head}");
+    let (status, head) =
+        http_request(port, "POST", "/api/login", Some(&form(password)), None).await;
+    assert!(status == 302 || status == 303, "{head}");
+    let session = head
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("set-cookie: ")
+                .or_else(|| l.strip_prefix("Set-Cookie: "))
+        })
+        .filter_map(|c| c.split(';').next())
+        .filter_map(|c| c.strip_prefix("dataviz_session="))
+        .next_back()
+        .unwrap_or_else(|| panic!("no session cookie: {head}"))
+        .to_owned();
+    let cookie = format!("dataviz_session={session}");
+    let (status, head) = http_request(port, "GET", "/devices", None, Some(&cookie)).await;
+    assert_eq!(status, 200, "{head}");
+    session
+}
+
+/// Which of `secrets` appear in `log`, with the first line of each.
+fn leaked<'a>(log: &str, secrets: &[&'a str]) -> Vec<(&'a str, String)> {
+    secrets
+        .iter()
+        .filter_map(|secret| {
+            log.lines()
+                .find(|line| line.contains(secret))
+                .map(|line| (*secret, line.to_owned()))
+        })
+        .collect()
+}
+
+/// MQTT over TLS with a user and password: the bridge of `dataviz all` connects with the CA and
+/// credentials of MQTT_TLS_CA, MQTT_USERNAME, MQTT_PASSWORD; a device's message becomes a row. A
+/// bridge trusting another CA refuses the broker. A bridge with a wrong password is refused by
+/// the broker, says so in its log, and ingests nothing; the message waits in the broker for the
+/// bridge with the right password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_over_tls_with_credentials_ingests_and_a_wrong_password_ingests_nothing() {
+    let (user, password) = ("dataviz-bridge-user", "mqtt-pass-4f1c9a");
+    let pki = Pki::new();
+    let broker = TlsMosquitto::start(&pki, user, password);
+    let stack = Stack::start().await;
+    stack.create_gateway(11).await;
+    open_bridge_session_tls(&broker, &pki, user, password).await;
+
+    let port = broker.port.to_string();
+    let ca = path(&pki.ca);
+    let tls = [
+        ("MQTT_PORT", port.as_str()),
+        ("MQTT_TLS", "true"),
+        ("MQTT_TLS_CA", ca.as_str()),
+        ("MQTT_USERNAME", user),
+    ];
+
+    // A CA that did not sign the broker's certificate: the bridge refuses the broker.
+    let other = Pki::new();
+    let other_ca = path(&other.ca);
+    let mut untrusted = spawn_logged(
+        "all",
+        &stack.env(),
+        &[
+            &tls[..2],
+            &[
+                ("MQTT_TLS_CA", other_ca.as_str()),
+                ("MQTT_USERNAME", user),
+                ("MQTT_PASSWORD", password),
+            ],
+        ]
+        .concat(),
+    );
+    let line = untrusted
+        .wait_for_line(
+            &["MQTT", "invalid peer certificate"],
+            Duration::from_secs(15),
+        )
+        .await
+        .unwrap_or_else(|| panic!("no log line refusing the broker:\n{}", untrusted.log()));
+    eprintln!("untrusted broker, logged: {line}");
+    untrusted.kill();
+
+    // A wrong password: refused, logged, nothing ingested.
+    let mut wrong = spawn_logged(
+        "all",
+        &stack.env(),
+        &[&tls[..], &[("MQTT_PASSWORD", "not-the-password")]].concat(),
+    );
+    publish_tls(&broker, &pki, user, password, "gateways/11/plc-1").await;
+    let line = wrong
+        .wait_for_line(&["MQTT", "NotAuthorized"], Duration::from_secs(15))
+        .await
+        .unwrap_or_else(|| {
+            panic!(
+                "no log line saying the broker refused the bridge:\n{}",
+                wrong.log()
+            )
+        });
+    eprintln!("wrong MQTT password, logged: {line}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(wrong.is_running(), "dataviz all exited:\n{}", wrong.log());
+    assert_eq!(stack.count(ROWS).await, 0, "ingested with a wrong password");
+    wrong.kill();
+
+    // The right password: the message queued meanwhile, then a new one, both stored.
+    let right = spawn_logged(
+        "all",
+        &stack.env(),
+        &[&tls[..], &[("MQTT_PASSWORD", password)]].concat(),
+    );
+    stack.wait_for_count(ROWS, 1, Duration::from_secs(20)).await;
+    publish_tls(&broker, &pki, user, password, "gateways/11/plc-2").await;
+    stack.wait_for_count(ROWS, 2, Duration::from_secs(20)).await;
+    assert!(
+        right
+            .wait_for_line(&["connected to the MQTT broker"], Duration::from_secs(1))
+            .await
+            .is_some(),
+        "{}",
+        right.log()
+    );
+    assert!(
+        broker.log().contains("not authorised"),
+        "the broker did not refuse the wrong password:\n{}",
+        broker.log()
+    );
+}
+
+/// NATS over TLS with a user and password: the bridge (`nats://` with NATS_TLS=true), the
+/// processor and the writer (`tls://`) each connect with NATS_TLS_CA, NATS_USER, NATS_PASSWORD,
+/// and a message becomes a row. A role trusting another CA refuses the server; a role with a
+/// wrong NATS password logs the server's refusal and never gets going.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_over_tls_with_credentials_carries_messages_and_a_wrong_password_is_refused() {
+    let (user, password) = ("dataviz", "nats-pass-93be07");
+    let pki = Pki::new();
+    let nats = tls_nats(&pki, user, password);
+    let stack = Stack::start().await;
+    stack.create_gateway(12).await;
+    let ca = path(&pki.ca);
+    let url = tls_url(&nats);
+    let plain_url = nats.url();
+    let creds = [
+        ("NATS_TLS_CA", ca.as_str()),
+        ("NATS_USER", user),
+        ("NATS_PASSWORD", password),
+    ];
+
+    let _bridge = spawn_logged(
+        "bridge",
+        &stack.env(),
+        &[
+            &creds[..],
+            &[("NATS_URL", &plain_url), ("NATS_TLS", "true")],
+        ]
+        .concat(),
+    );
+    let _processor = spawn_logged(
+        "processor",
+        &stack.env(),
+        &[&creds[..], &[("NATS_URL", &url)]].concat(),
+    );
+    let _writer = spawn_logged(
+        "writer",
+        &stack.env(),
+        &[&creds[..], &[("NATS_URL", &url)]].concat(),
+    );
+    let mut mqtt = common::Publisher::connect(stack.mosquitto.port()).await;
+    mqtt.publish("gateways/12/plc-1", MESSAGE).await;
+    mqtt.wait_acked(Duration::from_secs(10)).await;
+    stack.wait_for_count(ROWS, 1, Duration::from_secs(20)).await;
+
+    // A CA that did not sign the server's certificate: the role refuses the server.
+    let other = Pki::new();
+    let other_ca = path(&other.ca);
+    let untrusted = spawn_logged(
+        "writer",
+        &stack.env(),
+        &[
+            ("NATS_URL", url.as_str()),
+            ("NATS_TLS_CA", other_ca.as_str()),
+            ("NATS_USER", user),
+            ("NATS_PASSWORD", password),
+        ],
+    );
+    let line = untrusted
+        .wait_for_line(
+            &["NATS connection event", "IO error"],
+            Duration::from_secs(15),
+        )
+        .await
+        .unwrap_or_else(|| panic!("no log line refusing the server:\n{}", untrusted.log()));
+    eprintln!("untrusted NATS server, logged: {line}");
+    // The client's log says only "IO error"; the server's says the client refused the handshake.
+    assert!(
+        nats.log().contains("TLS handshake error: remote error"),
+        "{}",
+        nats.log()
+    );
+    drop(untrusted);
+
+    // A wrong password.
+    let mut wrong = spawn_logged(
+        "writer",
+        &stack.env(),
+        &[
+            ("NATS_URL", url.as_str()),
+            ("NATS_TLS_CA", ca.as_str()),
+            ("NATS_USER", user),
+            ("NATS_PASSWORD", "not-the-password"),
+        ],
+    );
+    let line = wrong
+        .wait_for_line(
+            &["NATS", "authorization violation"],
+            Duration::from_secs(15),
+        )
+        .await
+        .unwrap_or_else(|| panic!("no log line naming the refusal:\n{}", wrong.log()));
+    eprintln!("wrong NATS password, logged: {line}");
+    // It keeps trying (and saying why) until its 30 s for a first connection are up, then
+    // exits with "NATS_URL ...: no connection after 30 s" (not waited for here).
+    let refusals = |log: &str| log.matches("authorization violation").count();
+    let first = refusals(&wrong.log());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(wrong.is_running(), "{}", wrong.log());
+    assert!(
+        refusals(&wrong.log()) > first,
+        "no retry after the refusal:\n{}",
+        wrong.log()
+    );
+}
+
+/// No secret in any log line: `dataviz all` over MQTT and NATS with TLS and passwords, the
+/// Mercure keys and a DATABASE_URL with a password, at RUST_LOG=debug, with traffic and an admin
+/// logging in (after a wrong password); then a bridge with a wrong MQTT password and a writer
+/// with a wrong NATS password. None of the secrets appears in what they wrote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_password_or_key_appears_in_any_log_line_at_debug_level() {
+    let mqtt_password = "mqtt-secret-7d1e0c55";
+    let nats_password = "nats-secret-b83f21aa";
+    let publisher_key = "mercure-publisher-secret-0c9e11f4d2";
+    let subscriber_key = "mercure-subscriber-secret-6a0b7e3f91";
+    let db_password = "db-secret-51c2e8a0";
+    let wrong_mqtt = "wrong-mqtt-secret-99aa";
+    let wrong_nats = "wrong-nats-secret-77bb";
+    let admin_password = "admin-secret-3e5d90b1";
+    let wrong_admin = "wrong-admin-secret-c4d2";
+    let pki = Pki::new();
+    let broker = TlsMosquitto::start(&pki, "dataviz", mqtt_password);
+    let nats = tls_nats(&pki, "dataviz", nats_password);
+    let stack = Stack::start().await;
+    stack.create_gateway(13).await;
+    open_bridge_session_tls(&broker, &pki, "dataviz", mqtt_password).await;
+
+    let db_url = stack
+        .db
+        .url()
+        .replacen("://root@", &format!("://root:{db_password}@"), 1);
+    assert_ne!(
+        db_url,
+        stack.db.url(),
+        "a password put in {}",
+        stack.db.url()
+    );
+    let port = broker.port.to_string();
+    let ca = path(&pki.ca);
+    let url = tls_url(&nats);
+    let app_port = free_port();
+    let app_addr = format!("127.0.0.1:{app_port}");
+    let env = |mqtt: &'static str, nats: &'static str| -> Vec<(String, String)> {
+        let mut env = stack.env();
+        env.extend(
+            [
+                ("RUST_LOG", "debug"),
+                ("LOG_FORMAT", "json"),
+                ("DATABASE_URL", db_url.as_str()),
+                ("MQTT_PORT", port.as_str()),
+                ("MQTT_TLS", "true"),
+                ("MQTT_TLS_CA", ca.as_str()),
+                ("MQTT_USERNAME", "dataviz"),
+                ("MQTT_PASSWORD", mqtt),
+                ("NATS_URL", url.as_str()),
+                ("NATS_TLS_CA", ca.as_str()),
+                ("NATS_USER", "dataviz"),
+                ("NATS_PASSWORD", nats),
+                ("MERCURE_PUBLISHER_JWT_KEY", publisher_key),
+                ("MERCURE_SUBSCRIBER_JWT_KEY", subscriber_key),
+                ("APP_ADDR", app_addr.as_str()),
+            ]
+            .map(|(k, v)| (k.to_owned(), v.to_owned())),
+        );
+        env
+    };
+
+    let mut all = spawn_logged("all", &env(mqtt_password, nats_password), &[]);
+    for device in ["plc-1", "plc-2", "plc-3"] {
+        publish_tls(
+            &broker,
+            &pki,
+            "dataviz",
+            mqtt_password,
+            &format!("gateways/13/{device}"),
+        )
+        .await;
+    }
+    stack.wait_for_count(ROWS, 3, Duration::from_secs(20)).await;
+    // An admin logs in to the site (after a wrong password), then uses the session.
+    add_admin(&env(mqtt_password, nats_password), admin_password);
+    let _session = admin_logs_in(app_port, wrong_admin, admin_password).await;
+    all.kill();
+
+    let mut bridge = spawn_logged(
+        "bridge",
+        &env(wrong_mqtt, nats_password),
+        &[("HTTP_ADDR", "off")],
+    );
+    assert!(
+        bridge
+            .wait_for_line(&["NotAuthorized"], Duration::from_secs(15))
+            .await
+            .is_some(),
+        "{}",
+        bridge.log()
+    );
+    bridge.kill();
+    let mut writer = spawn_logged(
+        "writer",
+        &env(mqtt_password, wrong_nats),
+        &[("HTTP_ADDR", "off")],
+    );
+    assert!(
+        writer
+            .wait_for_line(&["authorization violation"], Duration::from_secs(15))
+            .await
+            .is_some(),
+        "{}",
+        writer.log()
+    );
+    writer.kill();
+
+    let secrets = [
+        mqtt_password,
+        nats_password,
+        publisher_key,
+        subscriber_key,
+        db_password,
+        wrong_mqtt,
+        wrong_nats,
+        admin_password,
+        wrong_admin,
+    ];
+    let mut logs = vec![
+        ("all", all.log()),
+        ("bridge", bridge.log()),
+        ("writer", writer.log()),
+    ];
+    for entry in std::fs::read_dir(stack.log_dir.path()).expect("LOG_DIR") {
+        let entry = entry.expect("LOG_DIR entry");
+        logs.push((
+            "LOG_DIR",
+            std::fs::read_to_string(entry.path()).unwrap_or_default(),
+        ));
+    }
+    let lines: usize = logs.iter().map(|(_, log)| log.lines().count()).sum();
+    assert!(
+        lines > 50,
+        "too little logged at debug to mean anything: {lines} lines"
+    );
+    for (name, log) in &logs {
+        let found = leaked(log, &secrets);
+        assert!(found.is_empty(), "{name} logged secrets: {found:#?}");
+    }
+    eprintln!("{lines} log lines, no secret in them");
+}
+
+/// The admin session cookie is a bearer credential: whoever has its value is logged in. The
+/// session store passes the session id, and the session data with the user's Argon2 hash, as
+/// statement parameters, which tokio_postgres logs at debug: that target is capped at info
+/// whatever RUST_LOG says (core/src/telemetry.rs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_session_appears_in_no_log_line_at_debug_level() {
+    let stack = Stack::start().await;
+    let app_port = free_port();
+    let app_addr = format!("127.0.0.1:{app_port}");
+    let mut env = stack.env();
+    env.extend([
+        ("RUST_LOG".to_owned(), "debug".to_owned()),
+        ("APP_ADDR".to_owned(), app_addr.clone()),
+    ]);
+    let mut all = spawn_logged("all", &env, &[]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while common::http_get(app_port, "/login").await.is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "dataviz all never listened on {app_addr}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    add_admin(&env, "admin-password-0f3b");
+    let session = admin_logs_in(app_port, "wrong-password-77aa", "admin-password-0f3b").await;
+    all.kill();
+    let log = all.log();
+    let found = leaked(&log, &[&session, "argon2"]);
+    assert!(
+        found.is_empty(),
+        "the session or the hash logged: {found:#?}"
+    );
+}
