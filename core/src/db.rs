@@ -301,10 +301,11 @@ pub async fn apply_retention(
         )
         .await?
         .is_some();
-    let describe = |d: Period| {
-        d.0.map_or("off".to_owned(), |d| {
-            humantime::format_duration(d).to_string()
-        })
+    // Whole days as days: humantime would say "11months 30days 3h 50m 24s" for 365d.
+    let describe = |d: Period| match d.0 {
+        None => "off".to_owned(),
+        Some(d) if d.as_secs() % 86_400 == 0 => format!("{} days", d.as_secs() / 86_400),
+        Some(d) => humantime::format_duration(d).to_string(),
     };
     if !timescale {
         return Ok(format!(

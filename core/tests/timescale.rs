@@ -560,7 +560,7 @@ async fn timescale_flavour_on_real_timescaledb() {
     };
     let said = db::apply_retention(&client, &configured).await.unwrap();
     assert!(
-        said.contains("kept 30days") && said.contains("compressed after off"),
+        said.contains("kept 30 days") && said.contains("compressed after off"),
         "{said}"
     );
     let jobs: Vec<(String, String)> = client
