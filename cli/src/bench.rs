@@ -17,7 +17,7 @@
 
 use anyhow::Context as _;
 use bytes::Bytes;
-use dataviz_testkit::{Mosquitto, NatsServer, TestDb};
+use dataviz_testkit::{Mosquitto, NatsServer, Publisher, TestDb};
 use futures::{StreamExt, stream::FuturesUnordered};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use std::process::{Child, Command, Stdio};
@@ -96,48 +96,6 @@ fn peak_rss_mib(pid: u32) -> Option<f64> {
         .parse()
         .ok()?;
     Some(kb / 1024.0)
-}
-
-/// An MQTT client that publishes at QoS 1 and counts the broker's acks.
-struct Publisher {
-    client: AsyncClient,
-    acked: Arc<AtomicU64>,
-}
-
-impl Publisher {
-    async fn connect(port: u16, id: &str) -> Publisher {
-        let mut options = MqttOptions::new(id, "127.0.0.1", port);
-        options.set_inflight(1000);
-        options.set_max_packet_size(1 << 20, 1 << 20);
-        let (client, mut eventloop) = AsyncClient::new(options, 4096);
-        let acked = Arc::new(AtomicU64::new(0));
-        let counter = acked.clone();
-        tokio::spawn(async move {
-            loop {
-                match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::PubAck(_))) => {
-                        counter.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-                }
-            }
-        });
-        Publisher { client, acked }
-    }
-
-    async fn publish(&self, topic: String, payload: Vec<u8>) -> anyhow::Result<()> {
-        self.client
-            .publish(topic, QoS::AtLeastOnce, false, payload)
-            .await
-            .context("publishing over MQTT")
-    }
-
-    async fn wait_acked(&self, n: u64) {
-        while self.acked.load(Ordering::Relaxed) < n {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -277,7 +235,7 @@ async fn mosquitto_alone(mosquitto: &Mosquitto, args: &BenchArgs) -> anyhow::Res
             }
         }
     });
-    let publisher = Publisher::connect(mosquitto.port(), "bench-limits").await;
+    let mut publisher = Publisher::connect(mosquitto.port(), "bench-limits");
     let now = chrono::Utc::now();
     let start = Instant::now();
     for seq in 0..args.messages {
@@ -463,7 +421,7 @@ async fn pipeline(
         "pipeline: {} messages as fast as Mosquitto takes them…",
         args.messages
     );
-    let publisher = Publisher::connect(mosquitto.port(), "bench-pipeline").await;
+    let mut publisher = Publisher::connect(mosquitto.port(), "bench-pipeline");
     let now = chrono::Utc::now() - chrono::Duration::hours(1);
     let start = Instant::now();
     for seq in 0..args.messages {
@@ -478,7 +436,10 @@ async fn pipeline(
             )
             .await?;
     }
-    publisher.wait_acked(args.messages).await;
+    publisher
+        .wait_acked(Duration::from_secs(600))
+        .await
+        .map_err(anyhow::Error::msg)?;
     let deadline = Instant::now() + Duration::from_secs(600);
     let mut last = Instant::now();
     loop {
@@ -544,7 +505,7 @@ async fn latency(
         "latency: {} msg/s for {:?}…",
         args.latency_rate, args.latency_for
     );
-    let publisher = Publisher::connect(mosquitto.port(), "bench-latency").await;
+    let mut publisher = Publisher::connect(mosquitto.port(), "bench-latency");
     let total = (args.latency_rate as f64 * args.latency_for.as_secs_f64()).max(1.0) as usize;
     let message = |seq: usize, at: chrono::DateTime<chrono::Utc>| {
         format!(

@@ -31,6 +31,7 @@
 mod cluster;
 mod db;
 mod mosquitto;
+mod mqtt;
 mod nats;
 mod net;
 mod process;
@@ -38,6 +39,7 @@ mod process;
 pub use cluster::{CLUSTER_SIZE, NatsCluster};
 pub use db::TestDb;
 pub use mosquitto::Mosquitto;
+pub use mqtt::Publisher;
 pub use nats::NatsServer;
 pub use net::{free_port, wait_for_port};
 

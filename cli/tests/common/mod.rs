@@ -7,7 +7,6 @@ use dataviz_testkit::{Mosquitto, NatsServer, TestDb};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// NATS, Mosquitto and a migrated database, each the test's own.
@@ -194,62 +193,26 @@ fn launch(role: &str, env: &[(String, String)], extra: &[(String, String)]) -> C
         .unwrap_or_else(|e| panic!("starting dataviz {role}: {e}"))
 }
 
-/// An MQTT client publishing at QoS 1, counting the broker's acks.
-pub struct Publisher {
-    pub client: AsyncClient,
-    acked: Arc<AtomicU64>,
-    sent: u64,
-}
+/// An MQTT client publishing at QoS 1, counting the broker's acks; failures fail the test.
+pub struct Publisher(dataviz_testkit::Publisher);
 
 impl Publisher {
     pub async fn connect(port: u16) -> Publisher {
-        let mut options = MqttOptions::new(
-            format!("test-publisher-{}", uuid::Uuid::now_v7().simple()),
-            "127.0.0.1",
-            port,
-        );
-        options.set_inflight(500);
-        options.set_max_packet_size(8 << 20, 8 << 20);
-        let (client, mut eventloop) = AsyncClient::new(options, 1000);
-        let acked = Arc::new(AtomicU64::new(0));
-        let counter = acked.clone();
-        tokio::spawn(async move {
-            loop {
-                match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::PubAck(_))) => {
-                        counter.fetch_add(1, Ordering::SeqCst);
-                    }
-                    Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-                }
-            }
-        });
-        Publisher {
-            client,
-            acked,
-            sent: 0,
-        }
+        let id = format!("test-publisher-{}", uuid::Uuid::now_v7().simple());
+        Publisher(dataviz_testkit::Publisher::connect(port, &id))
     }
 
     pub async fn publish(&mut self, topic: &str, payload: impl Into<Vec<u8>>) {
-        self.client
-            .publish(topic, QoS::AtLeastOnce, false, payload)
+        self.0
+            .publish(topic, payload)
             .await
             .expect("queued for publishing");
-        self.sent += 1;
     }
 
     /// Waits until the broker acknowledged everything published.
     pub async fn wait_acked(&self, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        while self.acked.load(Ordering::SeqCst) < self.sent {
-            assert!(
-                Instant::now() < deadline,
-                "broker acked {} of {} messages",
-                self.acked.load(Ordering::SeqCst),
-                self.sent
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        if let Err(e) = self.0.wait_acked(timeout).await {
+            panic!("{e}");
         }
     }
 }
@@ -390,33 +353,8 @@ pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
 /// it had in flight when the connection dropped is sent again on reconnection, as a device
 /// that must not lose readings does. For tests that stop the broker under it.
 pub async fn persistent_publisher(port: u16) -> Publisher {
-    let mut options = MqttOptions::new(
-        format!("test-device-{}", uuid::Uuid::now_v7().simple()),
-        "127.0.0.1",
-        port,
-    );
-    options.set_clean_session(false);
-    options.set_inflight(500);
-    options.set_max_packet_size(8 << 20, 8 << 20);
-    let (client, mut eventloop) = AsyncClient::new(options, 1000);
-    let acked = Arc::new(AtomicU64::new(0));
-    let counter = acked.clone();
-    tokio::spawn(async move {
-        loop {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::PubAck(_))) => {
-                    counter.fetch_add(1, Ordering::SeqCst);
-                }
-                Ok(_) => {}
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        }
-    });
-    Publisher {
-        client,
-        acked,
-        sent: 0,
-    }
+    let id = format!("test-device-{}", uuid::Uuid::now_v7().simple());
+    Publisher(dataviz_testkit::Publisher::connect_persistent(port, &id))
 }
 
 /// A `dataviz` process whose stderr and stdout are kept (and echoed with `DATAVIZ_TEST_LOGS`),
