@@ -8,8 +8,9 @@
 
 mod common;
 
-use chrono::{TimeZone, Utc};
-use common::{Publisher, Stack};
+use common::{
+    NUMBERED_TAGS, Publisher, Stack, assert_every_numbered_message_once, numbered_reading,
+};
 use dataviz_mercure::JwtKey;
 use dataviz_mercure::jwt::{Claims, sign};
 use dataviz_mercure::subscriber::{EventStream, SubscribeRequest};
@@ -22,53 +23,21 @@ use tokio_util::sync::CancellationToken;
 const MESSAGES: i64 = 10_000;
 const BURST: i64 = 1_000;
 /// Readings per message: `seq` (the message's number) and `AI.0`.
-const TAGS: i64 = 2;
 /// How long PostgreSQL and the hub stay away.
 const OUTAGE: Duration = Duration::from_secs(30);
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn reading(i: i64) -> String {
-    let ts = Utc.with_ymd_and_hms(2024, 1, 1, 0, 0, 0).unwrap() + chrono::Duration::milliseconds(i);
-    format!(
-        r#"{{"d": [{{"tag": "seq", "value": {i}}}, {{"tag": "AI.0", "value": {}.5}}], "ts": "{}"}}"#,
-        i % 97,
-        ts.to_rfc3339()
-    )
-}
-
 async fn publish_burst(mqtt: &mut Publisher, burst: i64) {
     for i in burst * BURST..(burst + 1) * BURST {
-        mqtt.publish(&format!("gateways/1/dev-{}", i % 20), reading(i))
+        mqtt.publish(&format!("gateways/1/dev-{}", i % 20), numbered_reading(i))
             .await;
     }
 }
 
 /// Every message's readings are stored, each exactly once.
 async fn assert_every_row_once(stack: &Stack, timeout: Duration) {
-    stack
-        .wait_for_count("SELECT count(*) FROM tag_reading", MESSAGES * TAGS, timeout)
-        .await;
-    assert_eq!(
-        stack
-            .count(
-                "SELECT count(DISTINCT r.value_num)::bigint FROM tag_reading r
-                 JOIN tag t ON t.id = r.tag_id WHERE t.code = 'seq'"
-            )
-            .await,
-        MESSAGES,
-        "every message's sequence number is there"
-    );
-    assert_eq!(
-        stack
-            .count(
-                "SELECT count(*) FROM (SELECT tag_id, time FROM tag_reading
-                 GROUP BY tag_id, time HAVING count(*) > 1) AS twice"
-            )
-            .await,
-        0,
-        "no reading stored twice"
-    );
+    assert_every_numbered_message_once(&stack.db, MESSAGES, timeout).await;
     assert_eq!(stack.count("SELECT count(*) FROM device").await, 20);
 }
 
@@ -246,7 +215,7 @@ async fn postgresql_unreachable_for_a_while_is_waited_for_not_dead_lettered() {
     tokio::time::sleep(OUTAGE.saturating_sub(cut_at.elapsed())).await;
     let stored_during = stack.count("SELECT count(*) FROM tag_reading").await;
     assert!(
-        stored_during < MESSAGES * TAGS,
+        stored_during < MESSAGES * NUMBERED_TAGS,
         "the outage held readings back"
     );
     proxy.resume().await;

@@ -468,3 +468,52 @@ pub fn spawn_logged(role: &str, env: &[(String, String)], extra: &[(&str, &str)]
         readers,
     }
 }
+
+/// Readings in each [`numbered_reading`].
+pub const NUMBERED_TAGS: i64 = 3;
+
+/// Message `i` of a run: its number in a `seq` tag (so that each can be found once stored), two
+/// more readings, and a timestamp of its own.
+pub fn numbered_reading(i: i64) -> String {
+    use chrono::TimeZone;
+    let ts = chrono::Utc.with_ymd_and_hms(2024, 1, 1, 0, 0, 0).unwrap()
+        + chrono::Duration::milliseconds(i);
+    format!(
+        r#"{{"d": [{{"tag": "seq", "value": {i}}}, {{"tag": "AI.0", "value": {}.5}},
+                  {{"tag": "DI.0", "value": {}}}], "ts": "{}"}}"#,
+        i % 97,
+        i % 2 == 0,
+        ts.to_rfc3339()
+    )
+}
+
+/// Every one of `messages` [`numbered_reading`]s is stored, each reading exactly once.
+pub async fn assert_every_numbered_message_once(db: &TestDb, messages: i64, timeout: Duration) {
+    wait_for_count_on(
+        db,
+        "SELECT count(*) FROM tag_reading",
+        messages * NUMBERED_TAGS,
+        timeout,
+    )
+    .await;
+    assert_eq!(
+        count_on(
+            db,
+            "SELECT count(DISTINCT r.value_num)::bigint FROM tag_reading r
+             JOIN tag t ON t.id = r.tag_id WHERE t.code = 'seq'"
+        )
+        .await,
+        messages,
+        "every message's sequence number is there"
+    );
+    assert_eq!(
+        count_on(
+            db,
+            "SELECT count(*) FROM (SELECT tag_id, time FROM tag_reading
+             GROUP BY tag_id, time HAVING count(*) > 1) AS twice"
+        )
+        .await,
+        0,
+        "no reading stored twice"
+    );
+}
