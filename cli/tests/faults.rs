@@ -8,9 +8,7 @@
 
 mod common;
 
-use common::{
-    NUMBERED_TAGS, Publisher, Stack, assert_every_numbered_message_once, numbered_reading,
-};
+use common::{NUMBERED_TAGS, Publisher, Stack, assert_every_numbered_message_once};
 use dataviz_mercure::JwtKey;
 use dataviz_mercure::jwt::{Claims, sign};
 use dataviz_mercure::subscriber::{EventStream, SubscribeRequest};
@@ -28,33 +26,23 @@ const OUTAGE: Duration = Duration::from_secs(30);
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-async fn publish_burst(mqtt: &mut Publisher, burst: i64) {
-    for i in burst * BURST..(burst + 1) * BURST {
-        mqtt.publish(&format!("gateways/1/dev-{}", i % 20), numbered_reading(i))
-            .await;
-    }
-}
-
 /// Every message's readings are stored, each exactly once.
 async fn assert_every_row_once(stack: &Stack, timeout: Duration) {
     assert_every_numbered_message_once(&stack.db, MESSAGES, timeout).await;
     assert_eq!(stack.count("SELECT count(*) FROM device").await, 20);
 }
 
-async fn dead_letters(stack: &Stack) -> usize {
-    common::stream_messages(&stack.nats.url(), "DEAD")
-        .await
-        .len()
-}
-
 /// The roles every test runs, with a short ack wait so that what a role held at a fault comes
 /// back within the test.
 const ENV: [(&str, &str); 2] = [("ACK_WAIT", "2s"), ("WORKER_COUNT", "2")];
 
-/// Fails today: Mosquitto saves its state every `autosave_interval` (10 s), so a SIGKILL loses
-/// the QoS 1 messages it had acknowledged to the device but not yet delivered to the bridge
-/// (about 2,300 of 10,000 in a run). Ignored until fixed (docs/FAULTS.md).
-#[ignore = "bug: SIGKILL of Mosquitto loses acknowledged messages queued for the bridge"]
+/// Fails today, both ways: Mosquitto 2.0 acknowledges a QoS 1 message before it saves it and
+/// saves only every `autosave_interval` (1 s), so a SIGKILL loses what it had acknowledged but
+/// neither saved nor sent to the bridge; and a device sends again what it had in flight when the
+/// broker died, which the broker forwards under a new packet id: the bridge cannot tell it from
+/// a new message when the first copy had reached it. Seen in three runs: 52 and 2,622 messages
+/// lost, then 99 stored twice. Ignored until fixed (docs/FAULTS.md).
+#[ignore = "bug: SIGKILL of Mosquitto loses acknowledged messages and duplicates re-sent ones"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_of_mosquitto_mid_run_loses_no_acknowledged_message() {
     let _serial = SERIAL.lock().await;
@@ -65,9 +53,13 @@ async fn sigkill_of_mosquitto_mid_run_loses_no_acknowledged_message() {
     let _writer = stack.spawn("writer", &ENV);
     // The device keeps its session: what it had in flight at the crash is sent again.
     let mut mqtt = common::persistent_publisher(stack.mosquitto.port()).await;
+    // Mosquitto saves sessions every `autosave_interval` (1 s): let it save the device's and
+    // the bridge's. A broker that crashes before it ever saved a session comes back without it,
+    // and a client then learns (`session_present` false) that what it had in flight is gone.
+    tokio::time::sleep(Duration::from_secs(3)).await;
 
     for burst in 0..MESSAGES / BURST {
-        publish_burst(&mut mqtt, burst).await;
+        common::publish_numbered_burst(&mut mqtt, burst, BURST).await;
         if burst == 3 || burst == 6 {
             // Mid-burst for the bridge: part of it is still queued in the broker, part in
             // flight between the broker, the bridge and JetStream.
@@ -80,7 +72,7 @@ async fn sigkill_of_mosquitto_mid_run_loses_no_acknowledged_message() {
     }
     mqtt.wait_acked(Duration::from_secs(60)).await;
     assert_every_row_once(&stack, Duration::from_secs(120)).await;
-    assert_eq!(dead_letters(&stack).await, 0);
+    assert_eq!(common::dead_letters(&stack).await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -96,7 +88,7 @@ async fn sigkill_of_nats_mid_run_loses_nothing_and_stores_nothing_twice() {
     let mut mqtt = Publisher::connect(stack.mosquitto.port()).await;
 
     for burst in 0..MESSAGES / BURST {
-        publish_burst(&mut mqtt, burst).await;
+        common::publish_numbered_burst(&mut mqtt, burst, BURST).await;
         if burst == 3 || burst == 6 {
             tokio::time::sleep(Duration::from_millis(40)).await;
             stack.nats.kill();
@@ -107,7 +99,7 @@ async fn sigkill_of_nats_mid_run_loses_nothing_and_stores_nothing_twice() {
     }
     mqtt.wait_acked(Duration::from_secs(60)).await;
     assert_every_row_once(&stack, Duration::from_secs(120)).await;
-    assert_eq!(dead_letters(&stack).await, 0);
+    assert_eq!(common::dead_letters(&stack).await, 0);
     for role in &mut roles {
         assert!(role.is_running(), "{} survived NATS restarts", role.role);
     }
@@ -202,7 +194,7 @@ async fn postgresql_unreachable_for_a_while_is_waited_for_not_dead_lettered() {
 
     let mut cut_at = None;
     for burst in 0..MESSAGES / BURST {
-        publish_burst(&mut mqtt, burst).await;
+        common::publish_numbered_burst(&mut mqtt, burst, BURST).await;
         if burst == 3 {
             tokio::time::sleep(Duration::from_millis(40)).await;
             proxy.cut();
@@ -222,7 +214,7 @@ async fn postgresql_unreachable_for_a_while_is_waited_for_not_dead_lettered() {
     mqtt.wait_acked(Duration::from_secs(60)).await;
     assert_every_row_once(&stack, Duration::from_secs(120)).await;
     assert_eq!(
-        dead_letters(&stack).await,
+        common::dead_letters(&stack).await,
         0,
         "a database outage is not the messages' fault"
     );
@@ -323,7 +315,7 @@ async fn mercure_hub_down_for_a_while_loses_no_update() {
         if killed_at.is_some() {
             published_after_kill.extend(burst * BURST..(burst + 1) * BURST);
         }
-        publish_burst(&mut mqtt, burst).await;
+        common::publish_numbered_burst(&mut mqtt, burst, BURST).await;
         if burst == 3 {
             tokio::time::sleep(Duration::from_millis(40)).await;
             hub.kill();
@@ -411,7 +403,7 @@ async fn readings_stream_at_its_size_limit_pushes_back_and_loses_nothing() {
     // No writer yet: READINGS (interest retention) keeps every batch for the writer's
     // consumer, and fills up.
     for burst in 0..MESSAGES / BURST {
-        publish_burst(&mut mqtt, burst).await;
+        common::publish_numbered_burst(&mut mqtt, burst, BURST).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     mqtt.wait_acked(Duration::from_secs(60)).await;
@@ -449,7 +441,7 @@ async fn readings_stream_at_its_size_limit_pushes_back_and_loses_nothing() {
     // Held there for a while: the processor keeps retrying, dead-letters nothing.
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(
-        dead_letters(&stack).await,
+        common::dead_letters(&stack).await,
         0,
         "a full stream is not the messages' fault"
     );
@@ -458,5 +450,5 @@ async fn readings_stream_at_its_size_limit_pushes_back_and_loses_nothing() {
 
     let _writer = stack.spawn("writer", &env);
     assert_every_row_once(&stack, Duration::from_secs(120)).await;
-    assert_eq!(dead_letters(&stack).await, 0);
+    assert_eq!(common::dead_letters(&stack).await, 0);
 }

@@ -16,6 +16,10 @@
 //! - [`TestDb`]: a fresh, uniquely named database on the PostgreSQL server named by
 //!   `DATAVIZ_TEST_DATABASE_URL` (default `postgres://root@127.0.0.1:5432/postgres`), dropped
 //!   again (`WITH (FORCE)`) when the fixture is dropped. It is empty: callers run the migrations.
+//! - [`PostgresServer`]: a PostgreSQL server of the test's own (`initdb` into a temporary
+//!   directory, a free loopback port, trust authentication, `fsync` on), for tests that crash
+//!   it: `kill()` SIGKILLs the postmaster, `restart()` recovers from the WAL. Its `url()` is an
+//!   admin URL for [`TestDb::create_on`]. Run as the `postgres` user when the tests run as root.
 //! - [`free_port`] and [`wait_for_port`]: the helpers the fixtures use, for tests that start
 //!   something of their own.
 //!
@@ -34,6 +38,7 @@ mod mosquitto;
 mod mqtt;
 mod nats;
 mod net;
+mod postgres;
 mod process;
 
 pub use cluster::{CLUSTER_SIZE, NatsCluster};
@@ -42,6 +47,7 @@ pub use mosquitto::Mosquitto;
 pub use mqtt::Publisher;
 pub use nats::NatsServer;
 pub use net::{free_port, wait_for_port};
+pub use postgres::PostgresServer;
 
 /// The workspace root (where `Cargo.toml`, `mosquitto/` and `.local/` live).
 pub fn workspace_root() -> std::path::PathBuf {

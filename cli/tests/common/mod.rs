@@ -19,9 +19,15 @@ pub struct Stack {
 
 impl Stack {
     pub async fn start() -> Stack {
+        Self::start_with_db(TestDb::create().await).await
+    }
+
+    /// Like [`start`](Self::start), with `db` (e.g. on a test's own
+    /// [`PostgresServer`](dataviz_testkit::PostgresServer)) instead of a new database on the
+    /// shared server; it is migrated here. Keep the server alive longer than the stack.
+    pub async fn start_with_db(db: TestDb) -> Stack {
         let nats = NatsServer::start();
         let mosquitto = Mosquitto::start();
-        let db = TestDb::create().await;
         let mut client = db.connect().await;
         dataviz_core::db::migrate(&mut client)
             .await
@@ -485,6 +491,20 @@ pub fn numbered_reading(i: i64) -> String {
         i % 2 == 0,
         ts.to_rfc3339()
     )
+}
+
+/// Publishes [`numbered_reading`]s `burst * size .. (burst + 1) * size` over 20 devices of
+/// gateway 1: one burst of a sustained run.
+pub async fn publish_numbered_burst(mqtt: &mut Publisher, burst: i64, size: i64) {
+    for i in burst * size..(burst + 1) * size {
+        mqtt.publish(&format!("gateways/1/dev-{}", i % 20), numbered_reading(i))
+            .await;
+    }
+}
+
+/// How many dead letters the stack's DEAD stream holds.
+pub async fn dead_letters(stack: &Stack) -> usize {
+    stream_messages(&stack.nats.url(), "DEAD").await.len()
 }
 
 /// Every one of `messages` [`numbered_reading`]s is stored, each reading exactly once.
