@@ -210,6 +210,17 @@ async fn store_loop(
     max_in_flight: usize,
     progress: Arc<Progress>,
 ) -> anyhow::Result<()> {
+    // Acks go out in order from one task of their own: the store loop never waits on the MQTT
+    // request queue, which the event loop drains only between the packets it reads. (A task per
+    // ack once the queue was full made each blocked send scan all the others: quadratic.)
+    let (acks, mut to_ack) = mpsc::unbounded_channel::<Publish>();
+    let acker = tokio::spawn(async move {
+        while let Some(publish) = to_ack.recv().await {
+            if client.ack(&publish).await.is_err() {
+                break; // the event loop is gone: the broker sends these again
+            }
+        }
+    });
     let mut in_flight = FuturesUnordered::new();
     let mut open = true;
     while open || !in_flight.is_empty() {
@@ -230,11 +241,7 @@ async fn store_loop(
                 progress.advanced();
                 if received.publish.qos != QoS::AtMostOnce {
                     if received.connection == connection.load(Ordering::SeqCst) {
-                        if client.try_ack(&received.publish).is_err() {
-                            // The request queue is full: ack from another task, never block here.
-                            let client = client.clone();
-                            tokio::spawn(async move { let _ = client.ack(&received.publish).await; });
-                        }
+                        let _ = acks.send(received.publish);
                     } else {
                         tracing::debug!(target: MQTT_LOG_TARGET, pkid = received.publish.pkid, "stored a message of an earlier connection; the broker sends it again");
                     }
@@ -242,6 +249,8 @@ async fn store_loop(
             }
         }
     }
+    drop(acks);
+    let _ = acker.await;
     Ok(())
 }
 
