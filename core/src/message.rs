@@ -146,13 +146,133 @@ pub struct TagReadingsBatch {
     pub readings: Vec<TagReading>,
 }
 
-/// One tag's value in a batch.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// One tag's value in a batch: `{"tag_id": 4, "tag": "AI.0", "type": "integer", "value": 7}`.
+///
+/// Read by hand rather than with `#[serde(flatten)]`, which buffers every reading into an
+/// intermediate tree before typing it: the writer and the publisher read every reading of
+/// every message, and this is the bulk of their parsing.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TagReading {
     pub tag_id: i64,
     pub tag: String,
     #[serde(flatten)]
     pub value: Value,
+}
+
+impl<'de> Deserialize<'de> for TagReading {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(TagReadingVisitor)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "snake_case")]
+enum TagReadingField {
+    TagId,
+    Tag,
+    Type,
+    Value,
+    #[serde(other)]
+    Other,
+}
+
+/// The `type` of a reading, as [`Value`] writes it.
+#[derive(Debug, Clone, Copy, Deserialize)]
+enum ValueKind {
+    #[serde(rename = "integer")]
+    Integer,
+    #[serde(rename = "double precision")]
+    Double,
+    #[serde(rename = "boolean")]
+    Boolean,
+    #[serde(rename = "text")]
+    Text,
+    #[serde(rename = "jsonb")]
+    Json,
+    #[serde(rename = "null")]
+    Null,
+}
+
+impl ValueKind {
+    /// A value read before its type was known.
+    fn read_json<E: serde::de::Error>(self, json: serde_json::Value) -> Result<Value, E> {
+        let wrong = |json: &serde_json::Value| E::custom(format!("{json} is not of type {self:?}"));
+        Ok(match self {
+            ValueKind::Integer => Value::Integer(json.as_i64().ok_or_else(|| wrong(&json))?),
+            ValueKind::Double => Value::Double(json.as_f64().ok_or_else(|| wrong(&json))?),
+            ValueKind::Boolean => Value::Boolean(json.as_bool().ok_or_else(|| wrong(&json))?),
+            ValueKind::Text => match json {
+                serde_json::Value::String(s) => Value::Text(s),
+                other => return Err(wrong(&other)),
+            },
+            ValueKind::Json => Value::Json(json),
+            ValueKind::Null => Value::Null,
+        })
+    }
+}
+
+/// Reads a reading's `value` straight into its type, once `type` is known.
+struct TypedValue(ValueKind);
+
+impl<'de> serde::de::DeserializeSeed<'de> for TypedValue {
+    type Value = Value;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        Ok(match self.0 {
+            ValueKind::Integer => Value::Integer(i64::deserialize(d)?),
+            ValueKind::Double => Value::Double(f64::deserialize(d)?),
+            ValueKind::Boolean => Value::Boolean(bool::deserialize(d)?),
+            ValueKind::Text => Value::Text(String::deserialize(d)?),
+            ValueKind::Json => Value::Json(serde_json::Value::deserialize(d)?),
+            ValueKind::Null => {
+                serde::de::IgnoredAny::deserialize(d)?;
+                Value::Null
+            }
+        })
+    }
+}
+
+struct TagReadingVisitor;
+
+impl<'de> serde::de::Visitor<'de> for TagReadingVisitor {
+    type Value = TagReading;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a tag reading")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<TagReading, A::Error> {
+        use serde::de::Error;
+        let (mut tag_id, mut tag, mut kind, mut value) = (None, None, None, None);
+        // A `value` before its `type` (not how we write them) is held as JSON until the end.
+        let mut untyped = None;
+        while let Some(field) = map.next_key()? {
+            match field {
+                TagReadingField::TagId => tag_id = Some(map.next_value()?),
+                TagReadingField::Tag => tag = Some(map.next_value()?),
+                TagReadingField::Type => kind = Some(map.next_value::<ValueKind>()?),
+                TagReadingField::Value => match kind {
+                    Some(kind) => value = Some(map.next_value_seed(TypedValue(kind))?),
+                    None => untyped = Some(map.next_value::<serde_json::Value>()?),
+                },
+                TagReadingField::Other => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+        }
+        let kind = kind.ok_or_else(|| A::Error::missing_field("type"))?;
+        let value = match (value, untyped, kind) {
+            (Some(value), _, _) => value,
+            (None, Some(json), kind) => kind.read_json(json)?,
+            (None, None, ValueKind::Null) => Value::Null,
+            (None, None, _) => return Err(A::Error::missing_field("value")),
+        };
+        Ok(TagReading {
+            tag_id: tag_id.ok_or_else(|| A::Error::missing_field("tag_id"))?,
+            tag: tag.ok_or_else(|| A::Error::missing_field("tag"))?,
+            value,
+        })
+    }
 }
 
 impl TagReadingsBatch {
@@ -321,5 +441,32 @@ mod tests {
         );
         let back: TagReadingsBatch = serde_json::from_slice(&batch.to_json()).unwrap();
         assert_eq!(back, batch);
+    }
+
+    #[test]
+    fn readings_read_in_any_field_order_and_refuse_a_value_of_another_type() {
+        let read = |json: &str| serde_json::from_str::<TagReading>(json);
+        let reading = |value| TagReading {
+            tag_id: 1,
+            tag: "t".into(),
+            value,
+        };
+        assert_eq!(
+            read(r#"{"value": 2.5, "extra": [1], "type": "double precision", "tag": "t", "tag_id": 1}"#)
+                .unwrap(),
+            reading(Value::Double(2.5))
+        );
+        assert_eq!(
+            read(r#"{"tag_id": 1, "tag": "t", "type": "null"}"#).unwrap(),
+            reading(Value::Null)
+        );
+        assert_eq!(
+            read(r#"{"tag_id": 1, "tag": "t", "value": {"a": 1}, "type": "jsonb"}"#).unwrap(),
+            reading(Value::Json(serde_json::json!({"a": 1})))
+        );
+        assert!(read(r#"{"tag_id": 1, "tag": "t", "type": "integer", "value": "7"}"#).is_err());
+        assert!(read(r#"{"tag_id": 1, "tag": "t", "value": "7", "type": "integer"}"#).is_err());
+        assert!(read(r#"{"tag_id": 1, "tag": "t", "type": "integer"}"#).is_err());
+        assert!(read(r#"{"tag_id": 1, "type": "integer", "value": 7}"#).is_err());
     }
 }
