@@ -11,7 +11,7 @@ use dataviz_core::{
     shutdown::{self, Shutdown},
     streams::{self, StreamSettings},
 };
-use dataviz_mercure::{Hub, HubConfig, MercureKeysConfig, MercurePublisher};
+use dataviz_mercure::{Hub, HubConfig, MercureKeysConfig, MercurePublisher, UpdateSink};
 use dataviz_processor::ProcessorConfig;
 use dataviz_publisher::PublisherConfig;
 use dataviz_writer::WriterConfig;
@@ -250,7 +250,7 @@ impl Role {
         config: PublisherConfig,
         settings: &StreamSettings,
         js: async_nats::jetstream::Context,
-        client: MercurePublisher,
+        client: UpdateSink,
     ) -> impl Future<Output = anyhow::Result<()>> + use<> {
         let progress = self.watched_stage(
             &js,
@@ -334,7 +334,7 @@ pub async fn publisher(args: PublisherArgs) -> anyhow::Result<()> {
     let key = args.keys.keys()?.publisher;
     let hub = MercurePublisher::new(&args.publisher.mercure_url, key)?;
     tracing::info!(hub = %args.publisher.mercure_url, "publishing readings to the Mercure hub");
-    role.publisher(args.publisher, &args.streams, js, hub)
+    role.publisher(args.publisher, &args.streams, js, UpdateSink::Http(hub))
         .await?;
     client.flush().await.ok();
     Ok(())
@@ -364,7 +364,7 @@ pub async fn all(args: AllArgs) -> anyhow::Result<()> {
     let pool = role.database(&args.database).await?;
 
     // The admin site and the embedded Mercure hub share one listener, so that the site's
-    // subscriber cookie reaches the hub; the publisher posts to that hub.
+    // subscriber cookie reaches the hub; the publisher hands its updates to that hub.
     let (hub, keys) = hub_with_keys(args.hub)?;
     let live = LiveConfig {
         hub_url: args
@@ -405,10 +405,8 @@ pub async fn all(args: AllArgs) -> anyhow::Result<()> {
             .await
         })
     };
-    let mercure = MercurePublisher::new(
-        &format!("http://{local}{}", dataviz_mercure::HUB_PATH),
-        keys.publisher,
-    )?;
+    // The publisher hands its updates to this process's hub directly (no HTTP round trip).
+    let mercure = UpdateSink::Embedded(hub.clone());
     tracing::info!(
         mqtt = format!("{}:{}", args.bridge.mqtt.mqtt_host, args.bridge.mqtt.mqtt_port),
         topics = ?args.bridge.mqtt_topics.0,

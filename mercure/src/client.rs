@@ -139,3 +139,34 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     }
     text
 }
+
+/// Where a publisher sends its updates: a hub over HTTP (any hub, at `MERCURE_URL`), or the hub
+/// embedded in this process (`dataviz all`), handed each update directly: no request, no token,
+/// no form encoding, which were most of the publisher's work.
+#[derive(Debug, Clone)]
+pub enum UpdateSink {
+    Http(MercurePublisher),
+    Embedded(crate::Hub),
+}
+
+impl UpdateSink {
+    /// Publishes `update`; returns its id. The embedded hub refuses only an invalid update,
+    /// as a hub over HTTP would with a 400.
+    pub async fn publish(&self, update: Update) -> Result<String, PublishError> {
+        match self {
+            UpdateSink::Http(publisher) => publisher.publish(&update).await,
+            UpdateSink::Embedded(hub) => hub.publish(update).map_err(|e| PublishError::Refused {
+                status: StatusCode::BAD_REQUEST,
+                body: e.to_string(),
+            }),
+        }
+    }
+
+    /// Where updates go, for logs.
+    pub fn describe(&self) -> String {
+        match self {
+            UpdateSink::Http(publisher) => publisher.url().to_string(),
+            UpdateSink::Embedded(_) => "the embedded hub".to_owned(),
+        }
+    }
+}

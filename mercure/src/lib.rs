@@ -9,7 +9,8 @@
 //!   validation.
 //! - [`config`]: hub settings and JWT keys from the environment.
 //! - [`hub`]: the embeddable hub, an `axum::Router` at `/.well-known/mercure`.
-//! - [`client`]: [`MercurePublisher`], which posts updates to any hub.
+//! - [`client`]: [`MercurePublisher`], which posts updates to any hub, and [`UpdateSink`]:
+//!   that or the hub of this process.
 //! - [`subscriber`]: a small SSE client, for tests, tools and benchmarks.
 //!
 //! # Error policy
@@ -26,7 +27,7 @@ pub mod selector;
 pub mod subscriber;
 pub mod update;
 
-pub use client::{MercurePublisher, PublishError};
+pub use client::{MercurePublisher, PublishError, UpdateSink};
 pub use config::{HubConfig, KeyError, MercureKeys, MercureKeysConfig};
 pub use hub::{HUB_PATH, Hub, serve};
 pub use jwt::{Claims, JwtKey};

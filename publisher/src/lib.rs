@@ -55,7 +55,7 @@ use dataviz_core::{
     shutdown::Shutdown,
     streams,
 };
-use dataviz_mercure::{MercurePublisher, PublishError, Update};
+use dataviz_mercure::{PublishError, Update, UpdateSink};
 use futures::StreamExt;
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -136,28 +136,84 @@ pub fn update_id(batch: &TagReadingsBatch) -> String {
 
 /// The update's data (see the crate doc).
 pub fn update_data(batch: &TagReadingsBatch) -> serde_json::Value {
-    serde_json::json!({
-        "id": batch.id,
-        "gateway": batch.gateway_id,
-        "device": { "id": batch.device_id, "code": batch.device_code },
-        "time": batch.time,
-        "readings": batch.readings.iter().map(|r| serde_json::json!({
-            "tag": r.tag,
-            "type": r.value.stored_type().as_str(),
-            "value": r.value.to_json(),
-        })).collect::<Vec<_>>(),
-    })
+    serde_json::to_value(UpdateData::of(batch)).expect("update data serializes")
 }
 
 /// The private update of a batch.
 pub fn to_update(base: &str, batch: &TagReadingsBatch) -> Update {
     Update {
         topics: topics(base, batch).into(),
-        data: update_data(batch).to_string(),
+        // Written straight to text: no intermediate JSON tree per reading.
+        data: serde_json::to_string(&UpdateData::of(batch)).expect("update data serializes"),
         private: true,
         id: Some(update_id(batch)),
         event_type: None,
         retry: None,
+    }
+}
+
+/// The update's data, as [`update_data`] documents it.
+#[derive(serde::Serialize)]
+struct UpdateData<'a> {
+    id: uuid::Uuid,
+    gateway: i32,
+    device: DeviceData<'a>,
+    time: chrono::DateTime<chrono::Utc>,
+    readings: Vec<ReadingData<'a>>,
+}
+
+#[derive(serde::Serialize)]
+struct DeviceData<'a> {
+    id: i64,
+    code: &'a str,
+}
+
+#[derive(serde::Serialize)]
+struct ReadingData<'a> {
+    tag: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    value: JsonValue<'a>,
+}
+
+/// A reading's value written as plain JSON (`Value::to_json`, without building it).
+struct JsonValue<'a>(&'a dataviz_core::value::Value);
+
+impl serde::Serialize for JsonValue<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use dataviz_core::value::Value;
+        match self.0 {
+            Value::Integer(i) => s.serialize_i64(*i),
+            // Stored doubles are finite (JSON has no other); `to_json` writes others as null.
+            Value::Double(f) if f.is_finite() => s.serialize_f64(*f),
+            Value::Double(_) | Value::Null => s.serialize_unit(),
+            Value::Boolean(b) => s.serialize_bool(*b),
+            Value::Text(t) => s.serialize_str(t),
+            Value::Json(j) => j.serialize(s),
+        }
+    }
+}
+
+impl<'a> UpdateData<'a> {
+    fn of(batch: &'a TagReadingsBatch) -> Self {
+        UpdateData {
+            id: batch.id,
+            gateway: batch.gateway_id,
+            device: DeviceData {
+                id: batch.device_id,
+                code: &batch.device_code,
+            },
+            time: batch.time,
+            readings: batch
+                .readings
+                .iter()
+                .map(|r| ReadingData {
+                    tag: &r.tag,
+                    kind: r.value.stored_type().as_str(),
+                    value: JsonValue(&r.value),
+                })
+                .collect(),
+        }
     }
 }
 
@@ -204,7 +260,7 @@ struct Pacing {
 /// false when the hub failed (the caller backs off).
 pub async fn handle_messages(
     config: &PublisherConfig,
-    publisher: &MercurePublisher,
+    publisher: &UpdateSink,
     messages: Vec<jetstream::Message>,
 ) -> bool {
     let mut batches = Vec::with_capacity(messages.len());
@@ -243,7 +299,7 @@ pub async fn handle_messages(
                     futures::future::join_all(covered.map(nak_later)).await;
                     continue;
                 }
-                match publisher.publish(&to_update(base, batch)).await {
+                match publisher.publish(to_update(base, batch)).await {
                     Ok(_) => {
                         metrics::counter!(metric::PUBLISHER_UPDATES).increment(1);
                         metrics::counter!(metric::PUBLISHER_COALESCED)
@@ -267,17 +323,17 @@ pub async fn handle_messages(
 }
 
 /// One log line and one metric per failed batch.
-fn report(error: &PublishError, publisher: &MercurePublisher) {
+fn report(error: &PublishError, publisher: &UpdateSink) {
     match error {
         PublishError::Unavailable(_) => {
             metrics::counter!(metric::FAILURES, "stage" => STAGE, "kind" => "hub_unavailable")
                 .increment(1);
-            tracing::warn!(hub = %publisher.url(), error = %error, "hub unavailable; updates kept and retried");
+            tracing::warn!(hub = %publisher.describe(), error = %error, "hub unavailable; updates kept and retried");
         }
         PublishError::Refused { .. } => {
             metrics::counter!(metric::FAILURES, "stage" => STAGE, "kind" => "hub_refused")
                 .increment(1);
-            tracing::error!(hub = %publisher.url(), error = %error, "hub refused our update: check MERCURE_PUBLISHER_JWT_KEY, the JWT's mercure.publish claim and MERCURE_TOPIC_BASE; updates kept and retried");
+            tracing::error!(hub = %publisher.describe(), error = %error, "hub refused our update: check MERCURE_PUBLISHER_JWT_KEY, the JWT's mercure.publish claim and MERCURE_TOPIC_BASE; updates kept and retried");
         }
     }
 }
@@ -289,7 +345,7 @@ pub async fn run(
     config: PublisherConfig,
     consumer: pull::Config,
     js: jetstream::Context,
-    publisher: MercurePublisher,
+    publisher: UpdateSink,
     progress: &Progress,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {

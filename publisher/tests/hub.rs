@@ -8,7 +8,7 @@ use dataviz_core::streams::{self, READINGS_STREAM, StreamSettings};
 use dataviz_core::value::Value;
 use dataviz_mercure::jwt::{self, Claims};
 use dataviz_mercure::subscriber::{EventStream, SseEvent, SubscribeRequest};
-use dataviz_mercure::{HUB_PATH, Hub, HubConfig, MercurePublisher};
+use dataviz_mercure::{HUB_PATH, Hub, HubConfig, MercurePublisher, UpdateSink};
 use dataviz_publisher::PublisherConfig;
 use dataviz_testkit::NatsServer;
 use std::collections::HashSet;
@@ -57,7 +57,9 @@ async fn pipeline(hub_url: &str, hub: &HubConfig, config: PublisherConfig) -> Pi
         .create_consumer(settings.publisher_consumer())
         .await
         .unwrap();
-    let publisher = MercurePublisher::new(hub_url, hub.keys.keys().unwrap().publisher).unwrap();
+    let publisher = UpdateSink::Http(
+        MercurePublisher::new(hub_url, hub.keys.keys().unwrap().publisher).unwrap(),
+    );
     let stop = CancellationToken::new();
     let task = tokio::spawn({
         let (js, stop) = (js.clone(), stop.clone());
@@ -301,7 +303,9 @@ async fn a_backlog_is_coalesced_to_the_latest_update_per_device() {
     let batches: Vec<_> = (0..40).map(|i| batch(1 + i % 2, i)).collect();
     store(&js, &batches).await;
 
-    let publisher = MercurePublisher::new(&url, hub_config.keys.keys().unwrap().publisher).unwrap();
+    let publisher = UpdateSink::Http(
+        MercurePublisher::new(&url, hub_config.keys.keys().unwrap().publisher).unwrap(),
+    );
     let stop = CancellationToken::new();
     let task = tokio::spawn({
         let (js, stop) = (js.clone(), stop.clone());
