@@ -6,10 +6,11 @@
 //!
 //! 1. the limits: Mosquitto alone (one QoS 1 publisher to one subscriber), JetStream publishing
 //!    alone (acks pipelined), PostgreSQL binary COPY alone into a table shaped like
-//!    `tag_reading`, all with the same messages and rows the pipeline gets;
+//!    `tag_reading`, all with the same messages and rows the pipeline gets; and beside COPY
+//!    alone, the writer's own transactions on those rows;
 //! 2. sustained throughput: `dataviz all` (a child process) fed as fast as Mosquitto takes
 //!    messages, until every reading is committed;
-//! 3. latency at a fixed rate: MQTT publish → row committed, p50 and p99;
+//! 3. latency at a fixed rate: MQTT publish → row committed and → Mercure event, p50 and p99;
 //! 4. peak memory (VmHWM) of each process.
 //!
 //! Figures are printed with their ratio to the limit they stand beside: on a shared machine the
@@ -112,14 +113,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         args.messages, args.tags, args.devices
     );
 
-    // 1. The limits.
+    let mut client = db.connect().await;
+    dataviz_core::db::migrate(&mut client).await?;
+
+    // 1. The limits, and the writer alone beside COPY alone.
     let mqtt_alone = mosquitto_alone(&mosquitto, &args).await?;
     let js_alone = jetstream_alone(&nats, &args).await?;
     let copy_alone = copy_alone(&db, &args).await?;
+    let writer_alone = writer_alone(&db, &args).await?;
 
     // 2. The pipeline, flat out.
-    let mut client = db.connect().await;
-    dataviz_core::db::migrate(&mut client).await?;
     client
         .execute("INSERT INTO gateway (id, name) VALUES (1, 'bench')", &[])
         .await?;
@@ -165,6 +168,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "PostgreSQL binary COPY alone",
         format!("{copy_alone:.0} rows/s"),
         "1.00".into(),
+    );
+    line(
+        "writer alone: its transactions on the same rows (vs COPY alone)",
+        format!("{writer_alone:.0} rows/s"),
+        format!("{:.2}", writer_alone / copy_alone),
     );
     line(
         "pipeline: MQTT → tag_reading, messages (vs Mosquitto alone)",
@@ -293,10 +301,8 @@ async fn copy_alone(db: &TestDb, args: &BenchArgs) -> anyhow::Result<f64> {
     let mut client = db.connect().await;
     client
         .batch_execute(
-            "CREATE TABLE bench_copy (time timestamptz NOT NULL, device_id bigint NOT NULL,
-                 tag_id bigint NOT NULL, gateway_id integer, value_num double precision,
-                 value_bool boolean, value_text text, value_json jsonb, value_type text NOT NULL);
-             CREATE INDEX ON bench_copy (tag_id, time DESC);",
+            // The same columns and indexes as `tag_reading` (migrated before).
+            "CREATE TABLE bench_copy (LIKE tag_reading INCLUDING ALL)",
         )
         .await?;
     let rows = args.messages * args.tags;
@@ -307,7 +313,12 @@ async fn copy_alone(db: &TestDb, args: &BenchArgs) -> anyhow::Result<f64> {
     let mut written = 0;
     while written < rows {
         let tx = client.transaction().await?;
-        let sink = tx.copy_in("COPY bench_copy FROM STDIN BINARY").await?;
+        let sink = tx
+            .copy_in(
+                "COPY bench_copy (time, device_id, tag_id, gateway_id, value_num, value_bool, \
+                 value_text, value_json, value_type) FROM STDIN BINARY",
+            )
+            .await?;
         let types = [
             Type::TIMESTAMPTZ,
             Type::INT8,
@@ -344,6 +355,55 @@ async fn copy_alone(db: &TestDb, args: &BenchArgs) -> anyhow::Result<f64> {
         tx.commit().await?;
     }
     Ok(rate(rows, start.elapsed()))
+}
+
+/// The writer's own transactions ([`dataviz_writer::write`]: message ids into
+/// `ingested_message`, then binary COPY) on the rows [`copy_alone`] writes, 2,000 messages per
+/// transaction as the writer takes them; READINGS and its JSON are left out. The rows are
+/// deleted afterwards, so that the pipeline starts from an empty table.
+async fn writer_alone(db: &TestDb, args: &BenchArgs) -> anyhow::Result<f64> {
+    use dataviz_core::message::{TagReading, TagReadingsBatch};
+    eprintln!("limits: the writer alone…");
+    let pool = dataviz_core::db::pool(db.url(), 2)?;
+    let now = chrono::Utc::now();
+    let batches: Vec<TagReadingsBatch> = (0..args.messages)
+        .map(|m| {
+            let device = m % args.devices;
+            TagReadingsBatch {
+                id: uuid::Uuid::now_v7(),
+                gateway_id: 1,
+                device_id: device as i64,
+                device_code: format!("dev-{device}"),
+                time: now,
+                received_at: now,
+                readings: (0..args.tags)
+                    .map(|t| {
+                        let i = m * args.tags + t;
+                        TagReading {
+                            tag_id: (i % (args.tags * args.devices)) as i64,
+                            tag: format!("AI.{t}"),
+                            value: dataviz_core::value::Value::Double((i % 1000) as f64 / 10.0),
+                        }
+                    })
+                    .collect(),
+            }
+        })
+        .collect();
+    let start = Instant::now();
+    let mut rows = 0;
+    for chunk in batches.chunks(2_000) {
+        rows += dataviz_writer::write(&pool, chunk).await?.rows;
+    }
+    let elapsed = start.elapsed();
+    anyhow::ensure!(
+        rows == args.messages * args.tags,
+        "the writer wrote {rows} rows"
+    );
+    pool.get()
+        .await?
+        .batch_execute("TRUNCATE tag_reading; TRUNCATE ingested_message")
+        .await?;
+    Ok(rate(rows, elapsed))
 }
 
 /// A child process killed with the bench, whatever way the bench ends.
