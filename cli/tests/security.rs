@@ -21,12 +21,15 @@ const MESSAGE: &str = r#"{"d": [{"tag": "AI.0", "value": 1.5}], "ts": "2024-06-0
 const ROWS: &str = "SELECT count(*) FROM tag_reading";
 const ADMIN: &str = "admin@example.com";
 
-/// A CA and a server certificate for 127.0.0.1 signed by it, as PEM files in a temp dir.
+/// A CA, a server certificate for 127.0.0.1 and a client certificate signed by it, as PEM files
+/// in a temp dir.
 struct Pki {
     _dir: TempDir,
     ca: PathBuf,
     cert: PathBuf,
     key: PathBuf,
+    client_cert: PathBuf,
+    client_key: PathBuf,
 }
 
 impl Pki {
@@ -62,6 +65,17 @@ impl Pki {
             .signed_by(&server_key, &ca)
             .expect("server certificate");
 
+        let client_key = KeyPair::generate().expect("client key");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "dataviz role");
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let client_cert = params
+            .signed_by(&client_key, &ca)
+            .expect("client certificate");
+
         let write = |name: &str, pem: &str| {
             let path = dir.path().join(name);
             std::fs::write(&path, pem).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -70,10 +84,14 @@ impl Pki {
         let ca_path = write("ca.pem", &ca.pem());
         let cert_path = write("server.pem", &cert.pem());
         let key_path = write("server-key.pem", &server_key.serialize_pem());
+        let client_cert_path = write("client.pem", &client_cert.pem());
+        let client_key_path = write("client-key.pem", &client_key.serialize_pem());
         Pki {
             ca: ca_path,
             cert: cert_path,
             key: key_path,
+            client_cert: client_cert_path,
+            client_key: client_key_path,
             _dir: dir,
         }
     }
@@ -554,6 +572,88 @@ async fn nats_over_tls_with_credentials_carries_messages_and_a_wrong_password_is
         "no retry after the refusal:\n{}",
         wrong.log()
     );
+}
+
+/// Mutual TLS and a token: the server requires a client certificate signed by its CA
+/// (`verify: true`) and a token. The roles present NATS_TLS_CERT / NATS_TLS_KEY and NATS_TOKEN,
+/// and a message becomes a row; a role without a client certificate, or with a wrong token, is
+/// refused and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_with_client_certificates_and_a_token_carries_messages_and_refuses_the_rest() {
+    let token = "nats-token-5d1c9a";
+    let pki = Pki::new();
+    let nats = NatsServer::start_with_config(&format!(
+        "tls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n  ca_file: \"{}\"\n  verify: true\n}}\n\
+         authorization {{\n  token: \"{token}\"\n}}\n",
+        pki.cert.display(),
+        pki.key.display(),
+        pki.ca.display()
+    ));
+    let stack = Stack::start().await;
+    stack.create_gateway(13).await;
+    let (ca, cert, key, url) = (
+        path(&pki.ca),
+        path(&pki.client_cert),
+        path(&pki.client_key),
+        tls_url(&nats),
+    );
+    let settings = [
+        ("NATS_URL", url.as_str()),
+        ("NATS_TLS_CA", ca.as_str()),
+        ("NATS_TLS_CERT", cert.as_str()),
+        ("NATS_TLS_KEY", key.as_str()),
+        ("NATS_TOKEN", token),
+    ];
+    let _roles: Vec<_> = ["bridge", "processor", "writer"]
+        .into_iter()
+        .map(|role| spawn_logged(role, &stack.env(), &settings))
+        .collect();
+    let mut mqtt = common::Publisher::connect(stack.mosquitto.port()).await;
+    mqtt.publish("gateways/13/plc-1", MESSAGE).await;
+    mqtt.wait_acked(Duration::from_secs(10)).await;
+    stack.wait_for_count(ROWS, 1, Duration::from_secs(20)).await;
+
+    // No client certificate: the server ends the handshake.
+    let anonymous = spawn_logged(
+        "writer",
+        &stack.env(),
+        &[
+            ("NATS_URL", url.as_str()),
+            ("NATS_TLS_CA", ca.as_str()),
+            ("NATS_TOKEN", token),
+        ],
+    );
+    anonymous
+        .wait_for_line(&["NATS"], Duration::from_secs(15))
+        .await
+        .unwrap_or_else(|| panic!("no log line about NATS:\n{}", anonymous.log()));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    // Go's TLS stack names the problem: "tls: client didn't provide a certificate".
+    while !nats.log().contains("didn't provide a certificate") {
+        assert!(
+            Instant::now() < deadline,
+            "the server did not refuse a client without a certificate:\n{}",
+            nats.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(anonymous);
+
+    // A wrong token.
+    let wrong = spawn_logged(
+        "writer",
+        &stack.env(),
+        &[&settings[..4], &[("NATS_TOKEN", "not-the-token")]].concat(),
+    );
+    let line = wrong
+        .wait_for_line(
+            &["NATS", "authorization violation"],
+            Duration::from_secs(15),
+        )
+        .await
+        .unwrap_or_else(|| panic!("no log line naming the refusal:\n{}", wrong.log()));
+    eprintln!("wrong NATS token, logged: {line}");
+    assert_eq!(stack.count(ROWS).await, 1, "nothing else was written");
 }
 
 /// No secret in any log line: `dataviz all` over MQTT and NATS with TLS and passwords, the
