@@ -7,7 +7,7 @@ use std::time::Duration;
 use tempfile::TempDir;
 
 use crate::net::{free_port, wait_for_port};
-use crate::process::{ServerProcess, write_file};
+use crate::process::{ServerProcess, three_tries, write_file};
 
 /// A Mosquitto broker on `127.0.0.1:<free port>` running `mosquitto/mosquitto.conf` with its
 /// listener, data directory and log rewritten into a temporary directory. Dropping it kills the
@@ -44,17 +44,13 @@ impl Mosquitto {
             dir,
             process,
         };
-        let mut errors = Vec::new();
-        for _ in 0..3 {
+        three_tries("mosquitto did not start", || {
             broker.port = free_port();
             let config = test_config(&project_config(), broker.port, &broker.data_dir());
             write_file(&broker.config_path(), &config);
-            match broker.launch() {
-                Ok(()) => return broker,
-                Err(e) => errors.push(e),
-            }
-        }
-        panic!("mosquitto did not start:\n{}", errors.join("\n---\n"));
+            broker.launch()
+        });
+        broker
     }
 
     pub fn host(&self) -> &'static str {
@@ -103,15 +99,10 @@ impl Mosquitto {
     /// port with the same data directory, and blocks until it accepts connections.
     pub fn restart(&mut self) {
         self.process.stop();
-        let mut errors = Vec::new();
-        for _ in 0..3 {
-            match self.launch() {
-                Ok(()) => return,
-                Err(e) => errors.push(e),
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        panic!("mosquitto did not restart:\n{}", errors.join("\n---\n"));
+        three_tries("mosquitto did not restart", || {
+            self.launch()
+                .inspect_err(|_| std::thread::sleep(Duration::from_millis(200)))
+        });
     }
 
     fn launch(&mut self) -> Result<(), String> {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use tempfile::TempDir;
 
 use crate::net::free_port;
-use crate::process::{ServerProcess, write_file};
+use crate::process::{ServerProcess, three_tries, write_file};
 
 /// Older servers silently ignore stream and consumer settings we use (FIELD-NOTES).
 const MIN_VERSION: (u32, u32) = (2, 12);
@@ -52,16 +52,11 @@ impl NatsServer {
             dir,
             process,
         };
-        // A free port can be taken by someone else before the server binds it: try another.
-        let mut errors = Vec::new();
-        for _ in 0..3 {
+        three_tries("nats-server did not start", || {
             server.port = free_port();
-            match server.launch() {
-                Ok(()) => return server,
-                Err(e) => errors.push(e),
-            }
-        }
-        panic!("nats-server did not start:\n{}", errors.join("\n---\n"));
+            server.launch()
+        });
+        server
     }
 
     /// `nats://127.0.0.1:PORT`
@@ -108,15 +103,10 @@ impl NatsServer {
     pub fn restart(&mut self) {
         self.process.stop();
         // The port was ours a moment ago; retry in case the old socket lingers.
-        let mut errors = Vec::new();
-        for _ in 0..3 {
-            match self.launch() {
-                Ok(()) => return,
-                Err(e) => errors.push(e),
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        panic!("nats-server did not restart:\n{}", errors.join("\n---\n"));
+        three_tries("nats-server did not restart", || {
+            self.launch()
+                .inspect_err(|_| std::thread::sleep(Duration::from_millis(200)))
+        });
     }
 
     fn launch(&mut self) -> Result<(), String> {

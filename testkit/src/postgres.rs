@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
 use crate::net::free_port;
-use crate::process::{ServerProcess, TIMEOUT};
+use crate::process::{ServerProcess, TIMEOUT, three_tries};
 
 /// The superuser `initdb` creates, named in [`PostgresServer::url`].
 const SUPERUSER: &str = "postgres";
@@ -77,15 +77,11 @@ impl PostgresServer {
 
     fn first_launch(mut self) -> Self {
         // A free port can be taken by someone else before the server binds it: try another.
-        let mut errors = Vec::new();
-        for _ in 0..3 {
+        three_tries("postgres did not start", || {
             self.port = free_port();
-            match self.launch() {
-                Ok(()) => return self,
-                Err(e) => errors.push(e),
-            }
-        }
-        panic!("postgres did not start:\n{}", errors.join("\n---\n"));
+            self.launch()
+        });
+        self
     }
 
     /// A superuser URL, `postgres://postgres@127.0.0.1:PORT/postgres`: what

@@ -139,3 +139,18 @@ impl Drop for ServerProcess {
 pub(crate) fn write_file(path: &Path, text: &str) {
     std::fs::write(path, text).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
 }
+
+/// Runs `attempt` up to three times, until it succeeds; panics with `what` and every attempt's
+/// error. How the fixtures start servers: a free port can be taken by someone else between our
+/// probe and the server's bind, and a stopped server's port may linger a moment; `attempt` does
+/// what each retry needs (a fresh port, a pause).
+pub(crate) fn three_tries(what: &str, mut attempt: impl FnMut() -> Result<(), String>) {
+    let mut errors = Vec::new();
+    for _ in 0..3 {
+        match attempt() {
+            Ok(()) => return,
+            Err(e) => errors.push(e),
+        }
+    }
+    panic!("{what}:\n{}", errors.join("\n---\n"));
+}
