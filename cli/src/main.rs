@@ -12,14 +12,14 @@ mod simulate;
 mod user;
 
 use clap::{Parser, Subcommand};
+use dataviz_core::telemetry::{self, LogConfig};
+use std::process::ExitCode;
 
 /// mimalloc rather than glibc's malloc: allocation and freeing were a quarter of `dataviz all`'s
 /// time under load (many small, short-lived buffers per message across threads), where glibc
 /// spends it consolidating and unlinking chunks. BENCHMARKS.md has the A/B figures.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use dataviz_core::telemetry::{self, LogConfig};
-use std::process::ExitCode;
 
 #[derive(Debug, Parser)]
 #[command(

@@ -1,7 +1,8 @@
 //! The publisher: READINGS → Mercure hub.
 //!
-//! Each [`TagReadingsBatch`] becomes one private update posted to the hub at `MERCURE_URL`,
-//! on two topics under `MERCURE_TOPIC_BASE` (default `https://dataviz.local`):
+//! Each [`TagReadingsBatch`] becomes one private update posted to the hub at `MERCURE_URL` (in
+//! `dataviz all`, handed to the embedded hub in-process: [`UpdateSink`]), on two topics under
+//! `MERCURE_TOPIC_BASE` (default `https://dataviz.local`):
 //!
 //! | topic                                                | who subscribes                     |
 //! |------------------------------------------------------|------------------------------------|
