@@ -183,6 +183,21 @@ impl Drop for Role {
 
 fn launch(role: &str, env: &[(String, String)], extra: &[(String, String)]) -> Child {
     let quiet = std::env::var_os("DATAVIZ_TEST_LOGS").is_none();
+    let mut command = dataviz_command(role, env, extra);
+    if quiet {
+        command.stdout(Stdio::null()).stderr(Stdio::null());
+    }
+    command
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting dataviz {role}: {e}"))
+}
+
+/// `dataviz <role>` with only `PATH`, `env` and `extra` in its environment, stdin closed.
+fn dataviz_command<K: AsRef<std::ffi::OsStr>, V: AsRef<std::ffi::OsStr>>(
+    role: &str,
+    env: &[(String, String)],
+    extra: &[(K, V)],
+) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_dataviz"));
     command
         .arg(role)
@@ -191,12 +206,7 @@ fn launch(role: &str, env: &[(String, String)], extra: &[(String, String)]) -> C
         .envs(env.iter().map(|(k, v)| (k, v)))
         .envs(extra.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null());
-    if quiet {
-        command.stdout(Stdio::null()).stderr(Stdio::null());
-    }
     command
-        .spawn()
-        .unwrap_or_else(|e| panic!("starting dataviz {role}: {e}"))
 }
 
 /// An MQTT client publishing at QoS 1, counting the broker's acks; failures fail the test.
@@ -432,16 +442,8 @@ impl Drop for LoggedRole {
 /// [`LoggedRole`]).
 pub fn spawn_logged(role: &str, env: &[(String, String)], extra: &[(&str, &str)]) -> LoggedRole {
     use std::io::BufRead;
-    let mut command = Command::new(env!("CARGO_BIN_EXE_dataviz"));
-    command
-        .arg(role)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .envs(extra.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    let mut command = dataviz_command(role, env, extra);
+    command.stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = command
         .spawn()
         .unwrap_or_else(|e| panic!("starting dataviz {role}: {e}"));
