@@ -9,6 +9,7 @@
 mod common;
 
 use common::{NUMBERED_TAGS, Publisher, Stack, assert_every_numbered_message_once};
+use dataviz_core::message::READINGS_MESSAGE_BYTES;
 use dataviz_mercure::JwtKey;
 use dataviz_mercure::jwt::{Claims, sign};
 use dataviz_mercure::subscriber::{EventStream, SubscribeRequest};
@@ -391,7 +392,8 @@ fn seq_of(data: &str) -> Option<i64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readings_stream_at_its_size_limit_pushes_back_and_loses_nothing() {
-    const LIMIT: i64 = 256 * 1024;
+    // Several READINGS messages, and far less than the 10,000 batches need.
+    const LIMIT: i64 = 2 * 1024 * 1024;
     let _serial = SERIAL.lock().await;
     let stack = Stack::start().await;
     stack.create_gateway(1).await;
@@ -426,7 +428,9 @@ async fn readings_stream_at_its_size_limit_pushes_back_and_loses_nothing() {
             .get_info()
             .await
             .unwrap();
-        if raw.state.messages == MESSAGES as u64 && readings.state.bytes + 2048 > LIMIT as u64 {
+        // Full: the next READINGS message would not fit.
+        let room = LIMIT as u64 - readings.state.bytes.min(LIMIT as u64);
+        if raw.state.messages == MESSAGES as u64 && room < READINGS_MESSAGE_BYTES as u64 + 4096 {
             break readings;
         }
         assert!(
@@ -438,7 +442,19 @@ async fn readings_stream_at_its_size_limit_pushes_back_and_loses_nothing() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert!(full.state.bytes <= LIMIT as u64, "{:?}", full.state);
-    assert!(full.state.messages < MESSAGES as u64, "{:?}", full.state);
+    let mut processor_consumer: async_nats::jetstream::consumer::PullConsumer = js
+        .get_stream("RAW")
+        .await
+        .unwrap()
+        .get_consumer("processor")
+        .await
+        .unwrap();
+    let info = processor_consumer.info().await.unwrap();
+    assert!(
+        info.num_pending + info.num_ack_pending as u64 > 0,
+        "every raw message acknowledged, yet READINGS is full: {:?}",
+        full.state
+    );
     // Held there for a while: the processor keeps retrying, dead-letters nothing.
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(

@@ -1,12 +1,13 @@
 //! Redelivery at each hop: a stage that stored its output but died before acknowledging its
-//! input gets the input again; the rows are the same as if it had been delivered once.
+//! input gets the input again; the rows are the same as if it had been delivered once. And the
+//! writer's refusals: a batch PostgreSQL cannot store goes to DEAD alone.
 
 mod common;
 
 use async_nats::jetstream::{self, consumer::PullConsumer};
 use bytes::Bytes;
 use dataviz_core::{
-    message::{RawMessage, TagReadingsBatch},
+    message::{RawMessage, ReadingsMessage},
     payload::PayloadLimits,
     streams::{self, StreamSettings},
 };
@@ -88,6 +89,28 @@ async fn pending(consumer: &mut PullConsumer) -> (u64, usize) {
     (info.num_pending, info.num_ack_pending)
 }
 
+/// Every message stored in READINGS, in order.
+async fn readings_in_stream(hop: &Hop) -> Vec<bytes::Bytes> {
+    let stream = hop.js.get_stream(streams::READINGS_STREAM).await.unwrap();
+    let last = stream.get_info().await.unwrap().state.last_sequence;
+    let mut out = Vec::new();
+    for sequence in 1..=last {
+        if let Ok(message) = stream.get_raw_message(sequence).await {
+            out.push(message.payload);
+        }
+    }
+    out
+}
+
+/// The batch ids of a READINGS message, each once.
+fn ids(payload: &[u8]) -> std::collections::BTreeSet<uuid::Uuid> {
+    ReadingsMessage::parse(payload)
+        .unwrap()
+        .iter()
+        .map(|b| b.id)
+        .collect()
+}
+
 const MESSAGES: usize = 20;
 
 async fn publish_raw(hop: &Hop) {
@@ -125,24 +148,55 @@ async fn a_processor_dying_before_its_ack_publishes_each_batch_once() {
     assert!(again.iter().all(|m| m.info().unwrap().delivered == 2));
     processor.handle_messages(&hop.js, again).await;
 
-    let readings = hop
-        .js
-        .get_stream(streams::READINGS_STREAM)
-        .await
-        .unwrap()
-        .get_info()
-        .await
-        .unwrap();
-    assert_eq!(
-        readings.state.messages as usize, MESSAGES,
-        "each batch once in READINGS"
-    );
+    // The same batches packed alike: the second READINGS message is JetStream's duplicate.
+    let readings = readings_in_stream(&hop).await;
+    assert_eq!(readings.len(), 1, "one READINGS message, stored once");
+    assert_eq!(ids(&readings[0]).len(), MESSAGES, "each batch once");
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
         pending(&mut raw).await,
         (0, 0),
         "every raw message acknowledged"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_processor_packing_its_redelivery_otherwise_still_stores_each_row_once() {
+    let hop = hop().await;
+    publish_raw(&hop).await;
+    let processor = Processor::new(hop.pool.clone(), PayloadLimits::default());
+    let raw = consumer(&hop, streams::RAW_STREAM, hop.settings.processor_consumer()).await;
+
+    // First delivery handled in two halves, stored, then the "crash": no ack.
+    let first = take(&raw, MESSAGES).await;
+    for half in first.chunks(MESSAGES / 2) {
+        let stored = processor.process(&hop.js, half).await;
+        assert!(stored.iter().all(Result::is_ok), "{stored:?}");
+    }
+    drop(first);
+    // The redelivery comes whole: packed otherwise, not JetStream's duplicate.
+    processor
+        .handle_messages(&hop.js, take(&raw, MESSAGES).await)
+        .await;
+    let readings = readings_in_stream(&hop).await;
+    assert_eq!(readings.len(), 3);
+    let batches: usize = readings.iter().map(|r| ids(r).len()).sum();
+    assert_eq!(batches, 2 * MESSAGES, "every batch twice in READINGS");
+
+    let writer = consumer(
+        &hop,
+        streams::READINGS_STREAM,
+        hop.settings.writer_consumer(),
+    )
+    .await;
+    dataviz_writer::handle_messages(&hop.js, &hop.pool, take(&writer, 3).await).await;
+    let client = hop.db.connect().await;
+    let rows: i64 = client
+        .query_one("SELECT count(*) FROM tag_reading", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 2 * MESSAGES as i64, "each reading once");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -161,11 +215,8 @@ async fn a_writer_dying_before_its_ack_stores_each_row_once() {
         hop.settings.writer_consumer(),
     )
     .await;
-    let first = take(&readings, MESSAGES).await;
-    let batches: Vec<TagReadingsBatch> = first
-        .iter()
-        .map(|m| serde_json::from_slice(&m.payload).unwrap())
-        .collect();
+    let first = take(&readings, 1).await;
+    let batches = ReadingsMessage::parse(&first[0].payload).unwrap();
     // Committed, then the "crash": no ack.
     let written = dataviz_writer::write(&hop.pool, &batches).await.unwrap();
     assert_eq!(
@@ -174,8 +225,8 @@ async fn a_writer_dying_before_its_ack_stores_each_row_once() {
     );
     drop(first);
 
-    let again = take(&readings, MESSAGES).await;
-    assert!(again.iter().all(|m| m.info().unwrap().delivered == 2));
+    let again = take(&readings, 1).await;
+    assert_eq!(again[0].info().unwrap().delivered, 2);
     dataviz_writer::handle_messages(&hop.js, &hop.pool, again).await;
 
     let client = hop.db.connect().await;
@@ -207,5 +258,82 @@ async fn a_writer_dying_before_its_ack_stores_each_row_once() {
     assert_eq!(
         count("SELECT count(*) FROM tag_reading").await,
         2 * MESSAGES as i64
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_postgresql_refuses_goes_to_dead_alone_and_its_neighbours_are_stored() {
+    use dataviz_core::message::{DeadLetter, TagReading, TagReadingsBatch};
+    use dataviz_core::value::Value;
+    let hop = hop().await;
+    let batch = |device: i64, value: Value| TagReadingsBatch {
+        id: uuid::Uuid::now_v7(),
+        gateway_id: 1,
+        device_id: device,
+        device_code: format!("dev-{device}"),
+        time: chrono::Utc::now(),
+        received_at: chrono::Utc::now(),
+        readings: vec![TagReading {
+            tag_id: device,
+            tag: "t".into(),
+            value,
+        }],
+    };
+    // PostgreSQL text cannot hold NUL: a batch only a hand-made message can carry.
+    let refused = batch(2, Value::Text("a\0b".into()));
+    let first = [
+        batch(1, Value::Integer(1)),
+        refused.clone(),
+        batch(3, Value::Integer(3)),
+    ];
+    let second = [batch(4, Value::Integer(4))];
+    for batches in [&first[..], &second[..]] {
+        for m in ReadingsMessage::pack(batches).0 {
+            hop.js
+                .publish_with_headers(m.subject(), m.headers(), m.payload())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    }
+    let mut writer = consumer(
+        &hop,
+        streams::READINGS_STREAM,
+        hop.settings.writer_consumer(),
+    )
+    .await;
+    let progressed =
+        dataviz_writer::handle_messages(&hop.js, &hop.pool, take(&writer, 2).await).await;
+    assert!(progressed);
+
+    let client = hop.db.connect().await;
+    let devices: Vec<i64> = client
+        .query("SELECT device_id FROM tag_reading ORDER BY device_id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(devices, [1, 3, 4], "the other batches stored");
+    let dead = hop.js.get_stream(streams::DEAD_STREAM).await.unwrap();
+    assert_eq!(dead.get_info().await.unwrap().state.messages, 1);
+    let stored = dead.get_raw_message(1).await.unwrap();
+    let letter = DeadLetter::from_parts(Some(&stored.headers), stored.payload).unwrap();
+    assert_eq!(
+        (letter.stage.as_str(), letter.reason.as_str()),
+        ("writer", "unstorable")
+    );
+    assert_eq!(letter.raw.id, refused.id);
+    assert_eq!(
+        ReadingsMessage::parse(&letter.raw.payload).unwrap(),
+        [refused],
+        "the refused batch alone, as it was"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        pending(&mut writer).await,
+        (0, 0),
+        "both messages acknowledged"
     );
 }

@@ -2,7 +2,8 @@
 //!
 //! - RAW: the MQTT message as received, payload untouched; topic, receive time and a unique id
 //!   in headers ([`RawMessage`]).
-//! - READINGS: one [`TagReadingsBatch`] per raw message, JSON, the registry ids resolved.
+//! - READINGS: [`TagReadingsBatch`]es, one per raw message with the registry ids resolved, packed
+//!   per gateway and processor batch into JSON arrays ([`ReadingsMessage`]).
 //! - DEAD: the raw message again, with the stage and reason that refused it ([`DeadLetter`]).
 
 use crate::value::Value;
@@ -276,21 +277,106 @@ impl<'de> serde::de::Visitor<'de> for TagReadingVisitor {
 }
 
 impl TagReadingsBatch {
-    /// The READINGS subject: per gateway and device.
-    pub fn subject(&self) -> String {
-        crate::streams::readings_subject(self.gateway_id, self.device_id)
-    }
-
-    /// Headers of the READINGS message: its id doubles as the deduplication id.
-    pub fn headers(&self) -> HeaderMap {
-        let mut headers = HeaderMap::new();
-        headers.insert(HEADER_MSG_ID, self.id.to_string().as_str());
-        headers
-    }
-
     pub fn to_json(&self) -> Bytes {
         // Serializing plain data with string keys cannot fail.
         Bytes::from(serde_json::to_vec(self).expect("TagReadingsBatch serializes"))
+    }
+}
+
+/// Most bytes of batches packed into one READINGS message; a larger batch travels alone. A
+/// quarter of NATS's default `max_payload` (1 MiB), so that a message always fits.
+pub const READINGS_MESSAGE_BYTES: usize = 256 * 1024;
+
+/// One READINGS message: batches of one gateway from one processor batch, a JSON array.
+///
+/// One message per processor batch rather than per raw message divides the READINGS work of
+/// the stream and of its consumers (a store, two deliveries and two acks per message) by the
+/// batch size; the writer still stores each batch once by its id, whatever the packing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReadingsMessage {
+    pub gateway_id: i32,
+    /// The ids of the batches, in order.
+    pub ids: Vec<Uuid>,
+    json: Vec<u8>,
+}
+
+impl ReadingsMessage {
+    fn open(gateway_id: i32) -> ReadingsMessage {
+        ReadingsMessage {
+            gateway_id,
+            ids: Vec::new(),
+            json: vec![b'['],
+        }
+    }
+
+    /// The READINGS subject: per gateway.
+    pub fn subject(&self) -> String {
+        crate::streams::readings_subject(self.gateway_id)
+    }
+
+    /// The deduplication id names the batches it holds: a processor that dies before its ack
+    /// and packs the same batches again publishes them once.
+    pub fn headers(&self) -> HeaderMap {
+        let mut ids = Vec::with_capacity(16 * self.ids.len());
+        for id in &self.ids {
+            ids.extend_from_slice(id.as_bytes());
+        }
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            HEADER_MSG_ID,
+            format!("readings:{:032x}", xxhash_rust::xxh3::xxh3_128(&ids)).as_str(),
+        );
+        headers
+    }
+
+    pub fn payload(&self) -> Bytes {
+        let mut json = self.json.clone();
+        json.push(b']');
+        Bytes::from(json)
+    }
+
+    /// Packs batches into READINGS messages, per gateway, in order, each holding up to
+    /// [`READINGS_MESSAGE_BYTES`] of JSON. Returns the messages and, for each batch, the index
+    /// of the message holding it.
+    pub fn pack<'a>(
+        batches: impl IntoIterator<Item = &'a TagReadingsBatch>,
+    ) -> (Vec<ReadingsMessage>, Vec<usize>) {
+        let mut messages: Vec<ReadingsMessage> = Vec::new();
+        let mut homes = Vec::new();
+        // The message still open for each gateway.
+        let mut open: std::collections::HashMap<i32, usize> = Default::default();
+        let mut scratch = Vec::new();
+        for batch in batches {
+            scratch.clear();
+            serde_json::to_writer(&mut scratch, batch).expect("TagReadingsBatch serializes");
+            let fits =
+                |m: &ReadingsMessage| m.json.len() + 1 + scratch.len() < READINGS_MESSAGE_BYTES;
+            let home = match open.get(&batch.gateway_id) {
+                Some(&i) if messages[i].ids.is_empty() || fits(&messages[i]) => i,
+                _ => {
+                    messages.push(ReadingsMessage::open(batch.gateway_id));
+                    open.insert(batch.gateway_id, messages.len() - 1);
+                    messages.len() - 1
+                }
+            };
+            let message = &mut messages[home];
+            if !message.ids.is_empty() {
+                message.json.push(b',');
+            }
+            message.json.extend_from_slice(&scratch);
+            message.ids.push(batch.id);
+            homes.push(home);
+        }
+        (messages, homes)
+    }
+
+    /// Reads a READINGS message: an array of batches, or a single batch (one per message, as
+    /// READINGS carried them before they were packed).
+    pub fn parse(payload: &[u8]) -> Result<Vec<TagReadingsBatch>, serde_json::Error> {
+        match payload.iter().find(|b| !b.is_ascii_whitespace()) {
+            Some(b'{') => Ok(vec![serde_json::from_slice(payload)?]),
+            _ => serde_json::from_slice(payload),
+        }
     }
 }
 
@@ -441,6 +527,76 @@ mod tests {
         );
         let back: TagReadingsBatch = serde_json::from_slice(&batch.to_json()).unwrap();
         assert_eq!(back, batch);
+    }
+
+    fn small_batch(gateway_id: i32, readings: usize) -> TagReadingsBatch {
+        TagReadingsBatch {
+            id: Uuid::now_v7(),
+            gateway_id,
+            device_id: 2,
+            device_code: "d".into(),
+            time: Utc::now(),
+            received_at: Utc::now(),
+            readings: (0..readings)
+                .map(|i| TagReading {
+                    tag_id: i as i64,
+                    tag: format!("tag-{i}"),
+                    value: Value::Integer(i as i64),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn batches_are_packed_per_gateway_in_order_and_read_back() {
+        let batches: Vec<_> = [1, 2, 1, 1, 2].map(|g| small_batch(g, 3)).into();
+        let (messages, homes) = ReadingsMessage::pack(&batches);
+        assert_eq!(homes, [0, 1, 0, 0, 1]);
+        assert_eq!(messages[0].subject(), "dataviz.readings.1");
+        assert_eq!(messages[1].subject(), "dataviz.readings.2");
+        let back = ReadingsMessage::parse(&messages[0].payload()).unwrap();
+        assert_eq!(back, [0, 2, 3].map(|i| batches[i].clone()));
+        assert_eq!(messages[0].ids, [0, 2, 3].map(|i| batches[i].id));
+        // The deduplication id names the batches: the same ones give the same id.
+        let again = ReadingsMessage::pack([&batches[0], &batches[2], &batches[3]]).0;
+        assert_eq!(
+            again[0].headers().get(HEADER_MSG_ID),
+            messages[0].headers().get(HEADER_MSG_ID)
+        );
+        let fewer = ReadingsMessage::pack([&batches[0], &batches[2]]).0;
+        assert_ne!(
+            fewer[0].headers().get(HEADER_MSG_ID),
+            messages[0].headers().get(HEADER_MSG_ID)
+        );
+        // A single batch, as READINGS carried them before packing, still reads.
+        assert_eq!(
+            ReadingsMessage::parse(&batches[1].to_json()).unwrap(),
+            [batches[1].clone()]
+        );
+        assert_eq!(ReadingsMessage::parse(b"[]").unwrap(), []);
+        assert!(ReadingsMessage::parse(b"{\"id\": 1}").is_err());
+        assert!(ReadingsMessage::parse(b"not json").is_err());
+    }
+
+    #[test]
+    fn packed_messages_stay_within_their_size_and_a_big_batch_travels_alone() {
+        // About 30 KiB each: eight fit in 256 KiB, not nine.
+        let batches: Vec<_> = (0..20).map(|_| small_batch(1, 1000)).collect();
+        let big = small_batch(1, 20_000);
+        let all: Vec<_> = batches.iter().chain([&big]).chain(&batches[..1]).collect();
+        let (messages, homes) = ReadingsMessage::pack(all.iter().copied());
+        for m in &messages {
+            assert!(m.payload().len() <= READINGS_MESSAGE_BYTES || m.ids.len() == 1);
+        }
+        assert!(messages.len() >= 4, "{} messages", messages.len());
+        let big_home = homes[20];
+        assert_eq!(messages[big_home].ids, [big.id]);
+        assert!(messages[big_home].payload().len() > READINGS_MESSAGE_BYTES);
+        let read: usize = messages
+            .iter()
+            .map(|m| ReadingsMessage::parse(&m.payload()).unwrap().len())
+            .sum();
+        assert_eq!(read, 22);
     }
 
     #[test]

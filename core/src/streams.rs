@@ -3,7 +3,7 @@
 //! | stream   | subjects                                  | kept                                   |
 //! |----------|-------------------------------------------|----------------------------------------|
 //! | RAW      | `dataviz.raw.<gateway id or "unrouted">`  | `RAW_RETENTION` (replay window)        |
-//! | READINGS | `dataviz.readings.<gateway>.<device>`     | until every consumer acknowledged it   |
+//! | READINGS | `dataviz.readings.<gateway>`              | until every consumer acknowledged it   |
 //! | DEAD     | `dataviz.dead.<stage>.<reason>`           | `DEAD_RETENTION`                       |
 //!
 //! Every stream refuses new messages when full (`DiscardPolicy::New`): a full stream is
@@ -43,8 +43,8 @@ pub fn raw_subject(gateway_id: Option<i32>) -> String {
     }
 }
 
-pub fn readings_subject(gateway_id: i32, device_id: i64) -> String {
-    format!("dataviz.readings.{gateway_id}.{device_id}")
+pub fn readings_subject(gateway_id: i32) -> String {
+    format!("dataviz.readings.{gateway_id}")
 }
 
 pub fn dead_subject(stage: &str, reason: &str) -> String {
@@ -107,7 +107,7 @@ impl StreamSettings {
     pub fn readings(&self) -> stream::Config {
         stream::Config {
             name: READINGS_STREAM.into(),
-            description: Some("Typed readings, one batch per raw message".into()),
+            description: Some("Typed readings, batches of raw messages packed per gateway".into()),
             subjects: vec![READINGS_SUBJECTS.into()],
             // Kept until every consumer (writer, publisher) has acknowledged it.
             retention: RetentionPolicy::Interest,

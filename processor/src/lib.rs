@@ -1,9 +1,10 @@
 //! The processor: RAW → registry → READINGS.
 //!
 //! For each raw message: parse the topic and payload ([`dataviz_core::topic`],
-//! [`dataviz_core::payload`]), find or create the device and its tags ([`registry`]), and
-//! publish one [`TagReadingsBatch`] to READINGS under the raw message's id. The raw message is
-//! acknowledged only once READINGS (or DEAD) stored the result.
+//! [`dataviz_core::payload`]), find or create the device and its tags ([`registry`]), and make
+//! one [`TagReadingsBatch`] under the raw message's id. The batches of a fetched batch of raw
+//! messages go to READINGS packed, one message per gateway ([`ReadingsMessage`]). A raw message
+//! is acknowledged only once READINGS (or DEAD) stored its result.
 //!
 //! Failures are sorted in one place, [`Outcome`]: a message that can never succeed (bad topic,
 //! bad payload, unknown gateway, a value PostgreSQL cannot store) goes to DEAD with the reason;
@@ -16,7 +17,7 @@ use chrono::{DateTime, Utc};
 use dataviz_core::{
     MQTT_LOG_TARGET,
     consume::{self, ack, nak_later},
-    message::{DeadLetter, RawMessage, TagReading, TagReadingsBatch},
+    message::{DeadLetter, RawMessage, ReadingsMessage, TagReading, TagReadingsBatch},
     ops::{Progress, metric},
     payload::{self, Payload, PayloadLimits},
     shutdown::Shutdown,
@@ -183,13 +184,46 @@ impl Processor {
         outcomes
     }
 
-    /// Publishes outcomes to READINGS or DEAD, waiting until stored, and counts them.
+    /// Publishes outcomes to READINGS or DEAD, waiting until stored, and counts them. The
+    /// readings go packed, a READINGS message per gateway ([`ReadingsMessage::pack`]); each
+    /// outcome gets the result of the message that holds it.
     pub async fn store_all(
         &self,
         js: &jetstream::Context,
         outcomes: &[Outcome],
     ) -> Vec<Result<(), String>> {
-        let stored = join_all(outcomes.iter().map(|outcome| store(js, outcome))).await;
+        let (packed, homes) = ReadingsMessage::pack(outcomes.iter().filter_map(|o| match o {
+            Outcome::Readings(batch) => Some(batch),
+            _ => None,
+        }));
+        let readings = join_all(
+            packed
+                .iter()
+                .map(|m| publish(js, m.subject(), m.headers(), m.payload())),
+        );
+        let dead = join_all(outcomes.iter().map(|outcome| async move {
+            match outcome {
+                Outcome::Dead(dead) => Some(
+                    publish(js, dead.subject(), dead.headers(), dead.raw.payload.clone()).await,
+                ),
+                _ => None,
+            }
+        }));
+        let (readings, dead) = futures::join!(readings, dead);
+        let mut homes = homes.into_iter();
+        let stored: Vec<Result<(), String>> = outcomes
+            .iter()
+            .zip(dead)
+            .map(|(outcome, dead)| match (outcome, dead) {
+                (Outcome::Readings(_), _) => {
+                    let home = homes.next().expect("one home per batch");
+                    readings[home].clone()
+                }
+                (Outcome::Retry(e), _) => Err(e.clone()),
+                (_, Some(stored)) => stored,
+                (_, None) => unreachable!("a dead letter is published"),
+            })
+            .collect();
         for (outcome, stored) in outcomes.iter().zip(&stored) {
             count(outcome, stored);
         }
@@ -254,20 +288,17 @@ fn dead(raw: RawMessage, reason: &str, error: String) -> Outcome {
     })
 }
 
-/// Publishes an outcome to its stream and waits for the stream to store it.
-async fn store(js: &jetstream::Context, outcome: &Outcome) -> Result<(), String> {
-    let published = match outcome {
-        Outcome::Readings(batch) => {
-            js.publish_with_headers(batch.subject(), batch.headers(), batch.to_json())
-                .await
-        }
-        Outcome::Dead(dead) => {
-            js.publish_with_headers(dead.subject(), dead.headers(), dead.raw.payload.clone())
-                .await
-        }
-        Outcome::Retry(e) => return Err(e.clone()),
-    };
-    let ack = published.map_err(|e| e.to_string())?;
+/// Publishes a message and waits for its stream to store it.
+async fn publish(
+    js: &jetstream::Context,
+    subject: String,
+    headers: async_nats::HeaderMap,
+    payload: bytes::Bytes,
+) -> Result<(), String> {
+    let ack = js
+        .publish_with_headers(subject, headers, payload)
+        .await
+        .map_err(|e| e.to_string())?;
     ack.await.map(|_| ()).map_err(|e| e.to_string())
 }
 

@@ -24,8 +24,9 @@
 //! ```
 //!
 //! # Acknowledgements and failures
-//! A message is acknowledged only after the hub accepted its update (`200`): a hub that is
-//! down loses nothing, the messages wait in READINGS. Failures are sorted by
+//! A READINGS message is acknowledged only after the hub accepted the update of each of its
+//! batches (`200`): a hub that is down loses nothing, the messages wait in READINGS. When only
+//! some were accepted, the message comes again whole, and its updates keep their ids. Failures are sorted by
 //! [`PublishError`]:
 //! - unavailable (no connection, timeout, 5xx, 429): warning, every message not yet published
 //!   is handed back with a delay ([`nak_later`]) and the stage backs off before its next batch;
@@ -33,13 +34,13 @@
 //!   is a configuration problem (wrong key, a `mercure.publish` claim or a hub ACL not covering
 //!   the topic base), not a bad message: dead-lettering would throw away every update until an
 //!   operator fixes it, while retrying resumes by itself once the configuration is right.
-//! - a message that is not a readings batch is acknowledged with an error log: the writer,
+//! - a message that cannot be read as readings batches is acknowledged with an error log: the writer,
 //!   which reads the same stream, sends it to DEAD; there is nothing to publish.
 //!
 //! # Ordering and coalescing
 //! Updates of one device are posted in stream order, one at a time; devices are posted
 //! concurrently (at most `PUBLISHER_CONCURRENCY` requests in flight). When the backlog of the
-//! consumer reaches `PUBLISHER_COALESCE_BACKLOG` messages (a burst, or catching up after the
+//! consumer reaches `PUBLISHER_COALESCE_BACKLOG` updates (a burst, or catching up after the
 //! hub was down), a fetched batch is **coalesced**: only the latest update of each device
 //! (by reading time, then stream order) is posted, and the older ones are acknowledged with it.
 //! Subscribers then see fewer intermediate values but the current state at once, and the hub
@@ -50,7 +51,7 @@
 use async_nats::jetstream::{self, consumer::pull};
 use dataviz_core::{
     consume::{self, ack, nak_later},
-    message::TagReadingsBatch,
+    message::{ReadingsMessage, TagReadingsBatch},
     ops::{Progress, metric},
     retry::Backoff,
     shutdown::Shutdown,
@@ -84,12 +85,13 @@ pub struct PublisherConfig {
         default_value = "https://dataviz.local"
     )]
     pub mercure_topic_base: String,
-    /// READINGS messages fetched at once, at most.
+    /// READINGS messages fetched at once, at most (each holds the readings of up to one
+    /// processor batch of one gateway).
     #[arg(
         long,
         env = "PUBLISHER_BATCH_SIZE",
         value_name = "PUBLISHER_BATCH_SIZE",
-        default_value_t = 500
+        default_value_t = 16
     )]
     pub publisher_batch_size: usize,
     /// Updates posted at once, at most (one device at a time each).
@@ -100,8 +102,8 @@ pub struct PublisherConfig {
         default_value_t = 16
     )]
     pub publisher_concurrency: usize,
-    /// Backlog (messages waiting for the publisher) from which a fetched batch is coalesced to
-    /// the latest update per device; 0: never coalesce.
+    /// Backlog (updates waiting for the publisher, estimated from the READINGS messages
+    /// pending) from which a fetch is coalesced to the latest update per device; 0: never.
     #[arg(
         long,
         env = "PUBLISHER_COALESCE_BACKLOG",
@@ -116,7 +118,7 @@ impl Default for PublisherConfig {
         PublisherConfig {
             mercure_url: "http://127.0.0.1:3000/.well-known/mercure".into(),
             mercure_topic_base: "https://dataviz.local".into(),
-            publisher_batch_size: 500,
+            publisher_batch_size: 16,
             publisher_concurrency: 16,
             publisher_coalesce_backlog: 1000,
         }
@@ -257,47 +259,52 @@ struct Pacing {
     backoff: Mutex<Backoff>,
 }
 
-/// Handles one fetched batch: posts, acks what the hub accepted, hands back the rest. Returns
-/// false when the hub failed (the caller backs off).
+/// Handles one fetch of READINGS messages: posts the updates of their batches, acks each
+/// message whose updates the hub all accepted, hands back the rest. Returns false when the hub
+/// failed (the caller backs off).
 pub async fn handle_messages(
     config: &PublisherConfig,
     publisher: &UpdateSink,
     messages: Vec<jetstream::Message>,
 ) -> bool {
+    // Every batch, with the index of its message.
     let mut batches = Vec::with_capacity(messages.len());
     for (index, message) in messages.iter().enumerate() {
-        match serde_json::from_slice::<TagReadingsBatch>(&message.payload) {
-            Ok(batch) => batches.push((index, batch)),
+        match ReadingsMessage::parse(&message.payload) {
+            Ok(parsed) => batches.extend(parsed.into_iter().map(|batch| (index, batch))),
             Err(e) => {
-                tracing::error!(subject = %message.subject, error = %e, "not a readings batch: nothing to publish (the writer dead-letters it)");
-                ack(message).await;
+                tracing::error!(subject = %message.subject, error = %e, "not a readings message: nothing to publish (the writer dead-letters it)");
             }
         }
     }
-    if batches.is_empty() {
-        return true;
-    }
-    let backlog = messages
+    // The backlog in batches, estimated from the messages pending after these.
+    let pending = messages
         .iter()
         .filter_map(|m| m.info().ok().map(|i| i.pending))
         .min()
         .unwrap_or(0);
-    let coalesce = config.publisher_coalesce_backlog > 0
-        && backlog.saturating_add(messages.len() as u64) >= config.publisher_coalesce_backlog;
+    let backlog = pending
+        .saturating_mul(batches.len() as u64)
+        .checked_div(messages.len() as u64)
+        .unwrap_or(0)
+        .saturating_add(batches.len() as u64);
+    let coalesce =
+        config.publisher_coalesce_backlog > 0 && backlog >= config.publisher_coalesce_backlog;
     let plan = plan(&batches, coalesce);
     // Set at the first failure: the rest of the batch is handed back without trying.
     let failed = AtomicBool::new(false);
+    // Per message: one of its updates was not accepted.
+    let unsettled: Vec<AtomicBool> = messages.iter().map(|_| AtomicBool::new(false)).collect();
     let base = config.mercure_topic_base.as_str();
     let devices = futures::stream::iter(plan.into_iter().map(|device| {
-        let (batches, messages, failed) = (&batches, &messages, &failed);
+        let (batches, failed, unsettled) = (&batches, &failed, &unsettled);
         async move {
             for (position, coalesced) in device {
                 let (index, batch) = &batches[position];
-                let covered = std::iter::once(*index)
-                    .chain(coalesced.iter().map(|p| batches[*p].0))
-                    .map(|i| &messages[i]);
+                let covered =
+                    || std::iter::once(*index).chain(coalesced.iter().map(|p| batches[*p].0));
                 if failed.load(Ordering::Relaxed) {
-                    futures::future::join_all(covered.map(nak_later)).await;
+                    covered().for_each(|i| unsettled[i].store(true, Ordering::Relaxed));
                     continue;
                 }
                 match publisher.publish(to_update(base, batch)).await {
@@ -305,13 +312,12 @@ pub async fn handle_messages(
                         metrics::counter!(metric::PUBLISHER_UPDATES).increment(1);
                         metrics::counter!(metric::PUBLISHER_COALESCED)
                             .increment(coalesced.len() as u64);
-                        futures::future::join_all(covered.map(ack)).await;
                     }
                     Err(e) => {
                         if !failed.swap(true, Ordering::Relaxed) {
                             report(&e, publisher);
                         }
-                        futures::future::join_all(covered.map(nak_later)).await;
+                        covered().for_each(|i| unsettled[i].store(true, Ordering::Relaxed));
                     }
                 }
             }
@@ -320,6 +326,17 @@ pub async fn handle_messages(
     .buffer_unordered(config.publisher_concurrency.max(1))
     .collect::<Vec<()>>();
     devices.await;
+    let settle = messages
+        .iter()
+        .zip(unsettled)
+        .map(|(message, unsettled)| async move {
+            if unsettled.into_inner() {
+                nak_later(message).await
+            } else {
+                ack(message).await
+            }
+        });
+    futures::future::join_all(settle).await;
     !failed.load(Ordering::Relaxed)
 }
 

@@ -2,7 +2,7 @@
 //! authorized subscribers only; a hub outage loses no update; a backlog is coalesced.
 
 use chrono::Utc;
-use dataviz_core::message::{TagReading, TagReadingsBatch};
+use dataviz_core::message::{ReadingsMessage, TagReading, TagReadingsBatch};
 use dataviz_core::ops::{Ops, OpsConfig, Progress};
 use dataviz_core::streams::{self, READINGS_STREAM, StreamSettings};
 use dataviz_core::value::Value;
@@ -104,14 +104,21 @@ fn batch(device: i64, value: i64) -> TagReadingsBatch {
     }
 }
 
-async fn store(js: &async_nats::jetstream::Context, batches: &[TagReadingsBatch]) {
-    for b in batches {
-        js.publish_with_headers(b.subject(), b.headers(), b.to_json())
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+/// Stores batches in READINGS as the processor does, packed: seven to a message here, so that a
+/// fetch holds several messages and a message several devices. Returns how many messages.
+async fn store(js: &async_nats::jetstream::Context, batches: &[TagReadingsBatch]) -> u64 {
+    let mut stored = 0;
+    for chunk in batches.chunks(7) {
+        for m in ReadingsMessage::pack(chunk).0 {
+            js.publish_with_headers(m.subject(), m.headers(), m.payload())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+            stored += 1;
+        }
     }
+    stored
 }
 
 /// A hub served on `port` (0: any); stopped by cancelling the token and awaiting the task.
@@ -257,11 +264,11 @@ async fn a_hub_outage_loses_no_update() {
     stop.cancel();
     task.await.unwrap().unwrap();
     let during: Vec<_> = (0..10).map(|i| batch(1 + i % 3, 100 + i)).collect();
-    store(&p.js, &during).await;
+    let held = store(&p.js, &during).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
         unacked(&p.js).await,
-        10,
+        held,
         "acknowledged while the hub was down"
     );
 

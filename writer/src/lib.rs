@@ -1,18 +1,19 @@
 //! The writer: READINGS → `tag_reading`.
 //!
-//! Each batch of READINGS messages is written in one transaction: the message ids go into
-//! `ingested_message` (ids already there are skipped: a redelivery or a replay), and the rows of
-//! the new ones are streamed with binary COPY, the fastest path PostgreSQL offers. The messages
-//! are acknowledged after the commit; a crash before that means a redelivery, which the ids
-//! absorb, so a batch stored once or five times leaves the same rows.
+//! The readings batches of each fetch of READINGS messages are written in one transaction: the
+//! batch ids (the raw messages' ids) go into `ingested_message` (ids already there are skipped:
+//! a redelivery or a replay), and the rows of the new ones are streamed with binary COPY, the
+//! fastest path PostgreSQL offers. The messages are acknowledged after the commit; a crash
+//! before that means a redelivery, which the ids absorb, so a batch stored once or five times,
+//! packed alike or not, leaves the same rows.
 //!
-//! Failures are sorted in one place, [`WriteError`]: a batch PostgreSQL refuses for its data is
-//! split to find the message at fault, which goes to DEAD; anything else is retried.
+//! Failures are sorted in one place, [`WriteError`]: a write PostgreSQL refuses for its data is
+//! split to find the batch at fault, which goes to DEAD; anything else is retried.
 
 use async_nats::jetstream;
 use dataviz_core::{
     consume::{self, ack, nak_later},
-    message::{DeadLetter, RawMessage, TagReadingsBatch},
+    message::{DeadLetter, RawMessage, ReadingsMessage, TagReadingsBatch},
     ops::{Progress, metric},
     shutdown::Shutdown,
     streams,
@@ -31,12 +32,13 @@ const STAGE: &str = "writer";
 /// Writer settings.
 #[derive(Debug, Clone, clap::Args)]
 pub struct WriterConfig {
-    /// READINGS messages written per transaction, at most.
+    /// READINGS messages written per transaction, at most (each holds the readings of up to
+    /// one processor batch of one gateway, 256 KiB at most).
     #[arg(
         long,
         env = "WRITER_BATCH_SIZE",
         value_name = "WRITER_BATCH_SIZE",
-        default_value_t = 2000
+        default_value_t = 16
     )]
     pub writer_batch_size: usize,
     /// How often old readings (plain PostgreSQL) and old message ids are deleted.
@@ -222,36 +224,39 @@ fn columns(
     }
 }
 
-/// Handles a batch of READINGS messages: writes, then acks; refuses for good what PostgreSQL
-/// can never store; hands back the rest. `false` when nothing was done (all handed back).
+/// Handles a batch of READINGS messages: writes their readings batches, then acks; refuses
+/// for good what PostgreSQL can never store; hands back the rest. `false` when nothing was done
+/// (all handed back).
 pub async fn handle_messages(
     js: &jetstream::Context,
     pool: &Pool,
     messages: Vec<jetstream::Message>,
 ) -> bool {
+    // The batches of every message, and for each batch the index of its message in `kept`.
     let mut batches = Vec::with_capacity(messages.len());
+    let mut homes = Vec::with_capacity(messages.len());
     let mut kept = Vec::with_capacity(messages.len());
     for message in messages {
-        match serde_json::from_slice::<TagReadingsBatch>(&message.payload) {
-            Ok(batch) => {
-                batches.push(batch);
+        match ReadingsMessage::parse(&message.payload) {
+            Ok(parsed) => {
+                homes.extend(std::iter::repeat_n(kept.len(), parsed.len()));
+                batches.extend(parsed);
                 kept.push(message);
             }
             Err(e) => {
                 let raw =
                     RawMessage::received(message.subject.to_string(), message.payload.clone());
-                refuse(
-                    js,
+                let error = format!("not a readings message: {e}");
+                settle(
                     &message,
-                    raw,
-                    "bad_batch",
-                    format!("not a readings batch: {e}"),
+                    refuse(js, &message, raw, "bad_batch", error).await,
                 )
                 .await;
             }
         }
     }
     if batches.is_empty() {
+        join_all(kept.iter().map(ack)).await;
         return true;
     }
     match write(pool, &batches).await {
@@ -266,25 +271,39 @@ pub async fn handle_messages(
             join_all(kept.iter().map(ack)).await;
             true
         }
-        Err(WriteError::Data(e)) if batches.len() > 1 => {
-            tracing::warn!(error = %e, messages = batches.len(), "batch refused for its data; writing its messages one by one");
-            for (batch, message) in batches.into_iter().zip(kept) {
-                write_one(js, pool, batch, message).await;
-            }
+        Err(WriteError::Data(e)) if batches.len() == 1 => {
+            let stored = refuse_batch(js, &kept[0], &batches[0], e).await;
+            settle(&kept[0], stored).await;
             true
         }
         Err(WriteError::Data(e)) => {
-            let (batch, message) = (batches.remove(0), &kept[0]);
-            refuse_batch(js, message, &batch, e).await;
+            tracing::warn!(error = %e, batches = batches.len(), "write refused for its data; writing its batches one by one");
+            // A message is acknowledged once each of its batches is written or refused.
+            let mut settled = vec![true; kept.len()];
+            for (batch, home) in batches.into_iter().zip(homes) {
+                if !write_one(js, pool, &batch, &kept[home]).await {
+                    settled[home] = false;
+                }
+            }
+            join_all(kept.iter().zip(settled).map(|(m, s)| settle(m, s))).await;
             true
         }
         Err(WriteError::Transient(e)) => {
             metrics::counter!(metric::FAILURES, "stage" => STAGE, "kind" => "database")
                 .increment(1);
-            tracing::warn!(error = %e, messages = batches.len(), "batch not written; it will be retried");
+            tracing::warn!(error = %e, batches = batches.len(), "batch not written; it will be retried");
             join_all(kept.iter().map(nak_later)).await;
             false
         }
+    }
+}
+
+/// Acks a message whose batches are all settled (written or refused); hands it back otherwise.
+async fn settle(message: &jetstream::Message, settled: bool) {
+    if settled {
+        ack(message).await
+    } else {
+        nak_later(message).await
     }
 }
 
@@ -300,48 +319,50 @@ fn count_written(written: &Written, batches: &[TagReadingsBatch]) {
     }
 }
 
+/// Writes one batch alone, or refuses it if PostgreSQL cannot store it. `true` when settled.
 async fn write_one(
     js: &jetstream::Context,
     pool: &Pool,
-    batch: TagReadingsBatch,
-    message: jetstream::Message,
-) {
-    match write(pool, std::slice::from_ref(&batch)).await {
+    batch: &TagReadingsBatch,
+    message: &jetstream::Message,
+) -> bool {
+    match write(pool, std::slice::from_ref(batch)).await {
         Ok(written) => {
-            count_written(&written, std::slice::from_ref(&batch));
-            ack(&message).await
+            count_written(&written, std::slice::from_ref(batch));
+            true
         }
-        Err(WriteError::Data(e)) => refuse_batch(js, &message, &batch, e).await,
+        Err(WriteError::Data(e)) => refuse_batch(js, message, batch, e).await,
         Err(WriteError::Transient(e)) => {
-            tracing::warn!(error = %e, "message not written; it will be retried");
-            nak_later(&message).await;
+            tracing::warn!(error = %e, id = %batch.id, "batch not written; it will be retried");
+            false
         }
     }
 }
 
+/// Sends one batch to DEAD as a raw message of its own (its JSON as payload).
 async fn refuse_batch(
     js: &jetstream::Context,
     message: &jetstream::Message,
     batch: &TagReadingsBatch,
     error: String,
-) {
+) -> bool {
     let raw = RawMessage {
         id: batch.id,
         topic: format!("gateways/{}/{}", batch.gateway_id, batch.device_code),
         received_at: batch.received_at,
-        payload: message.payload.clone(),
+        payload: batch.to_json(),
     };
-    refuse(js, message, raw, "unstorable", error).await;
+    refuse(js, message, raw, "unstorable", error).await
 }
 
-/// Sends a message to DEAD, then acks it; if DEAD cannot take it, hands it back.
+/// Sends a refused message to DEAD; `true` once DEAD stored it.
 async fn refuse(
     js: &jetstream::Context,
     message: &jetstream::Message,
     raw: RawMessage,
     reason: &str,
     error: String,
-) {
+) -> bool {
     tracing::error!(id = %raw.id, reason, error = %error, "readings refused: sent to DEAD");
     metrics::counter!(metric::DEAD_LETTERS, "stage" => STAGE, "reason" => reason.to_owned())
         .increment(1);
@@ -359,13 +380,10 @@ async fn refuse(
         Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),
     };
-    match stored {
-        Ok(()) => ack(message).await,
-        Err(e) => {
-            tracing::warn!(error = %e, "dead letter not stored; retrying later");
-            nak_later(message).await;
-        }
+    if let Err(e) = &stored {
+        tracing::warn!(error = %e, "dead letter not stored; retrying later");
     }
+    stored.is_ok()
 }
 
 /// Consumes READINGS until `shutdown`, on the durable `consumer`
