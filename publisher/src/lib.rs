@@ -26,16 +26,16 @@
 //! # Acknowledgements and failures
 //! A READINGS message is acknowledged only after the hub accepted the update of each of its
 //! batches (`200`): a hub that is down loses nothing, the messages wait in READINGS. When only
-//! some were accepted, the message comes again whole, and its updates keep their ids. Failures are sorted by
-//! [`PublishError`]:
+//! some were accepted, the message comes again whole, and its updates keep their ids. Failures
+//! are sorted by [`PublishError`]:
 //! - unavailable (no connection, timeout, 5xx, 429): warning, every message not yet published
 //!   is handed back with a delay ([`nak_later`]) and the stage backs off before its next batch;
 //! - refused (401, 403, 400...): **also retried, logged at ERROR**. A refusal of our own update
 //!   is a configuration problem (wrong key, a `mercure.publish` claim or a hub ACL not covering
 //!   the topic base), not a bad message: dead-lettering would throw away every update until an
 //!   operator fixes it, while retrying resumes by itself once the configuration is right.
-//! - a message that cannot be read as readings batches is acknowledged with an error log: the writer,
-//!   which reads the same stream, sends it to DEAD; there is nothing to publish.
+//! - a message that cannot be read as readings batches is acknowledged with an error log: the
+//!   writer, which reads the same stream, sends it to DEAD; there is nothing to publish.
 //!
 //! # Ordering and coalescing
 //! Updates of one device are posted in stream order, one at a time; devices are posted
