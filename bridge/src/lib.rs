@@ -31,7 +31,7 @@ use dataviz_core::{MQTT_LOG_TARGET, message::DeadLetter, message::RawMessage, sh
 use futures::{FutureExt, StreamExt, stream::FuturesUnordered};
 use rumqttc::{AsyncClient, Event, Packet, Publish, QoS};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::mpsc;
 
@@ -45,12 +45,14 @@ struct Received {
     raw: RawMessage,
 }
 
-/// Runs the bridge until `shutdown` fires, then stores or hands back what it holds.
+/// Runs the bridge until `shutdown` fires, then stores or hands back what it holds. `mqtt_up`
+/// tells readiness whether the broker connection is up.
 pub async fn run(
     config: BridgeConfig,
     js: jetstream::Context,
     max_payload: usize,
     progress: Arc<Progress>,
+    mqtt_up: Arc<AtomicBool>,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let mut options = config.mqtt.options(&config.mqtt_client_id)?;
@@ -82,6 +84,7 @@ pub async fn run(
         config,
         tx,
         connection,
+        mqtt_up,
         shutdown,
     ));
     // Once the event loop stops reading and drops its sender, the store task finishes what it
@@ -98,6 +101,7 @@ async fn event_loop(
     config: BridgeConfig,
     tx: mpsc::Sender<Received>,
     connection: Arc<AtomicU64>,
+    up: Arc<AtomicBool>,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let qos = config.qos();
@@ -111,6 +115,7 @@ async fn event_loop(
         match event {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 backoff.reset();
+                up.store(true, Ordering::Relaxed);
                 let generation = connection.fetch_add(1, Ordering::SeqCst) + 1;
                 tracing::info!(
                     target: MQTT_LOG_TARGET,
@@ -163,6 +168,7 @@ async fn event_loop(
             }
             Ok(_) => {}
             Err(e) => {
+                up.store(false, Ordering::Relaxed);
                 let wait = backoff.next_delay();
                 tracing::warn!(
                     target: MQTT_LOG_TARGET,

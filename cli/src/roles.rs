@@ -192,7 +192,15 @@ impl Role {
     ) -> impl Future<Output = anyhow::Result<()>> + use<> {
         let max_payload = client.server_info().max_payload;
         let progress = self.ops.stage("bridge");
-        dataviz_bridge::run(config, js, max_payload, progress, self.shutdown.clone())
+        let mqtt = self.ops.link("mqtt");
+        dataviz_bridge::run(
+            config,
+            js,
+            max_payload,
+            progress,
+            mqtt,
+            self.shutdown.clone(),
+        )
     }
 
     fn processor(

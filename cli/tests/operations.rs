@@ -164,6 +164,22 @@ async fn wait_status(port: u16, path: &str, want: u16, within: Duration) -> Stri
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bridge_is_not_ready_while_the_broker_is_down() {
+    let mut stack = Stack::start().await;
+    stack.create_gateway(1).await;
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let _bridge = stack.spawn("bridge", &[("HTTP_ADDR", &addr)]);
+    wait_status(port, "/readyz", 200, Duration::from_secs(20)).await;
+
+    stack.mosquitto.kill();
+    let why = wait_status(port, "/readyz", 503, Duration::from_secs(20)).await;
+    assert!(why.contains("mqtt: not connected"), "{why}");
+    stack.mosquitto.restart();
+    wait_status(port, "/readyz", 200, Duration::from_secs(60)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_fails_while_nats_is_down_and_recovers() {
     let mut stack = Stack::start().await;
     stack.create_gateway(1).await;

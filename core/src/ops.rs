@@ -2,8 +2,9 @@
 //!
 //! - `GET /healthz`: 200 while the process runs.
 //! - `GET /readyz`: 200 when every check passes, else 503 with the failing checks. A role is
-//!   not ready when NATS is disconnected, when its database does not answer, or when it has work
-//!   waiting and has made no progress for `READY_STALL_AFTER`.
+//!   not ready when NATS is disconnected, when its database does not answer, when another link
+//!   it needs is down (the bridge's MQTT connection), or when it has work waiting and has made
+//!   no progress for `READY_STALL_AFTER`.
 //! - `GET /metrics`: Prometheus text format; the names are the constants of [`metric`].
 //!
 //! Stages report progress through a [`Progress`] and register their consumer with
@@ -15,7 +16,7 @@ use async_nats::jetstream;
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -144,6 +145,7 @@ struct Inner {
     nats: Mutex<Option<async_nats::Client>>,
     db: Mutex<Option<deadpool_postgres::Pool>>,
     stages: Mutex<Vec<Arc<Progress>>>,
+    links: Mutex<Vec<(&'static str, Arc<AtomicBool>)>>,
     stall_after: Duration,
 }
 
@@ -176,6 +178,7 @@ impl Ops {
                 nats: Mutex::new(None),
                 db: Mutex::new(None),
                 stages: Mutex::new(Vec::new()),
+                links: Mutex::new(Vec::new()),
                 stall_after: config.ready_stall_after,
             }),
         }
@@ -189,6 +192,17 @@ impl Ops {
     /// Readiness requires this database.
     pub fn set_db(&self, pool: deadpool_postgres::Pool) {
         *self.inner.db.lock().unwrap_or_else(|p| p.into_inner()) = Some(pool);
+    }
+
+    /// A connection readiness requires, named; down until its owner says it is up.
+    pub fn link(&self, name: &'static str) -> Arc<AtomicBool> {
+        let up = Arc::new(AtomicBool::new(false));
+        self.inner
+            .links
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((name, up.clone()));
+        up
     }
 
     /// A stage whose progress readiness watches.
@@ -280,6 +294,15 @@ impl Ops {
                 Err(_) => failing.push("database: no answer within 2s".into()),
             }
         }
+        failing.extend(
+            self.inner
+                .links
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .filter(|(_, up)| !up.load(Ordering::Relaxed))
+                .map(|(name, _)| format!("{name}: not connected")),
+        );
         let stages = self
             .inner
             .stages
