@@ -414,12 +414,8 @@ async fn mqtt_over_tls_with_credentials_ingests_and_a_wrong_password_ingests_not
         .concat(),
     );
     let line = untrusted
-        .wait_for_line(
-            &["MQTT", "invalid peer certificate"],
-            Duration::from_secs(15),
-        )
-        .await
-        .unwrap_or_else(|| panic!("no log line refusing the broker:\n{}", untrusted.log()));
+        .expect_line(&["MQTT", "invalid peer certificate"], "refusing the broker")
+        .await;
     eprintln!("untrusted broker, logged: {line}");
     untrusted.kill();
 
@@ -431,14 +427,11 @@ async fn mqtt_over_tls_with_credentials_ingests_and_a_wrong_password_ingests_not
     );
     publish_tls(&broker, &pki, user, password, "gateways/11/plc-1").await;
     let line = wrong
-        .wait_for_line(&["MQTT", "NotAuthorized"], Duration::from_secs(15))
-        .await
-        .unwrap_or_else(|| {
-            panic!(
-                "no log line saying the broker refused the bridge:\n{}",
-                wrong.log()
-            )
-        });
+        .expect_line(
+            &["MQTT", "NotAuthorized"],
+            "saying the broker refused the bridge",
+        )
+        .await;
     eprintln!("wrong MQTT password, logged: {line}");
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(wrong.is_running(), "dataviz all exited:\n{}", wrong.log());
@@ -527,12 +520,11 @@ async fn nats_over_tls_with_credentials_carries_messages_and_a_wrong_password_is
         ],
     );
     let line = untrusted
-        .wait_for_line(
+        .expect_line(
             &["NATS connection event", "IO error"],
-            Duration::from_secs(15),
+            "refusing the server",
         )
-        .await
-        .unwrap_or_else(|| panic!("no log line refusing the server:\n{}", untrusted.log()));
+        .await;
     eprintln!("untrusted NATS server, logged: {line}");
     // The client's log says only "IO error"; the server's says the client refused the handshake.
     assert!(
@@ -554,12 +546,8 @@ async fn nats_over_tls_with_credentials_carries_messages_and_a_wrong_password_is
         ],
     );
     let line = wrong
-        .wait_for_line(
-            &["NATS", "authorization violation"],
-            Duration::from_secs(15),
-        )
-        .await
-        .unwrap_or_else(|| panic!("no log line naming the refusal:\n{}", wrong.log()));
+        .expect_line(&["NATS", "authorization violation"], "naming the refusal")
+        .await;
     eprintln!("wrong NATS password, logged: {line}");
     // It keeps trying (and saying why) until its 30 s for a first connection are up, then
     // exits with "NATS_URL ...: no connection after 30 s" (not waited for here).
@@ -623,10 +611,7 @@ async fn nats_with_client_certificates_and_a_token_carries_messages_and_refuses_
             ("NATS_TOKEN", token),
         ],
     );
-    anonymous
-        .wait_for_line(&["NATS"], Duration::from_secs(15))
-        .await
-        .unwrap_or_else(|| panic!("no log line about NATS:\n{}", anonymous.log()));
+    anonymous.expect_line(&["NATS"], "about NATS").await;
     let deadline = Instant::now() + Duration::from_secs(15);
     // Go's TLS stack names the problem: "tls: client didn't provide a certificate".
     while !nats.log().contains("didn't provide a certificate") {
@@ -646,12 +631,8 @@ async fn nats_with_client_certificates_and_a_token_carries_messages_and_refuses_
         &[&settings[..4], &[("NATS_TOKEN", "not-the-token")]].concat(),
     );
     let line = wrong
-        .wait_for_line(
-            &["NATS", "authorization violation"],
-            Duration::from_secs(15),
-        )
-        .await
-        .unwrap_or_else(|| panic!("no log line naming the refusal:\n{}", wrong.log()));
+        .expect_line(&["NATS", "authorization violation"], "naming the refusal")
+        .await;
     eprintln!("wrong NATS token, logged: {line}");
     assert_eq!(stack.count(ROWS).await, 1, "nothing else was written");
 }
@@ -740,28 +721,24 @@ async fn no_password_or_key_appears_in_any_log_line_at_debug_level() {
         &env(wrong_mqtt, nats_password),
         &[("HTTP_ADDR", "off")],
     );
-    assert!(
-        bridge
-            .wait_for_line(&["NotAuthorized"], Duration::from_secs(15))
-            .await
-            .is_some(),
-        "{}",
-        bridge.log()
-    );
+    bridge
+        .expect_line(
+            &["NotAuthorized"],
+            "saying the broker refused the wrong password",
+        )
+        .await;
     bridge.kill();
     let mut writer = spawn_logged(
         "writer",
         &env(mqtt_password, wrong_nats),
         &[("HTTP_ADDR", "off")],
     );
-    assert!(
-        writer
-            .wait_for_line(&["authorization violation"], Duration::from_secs(15))
-            .await
-            .is_some(),
-        "{}",
-        writer.log()
-    );
+    writer
+        .expect_line(
+            &["authorization violation"],
+            "saying the server refused the wrong password",
+        )
+        .await;
     writer.kill();
 
     let secrets = [

@@ -404,6 +404,14 @@ impl LoggedRole {
         }
     }
 
+    /// Waits up to 15 s for a line containing every one of `needles`, and returns it; fails the
+    /// test otherwise, saying which line (`what`) was missing and showing the whole log.
+    pub async fn expect_line(&self, needles: &[&str], what: &str) -> String {
+        self.wait_for_line(needles, Duration::from_secs(15))
+            .await
+            .unwrap_or_else(|| panic!("no log line {what}:\n{}", self.log()))
+    }
+
     /// Waits up to `timeout` for the process to exit; its exit code (`Some(None)`: by a signal).
     pub async fn wait_exit(&mut self, timeout: Duration) -> Option<Option<i32>> {
         let deadline = Instant::now() + timeout;
