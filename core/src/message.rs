@@ -6,7 +6,7 @@
 //!   per gateway and processor batch into JSON arrays ([`ReadingsMessage`]).
 //! - DEAD: the raw message again, with the stage and reason that refused it ([`DeadLetter`]).
 
-use crate::value::Value;
+use crate::value::{DataType, Value};
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -177,55 +177,69 @@ enum TagReadingField {
     Other,
 }
 
-/// The `type` of a reading, as [`Value`] writes it.
-#[derive(Debug, Clone, Copy, Deserialize)]
-enum ValueKind {
-    #[serde(rename = "integer")]
-    Integer,
-    #[serde(rename = "double precision")]
-    Double,
-    #[serde(rename = "boolean")]
-    Boolean,
-    #[serde(rename = "text")]
-    Text,
-    #[serde(rename = "jsonb")]
-    Json,
-    #[serde(rename = "null")]
-    Null,
-}
+/// Reads a reading's `type`: a [`DataType`] name, or `null` for a null value (`None`, as
+/// [`Value::data_type`] gives it).
+struct ReadingType;
 
-impl ValueKind {
-    /// A value read before its type was known.
-    fn read_json<E: serde::de::Error>(self, json: serde_json::Value) -> Result<Value, E> {
-        let wrong = |json: &serde_json::Value| E::custom(format!("{json} is not of type {self:?}"));
-        Ok(match self {
-            ValueKind::Integer => Value::Integer(json.as_i64().ok_or_else(|| wrong(&json))?),
-            ValueKind::Double => Value::Double(json.as_f64().ok_or_else(|| wrong(&json))?),
-            ValueKind::Boolean => Value::Boolean(json.as_bool().ok_or_else(|| wrong(&json))?),
-            ValueKind::Text => match json {
-                serde_json::Value::String(s) => Value::Text(s),
-                other => return Err(wrong(&other)),
-            },
-            ValueKind::Json => Value::Json(json),
-            ValueKind::Null => Value::Null,
-        })
+impl<'de> serde::de::DeserializeSeed<'de> for ReadingType {
+    type Value = Option<DataType>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_str(self)
     }
 }
 
+impl serde::de::Visitor<'_> for ReadingType {
+    type Value = Option<DataType>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a data type name or \"null\"")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<Self::Value, E> {
+        match name {
+            "null" => Ok(None),
+            name => DataType::from_pg_name(name)
+                .map(Some)
+                .ok_or_else(|| E::invalid_value(serde::de::Unexpected::Str(name), &self)),
+        }
+    }
+}
+
+/// A value read before its type was known.
+fn read_json<E: serde::de::Error>(
+    kind: Option<DataType>,
+    json: serde_json::Value,
+) -> Result<Value, E> {
+    let name = kind.map_or("null", DataType::as_str);
+    let wrong = |json: &serde_json::Value| E::custom(format!("{json} is not of type {name}"));
+    Ok(match kind {
+        Some(DataType::Integer) => Value::Integer(json.as_i64().ok_or_else(|| wrong(&json))?),
+        Some(DataType::Double) => Value::Double(json.as_f64().ok_or_else(|| wrong(&json))?),
+        Some(DataType::Boolean) => Value::Boolean(json.as_bool().ok_or_else(|| wrong(&json))?),
+        Some(DataType::Text) => match json {
+            serde_json::Value::String(s) => Value::Text(s),
+            other => return Err(wrong(&other)),
+        },
+        Some(DataType::Jsonb) => Value::Json(json),
+        None => Value::Null,
+    })
+}
+
 /// Reads a reading's `value` straight into its type, once `type` is known.
-struct TypedValue(ValueKind);
+struct TypedValue(Option<DataType>);
 
 impl<'de> serde::de::DeserializeSeed<'de> for TypedValue {
     type Value = Value;
 
     fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
         Ok(match self.0 {
-            ValueKind::Integer => Value::Integer(i64::deserialize(d)?),
-            ValueKind::Double => Value::Double(f64::deserialize(d)?),
-            ValueKind::Boolean => Value::Boolean(bool::deserialize(d)?),
-            ValueKind::Text => Value::Text(String::deserialize(d)?),
-            ValueKind::Json => Value::Json(serde_json::Value::deserialize(d)?),
-            ValueKind::Null => {
+            Some(DataType::Integer) => Value::Integer(i64::deserialize(d)?),
+            Some(DataType::Double) => Value::Double(f64::deserialize(d)?),
+            Some(DataType::Boolean) => Value::Boolean(bool::deserialize(d)?),
+            Some(DataType::Text) => Value::Text(String::deserialize(d)?),
+            Some(DataType::Jsonb) => Value::Json(serde_json::Value::deserialize(d)?),
+            None => {
                 serde::de::IgnoredAny::deserialize(d)?;
                 Value::Null
             }
@@ -251,7 +265,7 @@ impl<'de> serde::de::Visitor<'de> for TagReadingVisitor {
             match field {
                 TagReadingField::TagId => tag_id = Some(map.next_value()?),
                 TagReadingField::Tag => tag = Some(map.next_value()?),
-                TagReadingField::Type => kind = Some(map.next_value::<ValueKind>()?),
+                TagReadingField::Type => kind = Some(map.next_value_seed(ReadingType)?),
                 TagReadingField::Value => match kind {
                     Some(kind) => value = Some(map.next_value_seed(TypedValue(kind))?),
                     None => untyped = Some(map.next_value::<serde_json::Value>()?),
@@ -264,8 +278,8 @@ impl<'de> serde::de::Visitor<'de> for TagReadingVisitor {
         let kind = kind.ok_or_else(|| A::Error::missing_field("type"))?;
         let value = match (value, untyped, kind) {
             (Some(value), _, _) => value,
-            (None, Some(json), kind) => kind.read_json(json)?,
-            (None, None, ValueKind::Null) => Value::Null,
+            (None, Some(json), kind) => read_json(kind, json)?,
+            (None, None, None) => Value::Null,
             (None, None, _) => return Err(A::Error::missing_field("value")),
         };
         Ok(TagReading {
