@@ -92,7 +92,9 @@ pub async fn login(
         tokio::time::sleep(delay).await;
     }
     let next = next
-        .filter(|n| paths::is_local(n) && !n.starts_with(paths::LOGIN))
+        .as_deref()
+        .and_then(paths::local_target)
+        .filter(|n| !n.starts_with(paths::LOGIN))
         .unwrap_or_else(|| paths::HOME.to_owned());
     let user = session
         .authenticate(Credentials {

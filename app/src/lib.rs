@@ -24,6 +24,8 @@
 //! but `login` starts with [`auth::require_admin`]. The session cookie is HttpOnly and
 //! SameSite=Lax (Secure when `APP_PUBLIC_URL` is https); POSTs are refused unless they come
 //! from the site's own origin ([`csrf`]). Failed logins are slowed per account and per address.
+//! Where to go after login (`next`) is kept only when a browser would resolve it to a path on
+//! this site ([`paths::local_target`]).
 //!
 //! # Error policy
 //! Page handlers answer a database failure with a 500 page and a log line; server functions
@@ -143,6 +145,9 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route(paths::STYLESHEET, get(pages::stylesheet))
         .merge(site)
+        // A panic in a handler (a bug) answers 500 and is logged, instead of dropping the
+        // connection with no answer.
+        .layer(tower_http::catch_panic::CatchPanicLayer::new())
 }
 
 /// Serves [`router`] on `addr` until `shutdown` resolves; returns once the server stopped.

@@ -120,8 +120,7 @@ async fn login(session: AuthSession, Query(params): Params) -> Response {
     };
     let next = params
         .get("next")
-        .filter(|n| paths::is_local(n))
-        .cloned()
+        .and_then(|n| paths::local_target(n))
         .unwrap_or_default();
     views::login_page(error, param(&params, "email"), next).into_response()
 }

@@ -10,15 +10,45 @@ pub const STYLESHEET: &str = "/assets/app.css";
 
 /// The login page, remembering where to go next (only a local path is kept).
 pub fn login(next: Option<&str>) -> String {
-    match next.filter(|n| is_local(n) && *n != HOME && !n.starts_with(LOGIN)) {
-        Some(next) => format!("{LOGIN}?next={}", encode(next)),
+    match next
+        .and_then(local_target)
+        .filter(|n| n != HOME && !n.starts_with(LOGIN))
+    {
+        Some(next) => format!("{LOGIN}?next={}", encode(&next)),
         None => LOGIN.to_owned(),
     }
 }
 
-/// True for a path on this site (`/x`), never another site (`//evil`, `/\evil`, `https://`).
-pub fn is_local(path: &str) -> bool {
-    path.starts_with('/') && !path.starts_with("//") && !path.starts_with("/\\")
+/// `target` as a path on this site, written the way a browser resolves it; `None` when a
+/// browser would leave the site with it.
+///
+/// Browsers drop tabs and newlines anywhere in a URL, read `\` as `/` and trim control
+/// characters and spaces at its ends, so `/\t/evil.example` is `//evil.example`, another host.
+/// The check is the browser's own resolution (WHATWG URL parsing, as the `url` crate does it)
+/// against this site, and the answer is the resolved path, percent-encoded: it has no control
+/// character left, so it is always a valid `Location` header.
+pub fn local_target(target: &str) -> Option<String> {
+    // Only what starts as a path: a scheme or a bare name is not where the site sends anyone.
+    if !target.starts_with('/') {
+        return None;
+    }
+    let site = url::Url::parse("http://site.invalid/").expect("a valid URL");
+    let resolved = site.join(target).ok()?;
+    if resolved.origin() != site.origin() {
+        return None;
+    }
+    let mut local = resolved.path().to_owned();
+    if let Some(query) = resolved.query() {
+        local.push('?');
+        local.push_str(query);
+    }
+    if let Some(fragment) = resolved.fragment() {
+        local.push('#');
+        local.push_str(fragment);
+    }
+    // Alone in a Location header, `//x` would name a host (`/.//x` resolves to it).
+    let stays = !local.starts_with("//") && site.join(&local).ok()? == resolved;
+    stays.then_some(local)
 }
 
 pub fn gateway_edit(id: i32) -> String {
@@ -76,6 +106,47 @@ mod tests {
         assert_eq!(login(Some("https://evil.example")), "/login");
         assert_eq!(login(Some("/\\evil.example")), "/login");
         assert_eq!(login(Some("/")), "/login");
+        assert_eq!(login(Some("/\t/evil.example")), "/login");
+    }
+
+    #[test]
+    fn targets_a_browser_would_take_elsewhere_are_refused() {
+        for elsewhere in [
+            "//evil.example",
+            "/\\evil.example",
+            "\\\\evil.example",
+            "/\t/evil.example",
+            "/\n/evil.example",
+            "/\r\n/evil.example",
+            "\t//evil.example",
+            " //evil.example",
+            "/\t\\evil.example",
+            // On this site (`http://site//evil.example`), but not sendable as a bare path.
+            "/.//evil.example",
+            "https://evil.example/",
+            "http://site.invalid/",
+            "javascript:alert(1)",
+            "evil.example",
+            "",
+        ] {
+            assert_eq!(local_target(elsewhere), None, "{elsewhere:?}");
+        }
+    }
+
+    #[test]
+    fn local_targets_come_back_as_browsers_read_them() {
+        for (target, local) in [
+            ("/devices", "/devices"),
+            ("/devices?q=a b", "/devices?q=a%20b"),
+            ("/devices/\t1", "/devices/1"),
+            ("/a/../gateways", "/gateways"),
+            ("/%2F%2Fevil.example", "/%2F%2Fevil.example"),
+            ("/%09/evil.example", "/%09/evil.example"),
+            ("/x#top", "/x#top"),
+            ("/é", "/%C3%A9"),
+        ] {
+            assert_eq!(local_target(target).as_deref(), Some(local), "{target:?}");
+        }
     }
 
     #[test]

@@ -470,6 +470,72 @@ async fn login_sets_a_safe_cookie_and_logout_ends_the_session() {
     );
 }
 
+/// `next` after login, as an outsider would craft it: whatever it holds, the answer is a
+/// redirect that a browser resolves to a page of this site, never another site, and never a
+/// dropped connection. Browsers drop tabs and newlines from URLs and read `\` as `/`.
+#[tokio::test]
+async fn login_never_sends_a_browser_to_another_site() {
+    let site = Site::start().await;
+    let origin = url::Url::parse(ORIGIN).unwrap();
+    for next in [
+        "/\t/evil.example",
+        "/\n/evil.example",
+        "/\r\n/evil.example",
+        "/\\evil.example",
+        "/\t\\evil.example",
+        "//evil.example",
+        "/.//evil.example",
+        "\t//evil.example",
+        "https://evil.example/",
+        "/%09/evil.example",
+        "/devices\n\r",
+    ] {
+        for password in ["wrong", PASSWORD] {
+            let res = site
+                .post(
+                    "/api/login",
+                    &[("email", ADMIN), ("password", password), ("next", next)],
+                    None,
+                )
+                .await;
+            assert!(
+                res.status().is_redirection(),
+                "{next:?}: {} instead of a redirect",
+                res.status()
+            );
+            let to = res
+                .headers()
+                .get(header::LOCATION)
+                .expect("a Location header")
+                .to_str()
+                .expect("a printable Location");
+            let resolved = origin.join(to).expect("a URL a browser can follow");
+            assert_eq!(
+                resolved.origin(),
+                origin.origin(),
+                "{next:?} (password {password:?}) sent the browser to {resolved}"
+            );
+            // The login form carries `next` on to the next attempt: never a foreign one.
+            if password == "wrong" {
+                let page = body(site.get(to, None).await).await;
+                let kept = page
+                    .split_once(r#"name="next" value=""#)
+                    .and_then(|(_, rest)| rest.split_once('"'))
+                    .map(|(value, _)| value.replace("&amp;", "&"))
+                    .unwrap_or_default();
+                if !kept.is_empty() {
+                    let resolved = origin.join(&kept).expect("a URL");
+                    assert_eq!(
+                        resolved.origin(),
+                        origin.origin(),
+                        "{next:?}: kept {kept:?}"
+                    );
+                }
+            }
+        }
+    }
+}
+
 #[tokio::test]
 async fn failed_logins_are_slowed_down() {
     let site = Site::start_with(AppConfig {

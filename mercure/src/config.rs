@@ -104,9 +104,36 @@ pub struct HubConfig {
     #[command(flatten)]
     pub keys: MercureKeysConfig,
     /// Let subscribers without a JWT in; they receive public updates only (the reference
-    /// hub's `anonymous` directive).
-    #[arg(long, env = "MERCURE_ANONYMOUS", value_name = "MERCURE_ANONYMOUS", default_value_t = true, action = clap::ArgAction::Set)]
+    /// hub's `anonymous` directive). Off by default, as in the reference hub.
+    #[arg(long, env = "MERCURE_ANONYMOUS", value_name = "MERCURE_ANONYMOUS", default_value_t = false, action = clap::ArgAction::Set)]
     pub mercure_anonymous: bool,
+    /// Subscribers held at once; one more is answered 503 with Retry-After. Each holds a
+    /// connection (a file descriptor: raise `ulimit -n` past this).
+    #[arg(
+        long,
+        env = "MERCURE_MAX_SUBSCRIBERS",
+        value_name = "MERCURE_MAX_SUBSCRIBERS",
+        default_value_t = 10_000
+    )]
+    pub mercure_max_subscribers: usize,
+    /// Topic selectors one subscription may name; more is a 400. Each template a subscription
+    /// names is tried on each new topic it sees.
+    #[arg(
+        long,
+        env = "MERCURE_MAX_TOPICS",
+        value_name = "MERCURE_MAX_TOPICS",
+        default_value_t = 1_000
+    )]
+    pub mercure_max_topics: usize,
+    /// Compiled URI templates kept for new subscriptions (emptied when full; a subscription
+    /// keeps its own compiled templates whatever happens to this cache).
+    #[arg(
+        long,
+        env = "MERCURE_TEMPLATE_CACHE_SIZE",
+        value_name = "MERCURE_TEMPLATE_CACHE_SIZE",
+        default_value_t = crate::selector::DEFAULT_TEMPLATE_CACHE_SIZE
+    )]
+    pub mercure_template_cache_size: usize,
     /// Origins allowed to use the hub from a browser (CORS), space or comma separated; `*` for
     /// any. Empty: no CORS headers (same-origin use only).
     #[arg(
@@ -143,7 +170,10 @@ impl Default for HubConfig {
     fn default() -> Self {
         HubConfig {
             keys: MercureKeysConfig::default(),
-            mercure_anonymous: true,
+            mercure_anonymous: false,
+            mercure_max_subscribers: 10_000,
+            mercure_max_topics: 1_000,
+            mercure_template_cache_size: crate::selector::DEFAULT_TEMPLATE_CACHE_SIZE,
             mercure_cors_origins: String::new(),
             mercure_publish_origins: String::new(),
             mercure_history_size: 10_000,
@@ -227,15 +257,19 @@ mod tests {
             "--mercure-heartbeat",
             "0s",
             "--mercure-anonymous",
-            "false",
+            "true",
         ]);
         assert_eq!(
             cli.hub.cors_origins(),
             ["https://a.example", "https://b.example"]
         );
         assert_eq!(cli.hub.heartbeat(), None);
-        assert!(!cli.hub.mercure_anonymous);
+        assert!(cli.hub.mercure_anonymous);
         assert!(cli.hub.publish_origins().is_empty());
+        assert!(
+            !Cli::parse_from(["x"]).hub.mercure_anonymous,
+            "refused by default"
+        );
         assert_eq!(cli.hub.mercure_history_size, 10_000);
     }
 }

@@ -8,6 +8,15 @@
 //! too slow to keep up with the channel ([`CHANNEL_CAPACITY`] updates behind) is disconnected;
 //! its client reconnects with `Last-Event-ID` and catches up from the history.
 //!
+//! # Cost of a subscriber
+//! No subscriber can hold up publishing. The lock is held only to copy pointers to the part of
+//! the history asked for; which of those updates the subscriber may see is decided after, on
+//! the blocking pool, one such reading at a time ([`REPLAY_CONCURRENCY`]), so that neither the
+//! publishers nor the async runtime wait for it. Each subscription compiles its selectors
+//! once and remembers which topics matched ([`crate::selector`]). The limits
+//! (subscribers held, topics per subscription, the template cache) are in [`HubConfig`]; past
+//! the subscriber limit a new subscriber is answered 503 with `Retry-After`.
+//!
 //! # Reconnection
 //! `Last-Event-ID` (header) or `lastEventID` (query): the updates after that id in the history
 //! are sent first; `earliest` sends the whole history. The response then carries a
@@ -29,8 +38,8 @@
 use crate::config::HubConfig;
 use crate::config::KeyError;
 use crate::jwt::{self, Claims, JwtKey};
-use crate::selector::TopicSelectorStore;
-use crate::update::{MAX_TOPICS, Update, UpdateError};
+use crate::selector::{MAX_TEMPLATE_LENGTH, SelectorSet, TopicMemo, TopicSelectorStore};
+use crate::update::{Update, UpdateError};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{RawQuery, State};
@@ -39,11 +48,11 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures::{Stream, StreamExt, stream};
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
-use tokio::sync::broadcast;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast};
 use tokio_util::sync::CancellationToken;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
@@ -56,6 +65,14 @@ pub const AUTHORIZATION_COOKIE: &str = "mercureAuthorization";
 /// Updates a subscriber may lag behind before it is disconnected (and catches up from the
 /// history on reconnection).
 pub const CHANNEL_CAPACITY: usize = 8192;
+/// History readings (and large selector compilations) done at once; the others wait their
+/// turn without holding a thread.
+pub const REPLAY_CONCURRENCY: usize = 1;
+/// Templates a subscription may compile on the request's own thread; more go to the blocking
+/// pool (and wait their turn like a history reading).
+const INLINE_TEMPLATES: usize = 16;
+/// Seconds a subscriber refused for lack of room is told to wait.
+const RETRY_AFTER_SECONDS: &str = "10";
 
 /// The hub. Cheap to clone; every clone is the same hub.
 #[derive(Clone)]
@@ -77,7 +94,13 @@ struct HubInner {
     cors_origins: Vec<String>,
     publish_origins: Vec<String>,
     history_size: usize,
+    max_topics: usize,
+    max_subscribers: usize,
     selectors: TopicSelectorStore,
+    /// One permit per subscriber held; a subscription keeps its own until it ends.
+    subscribers: Arc<Semaphore>,
+    /// Turns at reading the history (see the module doc).
+    replays: Semaphore,
     /// History and channel, changed together (see the module doc).
     log: Mutex<Log>,
     /// Fired by [`Hub::close`]: every subscription ends, so that a server can stop.
@@ -86,9 +109,24 @@ struct HubInner {
 
 struct Log {
     history: VecDeque<Arc<Update>>,
-    /// The ids in `history`, to skip repeated updates.
-    ids: HashSet<String>,
+    /// The position of `history[0]` since the hub started; positions never repeat.
+    first: u64,
+    /// The ids in `history` and their positions: repeated updates are skipped, and a
+    /// `Last-Event-ID` is found without a scan.
+    ids: HashMap<String, u64>,
     sender: broadcast::Sender<Arc<Update>>,
+}
+
+impl Log {
+    /// The updates after `asked` (`None`: every one), as shared pointers: all the lock is held
+    /// for.
+    fn after(&self, asked: Option<&str>) -> Option<Vec<Arc<Update>>> {
+        let from = match asked {
+            None => 0,
+            Some(id) => (*self.ids.get(id)? - self.first + 1) as usize,
+        };
+        Some(self.history.range(from..).cloned().collect())
+    }
 }
 
 /// Why an in-process publish was refused.
@@ -108,10 +146,15 @@ impl Hub {
                 cors_origins: config.cors_origins(),
                 publish_origins: config.publish_origins(),
                 history_size: config.mercure_history_size,
-                selectors: TopicSelectorStore::default(),
+                max_topics: config.mercure_max_topics,
+                max_subscribers: config.mercure_max_subscribers,
+                selectors: TopicSelectorStore::new(config.mercure_template_cache_size),
+                subscribers: Arc::new(Semaphore::new(config.mercure_max_subscribers)),
+                replays: Semaphore::new(REPLAY_CONCURRENCY),
                 log: Mutex::new(Log {
                     history: VecDeque::new(),
-                    ids: HashSet::new(),
+                    first: 0,
+                    ids: HashMap::new(),
                     sender: broadcast::channel(CHANNEL_CAPACITY).0,
                 }),
                 closed: CancellationToken::new(),
@@ -125,7 +168,9 @@ impl Hub {
         let router = Router::new()
             .route(HUB_PATH, get(subscribe).post(publish))
             .with_state(self.clone())
-            .layer(axum::middleware::map_response(security_headers));
+            .layer(axum::middleware::map_response(security_headers))
+            // A bug's panic answers 500 (and is logged) instead of dropping the connection.
+            .layer(tower_http::catch_panic::CatchPanicLayer::new());
         if self.inner.cors_origins.is_empty() {
             return router;
         }
@@ -162,7 +207,7 @@ impl Hub {
             .clone();
         let update = Arc::new(update);
         let mut log = self.inner.log.lock().unwrap_or_else(|e| e.into_inner());
-        if log.ids.contains(&id) {
+        if log.ids.contains_key(&id) {
             tracing::debug!(id, "update already dispatched; not sent again");
             return Ok(id);
         }
@@ -173,8 +218,10 @@ impl Hub {
                 let old_id = old.id.as_deref().unwrap_or_default();
                 // The same id may be in the history twice only if pushed twice: never.
                 log.ids.remove(old_id);
+                log.first += 1;
             }
-            log.ids.insert(id.clone());
+            let position = log.first + log.history.len() as u64;
+            log.ids.insert(id.clone(), position);
             log.history.push_back(update.clone());
         }
         // No receiver is not an error: nobody is subscribed.
@@ -197,22 +244,104 @@ impl Hub {
             .len()
     }
 
-    /// Who may receive `update`, given the subscription's topics and the private selectors of
-    /// its JWT (see the reference `MatchTopics`): one topic of the update must match the
-    /// subscription, and, for a private update, one topic must match a private selector.
-    fn can_receive(&self, sub: &Subscription, update: &Update) -> bool {
+    /// Subscribers held now.
+    pub fn subscribers(&self) -> usize {
+        let inner = &self.inner;
+        inner
+            .max_subscribers
+            .saturating_sub(inner.subscribers.available_permits())
+    }
+
+    /// Compiles the subscription's selectors, takes its receiver and the part of the history
+    /// it asked for, and keeps of that what it may see. Runs on the blocking pool when the
+    /// work is large (see the module doc).
+    fn prepare(&self, request: SubscriptionRequest) -> Prepared {
         let store = &self.inner.selectors;
-        if !store.any_matches(&update.topics, &sub.topics) {
-            return false;
+        let mut sub = Subscription {
+            subscribed: store.compile(&request.topics),
+            allowed: store.compile(&request.private_selectors),
+            memo: TopicMemo::default(),
+        };
+        // Pointers only under the lock; the matching comes after.
+        let (receiver, after, all) = {
+            let log = self.inner.log.lock().unwrap_or_else(|e| e.into_inner());
+            let receiver = log.sender.subscribe();
+            match request.last_event_id.as_deref() {
+                None => (receiver, None, None),
+                Some(EARLIEST) => (receiver, log.after(None), None),
+                Some(asked) => match log.after(Some(asked)) {
+                    Some(after) => (receiver, Some(after), None),
+                    None => (receiver, None, log.after(None)),
+                },
+            }
+        };
+        let (backlog, answered_id) = match (request.last_event_id, after, all) {
+            (None, ..) => (Vec::new(), None),
+            (Some(asked), Some(after), _) => {
+                let visible = after.into_iter().filter(|u| sub.can_receive(u)).collect();
+                (visible, Some(asked))
+            }
+            (Some(asked), None, all) => {
+                tracing::info!(
+                    last_event_id = asked,
+                    "Last-Event-ID not in the history; nothing replayed"
+                );
+                // Only ids the subscriber may see are disclosed.
+                let last_visible = all
+                    .unwrap_or_default()
+                    .iter()
+                    .rev()
+                    .find(|u| sub.can_receive(u))
+                    .and_then(|u| u.id.clone())
+                    .unwrap_or_else(|| EARLIEST.to_owned());
+                (Vec::new(), Some(last_visible))
+            }
+        };
+        Prepared {
+            sub,
+            backlog,
+            receiver,
+            answered_id,
         }
-        !update.private || store.any_matches(&update.topics, &sub.private_selectors)
     }
 }
 
-/// What a subscriber asked for and may see.
-struct Subscription {
+/// What a subscriber asked for.
+struct SubscriptionRequest {
     topics: Vec<String>,
+    /// The `mercure.subscribe` selectors of its JWT.
     private_selectors: Vec<String>,
+    last_event_id: Option<String>,
+}
+
+/// A subscription's selectors, compiled once, and what it decided for each topic so far.
+struct Subscription {
+    subscribed: SelectorSet,
+    allowed: SelectorSet,
+    memo: TopicMemo,
+}
+
+impl Subscription {
+    /// Who may receive `update` (see the reference `MatchTopics`): one topic of the update
+    /// must match the subscription, and, for a private update, one topic must match a private
+    /// selector of the JWT.
+    fn can_receive(&mut self, update: &Update) -> bool {
+        self.memo.can_receive(
+            &update.topics,
+            update.private,
+            &self.subscribed,
+            &self.allowed,
+        )
+    }
+}
+
+/// A subscription ready to stream: its backlog, its receiver of live updates, and the
+/// `Last-Event-ID` to answer.
+struct Prepared {
+    sub: Subscription,
+    backlog: Vec<Arc<Update>>,
+    receiver: broadcast::Receiver<Arc<Update>>,
+    answered_id: Option<String>,
 }
 
 /// Serves `hub` on `listener` until `shutdown`, then ends the subscriptions and stops.
@@ -430,9 +559,38 @@ async fn subscribe(
     if topics.is_empty() {
         return plain(StatusCode::BAD_REQUEST, "Missing \"topic\" parameter.");
     }
-    if topics.len() > MAX_TOPICS {
-        return plain(StatusCode::BAD_REQUEST, "Too many \"topic\" parameters.");
+    if topics.len() > hub.inner.max_topics {
+        return plain(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "Too many \"topic\" parameters (at most {}).",
+                hub.inner.max_topics
+            ),
+        );
     }
+    if topics
+        .iter()
+        .any(|t| t.contains('{') && t.len() > MAX_TEMPLATE_LENGTH)
+    {
+        return plain(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "A topic selector is too long (templates: at most {MAX_TEMPLATE_LENGTH} bytes)."
+            ),
+        );
+    }
+    let Ok(slot) = hub.inner.subscribers.clone().try_acquire_owned() else {
+        tracing::warn!(
+            max = hub.inner.max_subscribers,
+            "subscriber refused: MERCURE_MAX_SUBSCRIBERS reached"
+        );
+        let mut response = plain(StatusCode::SERVICE_UNAVAILABLE, "Too many subscribers.");
+        response.headers_mut().insert(
+            header::RETRY_AFTER,
+            HeaderValue::from_static(RETRY_AFTER_SECONDS),
+        );
+        return response;
+    };
     let last_event_id = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
@@ -444,30 +602,44 @@ async fn subscribe(
                 .filter(|v| !v.is_empty())
                 .map(|v| v.to_string())
         });
-    let subscription = Subscription {
+    let request = SubscriptionRequest {
         topics,
         private_selectors: claims
             .as_ref()
             .and_then(|c| c.subscribe_selectors())
             .map(<[String]>::to_vec)
             .unwrap_or_default(),
+        last_event_id,
     };
-
-    // History snapshot and live receiver under one lock: no gap, no duplicate.
-    let (backlog, receiver, answered_id) = {
-        let log = hub.inner.log.lock().unwrap_or_else(|e| e.into_inner());
-        let receiver = log.sender.subscribe();
-        match &last_event_id {
-            None => (Vec::new(), receiver, None),
-            Some(asked) => {
-                let (backlog, answered) = history_after(&hub, &log.history, &subscription, asked);
-                (backlog, receiver, Some(answered))
+    let templates = (request.topics.iter())
+        .chain(&request.private_selectors)
+        .filter(|s| s.contains('{'))
+        .count();
+    let prepared = if request.last_event_id.is_none() && templates <= INLINE_TEMPLATES {
+        hub.prepare(request)
+    } else {
+        // Waits its turn without a thread; then reads on the blocking pool (module doc).
+        let Ok(_turn) = hub.inner.replays.acquire().await else {
+            return plain(StatusCode::SERVICE_UNAVAILABLE, "The hub is closing.");
+        };
+        let preparing = hub.clone();
+        match tokio::task::spawn_blocking(move || preparing.prepare(request)).await {
+            Ok(prepared) => prepared,
+            Err(e) => {
+                tracing::error!(error = %e, "reading the history failed");
+                return plain(StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error");
             }
         }
     };
+    let Prepared {
+        sub,
+        backlog,
+        receiver,
+        answered_id,
+    } = prepared;
 
     let expires = claims.as_ref().and_then(Claims::expires_at);
-    let events = subscription_events(hub.clone(), subscription, backlog, receiver);
+    let events = subscription_events(sub, backlog, receiver, slot);
     // Ends at the JWT's expiry and when the hub closes.
     let until = {
         let closed = hub.inner.closed.clone();
@@ -512,65 +684,22 @@ async fn subscribe(
     response
 }
 
-/// The history after `asked` that the subscriber may see, and the `Last-Event-ID` to answer
-/// (see the module doc).
-fn history_after(
-    hub: &Hub,
-    history: &VecDeque<Arc<Update>>,
-    sub: &Subscription,
-    asked: &str,
-) -> (Vec<Arc<Update>>, String) {
-    if asked == EARLIEST {
-        let all = history
-            .iter()
-            .filter(|u| hub.can_receive(sub, u))
-            .cloned()
-            .collect();
-        return (all, EARLIEST.to_owned());
-    }
-    match history.iter().position(|u| u.id.as_deref() == Some(asked)) {
-        Some(at) => {
-            let after = history
-                .iter()
-                .skip(at + 1)
-                .filter(|u| hub.can_receive(sub, u))
-                .cloned()
-                .collect();
-            (after, asked.to_owned())
-        }
-        None => {
-            tracing::info!(
-                last_event_id = asked,
-                "Last-Event-ID not in the history; nothing replayed"
-            );
-            // Only ids the subscriber may see are disclosed.
-            let last_visible = history
-                .iter()
-                .rev()
-                .find(|u| hub.can_receive(sub, u))
-                .and_then(|u| u.id.clone())
-                .unwrap_or_else(|| EARLIEST.to_owned());
-            (Vec::new(), last_visible)
-        }
-    }
-}
-
 /// The history backlog, then live updates, filtered for the subscriber; ends when the
-/// subscriber falls too far behind.
+/// subscriber falls too far behind. Holds the subscriber's `slot` until it ends.
 fn subscription_events(
-    hub: Hub,
     sub: Subscription,
     backlog: Vec<Arc<Update>>,
     receiver: broadcast::Receiver<Arc<Update>>,
+    slot: OwnedSemaphorePermit,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     let backlog = stream::iter(backlog).map(|u| Ok(u.to_event()));
     let live = stream::unfold(
-        (hub, sub, receiver),
-        |(hub, sub, mut receiver)| async move {
+        (sub, receiver, slot),
+        |(mut sub, mut receiver, slot)| async move {
             loop {
                 match receiver.recv().await {
-                    Ok(update) if hub.can_receive(&sub, &update) => {
-                        return Some((Ok(update.to_event()), (hub, sub, receiver)));
+                    Ok(update) if sub.can_receive(&update) => {
+                        return Some((Ok(update.to_event()), (sub, receiver, slot)));
                     }
                     Ok(_) => continue,
                     Err(broadcast::error::RecvError::Lagged(missed)) => {

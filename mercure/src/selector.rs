@@ -11,14 +11,29 @@
 //!   are accepted; an exploded variable matches a list.
 //!
 //! A selector containing `{` that is not a valid template is only matched exactly.
+//!
+//! # Cost
+//! A subscription compiles its selectors once, into a [`SelectorSet`] it owns: what other
+//! requests do to the shared cache never makes it compile again. A template is at most
+//! [`MAX_TEMPLATE_LENGTH`] bytes and its compiled form at most [`TEMPLATE_SIZE_LIMIT`] bytes;
+//! a longer one is refused, a larger one only matched exactly. A [`TopicMemo`] remembers, per
+//! subscription, which topics matched, so that a topic seen again costs one hash lookup
+//! whatever the number of templates.
 
-use regex::Regex;
-use std::collections::HashMap;
+use regex::{Regex, RegexBuilder};
+use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::sync::{Arc, RwLock};
 
 /// Compiled templates kept at most (the cache is emptied when full; recompiling is cheap).
 pub const DEFAULT_TEMPLATE_CACHE_SIZE: usize = 10_000;
+/// The longest template (a selector with `{`) a subscription may name, in bytes.
+pub const MAX_TEMPLATE_LENGTH: usize = 2048;
+/// The most memory one compiled template may take; a template needing more only matches
+/// exactly. Real topic templates take a few KiB.
+pub const TEMPLATE_SIZE_LIMIT: usize = 256 * 1024;
+/// Topics a [`TopicMemo`] remembers before it starts over.
+pub const MEMO_CAPACITY: usize = 4096;
 
 /// Matches topics against selectors, caching compiled templates.
 #[derive(Debug)]
@@ -70,6 +85,25 @@ impl TopicSelectorStore {
             .all(|t| selectors.iter().any(|s| self.matches(t, s)))
     }
 
+    /// Compiles `selectors` once, for a subscription to keep (see [`SelectorSet`]).
+    pub fn compile(&self, selectors: &[String]) -> SelectorSet {
+        let mut set = SelectorSet::default();
+        for selector in selectors {
+            if selector == "*" {
+                set.any = true;
+            } else if let Some(template) = selector
+                .contains('{')
+                .then(|| self.template(selector))
+                .flatten()
+            {
+                set.templates.push(template);
+            } else {
+                set.exact.insert(selector.clone());
+            }
+        }
+        set
+    }
+
     fn template(&self, selector: &str) -> Option<Arc<Regex>> {
         let read = self.templates.read().unwrap_or_else(|e| e.into_inner());
         if let Some(cached) = read.get(selector) {
@@ -86,6 +120,75 @@ impl TopicSelectorStore {
     }
 }
 
+/// Selectors compiled for one subscription: `*`, exact topics, templates. Owned by the
+/// subscription, so its cost is paid once, when it starts.
+#[derive(Debug, Default, Clone)]
+pub struct SelectorSet {
+    any: bool,
+    exact: HashSet<String>,
+    templates: Vec<Arc<Regex>>,
+}
+
+impl SelectorSet {
+    /// Does any selector cover `topic`?
+    pub fn matches(&self, topic: &str) -> bool {
+        self.any || self.exact.contains(topic) || self.templates.iter().any(|t| t.is_match(topic))
+    }
+
+    /// How many templates a topic is tried against, at most.
+    pub fn templates(&self) -> usize {
+        self.templates.len()
+    }
+}
+
+/// What a subscription decided for the topics it saw: `(subscribed, private allowed)` per
+/// topic, computed once each. Topics repeat (one per device), templates may be many.
+#[derive(Debug, Default)]
+pub struct TopicMemo {
+    seen: HashMap<String, (bool, bool)>,
+}
+
+impl TopicMemo {
+    /// Whether `topics` contains one `subscribed` covers and, when `private`, one `allowed`
+    /// covers: the reference hub's rule for who receives an update.
+    pub fn can_receive(
+        &mut self,
+        topics: &[String],
+        private: bool,
+        subscribed: &SelectorSet,
+        allowed: &SelectorSet,
+    ) -> bool {
+        let mut any_subscribed = false;
+        let mut any_allowed = false;
+        for topic in topics {
+            let (s, a) = self.decide(topic, subscribed, allowed);
+            any_subscribed |= s;
+            any_allowed |= a;
+        }
+        any_subscribed && (!private || any_allowed)
+    }
+
+    fn decide(
+        &mut self,
+        topic: &str,
+        subscribed: &SelectorSet,
+        allowed: &SelectorSet,
+    ) -> (bool, bool) {
+        if let Some(known) = self.seen.get(topic) {
+            return *known;
+        }
+        let decided = (subscribed.matches(topic), allowed.matches(topic));
+        // Remembering is only worth it when deciding costs more than a lookup.
+        if subscribed.templates() + allowed.templates() > 0 {
+            if self.seen.len() >= MEMO_CAPACITY {
+                self.seen.clear();
+            }
+            self.seen.insert(topic.to_owned(), decided);
+        }
+        decided
+    }
+}
+
 /// Characters a simple expansion leaves as they are (RFC 6570 "unreserved").
 const UNRESERVED: &str = r"(?:[A-Za-z0-9\-._~]|%[0-9A-Fa-f]{2})";
 /// Characters a reserved expansion (`+`, `#`) leaves as they are: unreserved and reserved.
@@ -94,6 +197,9 @@ const RESERVED: &str = r"(?:[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]|%[0-9A-Fa-f]{2}
 /// Compiles a URI template to an anchored regular expression matching its expansions, or
 /// `None` when `template` is not a valid template.
 pub fn compile_template(template: &str) -> Option<Regex> {
+    if template.len() > MAX_TEMPLATE_LENGTH {
+        return None;
+    }
     let mut pattern = String::from("^");
     let mut rest = template;
     while let Some(open) = rest.find(['{', '}']) {
@@ -107,7 +213,11 @@ pub fn compile_template(template: &str) -> Option<Regex> {
     }
     pattern.push_str(&regex::escape(rest));
     pattern.push('$');
-    Regex::new(&pattern).ok()
+    RegexBuilder::new(&pattern)
+        .size_limit(TEMPLATE_SIZE_LIMIT)
+        .dfa_size_limit(TEMPLATE_SIZE_LIMIT)
+        .build()
+        .ok()
 }
 
 /// Appends the pattern of one `{...}` expression (without the braces).
@@ -250,6 +360,86 @@ mod tests {
     fn literal_parts_are_not_patterns() {
         assert!(!m("https://exampleXcom/1", "https://example.com/{id}"));
         assert!(m("https://e.com/(a)/1", "https://e.com/(a)/{id}"));
+    }
+
+    #[test]
+    fn a_compiled_set_matches_as_the_store_does_and_outlives_its_cache() {
+        let store = TopicSelectorStore::new(2);
+        let selectors: Vec<String> = [
+            "exact",
+            "https://e.com/{id}",
+            "bad{",
+            "https://e.com/x/{+p}",
+        ]
+        .map(String::from)
+        .into();
+        let set = store.compile(&selectors);
+        // Flushing the shared cache (more templates than it holds) leaves the set as it was.
+        for i in 0..10 {
+            store.matches("t", &format!("t/{{x{i}}}"));
+        }
+        for topic in [
+            "exact",
+            "bad{",
+            "https://e.com/1",
+            "https://e.com/x/a/b",
+            "https://e.com/1/2",
+            "other",
+        ] {
+            let expected = selectors.iter().any(|s| store.matches(topic, s));
+            assert_eq!(set.matches(topic), expected, "{topic}");
+        }
+        assert_eq!(set.templates(), 2);
+        assert!(store.compile(&["*".to_owned()]).matches("anything"));
+    }
+
+    #[test]
+    fn templates_past_the_length_limit_are_not_compiled_and_the_longest_compile_fast() {
+        let long = format!("https://e.com/{}/{{id}}", "x".repeat(MAX_TEMPLATE_LENGTH));
+        assert!(compile_template(&long).is_none());
+        // The most expressions a template can hold: refused by the compiled size limit, and
+        // quickly (the compiler stops at the limit).
+        let mut many = String::new();
+        let mut i = 0;
+        while many.len() + 10 < MAX_TEMPLATE_LENGTH {
+            let _ = write!(many, "{{+v{i}*}}");
+            i += 1;
+        }
+        let started = std::time::Instant::now();
+        assert!(
+            compile_template(&many).is_none(),
+            "{i} expressions: over TEMPLATE_SIZE_LIMIT"
+        );
+        let few: String = (0..8).map(|i| format!("{{+v{i}*}}")).collect();
+        assert!(compile_template(&few).is_some());
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    }
+
+    #[test]
+    fn the_memo_decides_as_the_selectors_and_stays_bounded() {
+        let store = TopicSelectorStore::default();
+        let subscribed = store.compile(&["https://e.com/{id}".to_owned()]);
+        let allowed = store.compile(&["https://e.com/1".to_owned()]);
+        let mut memo = TopicMemo::default();
+        let t = |s: &str| vec![s.to_owned()];
+        for _ in 0..2 {
+            assert!(memo.can_receive(&t("https://e.com/1"), true, &subscribed, &allowed));
+            assert!(!memo.can_receive(&t("https://e.com/2"), true, &subscribed, &allowed));
+            assert!(memo.can_receive(&t("https://e.com/2"), false, &subscribed, &allowed));
+            assert!(!memo.can_receive(&t("https://f.com/2"), false, &subscribed, &allowed));
+        }
+        // Allowed by one topic, subscribed by another: the reference rule.
+        let both = vec!["https://e.com/2".to_owned(), "https://e.com/1".to_owned()];
+        assert!(memo.can_receive(&both, true, &subscribed, &allowed));
+        for i in 0..MEMO_CAPACITY * 2 {
+            memo.can_receive(
+                &t(&format!("https://e.com/n{i}")),
+                false,
+                &subscribed,
+                &allowed,
+            );
+        }
+        assert!(memo.seen.len() <= MEMO_CAPACITY);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use axum::response::sse::Event;
 use std::time::Duration;
 use thiserror::Error;
 
-/// The most topics one update (publish) or one subscription may name.
+/// The most topics one update may name (a subscription's limit is `MERCURE_MAX_TOPICS`).
 pub const MAX_TOPICS: usize = 1000;
 
 /// Topics containing this are the hub's own; publishers may not forge them.

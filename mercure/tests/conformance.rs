@@ -19,8 +19,12 @@ const SUBSCRIBER_KEY: &str = "subscriber-key-for-tests";
 const WAIT: Duration = Duration::from_secs(5);
 const NOTHING: Duration = Duration::from_millis(300);
 
+/// The reference suite's hub: anonymous subscribers allowed (they get public updates only).
 fn config() -> HubConfig {
-    let mut config = HubConfig::default();
+    let mut config = HubConfig {
+        mercure_anonymous: true,
+        ..HubConfig::default()
+    };
     config.keys.mercure_publisher_jwt_key = Some(PUBLISHER_KEY.into());
     config.keys.mercure_subscriber_jwt_key = Some(SUBSCRIBER_KEY.into());
     config
@@ -400,6 +404,65 @@ async fn subscribe_refusals() {
             .0,
         StatusCode::UNAUTHORIZED
     );
+}
+
+/// The limits on what one subscriber may make the hub hold: anonymous subscribers refused by
+/// default, topics per subscription, template length, subscribers at once (503 with
+/// Retry-After; the room comes back when a subscriber leaves).
+#[tokio::test]
+async fn subscriber_limits() {
+    let defaults = HubConfig::default();
+    assert!(!defaults.mercure_anonymous, "anonymous refused by default");
+    let mut limited = config();
+    limited.mercure_anonymous = false;
+    limited.mercure_max_topics = 3;
+    limited.mercure_max_subscribers = 2;
+    let served = serve(limited).await;
+    let token = subscriber_token(&["*"], None);
+    let status = |topics: Vec<String>, token: Option<String>| {
+        let url = served.url.clone();
+        async move {
+            let request = SubscribeRequest {
+                topics,
+                token,
+                last_event_id: None,
+            };
+            match EventStream::connect(&url, &request).await {
+                Ok(stream) => (200, Some(stream)),
+                Err(e) => (e.status().map_or(0, |s| s.as_u16()), None),
+            }
+        }
+    };
+    let a = || vec!["a".to_owned()];
+    assert_eq!(status(a(), None).await.0, 401, "no JWT");
+    let four = (0..4).map(|i| format!("t{i}")).collect();
+    assert_eq!(status(four, Some(token.clone())).await.0, 400);
+    let long = format!("https://e.example/{}/{{id}}", "x".repeat(2048));
+    assert_eq!(status(vec![long], Some(token.clone())).await.0, 400);
+
+    let (first, held) = status(a(), Some(token.clone())).await;
+    let (second, _also_held) = status(a(), Some(token.clone())).await;
+    assert_eq!((first, second), (200, 200));
+    let full = client()
+        .get(format!("{}?topic=a", served.url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(full.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(full.headers()["retry-after"], "10");
+    drop(held);
+    // The hub notices the closed connection at its next write: a heartbeat or an update.
+    served.hub.publish(update(&["a"], "wake", "x")).unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    while served.hub.subscribers() > 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slot never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(status(a(), Some(token)).await.0, 200);
 }
 
 #[tokio::test]

@@ -203,7 +203,9 @@ async fn until_acked(js: &async_nats::jetstream::Context) {
 
 #[tokio::test]
 async fn updates_reach_authorized_subscribers_only() {
-    let hub_config = HubConfig::development();
+    let mut hub_config = HubConfig::development();
+    // Let an anonymous subscriber in, to show it receives nothing private.
+    hub_config.mercure_anonymous = true;
     let (_hub, url, _stop, _task) = serve(&hub_config, 0).await;
     let mut authorized = subscribe(&url, Some(subscriber_token(&hub_config)), None).await;
     let mut anonymous = subscribe(&url, None, None).await;
