@@ -71,8 +71,9 @@ mod server {
     }
 }
 
-/// Checks the credentials (after the delay earlier failures earned) and opens the session;
-/// back to the login page with a message when they are wrong.
+/// Checks the credentials when the attempt's turn comes ([`crate::auth::LoginThrottle`]) and
+/// opens a session with a new id; back to the login page with a message when they are wrong or
+/// the attempt was refused unchecked.
 #[server(endpoint = "login")]
 pub async fn login(
     email: String,
@@ -83,19 +84,31 @@ pub async fn login(
     use crate::paths;
     let state = server::state()?;
     let mut session: AuthSession = leptos_axum::extract().await?;
-    let ip = leptos_axum::extract::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+    let peer = leptos_axum::extract::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
         .await
         .ok()
         .map(|c| c.0.ip());
-    let delay = state.throttle.delay(&email, ip);
-    if !delay.is_zero() {
-        tokio::time::sleep(delay).await;
-    }
+    let headers: axum::http::HeaderMap = leptos_axum::extract().await?;
+    let ip = crate::auth::client_address(peer, &headers, &state.settings.trusted_proxies);
     let next = next
         .as_deref()
         .and_then(paths::local_target)
         .filter(|n| !n.starts_with(paths::LOGIN))
         .unwrap_or_else(|| paths::HOME.to_owned());
+    let back = |error: &str| {
+        paths::with_query(
+            paths::LOGIN,
+            &[("error", error), ("email", &email), ("next", &next)],
+        )
+    };
+    let attempt = match state.throttle.admit(&email, ip).await {
+        Ok(attempt) => attempt,
+        Err(refused) => {
+            tracing::warn!(email = %email, ip = ?ip, %refused, "login attempt refused unchecked");
+            leptos_axum::redirect(&back("busy"));
+            return Ok(());
+        }
+    };
     let user = session
         .authenticate(Credentials {
             email: email.clone(),
@@ -105,21 +118,35 @@ pub async fn login(
         .map_err(server::failed)?;
     match user {
         Some(user) => {
+            attempt.succeeded();
+            // A new session id at every login, even over another user's session (axum-login
+            // renews it only when the session had no user).
+            revoke_live_tokens(&session).await;
+            session.session.cycle_id().await.map_err(server::failed)?;
             session.login(&user).await.map_err(server::failed)?;
-            state.throttle.succeeded(&email);
             tracing::info!(user = %user.email, "logged in");
             leptos_axum::redirect(&next);
         }
         None => {
-            state.throttle.failed(&email, ip);
+            attempt.failed();
             tracing::warn!(email = %email, ip = ?ip, "failed login");
-            leptos_axum::redirect(&paths::with_query(
-                paths::LOGIN,
-                &[("error", "invalid"), ("email", &email), ("next", &next)],
-            ));
+            leptos_axum::redirect(&back("invalid"));
         }
     }
     Ok(())
+}
+
+/// Revokes the live tokens of the session (their `jti` is its live id), and forgets the id.
+async fn revoke_live_tokens(session: &crate::auth::AuthSession) {
+    let Ok(state) = server::state() else { return };
+    let Some(live) = &state.settings.live else {
+        return;
+    };
+    match session.session.remove::<String>(crate::live::LIVE_ID).await {
+        Ok(Some(id)) => live.revoke(&id),
+        Ok(None) => {}
+        Err(e) => tracing::warn!(error = %e, "live id of the session unreadable"),
+    }
 }
 
 /// Ends the session (if any) and goes to the login page.
@@ -127,6 +154,7 @@ pub async fn login(
 pub async fn logout() -> Result<(), ServerFnError> {
     use crate::auth::AuthSession;
     let mut session: AuthSession = leptos_axum::extract().await?;
+    revoke_live_tokens(&session).await;
     session.logout().await.map_err(server::failed)?;
     leptos_axum::redirect(crate::paths::LOGIN);
     Ok(())

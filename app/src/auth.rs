@@ -18,8 +18,10 @@ use axum_login::{AuthUser, AuthnBackend};
 use leptos::prelude::ServerFnError;
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 
 /// The login session, as handlers and server functions extract it.
 pub type AuthSession = axum_login::AuthSession<Backend>;
@@ -217,71 +219,244 @@ impl SessionStore for PgSessionStore {
     }
 }
 
-/// Slows failed logins down: each failure for an account or from an address doubles the wait
-/// before the next attempt for it is even checked, from `base` up to `max`. A success clears
-/// the account's count; counts are forgotten after `forget_after` without a failure.
+/// Login attempts, bounded in number, pace and memory.
+///
+/// - **Pace.** Each account and each client address (an IPv6 address by its /64) has a time
+///   before which no attempt for it is checked. An attempt takes the next free time of both,
+///   and moves them on by the current delay: `base` after a success or for a first attempt,
+///   doubling with each failure up to `max`. So parallel attempts queue one behind the other
+///   instead of all waiting out the same delay: one guess per delay, however many are sent.
+///   An attempt whose turn is more than `max` away is refused at once ([`LoginRefused::TooMany`]).
+/// - **Work.** At most `concurrency` passwords are checked at once (Argon2id takes 19 MiB each),
+///   and at most `concurrency * QUEUE_PER_CHECK` attempts wait for a turn; one more is refused at
+///   once ([`LoginRefused::Busy`]).
+/// - **Memory.** At most `tracked` accounts and addresses are remembered; entries idle for
+///   [`FORGET_AFTER`] are forgotten, and when the table is full the longest idle goes first.
 #[derive(Debug)]
 pub struct LoginThrottle {
     base: Duration,
     max: Duration,
-    forget_after: Duration,
-    failures: Mutex<HashMap<String, (u32, Instant)>>,
+    tracked: usize,
+    pace: Mutex<HashMap<String, Pace>>,
+    /// Attempts admitted: waiting for their turn or being checked.
+    admitted: Arc<Semaphore>,
+    /// Password checks running.
+    checks: Arc<Semaphore>,
+    concurrency: usize,
+}
+
+/// Attempts that may wait for a turn, per password check allowed at once.
+pub const QUEUE_PER_CHECK: usize = 16;
+/// How long an account or address without attempts is remembered.
+pub const FORGET_AFTER: Duration = Duration::from_secs(15 * 60);
+
+#[derive(Debug, Clone, Copy)]
+struct Pace {
+    failures: u32,
+    /// No attempt for this key is checked before then.
+    next: Instant,
+    last_seen: Instant,
+}
+
+/// Why an attempt was not even checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum LoginRefused {
+    #[error("too many login attempts for this account or address; retry in {0:?}")]
+    TooMany(Duration),
+    #[error("too many login attempts at once")]
+    Busy,
+}
+
+/// An admitted attempt, checked when its turn came; say how it went with
+/// [`LoginAttempt::failed`] or [`LoginAttempt::succeeded`] (dropping it counts as neither).
+#[derive(Debug)]
+pub struct LoginAttempt {
+    throttle: Arc<LoginThrottle>,
+    keys: [String; 2],
+    _admitted: OwnedSemaphorePermit,
+    _check: OwnedSemaphorePermit,
 }
 
 impl LoginThrottle {
-    pub fn new(base: Duration, max: Duration) -> LoginThrottle {
+    pub fn new(base: Duration, max: Duration, concurrency: usize, tracked: usize) -> LoginThrottle {
+        let concurrency = concurrency.max(1);
         LoginThrottle {
             base,
-            max,
-            forget_after: Duration::from_secs(15 * 60),
-            failures: Mutex::new(HashMap::new()),
+            max: max.max(base),
+            tracked: tracked.max(2),
+            pace: Mutex::new(HashMap::new()),
+            admitted: Arc::new(Semaphore::new(concurrency * QUEUE_PER_CHECK)),
+            checks: Arc::new(Semaphore::new(concurrency)),
+            concurrency,
         }
     }
 
     fn keys(email: &str, ip: Option<IpAddr>) -> [String; 2] {
+        let address = match ip {
+            // One host holds a whole /64: count it as one address.
+            Some(IpAddr::V6(v6)) if v6.to_ipv4_mapped().is_none() => {
+                let net = ipnet::Ipv6Net::new(v6, 64).map(|n| n.trunc());
+                net.map_or_else(|_| v6.to_string(), |n| n.to_string())
+            }
+            Some(ip) => ip.to_canonical().to_string(),
+            None => "unknown".to_owned(),
+        };
         [
             format!("account:{}", email.trim().to_lowercase()),
-            format!(
-                "ip:{}",
-                ip.map_or("unknown".to_owned(), |ip| ip.to_string())
-            ),
+            format!("ip:{address}"),
         ]
     }
 
-    /// How long to wait before checking this attempt.
-    pub fn delay(&self, email: &str, ip: Option<IpAddr>) -> Duration {
-        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+    fn delay(&self, failures: u32) -> Duration {
+        match failures {
+            0 => self.base,
+            n => self.base.saturating_mul(1 << (n - 1).min(16)).min(self.max),
+        }
+    }
+
+    /// Waits for this attempt's turn and a free password check; refuses it at once when its
+    /// turn is too far away or too many attempts are waiting.
+    pub async fn admit(
+        self: &Arc<Self>,
+        email: &str,
+        ip: Option<IpAddr>,
+    ) -> Result<LoginAttempt, LoginRefused> {
+        let admitted = self
+            .admitted
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| LoginRefused::Busy)?;
+        let keys = Self::keys(email, ip);
+        let turn = {
+            let mut pace = self.pace.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            let turn = keys
+                .iter()
+                .filter_map(|k| pace.get(k).map(|p| p.next))
+                .fold(now, Instant::max);
+            if turn.duration_since(now) > self.max {
+                return Err(LoginRefused::TooMany(turn.duration_since(now)));
+            }
+            for key in &keys {
+                self.make_room(&mut pace, now);
+                let entry = pace.entry(key.clone()).or_insert(Pace {
+                    failures: 0,
+                    next: now,
+                    last_seen: now,
+                });
+                // Until this attempt is settled, the next one waits as if it fails.
+                entry.next = turn.max(entry.next) + self.delay(entry.failures);
+                entry.last_seen = now;
+            }
+            turn
+        };
+        tracing::debug!(wait = ?turn.saturating_duration_since(Instant::now()), "login attempt admitted");
+        tokio::time::sleep_until(turn).await;
+        let check = self
+            .checks
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| LoginRefused::Busy)?;
+        Ok(LoginAttempt {
+            throttle: self.clone(),
+            keys,
+            _admitted: admitted,
+            _check: check,
+        })
+    }
+
+    /// Forgets idle entries and, when the table is still full, the longest idle one.
+    fn make_room(&self, pace: &mut HashMap<String, Pace>, now: Instant) {
+        if pace.len() < self.tracked {
+            return;
+        }
+        pace.retain(|_, p| now.duration_since(p.last_seen) < FORGET_AFTER || p.next > now);
+        while pace.len() >= self.tracked {
+            let Some(oldest) = pace
+                .iter()
+                .min_by_key(|(_, p)| p.last_seen)
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            pace.remove(&oldest);
+        }
+    }
+
+    /// Password checks running now.
+    pub fn checks_running(&self) -> usize {
+        self.concurrency - self.checks.available_permits()
+    }
+
+    /// Attempts admitted now: waiting for their turn or being checked.
+    pub fn attempts(&self) -> usize {
+        self.concurrency * QUEUE_PER_CHECK - self.admitted.available_permits()
+    }
+
+    /// Accounts and addresses remembered now.
+    pub fn tracked(&self) -> usize {
+        self.pace.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+impl LoginAttempt {
+    /// A wrong password: the account and the address wait longer before their next attempt.
+    pub fn failed(self) {
+        let throttle = &self.throttle;
+        let mut pace = throttle.pace.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
-        failures.retain(|_, (_, last)| now.duration_since(*last) < self.forget_after);
-        let worst = Self::keys(email, ip)
-            .iter()
-            .filter_map(|k| failures.get(k).map(|(n, _)| *n))
-            .max()
-            .unwrap_or(0);
-        if worst == 0 {
-            return Duration::ZERO;
-        }
-        self.base
-            .saturating_mul(1 << (worst - 1).min(16))
-            .min(self.max)
-    }
-
-    pub fn failed(&self, email: &str, ip: Option<IpAddr>) {
-        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        for key in Self::keys(email, ip) {
-            let entry = failures.entry(key).or_insert((0, Instant::now()));
-            entry.0 = entry.0.saturating_add(1);
-            entry.1 = Instant::now();
+        for key in &self.keys {
+            if let Some(entry) = pace.get_mut(key) {
+                entry.failures = entry.failures.saturating_add(1);
+                entry.next = entry.next.max(now + throttle.delay(entry.failures));
+                entry.last_seen = now;
+            }
         }
     }
 
-    pub fn succeeded(&self, email: &str) {
-        let [account, _] = Self::keys(email, None);
-        self.failures
+    /// The right password: the account starts afresh; the address keeps its count.
+    pub fn succeeded(self) {
+        let [account, _] = &self.keys;
+        self.throttle
+            .pace
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(&account);
+            .remove(account);
     }
+}
+
+/// The client's address: the peer's, or, when the peer is a trusted proxy, the first address
+/// of `X-Forwarded-For` (read from the right) that is not a trusted proxy. A client cannot
+/// choose its address by sending the header itself: only what trusted proxies added counts.
+pub fn client_address(
+    peer: Option<IpAddr>,
+    headers: &axum::http::HeaderMap,
+    trusted: &[ipnet::IpNet],
+) -> Option<IpAddr> {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(&ip.to_canonical()));
+    let mut client = peer?;
+    if !is_trusted(&client) {
+        return Some(client);
+    }
+    let forwarded = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .collect::<Vec<_>>();
+    for hop in forwarded.iter().rev() {
+        let Ok(ip) = hop.parse::<IpAddr>() else {
+            // A hop we cannot read: stop at what we know.
+            break;
+        };
+        client = ip;
+        if !is_trusted(&ip) {
+            break;
+        }
+    }
+    Some(client)
 }
 
 /// An admin, for page handlers: extracting it answers anonymous visitors with a redirect to
@@ -359,31 +534,204 @@ pub fn accepts_html() -> bool {
 mod tests {
     use super::*;
 
-    #[test]
-    fn failures_double_the_delay_per_account_and_per_address() {
-        let t = LoginThrottle::new(Duration::from_millis(100), Duration::from_secs(1));
+    use axum::http::HeaderMap;
+
+    fn throttle() -> Arc<LoginThrottle> {
+        Arc::new(LoginThrottle::new(
+            Duration::from_millis(100),
+            Duration::from_secs(1),
+            2,
+            1000,
+        ))
+    }
+
+    async fn fail(t: &Arc<LoginThrottle>, email: &str, ip: Option<IpAddr>) {
+        t.admit(email, ip).await.expect("admitted").failed();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_double_the_delay_per_account_and_per_address() {
+        let t = throttle();
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
         let other: IpAddr = "192.0.2.2".parse().unwrap();
-        assert_eq!(t.delay("a@x", Some(ip)), Duration::ZERO);
-        t.failed("a@x", Some(ip));
-        assert_eq!(t.delay("a@x", Some(ip)), Duration::from_millis(100));
-        t.failed("a@x", Some(ip));
+        let third: IpAddr = "192.0.2.3".parse().unwrap();
+        let started = Instant::now();
+        fail(&t, "a@x", Some(ip)).await;
         assert_eq!(
-            t.delay("A@X", Some(other)),
-            Duration::from_millis(200),
-            "per account"
+            started.elapsed(),
+            Duration::ZERO,
+            "a first attempt waits for nothing"
         );
-        assert_eq!(
-            t.delay("b@x", Some(ip)),
-            Duration::from_millis(200),
-            "per address"
-        );
-        assert_eq!(t.delay("b@x", Some(other)), Duration::ZERO);
-        for _ in 0..10 {
-            t.failed("a@x", Some(ip));
+        let started = Instant::now();
+        fail(&t, "a@x", Some(ip)).await;
+        assert_eq!(started.elapsed(), Duration::from_millis(100));
+        // Two failures: the account and the address each wait 200 ms.
+        let started = Instant::now();
+        let timed = |email: &'static str, ip: IpAddr| {
+            let t = &t;
+            async move {
+                fail(t, email, Some(ip)).await;
+                started.elapsed()
+            }
+        };
+        let (account, address, neither) =
+            tokio::join!(timed("A@X", other), timed("b@x", ip), timed("c@x", third));
+        assert_eq!(account, Duration::from_millis(200), "per account");
+        assert_eq!(address, Duration::from_millis(200), "per address");
+        assert_eq!(neither, Duration::ZERO);
+        for _ in 0..6 {
+            fail(&t, "a@x", Some(other)).await;
         }
-        assert_eq!(t.delay("a@x", None), Duration::from_secs(1), "capped");
-        t.succeeded("a@x");
-        assert_eq!(t.delay("a@x", None), Duration::ZERO);
+        let started = Instant::now();
+        fail(&t, "a@x", Some(third)).await;
+        assert_eq!(started.elapsed(), Duration::from_secs(1), "capped at max");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        t.admit("a@x", Some(third)).await.unwrap().succeeded();
+        let started = Instant::now();
+        fail(&t, "a@x", "192.0.2.9".parse().ok()).await;
+        assert_eq!(
+            started.elapsed(),
+            Duration::ZERO,
+            "a success starts the account afresh"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn parallel_attempts_queue_one_guess_per_delay_and_the_rest_are_refused() {
+        let t = throttle();
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        fail(&t, "a@x", Some(ip)).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        // Twenty at once for one account from twenty addresses.
+        let started = Instant::now();
+        let attempts = (0..20).map(|i| {
+            let t = &t;
+            async move {
+                let ip: IpAddr = format!("198.51.100.{i}").parse().unwrap();
+                match t.admit("a@x", Some(ip)).await {
+                    Ok(attempt) => {
+                        let at = started.elapsed();
+                        attempt.failed();
+                        Ok(at)
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+        });
+        let results = futures::future::join_all(attempts).await;
+        let mut checked: Vec<Duration> = results.iter().filter_map(|r| r.ok()).collect();
+        checked.sort();
+        // One second of turns at 100 ms apart, at most; the rest refused at once.
+        assert!(checked.len() <= 11, "{results:?}");
+        assert!(
+            results
+                .iter()
+                .any(|r| matches!(r, Err(LoginRefused::TooMany(_)))),
+            "{results:?}"
+        );
+        for pair in checked.windows(2) {
+            assert!(
+                pair[1] - pair[0] >= Duration::from_millis(100),
+                "{checked:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn checks_and_waiting_attempts_are_bounded() {
+        let t = Arc::new(LoginThrottle::new(
+            Duration::from_millis(1),
+            Duration::from_secs(60),
+            2,
+            10_000,
+        ));
+        let (release, released) = tokio::sync::watch::channel(false);
+        let queue = 2 * QUEUE_PER_CHECK;
+        let holders: Vec<_> = (0..queue)
+            .map(|i| {
+                let (t, mut released) = (t.clone(), released.clone());
+                tokio::spawn(async move {
+                    let ip: IpAddr = format!("10.0.{}.{}", i / 250, i % 250).parse().unwrap();
+                    let attempt = t.admit(&format!("u{i}@x"), Some(ip)).await.unwrap();
+                    let _ = released.wait_for(|r| *r).await;
+                    attempt.failed();
+                })
+            })
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while t.attempts() < queue || t.checks_running() < 2 {
+            assert!(Instant::now() < deadline, "{} admitted", t.attempts());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(t.checks_running(), 2, "two checks at once, the others wait");
+        let late = t.admit("late@x", "10.9.9.9".parse().ok()).await;
+        assert_eq!(late.unwrap_err(), LoginRefused::Busy, "the queue is full");
+        release.send(true).unwrap();
+        for holder in holders {
+            holder.await.unwrap();
+        }
+        assert_eq!(t.attempts(), 0);
+        assert!(t.admit("late@x", "10.9.9.9".parse().ok()).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn the_table_is_bounded() {
+        let t = Arc::new(LoginThrottle::new(
+            Duration::ZERO,
+            Duration::from_secs(1),
+            2,
+            100,
+        ));
+        for i in 0..1000 {
+            let ip: IpAddr = format!("10.1.{}.{}", i / 250, i % 250).parse().unwrap();
+            fail(&t, &format!("u{i}@x"), Some(ip)).await;
+        }
+        assert!(t.tracked() <= 100, "{}", t.tracked());
+    }
+
+    #[test]
+    fn addresses_behind_trusted_proxies() {
+        let trusted: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let headers = |xff: &str| {
+            let mut h = HeaderMap::new();
+            h.insert("x-forwarded-for", xff.parse().unwrap());
+            h
+        };
+        let proxy: Option<IpAddr> = "10.0.0.5".parse().ok();
+        let outsider: Option<IpAddr> = "203.0.113.9".parse().ok();
+        let ip = |s: &str| s.parse::<IpAddr>().ok();
+        // The header counts only from a trusted proxy, and only its untrusted part.
+        assert_eq!(
+            client_address(outsider, &headers("1.2.3.4"), &trusted),
+            outsider
+        );
+        assert_eq!(
+            client_address(proxy, &headers("1.2.3.4"), &trusted),
+            ip("1.2.3.4")
+        );
+        assert_eq!(
+            client_address(proxy, &headers("6.6.6.6, 1.2.3.4, 10.0.0.7"), &trusted),
+            ip("1.2.3.4"),
+            "a client's own header before the proxy's is not believed"
+        );
+        assert_eq!(client_address(proxy, &HeaderMap::new(), &trusted), proxy);
+        assert_eq!(client_address(proxy, &headers("garbage"), &trusted), proxy);
+        assert_eq!(
+            client_address(proxy, &headers("1.2.3.4"), &[]),
+            proxy,
+            "none trusted"
+        );
+        assert_eq!(client_address(None, &headers("1.2.3.4"), &trusted), None);
+    }
+
+    #[test]
+    fn an_ipv6_host_counts_by_its_64() {
+        let [_, a] = LoginThrottle::keys("a", "2001:db8:1:2::1".parse().ok());
+        let [_, b] = LoginThrottle::keys("a", "2001:db8:1:2:ffff::9".parse().ok());
+        let [_, c] = LoginThrottle::keys("a", "2001:db8:1:3::1".parse().ok());
+        let [_, v4] = LoginThrottle::keys("a", "::ffff:192.0.2.1".parse().ok());
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert_eq!(v4, "ip:192.0.2.1");
     }
 }

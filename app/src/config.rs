@@ -22,13 +22,56 @@ pub struct AppConfig {
     /// http://127.0.0.1:8080/.well-known/mercure). Unset: no live values.
     #[arg(long, env = "MERCURE_PUBLIC_URL", value_name = "MERCURE_PUBLIC_URL")]
     pub mercure_public_url: Option<String>,
+    /// How long a device page's live token lasts; the page renews it halfway. After logout a
+    /// token outlives the session by at most this much (not at all with `dataviz all`, whose
+    /// hub revokes it at once).
+    #[arg(long, env = "LIVE_TOKEN_TTL", value_name = "LIVE_TOKEN_TTL", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub live_token_ttl: Duration,
     /// Wait after the first failed login for an account or from an address; it doubles with
     /// each further failure.
     #[arg(long, env = "LOGIN_DELAY", value_name = "LOGIN_DELAY", default_value = "500ms", value_parser = humantime::parse_duration)]
     pub login_delay: Duration,
-    /// Longest wait before a login attempt is checked.
+    /// Longest wait before a login attempt is checked; an attempt whose turn is further away
+    /// is refused at once.
     #[arg(long, env = "LOGIN_MAX_DELAY", value_name = "LOGIN_MAX_DELAY", default_value = "10s", value_parser = humantime::parse_duration)]
     pub login_max_delay: Duration,
+    /// Passwords checked at once (Argon2id takes 19 MiB each); 16 times as many attempts may
+    /// wait for a turn, more are refused at once.
+    #[arg(
+        long,
+        env = "LOGIN_CONCURRENCY",
+        value_name = "LOGIN_CONCURRENCY",
+        default_value_t = 2
+    )]
+    pub login_concurrency: usize,
+    /// Accounts and client addresses whose login attempts are remembered, at most.
+    #[arg(
+        long,
+        env = "LOGIN_TRACKED",
+        value_name = "LOGIN_TRACKED",
+        default_value_t = 100_000
+    )]
+    pub login_tracked: usize,
+    /// Reverse proxies (addresses or CIDR networks, space or comma separated) whose
+    /// X-Forwarded-For names the client. Empty: the connection's address is the client's.
+    #[arg(long, env = "TRUSTED_PROXIES", value_name = "TRUSTED_PROXIES", default_value = "", value_parser = parse_networks)]
+    pub trusted_proxies: Networks,
+}
+
+/// A list of networks (a bare address is a /32 or /128).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Networks(pub Vec<ipnet::IpNet>);
+
+fn parse_networks(s: &str) -> Result<Networks, String> {
+    s.split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            p.parse::<ipnet::IpNet>()
+                .or_else(|_| p.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| format!("{p:?} is neither an address nor a network (a.b.c.d/n)"))
+        })
+        .collect::<Result<_, _>>()
+        .map(Networks)
 }
 
 impl Default for AppConfig {
@@ -37,8 +80,12 @@ impl Default for AppConfig {
             app_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             app_public_url: None,
             mercure_public_url: None,
+            live_token_ttl: crate::live::DEFAULT_TOKEN_TTL,
             login_delay: Duration::from_millis(500),
             login_max_delay: Duration::from_secs(10),
+            login_concurrency: 2,
+            login_tracked: 100_000,
+            trusted_proxies: Networks::default(),
         }
     }
 }
@@ -85,5 +132,15 @@ mod tests {
             Some("http://127.0.0.1:8080")
         );
         assert_eq!(origin_of("/relative"), None);
+    }
+
+    #[test]
+    fn trusted_proxies_are_addresses_or_networks() {
+        let nets = parse_networks("10.0.0.0/8, 192.0.2.1 2001:db8::/32").unwrap();
+        assert_eq!(nets.0.len(), 3);
+        assert_eq!(nets.0[1].to_string(), "192.0.2.1/32");
+        assert_eq!(parse_networks("").unwrap(), Networks::default());
+        let e = parse_networks("10.0.0.0/8,proxy.local").unwrap_err();
+        assert!(e.contains("proxy.local"), "{e}");
     }
 }

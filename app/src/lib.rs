@@ -23,7 +23,8 @@
 //! Pages take an [`auth::Admin`] (anonymous → `/login`, non-admin → 403); every server function
 //! but `login` starts with [`auth::require_admin`]. The session cookie is HttpOnly and
 //! SameSite=Lax (Secure when `APP_PUBLIC_URL` is https); POSTs are refused unless they come
-//! from the site's own origin ([`csrf`]). Failed logins are slowed per account and per address.
+//! from the site's own origin ([`csrf`]). Login attempts are paced per account and per client address, and bounded in number
+//! ([`auth::LoginThrottle`]).
 //! Where to go after login (`next`) is kept only when a browser would resolve it to a path on
 //! this site ([`paths::local_target`]).
 //!
@@ -83,6 +84,8 @@ pub struct Settings {
     pub secure_cookies: bool,
     /// Live values through Mercure; `None`: the device page shows no live values.
     pub live: Option<LiveConfig>,
+    /// Proxies whose X-Forwarded-For names the client (`TRUSTED_PROXIES`).
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 impl AppState {
@@ -99,10 +102,13 @@ impl AppState {
                 trusted_origins: config.trusted_origins(),
                 secure_cookies: config.secure_cookies(),
                 live,
+                trusted_proxies: config.trusted_proxies.0.clone(),
             }),
             throttle: Arc::new(auth::LoginThrottle::new(
                 config.login_delay,
                 config.login_max_delay,
+                config.login_concurrency,
+                config.login_tracked,
             )),
         }
     }

@@ -1,22 +1,27 @@
 //! Live values on a device's page, through the Mercure hub.
 //!
-//! The device page sets the `mercureAuthorization` cookie (HttpOnly, SameSite=Strict, scoped
-//! to the hub's path) holding a subscriber JWT signed with `MERCURE_SUBSCRIBER_JWT_KEY`, whose
-//! `mercure.subscribe` claim names that device's topic only
-//! (`{MERCURE_TOPIC_BASE}/gateways/{gateway id}/devices/{device id}`). A small inline script
-//! opens an `EventSource` on the hub and writes each update's values into the tags table: the
-//! page is complete without it. The cookie is host-only: the hub must be on the site's host
-//! (any port), e.g. served beside it by `dataviz all`.
+//! The device page carries a subscriber JWT of its own (signed with
+//! `MERCURE_SUBSCRIBER_JWT_KEY`) whose `mercure.subscribe` claim names that device's topic only
+//! (`{MERCURE_TOPIC_BASE}/gateways/{gateway id}/devices/{device id}`), valid for
+//! `LIVE_TOKEN_TTL`. A small inline script opens an `EventSource` on the hub with the token in
+//! the `authorization` query parameter (so that two pages never share or replace each other's
+//! token, as one cookie would), renews it from [`token_path`] halfway through its life and
+//! reconnects with the last event id it saw, so that nothing is missed. The renewal needs the
+//! admin session: after logout, or once the user is no longer an admin, no token is renewed.
+//! Every token of a session has the session's live id as its `jti`; at logout the hub of the
+//! same process (`dataviz all`) revokes it at once and ends the subscriptions opened with it.
+//! With a hub elsewhere, a token outlives the logout by at most `LIVE_TOKEN_TTL`. The page is
+//! complete without the script.
 
+use dataviz_mercure::Hub;
 use dataviz_mercure::jwt::{self, Claims, JwtKey};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-/// The cookie the hub reads a subscriber's JWT from.
-pub const COOKIE: &str = "mercureAuthorization";
+/// The default life of a live token (`LIVE_TOKEN_TTL`).
+pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(10 * 60);
 
-/// How long a subscriber token lasts (a subscription ends at its expiry; the script's
-/// reconnection then needs a page load).
-pub const TOKEN_TTL: Duration = Duration::from_secs(12 * 3600);
+/// The session key holding the session's live id (the `jti` of its tokens).
+pub const LIVE_ID: &str = "live_id";
 
 /// The default topic base (as the publisher's `MERCURE_TOPIC_BASE`).
 pub const DEFAULT_TOPIC_BASE: &str = "https://dataviz.local";
@@ -30,6 +35,10 @@ pub struct LiveConfig {
     pub topic_base: String,
     /// The subscribers' JWT key.
     pub subscriber_key: JwtKey,
+    /// How long a token lasts (`LIVE_TOKEN_TTL`).
+    pub token_ttl: Duration,
+    /// The hub of this process, if it serves one: logout revokes the session's tokens there.
+    pub hub: Option<Hub>,
 }
 
 impl LiveConfig {
@@ -41,45 +50,74 @@ impl LiveConfig {
         )
     }
 
-    /// The `Set-Cookie` value giving the browser a token for `topic`.
-    pub fn cookie(&self, topic: &str, secure: bool) -> String {
-        let token = jwt::sign(
-            &Claims::subscriber(vec![topic.to_owned()], Some(TOKEN_TTL)),
-            &self.subscriber_key,
-        );
-        let path = hub_path(&self.hub_url);
-        format!(
-            "{COOKIE}={token}; Path={path}; Max-Age={}; HttpOnly; SameSite=Strict{}",
-            TOKEN_TTL.as_secs(),
-            if secure { "; Secure" } else { "" }
-        )
+    /// A token for `topic` only, with the session's live id as its `jti`.
+    pub fn token(&self, topic: &str, live_id: &str) -> String {
+        let claims = Claims {
+            jti: Some(live_id.to_owned()),
+            ..Claims::subscriber(vec![topic.to_owned()], Some(self.token_ttl))
+        };
+        jwt::sign(&claims, &self.subscriber_key)
     }
-}
 
-/// The path part of the hub URL (`/.well-known/mercure`).
-fn hub_path(url: &str) -> &str {
-    let after_scheme = url.split_once("://").map_or(url, |(_, rest)| rest);
-    match after_scheme.find('/') {
-        Some(i) => {
-            let path = &after_scheme[i..];
-            path.split(['?', '#']).next().unwrap_or("/")
+    /// Ends what the tokens of `live_id` can do, at once where the hub is ours.
+    pub fn revoke(&self, live_id: &str) {
+        if let Some(hub) = &self.hub {
+            hub.revoke(live_id, SystemTime::now() + self.token_ttl);
         }
-        None => "/",
     }
 }
 
-/// The live-values script: reads `data-hub` and `data-topic` from `#live`, and updates the rows
+/// Where a device page renews its token.
+pub fn token_path(device_id: i64) -> String {
+    format!("/devices/{device_id}/live-token")
+}
+
+/// A new live id for a session.
+pub fn new_live_id() -> String {
+    use rand::Rng;
+    let bytes: [u8; 16] = rand::rng().random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The live-values script: reads `data-hub`, `data-topic`, `data-token`, `data-ttl` and
+/// `data-token-url` from `#live`, and updates the rows
 /// `tr[data-tag]` of the tags table. Updates are the publisher's JSON:
 /// `{"time": ..., "readings": [{"tag": code, "type": ..., "value": ...}]}`.
 pub const SCRIPT: &str = r#"(function () {
   var el = document.getElementById('live');
-  if (!el || !window.EventSource) return;
-  var url = new URL(el.dataset.hub, window.location.href);
-  url.searchParams.append('topic', el.dataset.topic);
-  var source = new EventSource(url.toString(), { withCredentials: true });
-  source.onopen = function () { el.textContent = 'Live: values update as they arrive.'; el.className = 'live on'; };
-  source.onerror = function () { el.textContent = 'Live values unavailable; retrying.'; el.className = 'live off'; };
-  source.onmessage = function (event) {
+  if (!el || !window.EventSource || !window.fetch) return;
+  var token = el.dataset.token, ttl = Number(el.dataset.ttl) * 1000;
+  var source = null, timer = null, lastId = null;
+  function status(text, on) { el.textContent = text; el.className = on ? 'live on' : 'live off'; }
+  function later(ms, what) { clearTimeout(timer); timer = setTimeout(what, ms); }
+  function open() {
+    if (source) source.close();
+    var url = new URL(el.dataset.hub, window.location.href);
+    url.searchParams.append('topic', el.dataset.topic);
+    url.searchParams.append('authorization', token);
+    if (lastId) url.searchParams.append('lastEventID', lastId);
+    source = new EventSource(url.toString());
+    source.onopen = function () { status('Live: values update as they arrive.', true); };
+    source.onerror = function () {
+      status('Live values unavailable; retrying.', false);
+      if (source.readyState === EventSource.CLOSED) later(2000, renew);
+    };
+    source.onmessage = show;
+    later(ttl / 2, renew);
+  }
+  function renew() {
+    fetch(el.dataset.tokenUrl, { credentials: 'same-origin', redirect: 'error',
+                                 headers: { 'Accept': 'application/json' } })
+      .then(function (r) { if (!r.ok) throw new Error(r.status); return r.json(); })
+      .then(function (t) { token = t.token; ttl = t.expires_in * 1000; open(); })
+      .catch(function () {
+        if (source) source.close();
+        status('Live values stopped (logged out?); retrying.', false);
+        later(30000, renew);
+      });
+  }
+  function show(event) {
+    if (event.lastEventId) lastId = event.lastEventId;
     var update;
     try { update = JSON.parse(event.data); } catch (e) { return; }
     var time = update.time || update.ts;
@@ -98,7 +136,8 @@ pub const SCRIPT: &str = r#"(function () {
       void row.offsetWidth;
       row.classList.add('flash');
     });
-  };
+  }
+  open();
 })();"#;
 
 #[cfg(test)]
@@ -110,36 +149,28 @@ mod tests {
             hub_url: "http://127.0.0.1:8080/.well-known/mercure".into(),
             topic_base: "https://dataviz.local/".into(),
             subscriber_key: JwtKey::new("k"),
+            token_ttl: Duration::from_secs(300),
+            hub: None,
         }
     }
 
     #[test]
-    fn the_cookie_holds_a_token_for_the_device_topic_only() {
+    fn a_token_names_the_device_topic_only_and_the_session() {
         let c = config();
         let topic = c.device_topic(7, 12);
         assert_eq!(topic, "https://dataviz.local/gateways/7/devices/12");
-        let cookie = c.cookie(&topic, true);
-        assert!(cookie.starts_with("mercureAuthorization="), "{cookie}");
-        assert!(cookie.contains("; Path=/.well-known/mercure;"), "{cookie}");
-        assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"));
-        assert!(cookie.ends_with("; Secure"));
-        let token = cookie["mercureAuthorization=".len()..]
-            .split(';')
-            .next()
-            .unwrap();
-        let claims = jwt::verify(token, &JwtKey::new("k")).unwrap();
+        let claims = jwt::verify(&c.token(&topic, "abc"), &JwtKey::new("k")).unwrap();
         assert_eq!(claims.subscribe_selectors(), Some(&[topic][..]));
         assert_eq!(claims.publish_selectors(), None);
-        assert!(claims.exp.is_some());
-    }
-
-    #[test]
-    fn hub_paths() {
-        assert_eq!(
-            hub_path("http://h:1/.well-known/mercure?x"),
-            "/.well-known/mercure"
-        );
-        assert_eq!(hub_path("http://h:1"), "/");
-        assert_eq!(hub_path("/.well-known/mercure"), "/.well-known/mercure");
+        assert_eq!(claims.jti.as_deref(), Some("abc"));
+        let left = claims
+            .expires_at()
+            .unwrap()
+            .duration_since(SystemTime::now())
+            .unwrap();
+        assert!(left <= Duration::from_secs(300) && left > Duration::from_secs(290));
+        assert_eq!(token_path(12), "/devices/12/live-token");
+        assert_ne!(new_live_id(), new_live_id());
+        assert_eq!(new_live_id().len(), 32);
     }
 }

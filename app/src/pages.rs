@@ -27,6 +27,7 @@ pub fn routes() -> Router<AppState> {
         .route(paths::DEVICES, get(devices))
         .route("/devices/gateway/{id}", get(gateway_devices))
         .route("/devices/{id}", get(device))
+        .route("/devices/{id}/live-token", get(live_token))
         .route(paths::DEAD_LETTERS, get(dead_letters))
         .route("/dead-letters/{seq}", get(dead_letter))
         .fallback(not_found)
@@ -115,6 +116,9 @@ async fn login(session: AuthSession, Query(params): Params) -> Response {
     }
     let error = match params.get("error").map(String::as_str) {
         Some("invalid") => Some("Wrong email or password.".to_owned()),
+        Some("busy") => {
+            Some("Too many login attempts for now. Wait a few seconds and try again.".to_owned())
+        }
         Some(_) => Some("Please log in again.".to_owned()),
         None => server_fn_error(&params),
     };
@@ -243,6 +247,7 @@ async fn gateway_devices(
 
 async fn device(
     admin: Admin,
+    session: AuthSession,
     State(state): State<AppState>,
     Path(id): Path<i64>,
     Query(params): Params,
@@ -280,27 +285,63 @@ async fn device(
             ),
         })
         .collect();
-    let live = state.settings.live.as_ref().map(|live| {
-        let topic = live.device_topic(device.gateway_id, device.id);
-        let cookie = live.cookie(&topic, state.settings.secure_cookies);
-        (
-            Live {
+    let live = match &state.settings.live {
+        Some(live) => {
+            let topic = live.device_topic(device.gateway_id, device.id);
+            let token = live.token(&topic, &live_id(&session).await?);
+            Some(Live {
                 hub: live.hub_url.clone(),
                 topic,
-            },
-            cookie,
-        )
-    });
-    let (live, cookie) = match live {
-        Some((live, cookie)) => (Some(live), Some(cookie)),
-        None => (None, None),
+                token,
+                ttl: live.token_ttl.as_secs(),
+                token_url: crate::live::token_path(device.id),
+            })
+        }
+        None => None,
     };
-    let page = views::device(admin.0.email, device, tags, range, charts, live);
-    let mut response = page.into_response();
-    if let Some(cookie) = cookie.and_then(|c| c.parse().ok()) {
-        response.headers_mut().append(header::SET_COOKIE, cookie);
+    Ok(views::device(admin.0.email, device, tags, range, charts, live).into_response())
+}
+
+/// The session's live id (the `jti` of its live tokens), made at its first device page.
+async fn live_id(session: &AuthSession) -> Result<String, PageError> {
+    let store = &session.session;
+    if let Some(id) = store.get::<String>(crate::live::LIVE_ID).await? {
+        return Ok(id);
     }
-    Ok(response)
+    let id = crate::live::new_live_id();
+    store.insert(crate::live::LIVE_ID, &id).await?;
+    Ok(id)
+}
+
+/// A fresh live token for a device page that is still open: JSON `{"token", "expires_in"}`.
+/// Needs the admin session, like the page.
+async fn live_token(
+    _admin: Admin,
+    session: AuthSession,
+    State(state): State<AppState>,
+    Path(id): Path<i64>,
+) -> PageResult {
+    let Some(live) = &state.settings.live else {
+        return Ok((StatusCode::NOT_FOUND, "No live values here.\n").into_response());
+    };
+    let client = db(&state).await?;
+    let Some(device) = data::device(&client, id).await? else {
+        return Ok((StatusCode::NOT_FOUND, format!("There is no device {id}.\n")).into_response());
+    };
+    drop(client);
+    let topic = live.device_topic(device.gateway_id, device.id);
+    let body = serde_json::json!({
+        "token": live.token(&topic, &live_id(&session).await?),
+        "expires_in": live.token_ttl.as_secs(),
+    });
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        body.to_string(),
+    )
+        .into_response())
 }
 
 /// Dead letters shown on the list, at most.

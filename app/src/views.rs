@@ -354,11 +354,16 @@ pub struct TagChart {
     pub svg: String,
 }
 
-/// What the device page needs to go live: the hub and the topic.
+/// What the device page needs to go live: the hub, the topic, a token for it and where to
+/// renew it.
 #[derive(Debug, Clone)]
 pub struct Live {
     pub hub: String,
     pub topic: String,
+    pub token: String,
+    /// The token's life, in seconds.
+    pub ttl: u64,
+    pub token_url: String,
 }
 
 pub fn device(
@@ -404,7 +409,10 @@ pub fn device(
             .collect_view();
         let live = live.map(|live| {
             view! {
-                <p id="live" class="live" data-hub=live.hub data-topic=live.topic>"Live values need JavaScript."</p>
+                <p id="live" class="live" data-hub=live.hub data-topic=live.topic
+                    data-token=live.token data-ttl=live.ttl data-token-url=live.token_url>
+                    "Live values need JavaScript."
+                </p>
                 <script inner_html=crate::live::SCRIPT></script>
             }
         });

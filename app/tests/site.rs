@@ -106,6 +106,8 @@ impl Site {
             hub_url: format!("{ORIGIN}/.well-known/mercure"),
             topic_base: "https://dataviz.local".into(),
             subscriber_key: JwtKey::new("subscriber-key"),
+            token_ttl: config.live_token_ttl,
+            hub: None,
         };
         let state = AppState::new(pool, js.clone(), &config, Some(live));
         Site {
@@ -470,6 +472,109 @@ async fn login_sets_a_safe_cookie_and_logout_ends_the_session() {
     );
 }
 
+/// Logging in always gives a new session id, even over a session that already had a user
+/// (axum-login renews it only for a session without one): a session id planted in a browser
+/// before the login is worth nothing after it, and the old id opens nothing.
+#[tokio::test]
+async fn every_login_renews_the_session_id() {
+    let site = Site::start().await;
+    let user = site.login(USER).await;
+    let res = site
+        .post(
+            "/api/login",
+            &[("email", ADMIN), ("password", PASSWORD), ("next", "/")],
+            Some(&user),
+        )
+        .await;
+    assert_eq!(location(&res), "/");
+    let admin = session_cookie(&res).expect("a new session cookie at login");
+    assert_ne!(admin, user, "the session id was kept across the login");
+    assert_eq!(site.get("/", Some(&admin)).await.status(), StatusCode::OK);
+    let old = site.get("/", Some(&user)).await;
+    assert_eq!(
+        old.status(),
+        StatusCode::SEE_OTHER,
+        "the id from before the login opens nothing"
+    );
+}
+
+/// The attribute `name` of the `#live` element of a device page.
+fn live_attribute(page: &str, name: &str) -> String {
+    let live = page.split_once("id=\"live\"").expect("a #live element").1;
+    let value = live
+        .split_once(&format!("{name}=\""))
+        .unwrap_or_else(|| panic!("no {name} in {live}"))
+        .1;
+    value.split_once('"').unwrap().0.replace("&amp;", "&")
+}
+
+/// A device page carries a token of its own, for its device's topic only (no cookie shared by
+/// every page); the page renews it from its token URL with the admin session, and nothing
+/// else gets one there. Every token of a session has the session's live id as `jti`; a new
+/// login gives a new one.
+#[tokio::test]
+async fn live_tokens_are_per_page_renewed_with_the_session_only() {
+    let site = Site::start().await;
+    let admin = site.login(ADMIN).await;
+    let key = JwtKey::new("subscriber-key");
+    let res = site
+        .get(&format!("/devices/{}", site.device), Some(&admin))
+        .await;
+    assert!(
+        !set_cookies(&res)
+            .iter()
+            .any(|c| c.starts_with("mercureAuthorization")),
+        "no shared subscriber cookie"
+    );
+    let page = body(res).await;
+    let topic = format!("https://dataviz.local/gateways/7/devices/{}", site.device);
+    assert_eq!(live_attribute(&page, "data-topic"), topic);
+    let token = live_attribute(&page, "data-token");
+    let claims = dataviz_mercure::jwt::verify(&token, &key).expect("a valid token");
+    assert_eq!(claims.subscribe_selectors(), Some(&[topic.clone()][..]));
+    let live_id = claims.jti.clone().expect("a jti");
+    let ttl: u64 = live_attribute(&page, "data-ttl").parse().unwrap();
+    assert_eq!(ttl, AppConfig::default().live_token_ttl.as_secs());
+
+    let renew = live_attribute(&page, "data-token-url");
+    assert_eq!(renew, format!("/devices/{}/live-token", site.device));
+    let res = site.get(&renew, Some(&admin)).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()[header::CACHE_CONTROL], "no-store");
+    let fresh: serde_json::Value = serde_json::from_str(&body(res).await).unwrap();
+    assert_eq!(fresh["expires_in"], ttl);
+    let claims = dataviz_mercure::jwt::verify(fresh["token"].as_str().unwrap(), &key).unwrap();
+    assert_eq!(claims.subscribe_selectors(), Some(&[topic][..]));
+    assert_eq!(
+        claims.jti.as_deref(),
+        Some(live_id.as_str()),
+        "one live id per session"
+    );
+
+    // No token without the admin session.
+    let anonymous = site.get(&renew, None).await;
+    assert_eq!(anonymous.status(), StatusCode::SEE_OTHER);
+    let user = site.login(USER).await;
+    assert_eq!(
+        site.get(&renew, Some(&user)).await.status(),
+        StatusCode::FORBIDDEN
+    );
+    let missing = site.get("/devices/999999/live-token", Some(&admin)).await;
+    assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+
+    // Logged out: the old session renews nothing; a new login has a new live id.
+    site.post("/api/logout", &[], Some(&admin)).await;
+    assert_eq!(
+        site.get(&renew, Some(&admin)).await.status(),
+        StatusCode::SEE_OTHER
+    );
+    let again = site.login(ADMIN).await;
+    let res = site.get(&renew, Some(&again)).await;
+    let fresh: serde_json::Value = serde_json::from_str(&body(res).await).unwrap();
+    let claims = dataviz_mercure::jwt::verify(fresh["token"].as_str().unwrap(), &key).unwrap();
+    assert_ne!(claims.jti.as_deref(), Some(live_id.as_str()));
+}
+
 /// `next` after login, as an outsider would craft it: whatever it holds, the answer is a
 /// redirect that a browser resolves to a page of this site, never another site, and never a
 /// dropped connection. Browsers drop tabs and newlines from URLs and read `\` as `/`.
@@ -756,7 +861,7 @@ async fn gateways_are_created_edited_and_deleted_unless_devices_hang_on_them() {
 }
 
 #[tokio::test]
-async fn device_pages_list_search_and_show_tags_charts_and_live_cookie() {
+async fn device_pages_list_search_and_show_tags_charts_and_live_values() {
     let site = Site::start().await;
     let admin = site.login(ADMIN).await;
     let cookie = Some(admin.as_str());
@@ -794,14 +899,6 @@ async fn device_pages_list_search_and_show_tags_charts_and_live_cookie() {
 
     let res = site.get(&format!("/devices/{}", site.device), cookie).await;
     assert_eq!(res.status(), StatusCode::OK);
-    let mercure = set_cookies(&res)
-        .into_iter()
-        .find(|c| c.starts_with("mercureAuthorization="))
-        .expect("subscriber cookie");
-    assert!(
-        mercure.contains("Path=/.well-known/mercure") && mercure.contains("HttpOnly"),
-        "{mercure}"
-    );
     let page = body(res).await;
     assert!(page.contains("data-tag=\"AI.0\""), "{page}");
     assert!(

@@ -55,6 +55,9 @@ pub fn live_config(
             hub_url,
             topic_base: topic_base.to_owned(),
             subscriber_key: JwtKey::new(key.as_bytes()),
+            token_ttl: app.live_token_ttl,
+            // The hub is another process: a token outlives a logout by at most its life.
+            hub: None,
         })),
         None => anyhow::bail!(
             "MERCURE_PUBLIC_URL is set but no key to sign subscribers' tokens: set \

@@ -88,7 +88,7 @@ pub async fn run(args: BenchSiteArgs) -> anyhow::Result<()> {
     )
     .await?;
 
-    // The site, as `dataviz all` builds it (live values on: the device page signs a cookie).
+    // The site, as `dataviz all` builds it (live values on: the device page signs a token).
     let nats_client = async_nats::connect(nats.url()).await.context("NATS")?;
     let js = dataviz_core::config::jetstream(nats_client.clone());
     dataviz_core::streams::ensure(&nats_client, &js, &Default::default()).await?;
@@ -97,6 +97,8 @@ pub async fn run(args: BenchSiteArgs) -> anyhow::Result<()> {
         hub_url: dataviz_mercure::HUB_PATH.to_owned(),
         topic_base: dataviz_app::live::DEFAULT_TOPIC_BASE.to_owned(),
         subscriber_key: JwtKey::new("bench-site-subscriber-key-0123456789"),
+        token_ttl: dataviz_app::live::DEFAULT_TOKEN_TTL,
+        hub: None,
     };
     let site = dataviz_app::router(AppState::new(pool, js, &AppConfig::default(), Some(live)))
         .layer(axum::middleware::from_fn(server_timing));

@@ -382,6 +382,8 @@ pub async fn all(args: AllArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|| dataviz_mercure::HUB_PATH.to_owned()),
         topic_base: args.publisher.mercure_topic_base.clone(),
         subscriber_key: keys.subscriber.clone(),
+        token_ttl: args.app.live_token_ttl,
+        hub: Some(hub.clone()),
     };
     let site = dataviz_app::router(AppState::new(
         pool.clone(),

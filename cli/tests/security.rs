@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{Stack, spawn_logged};
+use common::{Stack, add_admin, http_request, spawn_logged};
 use dataviz_testkit::{NatsServer, free_port, wait_for_port};
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -260,90 +260,14 @@ fn path(p: &Path) -> String {
     p.display().to_string()
 }
 
-/// A raw HTTP/1.1 request on 127.0.0.1:`port` (an urlencoded form when `form` is given, with
-/// the site's own Origin); the status code and the response head.
-async fn http_request(
-    port: u16,
-    method: &str,
-    path: &str,
-    form: Option<&str>,
-    cookie: Option<&str>,
-) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .expect("the site listens");
-    let mut request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nOrigin: http://127.0.0.1:{port}\r\n\
-         Accept: text/html\r\nConnection: close\r\n"
-    );
-    if let Some(cookie) = cookie {
-        request.push_str(&format!("Cookie: {cookie}\r\n"));
-    }
-    let body = form.unwrap_or("");
-    if form.is_some() {
-        request.push_str(&format!(
-            "Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n",
-            body.len()
-        ));
-    }
-    request.push_str("\r\n");
-    request.push_str(body);
-    stream
-        .write_all(request.as_bytes())
-        .await
-        .expect("request sent");
-    let mut response = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut response))
-        .await
-        .expect("response within 10 s")
-        .expect("response read");
-    let response = String::from_utf8_lossy(&response).into_owned();
-    let head = response
-        .split_once("\r\n\r\n")
-        .map_or(response.as_str(), |(head, _)| head)
-        .to_owned();
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status in {head:?}"));
-    (status, head)
-}
-
-/// Creates an admin user with `dataviz user add EMAIL --admin`, the password on stdin.
-fn add_admin(env: &[(String, String)], password: &str) {
-    use std::io::Write;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dataviz"))
-        .args(["user", "add", ADMIN, "--admin"])
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("dataviz user add starts");
-    writeln!(child.stdin.take().expect("stdin"), "{password}").expect("password written");
-    let output = child.wait_with_output().expect("dataviz user add ends");
-    assert!(output.status.success(), "dataviz user add: {output:?}");
-    let printed = String::from_utf8_lossy(&output.stdout).into_owned()
-        + &String::from_utf8_lossy(&output.stderr);
-    assert!(
-        !printed.contains(password),
-        "dataviz user add printed the password: {printed}"
-    );
-}
-
 /// `ADMIN` fails to log in with `wrong`, logs in with `password` over plain HTTP (the site's
 /// own Origin), and opens a page with the session; the session cookie's value.
 async fn admin_logs_in(port: u16, wrong: &str, password: &str) -> String {
     let form = |password: &str| format!("email=admin%40example.com&password={password}&next=%2F");
-    let (status, head) = http_request(port, "POST", "/api/login", Some(&form(wrong)), None).await;
+    let (status, head) = http_request(port, "POST", "/api/login", Some(&form(wrong)), &[]).await;
     assert!(status == 302 || status == 303, "{head}");
     assert!(head.contains("/login?error"), "{head}");
-    let (status, head) =
-        http_request(port, "POST", "/api/login", Some(&form(password)), None).await;
+    let (status, head) = http_request(port, "POST", "/api/login", Some(&form(password)), &[]).await;
     assert!(status == 302 || status == 303, "{head}");
     let session = head
         .lines()
@@ -357,7 +281,7 @@ async fn admin_logs_in(port: u16, wrong: &str, password: &str) -> String {
         .unwrap_or_else(|| panic!("no session cookie: {head}"))
         .to_owned();
     let cookie = format!("dataviz_session={session}");
-    let (status, head) = http_request(port, "GET", "/devices", None, Some(&cookie)).await;
+    let (status, head) = http_request(port, "GET", "/devices", None, &[("Cookie", &cookie)]).await;
     assert_eq!(status, 200, "{head}");
     session
 }
@@ -712,7 +636,7 @@ async fn no_password_or_key_appears_in_any_log_line_at_debug_level() {
     }
     stack.wait_for_count(ROWS, 3, Duration::from_secs(20)).await;
     // An admin logs in to the site (after a wrong password), then uses the session.
-    add_admin(&env(mqtt_password, nats_password), admin_password);
+    add_admin(&env(mqtt_password, nats_password), ADMIN, admin_password);
     let _session = admin_logs_in(app_port, wrong_admin, admin_password).await;
     all.kill();
 
@@ -799,7 +723,7 @@ async fn the_admin_session_appears_in_no_log_line_at_debug_level() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    add_admin(&env, "admin-password-0f3b");
+    add_admin(&env, ADMIN, "admin-password-0f3b");
     let session = admin_logs_in(app_port, "wrong-password-77aa", "admin-password-0f3b").await;
     all.kill();
     let log = all.log();

@@ -33,7 +33,8 @@
 //! The JWT comes from the `Authorization: Bearer` header, else the `authorization` query
 //! parameter, else the `mercureAuthorization` cookie; publishing with the cookie also needs an
 //! `Origin` (or `Referer`) listed in the publish origins. Any refusal is 401, as in the
-//! reference. A subscription ends when its JWT expires.
+//! reference. A subscription ends when its JWT expires, or when its JWT's `jti` is revoked
+//! ([`Hub::revoke`]: the admin site of the same process revokes a session's tokens at logout).
 
 use crate::config::HubConfig;
 use crate::config::KeyError;
@@ -105,6 +106,10 @@ struct HubInner {
     log: Mutex<Log>,
     /// Fired by [`Hub::close`]: every subscription ends, so that a server can stop.
     closed: CancellationToken,
+    /// Revoked token ids, each until the expiry of the tokens it names.
+    revoked: Mutex<HashMap<String, SystemTime>>,
+    /// Bumped at each revocation: running subscriptions check whether it names them.
+    revocations: tokio::sync::watch::Sender<u64>,
 }
 
 struct Log {
@@ -158,6 +163,8 @@ impl Hub {
                     sender: broadcast::channel(CHANNEL_CAPACITY).0,
                 }),
                 closed: CancellationToken::new(),
+                revoked: Mutex::new(HashMap::new()),
+                revocations: tokio::sync::watch::Sender::new(0),
             }),
         })
     }
@@ -227,6 +234,27 @@ impl Hub {
         // No receiver is not an error: nobody is subscribed.
         let _ = log.sender.send(update);
         Ok(id)
+    }
+
+    /// Refuses the tokens whose `jti` is `jti` until `until` (their expiry), and ends the
+    /// subscriptions opened with them.
+    pub fn revoke(&self, jti: &str, until: SystemTime) {
+        {
+            let mut revoked = self.inner.revoked.lock().unwrap_or_else(|e| e.into_inner());
+            let now = SystemTime::now();
+            // Tokens past their expiry are refused anyway: forget them.
+            revoked.retain(|_, until| *until > now);
+            revoked.insert(jti.to_owned(), until);
+        }
+        self.inner.revocations.send_modify(|n| *n += 1);
+        tracing::info!(jti, "subscriber tokens revoked");
+    }
+
+    fn is_revoked(&self, jti: &str) -> bool {
+        let revoked = self.inner.revoked.lock().unwrap_or_else(|e| e.into_inner());
+        revoked
+            .get(jti)
+            .is_some_and(|until| *until > SystemTime::now())
     }
 
     /// Ends every subscription (a server's graceful shutdown waits for open responses).
@@ -549,6 +577,9 @@ async fn subscribe(
     let query = query_pairs(query.as_deref());
     let claims = match hub.authorize(&method, &headers, &query, &hub.inner.subscriber_key) {
         Ok(None) if !hub.inner.anonymous => return unauthorized("anonymous subscriber"),
+        Ok(Some(claims)) if claims.jti.as_deref().is_some_and(|j| hub.is_revoked(j)) => {
+            return unauthorized("revoked token");
+        }
         Ok(claims) => claims,
         Err(e) => return unauthorized(e),
     };
@@ -639,22 +670,40 @@ async fn subscribe(
     } = prepared;
 
     let expires = claims.as_ref().and_then(Claims::expires_at);
+    let jti = claims.as_ref().and_then(|c| c.jti.clone());
     let events = subscription_events(sub, backlog, receiver, slot);
-    // Ends at the JWT's expiry and when the hub closes.
+    // Ends at the JWT's expiry, at its revocation and when the hub closes.
     let until = {
         let closed = hub.inner.closed.clone();
+        let mut revocations = hub.inner.revocations.subscribe();
+        let hub = hub.clone();
         async move {
-            match expires {
-                Some(at) => {
-                    let left = at
-                        .duration_since(SystemTime::now())
-                        .unwrap_or(Duration::ZERO);
-                    tokio::select! {
-                        _ = tokio::time::sleep(left) => {},
-                        _ = closed.cancelled() => {},
+            let expiry = async {
+                match expires {
+                    Some(at) => {
+                        let left = at
+                            .duration_since(SystemTime::now())
+                            .unwrap_or(Duration::ZERO);
+                        tokio::time::sleep(left).await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            let revoked = async {
+                let Some(jti) = jti else {
+                    return std::future::pending().await;
+                };
+                while revocations.changed().await.is_ok() {
+                    if hub.is_revoked(&jti) {
+                        return;
                     }
                 }
-                None => closed.cancelled().await,
+                std::future::pending().await
+            };
+            tokio::select! {
+                _ = expiry => {},
+                _ = revoked => {},
+                _ = closed.cancelled() => {},
             }
         }
     };

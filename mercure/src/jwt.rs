@@ -65,6 +65,9 @@ pub struct Claims {
     /// Expiry, seconds since the epoch. A subscription ends at this instant.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exp: Option<u64>,
+    /// The token's id: what [`crate::Hub::revoke`] names to refuse it before its expiry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jti: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mercure: Option<MercureClaim>,
     /// The same claim under its namespaced name; wins over `mercure` when present.
@@ -85,7 +88,7 @@ impl Claims {
                 publish: Some(selectors),
                 ..Default::default()
             }),
-            mercure_namespaced: None,
+            ..Default::default()
         }
     }
 
@@ -97,7 +100,7 @@ impl Claims {
                 subscribe: Some(selectors),
                 ..Default::default()
             }),
-            mercure_namespaced: None,
+            ..Default::default()
         }
     }
 

@@ -881,6 +881,54 @@ async fn subscriptions_end_when_the_token_expires() {
     );
 }
 
+/// Revoking a token id ends the subscriptions opened with it at once and refuses it from then
+/// on; a token with another id, or none, is untouched.
+#[tokio::test]
+async fn revoked_tokens_end_their_subscriptions_and_are_refused() {
+    let served = serve(config()).await;
+    let token = |jti: &str| {
+        jwt::sign(
+            &Claims {
+                jti: Some(jti.to_owned()),
+                ..Claims::subscriber(vec!["*".into()], Some(Duration::from_secs(600)))
+            },
+            &JwtKey::new(SUBSCRIBER_KEY),
+        )
+    };
+    let mut revoked = subscribe(&served.url, &["t"], Some(token("session-a"))).await;
+    let mut other = subscribe(&served.url, &["t"], Some(token("session-b"))).await;
+    let mut plain = subscribe(&served.url, &["t"], Some(subscriber_token(&["*"], None))).await;
+    served.hub.publish(update(&["t"], "before", "x")).unwrap();
+    for stream in [&mut revoked, &mut other, &mut plain] {
+        assert_eq!(ids(&collect(stream, 1).await), ["before"]);
+    }
+    served.hub.revoke(
+        "session-a",
+        std::time::SystemTime::now() + Duration::from_secs(600),
+    );
+    let ended = tokio::time::timeout(WAIT, async {
+        while let Ok(Some(_)) = revoked.next().await {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the revoked subscription is still open");
+    served.hub.publish(update(&["t"], "after", "x")).unwrap();
+    assert_eq!(ids(&collect(&mut other, 1).await), ["after"]);
+    assert_eq!(ids(&collect(&mut plain, 1).await), ["after"]);
+    let again = EventStream::connect(
+        &served.url,
+        &SubscribeRequest {
+            topics: vec!["t".into()],
+            token: Some(token("session-a")),
+            last_event_id: None,
+        },
+    )
+    .await;
+    assert_eq!(
+        again.err().and_then(|e| e.status()),
+        Some(reqwest::StatusCode::UNAUTHORIZED)
+    );
+}
+
 #[tokio::test]
 async fn stopping_the_server_ends_subscriptions() {
     let served = serve(config()).await;

@@ -430,6 +430,17 @@ impl LoggedRole {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// The process's peak resident memory so far (`VmHWM`), in KiB.
+    pub fn peak_memory_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("/proc status of the process");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM in /proc status")
+    }
+
     /// SIGKILL, then waits until everything it wrote has been read.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -545,5 +556,80 @@ pub async fn assert_every_numbered_message_once(db: &TestDb, messages: i64, time
         .await,
         0,
         "no reading stored twice"
+    );
+}
+
+/// A raw HTTP/1.1 request on 127.0.0.1:`port` (an urlencoded form when `form` is given, with
+/// the site's own Origin), with `headers` besides; the status code and the response head.
+pub async fn http_request(
+    port: u16,
+    method: &str,
+    path: &str,
+    form: Option<&str>,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("the site listens");
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nOrigin: http://127.0.0.1:{port}\r\n\
+         Accept: text/html\r\nConnection: close\r\n"
+    );
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    let body = form.unwrap_or("");
+    if form.is_some() {
+        request.push_str(&format!(
+            "Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    request.push_str("\r\n");
+    request.push_str(body);
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .expect("request sent");
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut response))
+        .await
+        .expect("response within 10 s")
+        .expect("response read");
+    let response = String::from_utf8_lossy(&response).into_owned();
+    let head = response
+        .split_once("\r\n\r\n")
+        .map_or(response.as_str(), |(head, _)| head)
+        .to_owned();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {head:?}"));
+    (status, head)
+}
+
+/// Creates an admin user with `dataviz user add EMAIL --admin`, the password on stdin.
+pub fn add_admin(env: &[(String, String)], email: &str, password: &str) {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dataviz"))
+        .args(["user", "add", email, "--admin"])
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("dataviz user add starts");
+    writeln!(child.stdin.take().expect("stdin"), "{password}").expect("password written");
+    let output = child.wait_with_output().expect("dataviz user add ends");
+    assert!(output.status.success(), "dataviz user add: {output:?}");
+    let printed = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !printed.contains(password),
+        "dataviz user add printed the password: {printed}"
     );
 }
