@@ -1,12 +1,14 @@
 //! Security of the transport and of the logs, against real servers and the `dataviz` binary:
-//! MQTT (Mosquitto) and NATS over TLS with credentials, certificates made at test time; wrong
-//! credentials refused with a clear log line and nothing ingested; no password or key in any
-//! log line, even at `RUST_LOG=debug`.
+//! MQTT (Mosquitto), NATS and PostgreSQL over TLS, certificates made at test time; wrong
+//! credentials or certificates refused with a clear log line and nothing ingested; no password or
+//! key in any log line, even at `RUST_LOG=debug`.
 
 mod common;
 
 use common::{Stack, add_admin, http_request, spawn_logged};
-use dataviz_testkit::{NatsServer, free_port, wait_for_port};
+use dataviz_testkit::{
+    NatsServer, PostgresConfig, PostgresServer, TestDb, free_port, wait_for_port,
+};
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose,
@@ -252,6 +254,21 @@ fn tls_nats(pki: &Pki, user: &str, password: &str) -> NatsServer {
     ))
 }
 
+/// A PostgreSQL server of the test's own with TLS (certificate of `pki`) and `hostssl` rules
+/// only: a connection without TLS is refused, whoever makes it.
+fn tls_postgres(pki: &Pki) -> PostgresServer {
+    let read = |p: &Path| std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    PostgresServer::start_with(
+        PostgresConfig::default()
+            .file("server.crt", read(&pki.cert))
+            .file("server.key", read(&pki.key))
+            .setting("ssl", "on")
+            .setting("ssl_cert_file", "server.crt")
+            .setting("ssl_key_file", "server.key")
+            .hba("hostssl all all 127.0.0.1/32 trust\n"),
+    )
+}
+
 fn tls_url(nats: &NatsServer) -> String {
     format!("tls://127.0.0.1:{}", nats.port())
 }
@@ -484,6 +501,162 @@ async fn nats_over_tls_with_credentials_carries_messages_and_a_wrong_password_is
         "no retry after the refusal:\n{}",
         wrong.log()
     );
+}
+
+/// PostgreSQL over TLS. The server takes TLS only (`hostssl`), with a certificate for 127.0.0.1
+/// from a CA made here. `dataviz all` with `sslmode=verify-full&sslrootcert=<the CA>` stores a
+/// message, over connections that are all TLS (`pg_stat_ssl`). `sslmode=disable` is refused by
+/// the server, and a CA that did not sign the server's certificate by the client, each with a
+/// clear message; `verify-full` checks the host name where `verify-ca` does not, and `require`
+/// alone encrypts without checking anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_over_tls_verifies_the_server_and_refuses_plain_connections_and_unknown_cas() {
+    let pki = Pki::new();
+    let server = tls_postgres(&pki);
+    // The fixtures' own connections: TLS, no certificate checked.
+    let db = TestDb::create_on(format!("{}?sslmode=require", server.url())).await;
+    let (port, name) = (server.port(), db.name().to_owned());
+    let url_on =
+        |host: &str, query: &str| format!("postgres://postgres@{host}:{port}/{name}?{query}");
+    let url = |query: &str| url_on("127.0.0.1", query);
+    let ca = path(&pki.ca);
+    // The application name tells the roles' connections from the fixtures'.
+    let verified = url(&format!(
+        "sslmode=verify-full&sslrootcert={ca}&application_name=dataviz-tls"
+    ));
+
+    let stack = Stack::start_with_db(db).await;
+    stack.create_gateway(21).await;
+    let mut all = spawn_logged("all", &stack.env(), &[("DATABASE_URL", &verified)]);
+    let mut mqtt = common::Publisher::connect(stack.mosquitto.port()).await;
+    mqtt.publish("gateways/21/plc-1", MESSAGE).await;
+    mqtt.wait_acked(Duration::from_secs(10)).await;
+    stack.wait_for_count(ROWS, 1, Duration::from_secs(30)).await;
+
+    // The same code path as the roles: this connection is TLS, and so are the roles' own.
+    let client = dataviz_core::db::connect(&verified)
+        .await
+        .expect("verify-full with the server's CA");
+    let row = client
+        .query_one(
+            "SELECT ssl, version FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(row.get::<_, bool>(0), "not TLS");
+    eprintln!("dataviz_core::db::connect: {}", row.get::<_, String>(1));
+    let (tls, plain): (i64, i64) = client
+        .query_one(
+            "SELECT count(*) FILTER (WHERE s.ssl), count(*) FILTER (WHERE NOT s.ssl)
+             FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid)
+             WHERE a.application_name = 'dataviz-tls' AND a.pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert!(tls > 0, "no connection of the roles");
+    assert_eq!(plain, 0);
+    assert!(all.is_running(), "{}", all.log());
+
+    // Plain: the server refuses it (hostssl only), and says why.
+    let err = dataviz_core::db::connect(&url("sslmode=disable"))
+        .await
+        .map(|_| ())
+        .expect_err("plain connection accepted");
+    let message = format!("{err:#}");
+    eprintln!("sslmode=disable: {message}");
+    assert!(
+        message.starts_with("connecting to DATABASE_URL"),
+        "{message}"
+    );
+    assert!(message.contains("no pg_hba.conf entry"), "{message}");
+    assert!(message.contains("no encryption"), "{message}");
+    let mut plain_role = spawn_logged(
+        "migrate",
+        &stack.env(),
+        &[("DATABASE_URL", &url("sslmode=disable"))],
+    );
+    let code = plain_role.wait_exit(Duration::from_secs(30)).await;
+    assert!(matches!(code, Some(Some(c)) if c != 0), "{code:?}");
+    eprintln!(
+        "dataviz migrate, sslmode=disable: {}",
+        plain_role.log().trim()
+    );
+    assert!(
+        plain_role.log().contains("no encryption"),
+        "{}",
+        plain_role.log()
+    );
+
+    // A CA that did not sign the server's certificate: the client refuses the server, under
+    // verify-full and under require with that CA (libpq's verify-ca).
+    let other = Pki::new();
+    let other_ca = path(&other.ca);
+    for query in [
+        format!("sslmode=verify-full&sslrootcert={other_ca}"),
+        format!("sslmode=require&sslrootcert={other_ca}"),
+    ] {
+        let err = dataviz_core::db::connect(&url(&query))
+            .await
+            .map(|_| ())
+            .expect_err("server signed by another CA accepted");
+        let message = format!("{err:#}");
+        eprintln!("{query}: {message}");
+        // Both test CAs have the same name: the other CA is taken for the issuer and its
+        // signature does not match (BadSignature); a CA of another name says UnknownIssuer.
+        assert!(message.contains("invalid peer certificate"), "{message}");
+    }
+    let mut untrusted = spawn_logged(
+        "migrate",
+        &stack.env(),
+        &[(
+            "DATABASE_URL",
+            &url(&format!("sslmode=verify-full&sslrootcert={other_ca}")),
+        )],
+    );
+    let code = untrusted.wait_exit(Duration::from_secs(30)).await;
+    assert!(matches!(code, Some(Some(c)) if c != 0), "{code:?}");
+    assert!(
+        untrusted.log().contains("invalid peer certificate"),
+        "{}",
+        untrusted.log()
+    );
+    eprintln!("dataviz migrate, another CA: {}", untrusted.log().trim());
+
+    // The certificate is for 127.0.0.1: reached as "localhost", verify-full refuses it and
+    // verify-ca (the CA only) accepts it.
+    let by_name = |mode: &str| {
+        url_on(
+            "localhost",
+            &format!("hostaddr=127.0.0.1&sslmode={mode}&sslrootcert={ca}"),
+        )
+    };
+    let err = dataviz_core::db::connect(&by_name("verify-full"))
+        .await
+        .map(|_| ())
+        .expect_err("a certificate for another name accepted");
+    let message = format!("{err:#}");
+    eprintln!("verify-full as localhost: {message}");
+    assert!(message.contains("not valid for name"), "{message}");
+    dataviz_core::db::connect(&by_name("verify-ca"))
+        .await
+        .expect("verify-ca checks the CA only");
+
+    // require alone: encrypted, nothing checked (libpq's behaviour).
+    let client = dataviz_core::db::connect(&url("sslmode=require"))
+        .await
+        .expect("require without sslrootcert");
+    let ssl: bool = client
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(ssl);
 }
 
 /// Mutual TLS and a token: the server requires a client certificate signed by its CA

@@ -132,6 +132,8 @@ pub fn jetstream(client: async_nats::Client) -> jetstream::Context {
 #[derive(Debug, Clone, clap::Args)]
 pub struct DatabaseConfig {
     /// PostgreSQL URL (Symfony's `serverVersion` and `charset` parameters are accepted and ignored).
+    /// TLS: `sslmode` (disable, prefer: the default, require, verify-ca, verify-full) and
+    /// `sslrootcert` (the CA certificates, PEM; `system` for the system's) in its query.
     #[arg(
         long,
         env = "DATABASE_URL",

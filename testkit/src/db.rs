@@ -1,12 +1,17 @@
 //! [`TestDb`]: a throwaway database on a real PostgreSQL server.
 
-use tokio_postgres::NoTls;
+use std::sync::Arc;
 
 const DEFAULT_ADMIN_URL: &str = "postgres://root@127.0.0.1:5432/postgres";
 
 /// A new, empty database `dataviz_test_<uuid v7>` on the server of `DATAVIZ_TEST_DATABASE_URL`
 /// (default `postgres://root@127.0.0.1:5432/postgres`). Dropping it drops the database, closing
 /// any connection still open to it. Run the migrations yourself (`dataviz_core::db::migrate`).
+///
+/// The fixture's own connections follow the URL's `sslmode` as tokio-postgres reads it
+/// (`disable`, `prefer`, the default: TLS when the server offers it, `require`) and check no
+/// certificate: they only ever talk to test servers. [`url`](Self::url) keeps the admin URL's
+/// query, so a server that takes TLS only is reached with `?sslmode=require`.
 pub struct TestDb {
     admin_url: String,
     name: String,
@@ -92,11 +97,74 @@ impl Drop for TestDb {
 }
 
 async fn connect(url: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    let (client, connection) = tokio_postgres::connect(url, NoTls).await?;
+    let (client, connection) = tokio_postgres::connect(url, any_certificate()).await?;
     tokio::spawn(async move {
         let _ = connection.await;
     });
     Ok(client)
+}
+
+/// TLS that accepts any server certificate (the handshake signature is still checked), with
+/// ring named as the provider so that no process default is needed. The product's connections
+/// verify certificates as `sslmode` says (`dataviz_core::db`); this crate depends on none of the
+/// project's crates, so it has its own few lines.
+fn any_certificate() -> tokio_postgres_rustls::MakeRustlsConnect {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default TLS versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+        .with_no_client_auth();
+    tokio_postgres_rustls::MakeRustlsConnect::new(config)
+}
+
+#[derive(Debug)]
+struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
 }
 
 /// Replaces the database name in a `postgres://user@host:port/dbname?params` URL.

@@ -20,6 +20,8 @@
 //!   directory, a free loopback port, trust authentication, `fsync` on), for tests that crash
 //!   it: `kill()` SIGKILLs the postmaster, `restart()` recovers from the WAL. Its `url()` is an
 //!   admin URL for [`TestDb::create_on`]. Run as the `postgres` user when the tests run as root.
+//!   [`PostgresServer::start_with`] adds settings, files and a `pg_hba.conf` ([`PostgresConfig`]),
+//!   e.g. TLS only.
 //! - [`free_port`] and [`wait_for_port`]: the helpers the fixtures use, for tests that start
 //!   something of their own.
 //!
@@ -47,7 +49,7 @@ pub use mosquitto::Mosquitto;
 pub use mqtt::Publisher;
 pub use nats::NatsServer;
 pub use net::{free_port, wait_for_port};
-pub use postgres::PostgresServer;
+pub use postgres::{PostgresConfig, PostgresServer};
 
 /// The workspace root (where `Cargo.toml`, `mosquitto/` and `.local/` live).
 pub fn workspace_root() -> std::path::PathBuf {

@@ -35,20 +35,75 @@ const RESTART_TIMEOUT: Duration = Duration::from_secs(30);
 /// deletes the directory. After a [`kill`](Self::kill) with no restart, the killed server's
 /// backends exit on their own once they notice their postmaster is gone.
 ///
+/// [`start_with`](Self::start_with) adds settings, files and a `pg_hba.conf` of the test's
+/// choosing (e.g. TLS only): see [`PostgresConfig`].
+///
 /// [`TestDb`]: crate::TestDb
 pub struct PostgresServer {
     bindir: PathBuf,
     port: u16,
+    config: PostgresConfig,
     /// The `postgres` user's uid and gid when the tests run as root.
     run_as: Option<(u32, u32)>,
     dir: TempDir,
     process: ServerProcess,
 }
 
+/// What a test adds to a [`PostgresServer`]: settings, files in the data directory, and the
+/// client authentication rules.
+///
+/// ```no_run
+/// # let (cert_pem, key_pem) = (Vec::new(), Vec::new());
+/// // TLS only: plain TCP connections are refused.
+/// let server = dataviz_testkit::PostgresServer::start_with(
+///     dataviz_testkit::PostgresConfig::default()
+///         .file("server.crt", cert_pem)
+///         .file("server.key", key_pem)
+///         .setting("ssl", "on")
+///         .setting("ssl_cert_file", "server.crt")
+///         .setting("ssl_key_file", "server.key")
+///         .hba("hostssl all all 127.0.0.1/32 trust\n"),
+/// );
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct PostgresConfig {
+    settings: Vec<(String, String)>,
+    files: Vec<(String, Vec<u8>)>,
+    hba: Option<String>,
+}
+
+impl PostgresConfig {
+    /// A `-c name=value` on the server's command line, at every start.
+    pub fn setting(mut self, name: &str, value: &str) -> Self {
+        self.settings.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// A file written into the data directory after `initdb`, owned by the server's user with
+    /// mode 0600 (PostgreSQL refuses a private key others can read). Settings name it by its
+    /// bare name: PostgreSQL reads relative paths from the data directory.
+    pub fn file(mut self, name: &str, contents: impl Into<Vec<u8>>) -> Self {
+        self.files.push((name.to_owned(), contents.into()));
+        self
+    }
+
+    /// The whole `pg_hba.conf`, instead of initdb's (trust for every local connection).
+    pub fn hba(mut self, rules: &str) -> Self {
+        self.hba = Some(rules.to_owned());
+        self
+    }
+}
+
 impl PostgresServer {
     /// Runs `initdb` and starts the server; blocks until it accepts connections. Panics, naming
     /// the fix, when the PostgreSQL binaries cannot be found or `initdb` fails.
     pub fn start() -> Self {
+        Self::start_with(PostgresConfig::default())
+    }
+
+    /// [`start`](Self::start), with `config`'s files and `pg_hba.conf` in place before the
+    /// first start and its settings at every start (restarts included).
+    pub fn start_with(config: PostgresConfig) -> Self {
         let bindir = pg_bindir().to_path_buf();
         let run_as = run_as();
         let dir = tempfile::Builder::new()
@@ -67,11 +122,13 @@ impl PostgresServer {
         let server = Self {
             bindir,
             port: 0,
+            config,
             run_as,
             dir,
             process,
         };
         server.initdb();
+        server.write_config_files();
         server.first_launch()
     }
 
@@ -193,6 +250,31 @@ impl PostgresServer {
         );
     }
 
+    /// The config's files and `pg_hba.conf`, into the data directory, the server's own, 0600.
+    fn write_config_files(&self) {
+        use std::os::unix::fs::PermissionsExt;
+        let hba = self
+            .config
+            .hba
+            .as_ref()
+            .map(|h| ("pg_hba.conf", h.as_bytes()));
+        let files = self
+            .config
+            .files
+            .iter()
+            .map(|(n, c)| (n.as_str(), c.as_slice()));
+        for (name, contents) in files.chain(hba) {
+            let path = self.data_dir().join(name);
+            std::fs::write(&path, contents)
+                .and_then(|()| std::fs::set_permissions(&path, PermissionsExt::from_mode(0o600)))
+                .and_then(|()| match self.run_as {
+                    Some((uid, gid)) => std::os::unix::fs::chown(&path, Some(uid), Some(gid)),
+                    None => Ok(()),
+                })
+                .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+        }
+    }
+
     fn launch(&mut self) -> Result<(), String> {
         let mut command = self.command("postgres");
         command
@@ -211,6 +293,9 @@ impl PostgresServer {
             .args(["-c", "fsync=on"])
             .args(["-c", "synchronous_commit=on"])
             .args(["-c", "full_page_writes=on"]);
+        for (name, value) in &self.config.settings {
+            command.arg("-c").arg(format!("{name}={value}"));
+        }
         let isready = self.bindir.join("pg_isready");
         let port = self.port.to_string();
         // Ready when it accepts connections: after crash recovery, not when the port opens.
@@ -344,6 +429,35 @@ mod tests {
         assert_eq!(passwd_ids(passwd, "postgres"), Some((101, 104)));
         assert_eq!(passwd_ids(passwd, "root"), Some((0, 0)));
         assert_eq!(passwd_ids(passwd, "post"), None);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn starts_with_the_settings_files_and_hba_rules_given() {
+        let server = PostgresServer::start_with(
+            PostgresConfig::default()
+                .setting("work_mem", "7MB")
+                .file("note.txt", "written before the start")
+                .hba("# one rule\nhost all postgres 127.0.0.1/32 trust\n"),
+        );
+        let db = TestDb::create_on(server.url()).await;
+        let client = db.connect().await;
+        let row = client
+            .query_one(
+                "SELECT current_setting('work_mem'), pg_read_file('note.txt'),
+                        (pg_stat_file('note.txt')).size,
+                        (SELECT count(*) FROM pg_hba_file_rules)",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, String>(0), "7MB");
+        assert_eq!(row.get::<_, String>(1), "written before the start");
+        assert_eq!(row.get::<_, i64>(3), 1, "initdb's rules replaced");
+        let mode = std::fs::metadata(server.data_dir().join("note.txt"))
+            .unwrap()
+            .permissions();
+        use std::os::unix::fs::PermissionsExt as _;
+        assert_eq!(mode.mode() & 0o777, 0o600);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
