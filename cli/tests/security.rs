@@ -906,3 +906,135 @@ async fn the_admin_session_appears_in_no_log_line_at_debug_level() {
         "the session or the hash logged: {found:#?}"
     );
 }
+
+/// Whether the broker let a client in: the CONNACK, or the refusal.
+async fn broker_answer(options: MqttOptions) -> Result<(), String> {
+    let (client, mut eventloop) = AsyncClient::new(options, 10);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let answer = loop {
+        match tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => break Ok(()),
+            Ok(Ok(_)) | Err(_) => {}
+            Ok(Err(e)) => break Err(e.to_string()),
+        }
+        assert!(Instant::now() < deadline, "no answer from the broker");
+    };
+    client.disconnect().await.ok();
+    let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
+    answer
+}
+
+/// The broker as the project configures it (mosquitto.conf and mosquitto/acl as they are):
+/// an anonymous client is refused; the bridge reads with its own credentials; a gateway's
+/// credentials publish under its own id only (a message for another gateway is dropped) and
+/// read nothing; and a gateway connecting with the bridge's client id does not take
+/// over the bridge's session (the client id is the username).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_refuses_anonymous_clients_and_confines_each_gateway() {
+    let stack = Stack::start().await;
+    stack.create_gateway(7).await;
+    stack.create_gateway(8).await;
+    let broker = dataviz_testkit::Mosquitto::start_with_users(&[
+        ("dataviz-bridge", "bridge-password-1c2d"),
+        ("7", "gateway-7-password"),
+        ("8", "gateway-8-password"),
+    ]);
+    let gateway = |id: &str, user: &str, password: &str| {
+        let mut options = MqttOptions::new(id, "127.0.0.1", broker.port());
+        options.set_credentials(user, password);
+        options
+    };
+
+    let anonymous = MqttOptions::new("anonymous-device", "127.0.0.1", broker.port());
+    let refused = broker_answer(anonymous).await;
+    assert!(
+        refused.as_ref().is_err_and(|e| e.contains("NotAuthorized")),
+        "{refused:?}"
+    );
+    let wrong = broker_answer(gateway("d", "7", "not-the-password")).await;
+    assert!(wrong.is_err(), "{wrong:?}");
+
+    // The bridge's persistent session, as its first run opens it: from then on the broker
+    // queues what gateways publish.
+    let mut bridge = gateway("dataviz-bridge", "dataviz-bridge", "bridge-password-1c2d");
+    bridge.set_clean_session(false);
+    mqtt_exchange(bridge, Some("gateways/+/+"), None).await;
+
+    let ops = free_port();
+    let ops_addr = format!("127.0.0.1:{ops}");
+    let port = broker.port().to_string();
+    let all = spawn_logged(
+        "all",
+        &stack.env(),
+        &[
+            ("MQTT_PORT", &port),
+            ("MQTT_USERNAME", "dataviz-bridge"),
+            ("MQTT_PASSWORD", "bridge-password-1c2d"),
+            ("HTTP_ADDR", &ops_addr),
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !matches!(common::http_get(ops, "/readyz").await, Some((200, _))) {
+        assert!(Instant::now() < deadline, "not ready:\n{}", all.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A gateway's own topic is carried; another gateway's is not.
+    let seven = || gateway("plc-line-7", "7", "gateway-7-password");
+    mqtt_exchange(seven(), None, Some(("gateways/8/forged", MESSAGE))).await;
+    mqtt_exchange(seven(), None, Some(("gateways/7/plc-1", MESSAGE))).await;
+    stack.wait_for_count(ROWS, 1, Duration::from_secs(20)).await;
+    // Gateway 8 publishes for itself after the forged message: once its row is in, the forged
+    // one would be too had the broker passed it.
+    let eight = gateway("plc-line-8", "8", "gateway-8-password");
+    mqtt_exchange(eight, None, Some(("gateways/8/plc-2", MESSAGE))).await;
+    stack.wait_for_count(ROWS, 2, Duration::from_secs(20)).await;
+    assert_eq!(
+        stack
+            .count("SELECT count(*) FROM device WHERE code = 'forged'")
+            .await,
+        0,
+        "gateway 7 published for gateway 8"
+    );
+
+    // A gateway reads nothing: Mosquitto grants the subscription, and delivers nothing on it.
+    let (listener, mut events) = AsyncClient::new(seven(), 10);
+    listener
+        .subscribe("gateways/#", QoS::AtLeastOnce)
+        .await
+        .expect("subscribe queued");
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), events.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => break,
+            Ok(Ok(_)) => {}
+            other => panic!("no SUBACK: {other:?}"),
+        }
+    }
+    let eight = gateway("plc-line-8", "8", "gateway-8-password");
+    mqtt_exchange(eight, None, Some(("gateways/8/plc-4", MESSAGE))).await;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while let Ok(event) = tokio::time::timeout_at(deadline.into(), events.poll()).await {
+        if let Ok(Event::Incoming(Packet::Publish(p))) = event {
+            panic!("gateway 7 read {}", p.topic);
+        }
+    }
+    listener.disconnect().await.ok();
+    let _ = tokio::time::timeout(Duration::from_secs(1), events.poll()).await;
+    stack.wait_for_count(ROWS, 3, Duration::from_secs(20)).await;
+
+    // The bridge's client id gives a gateway nothing: the bridge keeps its session.
+    let impostor = gateway("dataviz-bridge", "7", "gateway-7-password");
+    broker_answer(impostor).await.expect("gateway 7 connects");
+    mqtt_exchange(seven(), None, Some(("gateways/7/plc-3", MESSAGE))).await;
+    stack.wait_for_count(ROWS, 4, Duration::from_secs(20)).await;
+    let log = broker.log();
+    assert!(
+        !log.contains("Client dataviz-bridge already connected"),
+        "a client took over another's session:\n{log}"
+    );
+    assert!(
+        !all.log().contains("MQTT connection lost"),
+        "the bridge was disconnected:\n{}",
+        all.log()
+    );
+}

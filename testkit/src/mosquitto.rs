@@ -23,6 +23,17 @@ impl Mosquitto {
     /// Starts the broker and blocks until it accepts connections. The binary is
     /// `DATAVIZ_MOSQUITTO` if set, else `/usr/sbin/mosquitto`.
     pub fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// Like [`start`](Self::start), but with the project's access control as it is: no
+    /// anonymous client, `users` (name, password) in the password file, the project's ACL
+    /// (`mosquitto/acl`), client id = username.
+    pub fn start_with_users(users: &[(&str, &str)]) -> Self {
+        Self::start_with(Some(users))
+    }
+
+    fn start_with(users: Option<&[(&str, &str)]>) -> Self {
         let binary = std::env::var_os("DATAVIZ_MOSQUITTO")
             .filter(|v| !v.is_empty())
             .map(PathBuf::from)
@@ -44,9 +55,34 @@ impl Mosquitto {
             dir,
             process,
         };
+        let auth = users.map(|users| {
+            let passwd = broker.dir.path().join("passwd");
+            for (i, (user, password)) in users.iter().enumerate() {
+                let mut command = Command::new("mosquitto_passwd");
+                if i == 0 {
+                    command.arg("-c");
+                }
+                let status = command
+                    .arg("-b")
+                    .arg(&passwd)
+                    .args([user, password])
+                    .status()
+                    .expect("mosquitto_passwd runs (Debian's mosquitto package)");
+                assert!(status.success(), "mosquitto_passwd for {user}: {status}");
+            }
+            Auth {
+                passwd,
+                acl: crate::workspace_root().join("mosquitto/acl"),
+            }
+        });
         three_tries("mosquitto did not start", || {
             broker.port = free_port();
-            let config = test_config(&project_config(), broker.port, &broker.data_dir());
+            let config = test_config(
+                &project_config(),
+                broker.port,
+                &broker.data_dir(),
+                auth.as_ref(),
+            );
             write_file(&broker.config_path(), &config);
             broker.launch()
         });
@@ -126,14 +162,30 @@ fn project_config() -> String {
         .unwrap_or_else(|e| panic!("cannot read the project's {}: {e}", path.display()))
 }
 
-/// The project's config with the settings that name places on this machine replaced.
-fn test_config(project: &str, port: u16, data_dir: &std::path::Path) -> String {
-    const REPLACED: [&str; 5] = [
+/// Where the access control files are, for a broker run with the project's access control.
+struct Auth {
+    passwd: PathBuf,
+    acl: PathBuf,
+}
+
+/// The project's config with the settings that name places on this machine replaced; without
+/// `auth`, anonymous clients are let in (what most tests use).
+fn test_config(
+    project: &str,
+    port: u16,
+    data_dir: &std::path::Path,
+    auth: Option<&Auth>,
+) -> String {
+    const REPLACED: [&str; 9] = [
         "listener",
         "persistence_location",
         "pid_file",
         "user",
         "log_dest",
+        "allow_anonymous",
+        "password_file",
+        "acl_file",
+        "use_username_as_clientid",
     ];
     let mut config: String = project
         .lines()
@@ -153,6 +205,25 @@ fn test_config(project: &str, port: u16, data_dir: &std::path::Path) -> String {
          log_dest stderr\n",
         data_dir.display()
     ));
+    match auth {
+        None => config.push_str("allow_anonymous true\n"),
+        Some(auth) => {
+            let kept = |key: &str| {
+                project
+                    .lines()
+                    .find(|l| l.split_whitespace().next() == Some(key))
+                    .map(|l| format!("{l}\n"))
+                    .unwrap_or_default()
+            };
+            config.push_str(&kept("allow_anonymous"));
+            config.push_str(&kept("use_username_as_clientid"));
+            config.push_str(&format!(
+                "password_file {}\nacl_file {}\n",
+                auth.passwd.display(),
+                auth.acl.display()
+            ));
+        }
+    }
     config
 }
 
@@ -164,7 +235,7 @@ mod tests {
     fn rewrites_only_the_machine_specific_lines() {
         let project = "persistence true\npersistence_location /mosquitto/data/\nlistener 1883\n\
                        max_queued_messages 1000000\nlog_dest stderr\n";
-        let config = test_config(project, 1234, std::path::Path::new("/tmp/x"));
+        let config = test_config(project, 1234, std::path::Path::new("/tmp/x"), None);
         assert!(config.contains("persistence true\n"));
         assert!(config.contains("max_queued_messages 1000000\n"));
         assert!(config.contains("listener 1234 127.0.0.1\n"));
