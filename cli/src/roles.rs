@@ -403,7 +403,7 @@ pub async fn all(args: AllArgs) -> anyhow::Result<()> {
     let served = {
         let shutdown = role.shutdown.clone();
         let hub = hub.clone();
-        tokio::spawn(async move {
+        async move {
             axum::serve(
                 listener,
                 site.into_make_service_with_connect_info::<SocketAddr>(),
@@ -413,7 +413,8 @@ pub async fn all(args: AllArgs) -> anyhow::Result<()> {
                 hub.close();
             })
             .await
-        })
+            .context("serving the admin site and hub")
+        }
     };
     // The publisher hands its updates to this process's hub directly (no HTTP round trip).
     let mercure = UpdateSink::Embedded(hub.clone());
@@ -424,25 +425,145 @@ pub async fn all(args: AllArgs) -> anyhow::Result<()> {
         hub = format!("http://{local}{}", dataviz_mercure::HUB_PATH),
         "dataviz all: bridge, processor, writer, publisher, Mercure hub and admin site running"
     );
-    let roles = [
-        tokio::spawn(role.publisher(args.publisher, &args.streams, js.clone(), mercure)),
-        tokio::spawn(role.bridge(args.bridge, &client, js.clone())),
-        tokio::spawn(role.processor(args.processor, &args.streams, js.clone(), pool.clone())),
-        tokio::spawn(role.writer(args.writer, &args.retention, &args.streams, js, pool)),
-    ];
-    let mut first_error = None;
-    for task in roles {
-        let result = task.await.map_err(anyhow::Error::from).and_then(|r| r);
-        if let Err(e) = result {
-            // One role failing stops the others: a half-running pipeline hides the problem.
-            role.shutdown.cancel();
+    let result = supervise(
+        vec![
+            (
+                "publisher",
+                Box::pin(role.publisher(args.publisher, &args.streams, js.clone(), mercure)),
+            ),
+            (
+                "bridge",
+                Box::pin(role.bridge(args.bridge, &client, js.clone())),
+            ),
+            (
+                "processor",
+                Box::pin(role.processor(args.processor, &args.streams, js.clone(), pool.clone())),
+            ),
+            (
+                "writer",
+                Box::pin(role.writer(args.writer, &args.retention, &args.streams, js, pool)),
+            ),
+            ("site", Box::pin(served)),
+        ],
+        &role.shutdown,
+    )
+    .await;
+    client.flush().await.ok();
+    result
+}
+
+/// A role of `dataviz all`, named, as [`supervise`] runs it.
+type SupervisedRole = (
+    &'static str,
+    std::pin::Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>,
+);
+
+/// Runs `roles`, each on a task of its own, until every one has ended. The first to fail (an
+/// error or a panic), or to end before a shutdown was asked, stops the others through
+/// `shutdown`: a half-running pipeline would hide the problem. The error names that role.
+async fn supervise(roles: Vec<SupervisedRole>, shutdown: &Shutdown) -> anyhow::Result<()> {
+    use futures::StreamExt as _;
+    let mut running: futures::stream::FuturesUnordered<_> = roles
+        .into_iter()
+        .map(|(name, role)| async move {
+            let result = match tokio::spawn(role).await {
+                Ok(result) => result,
+                Err(e) => Err(anyhow::anyhow!("{e}")),
+            };
+            (name, result)
+        })
+        .collect();
+    let mut first_error: Option<anyhow::Error> = None;
+    while let Some((name, result)) = running.next().await {
+        let failure = match result {
+            Err(e) => Some(e.context(format!("{name} failed"))),
+            Ok(()) if !shutdown.is_cancelled() => Some(anyhow::anyhow!(
+                "{name} stopped though no shutdown was asked"
+            )),
+            Ok(()) => None,
+        };
+        if let Some(e) = failure {
+            if first_error.is_none() {
+                tracing::error!(role = name, error = format!("{e:#}"), "stopping every role");
+                shutdown.cancel();
+            }
             first_error.get_or_insert(e);
         }
     }
-    role.shutdown.cancel();
-    if let Ok(Err(e)) = served.await {
-        first_error.get_or_insert(anyhow::anyhow!("serving the admin site and hub: {e}"));
-    }
-    client.flush().await.ok();
     first_error.map_or(Ok(()), Err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// A role that runs until shutdown, then says it stopped.
+    fn until_shutdown(
+        shutdown: &Shutdown,
+        stopped: &std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    ) -> std::pin::Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>> {
+        let (shutdown, stopped) = (shutdown.clone(), stopped.clone());
+        Box::pin(async move {
+            shutdown.cancelled().await;
+            stopped.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        })
+    }
+
+    #[tokio::test]
+    async fn a_failing_role_stops_the_others_and_is_named() {
+        let shutdown = Shutdown::new();
+        let stopped = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let failing: std::pin::Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>> =
+            Box::pin(async {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                anyhow::bail!("lost its consumer")
+            });
+        let roles = vec![
+            ("publisher", until_shutdown(&shutdown, &stopped)),
+            ("bridge", until_shutdown(&shutdown, &stopped)),
+            ("processor", failing),
+            ("writer", until_shutdown(&shutdown, &stopped)),
+        ];
+        let result = tokio::time::timeout(Duration::from_secs(5), supervise(roles, &shutdown))
+            .await
+            .expect("the other roles were stopped");
+        let message = format!("{:#}", result.unwrap_err());
+        assert_eq!(message, "processor failed: lost its consumer");
+        assert_eq!(stopped.load(std::sync::atomic::Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_panicking_role_or_one_ending_early_stops_the_others() {
+        let shutdown = Shutdown::new();
+        let stopped = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let roles: Vec<SupervisedRole> = vec![
+            ("writer", until_shutdown(&shutdown, &stopped)),
+            ("bridge", Box::pin(async { panic!("a bug") })),
+        ];
+        let result = tokio::time::timeout(Duration::from_secs(5), supervise(roles, &shutdown))
+            .await
+            .expect("stopped");
+        assert!(format!("{:#}", result.unwrap_err()).starts_with("bridge failed: "));
+
+        let shutdown = Shutdown::new();
+        let roles: Vec<SupervisedRole> = vec![
+            ("writer", until_shutdown(&shutdown, &stopped)),
+            ("site", Box::pin(async { Ok(()) })),
+        ];
+        let result = tokio::time::timeout(Duration::from_secs(5), supervise(roles, &shutdown))
+            .await
+            .expect("stopped");
+        assert_eq!(
+            format!("{:#}", result.unwrap_err()),
+            "site stopped though no shutdown was asked"
+        );
+
+        // A shutdown asked from outside: every role ends well, no error.
+        let shutdown = Shutdown::new();
+        let roles = vec![("writer", until_shutdown(&shutdown, &stopped))];
+        shutdown.cancel();
+        assert!(supervise(roles, &shutdown).await.is_ok());
+    }
 }
