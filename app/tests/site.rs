@@ -87,7 +87,7 @@ impl Site {
                 Bytes::from_static(b"{\"d\": []}"),
             ),
             stage: "processor".into(),
-            reason: "unknown_gateway".into(),
+            reason: dataviz_core::message::DeadReason::UnknownGateway,
             error: "gateway 99 does not exist".into(),
             source_seq: None,
         };

@@ -25,9 +25,10 @@ pub mod config;
 use async_nats::jetstream::{self, context::PublishAckFuture};
 use bytes::Bytes;
 use config::BridgeConfig;
+use dataviz_core::message::{DeadLetter, DeadReason, RawMessage};
 use dataviz_core::ops::{Progress, metric};
 use dataviz_core::retry::Backoff;
-use dataviz_core::{MQTT_LOG_TARGET, message::DeadLetter, message::RawMessage, shutdown::Shutdown};
+use dataviz_core::{MQTT_LOG_TARGET, shutdown::Shutdown};
 use futures::{FutureExt, StreamExt, stream::FuturesUnordered};
 use rumqttc::{AsyncClient, Event, Packet, Publish, QoS};
 use std::sync::Arc;
@@ -275,9 +276,10 @@ impl RawStore {
         });
         let mut backoff = Backoff::default();
         let mut salted = None::<String>;
+        let dead = oversized(&received.raw, max_payload);
         loop {
             let id = salted.as_deref().or(dedup_id.as_deref());
-            let attempt = match oversized(&received.raw, max_payload) {
+            let attempt = match &dead {
                 Some(dead) => {
                     js.publish_with_headers(
                         dead.subject(),
@@ -311,7 +313,12 @@ impl RawStore {
                         received.raw.id
                     ));
                 }
-                Ok(_) => return Some(received),
+                Ok(_) => {
+                    if let Some(dead) = &dead {
+                        dead.stored();
+                    }
+                    return Some(received);
+                }
                 Err(e) => {
                     let wait = backoff.next_delay();
                     tracing::warn!(error = %e, retry_in = ?wait, "storing a message in RAW failed; retrying");
@@ -343,12 +350,10 @@ fn oversized(raw: &RawMessage, max_payload: usize) -> Option<DeadLetter> {
     let kept = limit.min(64 * 1024);
     let mut truncated = raw.clone();
     truncated.payload = Bytes::copy_from_slice(&raw.payload[..kept]);
-    tracing::error!(target: MQTT_LOG_TARGET, topic = %raw.topic, bytes = raw.payload.len(), "message larger than the NATS server accepts: dead-lettered");
-    metrics::counter!(metric::DEAD_LETTERS, "stage" => STAGE, "reason" => "oversized").increment(1);
     Some(DeadLetter {
         raw: truncated,
         stage: STAGE.into(),
-        reason: "oversized".into(),
+        reason: DeadReason::Oversized,
         error: format!(
             "payload of {} bytes is over what the NATS server accepts ({max_payload} bytes); the first {kept} bytes are kept",
             raw.payload.len()
@@ -366,7 +371,7 @@ mod tests {
         let raw = RawMessage::received("gateways/1/d".into(), Bytes::from(vec![b'x'; 10_000]));
         assert!(oversized(&raw, 1 << 20).is_none());
         let dead = oversized(&raw, 8192).unwrap();
-        assert_eq!(dead.reason, "oversized");
+        assert_eq!(dead.reason, DeadReason::Oversized);
         assert_eq!(dead.raw.payload.len(), 8192 - 4096);
         assert_eq!(dead.raw.id, raw.id);
     }

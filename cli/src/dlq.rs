@@ -2,6 +2,7 @@
 
 use dataviz_core::config::NatsConfig;
 use dataviz_core::dead::{self, DeadEntry, DeadFilter};
+use dataviz_core::message::DeadReason;
 
 #[derive(Debug, clap::Args)]
 pub struct DlqArgs {
@@ -14,8 +15,8 @@ pub struct DlqArgs {
 #[derive(Debug, clap::Args)]
 struct FilterArgs {
     /// Only this reason (unknown_gateway, bad_json, bad_topic, ...).
-    #[arg(long)]
-    reason: Option<String>,
+    #[arg(long, value_parser = parse_reason)]
+    reason: Option<DeadReason>,
     /// Only messages whose topic names this gateway.
     #[arg(long)]
     gateway: Option<i32>,
@@ -24,11 +25,19 @@ struct FilterArgs {
     stage: Option<String>,
 }
 
+/// A reason by its name; the error lists every name.
+fn parse_reason(name: &str) -> Result<DeadReason, String> {
+    DeadReason::from_name(name).ok_or_else(|| {
+        let names: Vec<&str> = DeadReason::ALL.iter().map(|r| r.name()).collect();
+        format!("no such reason; one of: {}", names.join(", "))
+    })
+}
+
 impl FilterArgs {
     fn filter(&self) -> DeadFilter {
         DeadFilter {
             stage: self.stage.clone(),
-            reason: self.reason.clone(),
+            reason: self.reason,
             gateway: self.gateway,
         }
     }

@@ -312,7 +312,7 @@ async fn bad_input_goes_to_dead_with_the_reason_and_the_pipeline_goes_on() {
         let letter = letters
             .iter()
             .find(|l| {
-                l.reason == *reason
+                l.reason.name() == *reason
                     && l.raw.topic == *topic
                     && l.raw.payload.as_ref() == payload.as_slice()
             })
@@ -320,7 +320,7 @@ async fn bad_input_goes_to_dead_with_the_reason_and_the_pipeline_goes_on() {
         assert_eq!(letter.stage, "processor");
         assert!(!letter.error.is_empty());
     }
-    let reasons: BTreeSet<&str> = letters.iter().map(|l| l.reason.as_str()).collect();
+    let reasons: BTreeSet<&str> = letters.iter().map(|l| l.reason.name()).collect();
     assert_eq!(
         reasons.len(),
         cases.len() - 1,

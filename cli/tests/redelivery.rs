@@ -321,7 +321,7 @@ async fn a_batch_postgresql_refuses_goes_to_dead_alone_and_its_neighbours_are_st
     let stored = dead.get_raw_message(1).await.unwrap();
     let letter = DeadLetter::from_parts(Some(&stored.headers), stored.payload).unwrap();
     assert_eq!(
-        (letter.stage.as_str(), letter.reason.as_str()),
+        (letter.stage.as_str(), letter.reason.name()),
         ("writer", "unstorable")
     );
     assert_eq!(letter.raw.id, refused.id);

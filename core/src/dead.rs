@@ -5,7 +5,7 @@
 //! the processor handles it as new, and if it fails again it comes back to DEAD. The raw id is
 //! kept, so a message whose readings were stored after all is not stored twice.
 
-use crate::message::{DeadLetter, HeaderError};
+use crate::message::{DeadLetter, DeadReason, HeaderError};
 use crate::streams::{self, DEAD_STREAM};
 use anyhow::Context as _;
 use async_nats::jetstream::{self, consumer};
@@ -29,8 +29,8 @@ pub struct DeadEntry {
 pub struct DeadFilter {
     /// The refusing stage (`bridge`, `processor`, `writer`).
     pub stage: Option<String>,
-    /// The reason (`unknown_gateway`, `bad_json`, ...).
-    pub reason: Option<String>,
+    /// The reason.
+    pub reason: Option<DeadReason>,
     /// The gateway named by the original topic.
     pub gateway: Option<i32>,
 }
@@ -39,7 +39,7 @@ impl DeadFilter {
     fn subject(&self) -> String {
         streams::dead_subject(
             self.stage.as_deref().unwrap_or("*"),
-            self.reason.as_deref().unwrap_or("*"),
+            self.reason.map_or("*", DeadReason::name),
         )
     }
 

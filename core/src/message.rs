@@ -394,14 +394,88 @@ impl ReadingsMessage {
     }
 }
 
+/// Why a message went to DEAD. The one table of names: DEAD's subjects and headers, the
+/// `dataviz_dead_letters_total` metric, `dataviz dlq --reason`, the dead-letters page and the
+/// README all use [`DeadReason::name`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DeadReason {
+    /// The topic is not `gateways/<gateway id>/<device code>`.
+    BadTopic,
+    /// Over `MAX_PAYLOAD_BYTES`, or over what the NATS server accepts.
+    Oversized,
+    /// The payload is not UTF-8.
+    NotUtf8,
+    /// The payload is not JSON.
+    BadJson,
+    /// JSON, but not the shape of a readings payload.
+    BadPayload,
+    /// Over `MAX_READINGS_PER_MESSAGE` readings.
+    TooManyReadings,
+    /// A `ts` this system cannot read.
+    BadTs,
+    /// A value PostgreSQL cannot store (a NUL character).
+    Unstorable,
+    /// No gateway with the topic's id.
+    UnknownGateway,
+    /// A message in RAW that Dataviz did not write.
+    ForeignMessage,
+    /// A READINGS message the writer cannot read, or a batch PostgreSQL refused.
+    BadBatch,
+}
+
+impl DeadReason {
+    /// Every reason, in the order the README lists them.
+    pub const ALL: [DeadReason; 11] = [
+        DeadReason::BadTopic,
+        DeadReason::BadJson,
+        DeadReason::BadPayload,
+        DeadReason::BadTs,
+        DeadReason::NotUtf8,
+        DeadReason::Oversized,
+        DeadReason::TooManyReadings,
+        DeadReason::UnknownGateway,
+        DeadReason::Unstorable,
+        DeadReason::ForeignMessage,
+        DeadReason::BadBatch,
+    ];
+
+    /// The stable name: a subject token, a header value, a metric label.
+    pub fn name(self) -> &'static str {
+        match self {
+            DeadReason::BadTopic => "bad_topic",
+            DeadReason::Oversized => "oversized",
+            DeadReason::NotUtf8 => "not_utf8",
+            DeadReason::BadJson => "bad_json",
+            DeadReason::BadPayload => "bad_payload",
+            DeadReason::TooManyReadings => "too_many_readings",
+            DeadReason::BadTs => "bad_ts",
+            DeadReason::Unstorable => "unstorable",
+            DeadReason::UnknownGateway => "unknown_gateway",
+            DeadReason::ForeignMessage => "foreign_message",
+            DeadReason::BadBatch => "bad_batch",
+        }
+    }
+
+    /// The reason named `name`, if there is one.
+    pub fn from_name(name: &str) -> Option<DeadReason> {
+        DeadReason::ALL.into_iter().find(|r| r.name() == name)
+    }
+}
+
+impl std::fmt::Display for DeadReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// A message a stage refused for good, with the reason.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeadLetter {
     pub raw: RawMessage,
     /// `bridge`, `processor`, ...
     pub stage: String,
-    /// A short stable kind, also the last subject token.
-    pub reason: String,
+    /// Why: also the last subject token.
+    pub reason: DeadReason,
     /// The whole error, for a human.
     pub error: String,
     /// The sequence of the refused message in the stream it was read from, when it was read
@@ -412,7 +486,28 @@ pub struct DeadLetter {
 
 impl DeadLetter {
     pub fn subject(&self) -> String {
-        crate::streams::dead_subject(&self.stage, &self.reason)
+        crate::streams::dead_subject(&self.stage, self.reason.name())
+    }
+
+    /// Says that DEAD stored this letter: the one log line (in the `mqtt` channel) and the one
+    /// count (`dataviz_dead_letters_total{stage, reason}`) of a dead letter, whichever stage
+    /// made it. Call it once DEAD acknowledged the letter.
+    pub fn stored(&self) {
+        tracing::error!(
+            target: crate::MQTT_LOG_TARGET,
+            stage = %self.stage,
+            reason = %self.reason,
+            topic = %self.raw.topic,
+            id = %self.raw.id,
+            error = %self.error,
+            "message refused: stored in DEAD"
+        );
+        metrics::counter!(
+            crate::ops::metric::DEAD_LETTERS,
+            "stage" => self.stage.clone(),
+            "reason" => self.reason.name()
+        )
+        .increment(1);
     }
 
     /// The raw message's headers plus the stage and reason. The deduplication id is derived
@@ -426,7 +521,7 @@ impl DeadLetter {
         );
         let mut headers = self.raw.headers(Some(&dedup));
         headers.insert(HEADER_DEAD_STAGE, self.stage.as_str());
-        headers.insert(HEADER_DEAD_REASON, self.reason.as_str());
+        headers.insert(HEADER_DEAD_REASON, self.reason.name());
         let error: String = self.error.chars().take(2000).collect();
         headers.insert(
             HEADER_DEAD_ERROR,
@@ -452,10 +547,15 @@ impl DeadLetter {
                     problem: "missing".into(),
                 })
         };
+        let reason = get(HEADER_DEAD_REASON)?;
+        let reason = DeadReason::from_name(&reason).ok_or(HeaderError {
+            header: HEADER_DEAD_REASON,
+            problem: format!("{reason:?} is not a reason Dataviz writes"),
+        })?;
         Ok(DeadLetter {
             raw,
             stage: get(HEADER_DEAD_STAGE)?,
-            reason: get(HEADER_DEAD_REASON)?,
+            reason,
             error: percent_decode_str(&get(HEADER_DEAD_ERROR)?)
                 .decode_utf8_lossy()
                 .into_owned(),
@@ -493,13 +593,39 @@ mod tests {
         let dead = DeadLetter {
             raw: RawMessage::received("bad topic".into(), Bytes::from_static(b"{}")),
             stage: "processor".into(),
-            reason: "bad_topic".into(),
+            reason: DeadReason::BadTopic,
             error: "topic \"bad topic\" is not of the form\nx".into(),
             source_seq: None,
         };
         assert_eq!(dead.subject(), "dataviz.dead.processor.bad_topic");
         let back = DeadLetter::from_parts(Some(&dead.headers()), dead.raw.payload.clone()).unwrap();
         assert_eq!(back, dead);
+    }
+
+    #[test]
+    fn every_reason_has_one_name() {
+        let names: std::collections::HashSet<_> =
+            DeadReason::ALL.iter().map(|r| r.name()).collect();
+        assert_eq!(names.len(), DeadReason::ALL.len());
+        for reason in DeadReason::ALL {
+            assert_eq!(DeadReason::from_name(reason.name()), Some(reason));
+        }
+        assert_eq!(DeadReason::from_name("bad"), None);
+    }
+
+    #[test]
+    fn the_readme_lists_every_reason() {
+        let readme = include_str!("../../README.md");
+        let listed = readme
+            .split_once("Dead-letter reasons:")
+            .expect("the README's list of reasons")
+            .1
+            .split("\n\n")
+            .next()
+            .unwrap();
+        let names: Vec<&str> = listed.split('`').skip(1).step_by(2).collect();
+        let expected: Vec<&str> = DeadReason::ALL.iter().map(|r| r.name()).collect();
+        assert_eq!(names, expected);
     }
 
     #[test]

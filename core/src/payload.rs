@@ -5,6 +5,7 @@
 //! seen in the field: RFC 3339 (`Z`, `+00:00`), `+0000` offsets, fractional seconds, a space
 //! instead of `T`, and no offset at all (read as UTC).
 
+use crate::message::DeadReason;
 use crate::value::Value;
 use chrono::{DateTime, NaiveDateTime, Utc};
 use serde::Deserialize;
@@ -55,15 +56,15 @@ pub enum PayloadError {
 }
 
 impl PayloadError {
-    /// A short stable name for the kind of error, used in dead-letter subjects and metrics.
-    pub fn kind(&self) -> &'static str {
+    /// The dead-letter reason of this error.
+    pub fn kind(&self) -> DeadReason {
         match self {
-            PayloadError::TooLarge { .. } => "oversized",
-            PayloadError::NotUtf8(_) => "not_utf8",
-            PayloadError::Json(_) => "bad_json",
-            PayloadError::Shape(_) => "bad_payload",
-            PayloadError::TooManyReadings { .. } => "too_many_readings",
-            PayloadError::Ts(_) => "bad_ts",
+            PayloadError::TooLarge { .. } => DeadReason::Oversized,
+            PayloadError::NotUtf8(_) => DeadReason::NotUtf8,
+            PayloadError::Json(_) => DeadReason::BadJson,
+            PayloadError::Shape(_) => DeadReason::BadPayload,
+            PayloadError::TooManyReadings { .. } => DeadReason::TooManyReadings,
+            PayloadError::Ts(_) => DeadReason::BadTs,
         }
     }
 }
@@ -302,7 +303,7 @@ mod tests {
         for (bytes, kind) in cases {
             let err = parse(bytes, &limits).unwrap_err();
             assert_eq!(
-                err.kind(),
+                err.kind().name(),
                 kind,
                 "{:?}: {err}",
                 String::from_utf8_lossy(bytes)
@@ -323,7 +324,7 @@ mod tests {
         };
         assert_eq!(
             parse(deep.as_bytes(), &limits).unwrap_err().kind(),
-            "bad_json"
+            DeadReason::BadJson
         );
     }
 }

@@ -15,9 +15,8 @@ pub mod registry;
 use async_nats::jetstream;
 use chrono::{DateTime, Utc};
 use dataviz_core::{
-    MQTT_LOG_TARGET,
     consume::{self, ack, nak_later},
-    message::{DeadLetter, RawMessage, ReadingsMessage, TagReading, TagReadingsBatch},
+    message::{DeadLetter, DeadReason, RawMessage, ReadingsMessage, TagReading, TagReadingsBatch},
     ops::{Progress, metric},
     payload::{self, Payload, PayloadLimits},
     shutdown::Shutdown,
@@ -100,7 +99,7 @@ impl Processor {
     pub async fn handle(&self, raw: RawMessage) -> Outcome {
         let topic = match topic::parse(&raw.topic) {
             Ok(t) => t,
-            Err(e) => return dead(raw, "bad_topic", e.to_string()),
+            Err(e) => return dead(raw, DeadReason::BadTopic, e.to_string()),
         };
         let (gateway_id, device_code) = (topic.gateway_id, topic.device_code.to_owned());
         let payload = match payload::parse(&raw.payload, &self.limits) {
@@ -108,7 +107,7 @@ impl Processor {
             Err(e) => return dead(raw, e.kind(), e.to_string()),
         };
         if let Some(problem) = unstorable(&payload) {
-            return dead(raw, "unstorable", problem);
+            return dead(raw, DeadReason::Unstorable, problem);
         }
         let resolved = self
             .registry
@@ -119,7 +118,7 @@ impl Processor {
                 Outcome::Readings(batch(&raw, gateway_id, device_code, payload, resolved))
             }
             Err(e @ RegistryError::UnknownGateway(_)) => {
-                dead(raw, "unknown_gateway", e.to_string())
+                dead(raw, DeadReason::UnknownGateway, e.to_string())
             }
             Err(e @ RegistryError::Database(_)) => Outcome::Retry(e.to_string()),
         }
@@ -173,7 +172,7 @@ impl Processor {
                             message.subject.to_string(),
                             message.payload.clone(),
                         );
-                        dead(raw, "foreign_message", e.to_string())
+                        dead(raw, DeadReason::ForeignMessage, e.to_string())
                     }
                 };
             if let Outcome::Dead(letter) = &mut outcome {
@@ -235,22 +234,22 @@ impl Processor {
     pub async fn dry_run(
         &self,
         raw: &RawMessage,
-    ) -> Result<Result<usize, (String, String)>, RegistryError> {
+    ) -> Result<Result<usize, (DeadReason, String)>, RegistryError> {
         let topic = match topic::parse(&raw.topic) {
             Ok(t) => t,
-            Err(e) => return Ok(Err(("bad_topic".into(), e.to_string()))),
+            Err(e) => return Ok(Err((DeadReason::BadTopic, e.to_string()))),
         };
         let payload = match payload::parse(&raw.payload, &self.limits) {
             Ok(p) => p,
-            Err(e) => return Ok(Err((e.kind().into(), e.to_string()))),
+            Err(e) => return Ok(Err((e.kind(), e.to_string()))),
         };
         if let Some(problem) = unstorable(&payload) {
-            return Ok(Err(("unstorable".into(), problem)));
+            return Ok(Err((DeadReason::Unstorable, problem)));
         }
         match self.registry.check_gateway(topic.gateway_id).await {
             Ok(()) => Ok(Ok(payload.readings.len())),
             Err(e @ RegistryError::UnknownGateway(_)) => {
-                Ok(Err(("unknown_gateway".into(), e.to_string())))
+                Ok(Err((DeadReason::UnknownGateway, e.to_string())))
             }
             Err(e) => Err(e),
         }
@@ -270,19 +269,18 @@ fn count(outcome: &Outcome, stored: &Result<(), String>) {
             "readings"
         }
         (Outcome::Dead(dead), Ok(())) => {
-            metrics::counter!(metric::DEAD_LETTERS, "stage" => STAGE, "reason" => dead.reason.clone()).increment(1);
+            dead.stored();
             "dead"
         }
     };
     metrics::counter!(metric::PROCESSOR_MESSAGES, "outcome" => label).increment(1);
 }
 
-fn dead(raw: RawMessage, reason: &str, error: String) -> Outcome {
-    tracing::error!(target: MQTT_LOG_TARGET, topic = %raw.topic, id = %raw.id, reason, error = %error, "message refused: sent to DEAD");
+fn dead(raw: RawMessage, reason: DeadReason, error: String) -> Outcome {
     Outcome::Dead(DeadLetter {
         raw,
         stage: STAGE.into(),
-        reason: reason.into(),
+        reason,
         error,
         source_seq: None,
     })

@@ -13,7 +13,7 @@
 use async_nats::jetstream;
 use dataviz_core::{
     consume::{self, ack, nak_later},
-    message::{DeadLetter, RawMessage, ReadingsMessage, TagReadingsBatch},
+    message::{DeadLetter, DeadReason, RawMessage, ReadingsMessage, TagReadingsBatch},
     ops::{Progress, metric},
     shutdown::Shutdown,
     streams,
@@ -287,7 +287,7 @@ pub async fn handle_messages(
                 let error = format!("not a readings message: {e}");
                 settle(
                     &message,
-                    refuse(js, &message, raw, "bad_batch", error).await,
+                    refuse(js, &message, raw, DeadReason::BadBatch, error).await,
                 )
                 .await;
             }
@@ -390,7 +390,7 @@ async fn refuse_batch(
         received_at: batch.received_at,
         payload: batch.to_json(),
     };
-    refuse(js, message, raw, "unstorable", error).await
+    refuse(js, message, raw, DeadReason::Unstorable, error).await
 }
 
 /// Sends a refused message to DEAD; `true` once DEAD stored it.
@@ -398,16 +398,13 @@ async fn refuse(
     js: &jetstream::Context,
     message: &jetstream::Message,
     raw: RawMessage,
-    reason: &str,
+    reason: DeadReason,
     error: String,
 ) -> bool {
-    tracing::error!(id = %raw.id, reason, error = %error, "readings refused: sent to DEAD");
-    metrics::counter!(metric::DEAD_LETTERS, "stage" => STAGE, "reason" => reason.to_owned())
-        .increment(1);
     let dead = DeadLetter {
         raw,
         stage: STAGE.into(),
-        reason: reason.into(),
+        reason,
         error,
         source_seq: message.info().ok().map(|i| i.stream_sequence),
     };
@@ -418,8 +415,9 @@ async fn refuse(
         Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),
     };
-    if let Err(e) = &stored {
-        tracing::warn!(error = %e, "dead letter not stored; retrying later");
+    match &stored {
+        Ok(()) => dead.stored(),
+        Err(e) => tracing::warn!(error = %e, "dead letter not stored; retrying later"),
     }
     stored.is_ok()
 }
