@@ -22,13 +22,13 @@
 
 pub mod config;
 
-use async_nats::jetstream::{self, context::PublishAckFuture};
+use async_nats::jetstream;
 use bytes::Bytes;
 use config::BridgeConfig;
 use dataviz_core::message::{DeadLetter, DeadReason, RawMessage};
 use dataviz_core::ops::{Progress, metric};
 use dataviz_core::retry::Backoff;
-use dataviz_core::{MQTT_LOG_TARGET, shutdown::Shutdown};
+use dataviz_core::{MQTT_LOG_TARGET, shutdown::Shutdown, streams};
 use futures::{FutureExt, StreamExt, stream::FuturesUnordered};
 use rumqttc::{AsyncClient, Event, Packet, Publish, QoS};
 use std::sync::Arc;
@@ -279,28 +279,15 @@ impl RawStore {
         let dead = oversized(&received.raw, max_payload);
         loop {
             let id = salted.as_deref().or(dedup_id.as_deref());
-            let attempt = match &dead {
-                Some(dead) => {
-                    js.publish_with_headers(
-                        dead.subject(),
-                        dead.headers(),
-                        dead.raw.payload.clone(),
-                    )
-                    .await
-                }
-                None => {
-                    js.publish_with_headers(
-                        received.raw.subject(),
-                        received.raw.headers(id),
-                        received.raw.payload.clone(),
-                    )
-                    .await
-                }
+            let (subject, headers, payload) = match &dead {
+                Some(dead) => (dead.subject(), dead.headers(), dead.raw.payload.clone()),
+                None => (
+                    received.raw.subject(),
+                    received.raw.headers(id),
+                    received.raw.payload.clone(),
+                ),
             };
-            let acked = match attempt {
-                Ok(ack) => await_ack(ack).await,
-                Err(e) => Err(e.to_string()),
-            };
+            let acked = streams::publish_stored(js, subject, headers, payload).await;
             match acked {
                 Ok(ack)
                     if ack.duplicate && !publish.dup && salted.is_none() && dedup_id.is_some() =>
@@ -330,10 +317,6 @@ impl RawStore {
             }
         }
     }
-}
-
-async fn await_ack(ack: PublishAckFuture) -> Result<jetstream::publish::PublishAck, String> {
-    ack.await.map_err(|e| e.to_string())
 }
 
 fn topic_seed(topic: &str) -> u64 {

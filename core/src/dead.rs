@@ -140,13 +140,12 @@ pub async fn requeue(js: &jetstream::Context, seq: u64) -> anyhow::Result<()> {
     })?;
     // A retried re-queue of the same letter is stored once.
     let dedup = format!("requeue:{seq}:{}", letter.raw.id);
-    js.publish_with_headers(
+    streams::publish_stored(
+        js,
         letter.raw.subject(),
         letter.raw.headers(Some(&dedup)),
         letter.raw.payload.clone(),
     )
-    .await
-    .context("publishing to RAW")?
     .await
     .context("RAW did not store the re-queued message")?;
     js.get_stream(DEAD_STREAM)

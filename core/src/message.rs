@@ -489,6 +489,22 @@ impl DeadLetter {
         crate::streams::dead_subject(&self.stage, self.reason.name())
     }
 
+    /// Stores the letter in DEAD and, once stored, says so ([`DeadLetter::stored`]).
+    pub async fn store(
+        &self,
+        js: &async_nats::jetstream::Context,
+    ) -> Result<(), async_nats::jetstream::context::PublishError> {
+        crate::streams::publish_stored(
+            js,
+            self.subject(),
+            self.headers(),
+            self.raw.payload.clone(),
+        )
+        .await?;
+        self.stored();
+        Ok(())
+    }
+
     /// Says that DEAD stored this letter: the one log line (in the `mqtt` channel) and the one
     /// count (`dataviz_dead_letters_total{stage, reason}`) of a dead letter, whichever stage
     /// made it. Call it once DEAD acknowledged the letter.

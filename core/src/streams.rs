@@ -51,6 +51,21 @@ pub fn dead_subject(stage: &str, reason: &str) -> String {
     format!("dataviz.dead.{stage}.{reason}")
 }
 
+/// Publishes to a stream and waits until the stream stored the message: its acknowledgement,
+/// with `duplicate` set when the stream already had this `Nats-Msg-Id` in its window. Every
+/// publish whose input is acknowledged only once it is stored goes through here; the error's
+/// kind (`PublishErrorKind`) tells a full stream or a timeout from the rest.
+pub async fn publish_stored(
+    js: &jetstream::Context,
+    subject: String,
+    headers: async_nats::HeaderMap,
+    payload: bytes::Bytes,
+) -> Result<jetstream::publish::PublishAck, jetstream::context::PublishError> {
+    js.publish_with_headers(subject, headers, payload)
+        .await?
+        .await
+}
+
 /// Stream settings, from the environment.
 #[derive(Debug, Clone, clap::Args)]
 pub struct StreamSettings {

@@ -195,16 +195,15 @@ impl Processor {
             Outcome::Readings(batch) => Some(batch),
             _ => None,
         }));
-        let readings = join_all(
-            packed
-                .iter()
-                .map(|m| publish(js, m.subject(), m.headers(), m.payload())),
-        );
+        let readings = join_all(packed.iter().map(|m| async move {
+            streams::publish_stored(js, m.subject(), m.headers(), m.payload())
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }));
         let dead = join_all(outcomes.iter().map(|outcome| async move {
             match outcome {
-                Outcome::Dead(dead) => Some(
-                    publish(js, dead.subject(), dead.headers(), dead.raw.payload.clone()).await,
-                ),
+                Outcome::Dead(dead) => Some(dead.store(js).await.map_err(|e| e.to_string())),
                 _ => None,
             }
         }));
@@ -268,10 +267,8 @@ fn count(outcome: &Outcome, stored: &Result<(), String>) {
             metrics::counter!(metric::PROCESSOR_READINGS).increment(batch.readings.len() as u64);
             "readings"
         }
-        (Outcome::Dead(dead), Ok(())) => {
-            dead.stored();
-            "dead"
-        }
+        // Logged and counted by `DeadLetter::store`.
+        (Outcome::Dead(_), Ok(())) => "dead",
     };
     metrics::counter!(metric::PROCESSOR_MESSAGES, "outcome" => label).increment(1);
 }
@@ -284,20 +281,6 @@ fn dead(raw: RawMessage, reason: DeadReason, error: String) -> Outcome {
         error,
         source_seq: None,
     })
-}
-
-/// Publishes a message and waits for its stream to store it.
-async fn publish(
-    js: &jetstream::Context,
-    subject: String,
-    headers: async_nats::HeaderMap,
-    payload: bytes::Bytes,
-) -> Result<(), String> {
-    let ack = js
-        .publish_with_headers(subject, headers, payload)
-        .await
-        .map_err(|e| e.to_string())?;
-    ack.await.map(|_| ()).map_err(|e| e.to_string())
 }
 
 /// A value PostgreSQL refuses to store, named; such a message can only go to DEAD.

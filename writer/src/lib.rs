@@ -408,18 +408,13 @@ async fn refuse(
         error,
         source_seq: message.info().ok().map(|i| i.stream_sequence),
     };
-    let stored = match js
-        .publish_with_headers(dead.subject(), dead.headers(), dead.raw.payload.clone())
-        .await
-    {
-        Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
-        Err(e) => Err(e.to_string()),
-    };
-    match &stored {
-        Ok(()) => dead.stored(),
-        Err(e) => tracing::warn!(error = %e, "dead letter not stored; retrying later"),
+    match dead.store(js).await {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "dead letter not stored; retrying later");
+            false
+        }
     }
-    stored.is_ok()
 }
 
 /// Consumes READINGS until `shutdown`, on the durable `consumer`
