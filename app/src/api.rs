@@ -124,6 +124,12 @@ pub async fn login(
             revoke_live_tokens(&session).await;
             session.session.cycle_id().await.map_err(server::failed)?;
             session.login(&user).await.map_err(server::failed)?;
+            // The session's live id, made once here: device pages opened at once all use it.
+            session
+                .session
+                .insert(crate::live::LIVE_ID, crate::live::new_live_id())
+                .await
+                .map_err(server::failed)?;
             tracing::info!(user = %user.email, "logged in");
             leptos_axum::redirect(&next);
         }

@@ -52,6 +52,9 @@ pub struct Credentials {
 #[derive(Clone)]
 pub struct Backend {
     pool: deadpool_postgres::Pool,
+    /// Password checks at once ([`LoginThrottle::checks`]): a check holds its permit on the
+    /// blocking thread until it ends, even when its client has gone.
+    checks: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for Backend {
@@ -61,8 +64,8 @@ impl std::fmt::Debug for Backend {
 }
 
 impl Backend {
-    pub fn new(pool: deadpool_postgres::Pool) -> Backend {
-        Backend { pool }
+    pub fn new(pool: deadpool_postgres::Pool, checks: Arc<Semaphore>) -> Backend {
+        Backend { pool, checks }
     }
 }
 
@@ -74,6 +77,8 @@ pub enum BackendError {
     User(#[from] users::UserError),
     #[error("password check: {0}")]
     Task(#[from] tokio::task::JoinError),
+    #[error("password checks closed")]
+    Closed(#[from] tokio::sync::AcquireError),
 }
 
 impl AuthnBackend for Backend {
@@ -85,15 +90,21 @@ impl AuthnBackend for Backend {
         let client = self.pool.get().await?;
         let user = users::by_email(&client, &creds.email).await?;
         drop(client);
-        // Argon2 is deliberately slow: off the async threads.
-        let ok = tokio::task::spawn_blocking(move || match user {
-            Some(user) if users::verify_password(&creds.password, &user.password_hash) => {
-                Some(user)
-            }
-            Some(_) => None,
-            None => {
-                users::verify_nothing(&creds.password);
-                None
+        // Argon2 is deliberately slow: off the async threads, and at most as many at once as
+        // there are permits. The permit goes with the work, so a client that hangs up does not
+        // free it before the work ends.
+        let permit = self.checks.clone().acquire_owned().await?;
+        let ok = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            match user {
+                Some(user) if users::verify_password(&creds.password, &user.password_hash) => {
+                    Some(user)
+                }
+                Some(_) => None,
+                None => {
+                    users::verify_nothing(&creds.password);
+                    None
+                }
             }
         })
         .await?;
@@ -227,11 +238,12 @@ impl SessionStore for PgSessionStore {
 ///   doubling with each failure up to `max`. So parallel attempts queue one behind the other
 ///   instead of all waiting out the same delay: one guess per delay, however many are sent.
 ///   An attempt whose turn is more than `max` away is refused at once ([`LoginRefused::TooMany`]).
-/// - **Work.** At most `concurrency` passwords are checked at once (Argon2id takes 19 MiB each),
-///   and at most `concurrency * QUEUE_PER_CHECK` attempts wait for a turn; one more is refused at
-///   once ([`LoginRefused::Busy`]).
-/// - **Memory.** At most `tracked` accounts and addresses are remembered; entries idle for
-///   [`FORGET_AFTER`] are forgotten, and when the table is full the longest idle goes first.
+/// - **Work.** At most `concurrency` passwords are checked at once (Argon2id takes 19 MiB each;
+///   [`Backend`] holds a permit of [`LoginThrottle::checks`] for each), and at most
+///   `concurrency * QUEUE_PER_CHECK` attempts are admitted at once, waiting or checked; one
+///   more is refused at once ([`LoginRefused::Busy`]).
+/// - **Memory.** At most `tracked` accounts and addresses are remembered; an entry idle for
+///   [`FORGET_AFTER`] starts afresh, and when the table is full the longest idle goes first.
 #[derive(Debug)]
 pub struct LoginThrottle {
     base: Duration,
@@ -240,7 +252,7 @@ pub struct LoginThrottle {
     pace: Mutex<HashMap<String, Pace>>,
     /// Attempts admitted: waiting for their turn or being checked.
     admitted: Arc<Semaphore>,
-    /// Password checks running.
+    /// Password checks running (taken by [`Backend`]).
     checks: Arc<Semaphore>,
     concurrency: usize,
 }
@@ -256,6 +268,13 @@ struct Pace {
     /// No attempt for this key is checked before then.
     next: Instant,
     last_seen: Instant,
+}
+
+impl Pace {
+    /// No attempt for [`FORGET_AFTER`] and none waiting: nothing worth remembering.
+    fn idle(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.last_seen) >= FORGET_AFTER && self.next <= now
+    }
 }
 
 /// Why an attempt was not even checked.
@@ -274,7 +293,6 @@ pub struct LoginAttempt {
     throttle: Arc<LoginThrottle>,
     keys: [String; 2],
     _admitted: OwnedSemaphorePermit,
-    _check: OwnedSemaphorePermit,
 }
 
 impl LoginThrottle {
@@ -330,6 +348,12 @@ impl LoginThrottle {
         let turn = {
             let mut pace = self.pace.lock().unwrap_or_else(|p| p.into_inner());
             let now = Instant::now();
+            for key in &keys {
+                // Idle long enough: its failures are forgotten.
+                if pace.get(key).is_some_and(|p| p.idle(now)) {
+                    pace.remove(key);
+                }
+            }
             let turn = keys
                 .iter()
                 .filter_map(|k| pace.get(k).map(|p| p.next))
@@ -352,18 +376,16 @@ impl LoginThrottle {
         };
         tracing::debug!(wait = ?turn.saturating_duration_since(Instant::now()), "login attempt admitted");
         tokio::time::sleep_until(turn).await;
-        let check = self
-            .checks
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| LoginRefused::Busy)?;
         Ok(LoginAttempt {
             throttle: self.clone(),
             keys,
             _admitted: admitted,
-            _check: check,
         })
+    }
+
+    /// The permits of password checks, one per check running ([`Backend`] takes them).
+    pub fn checks(&self) -> Arc<Semaphore> {
+        self.checks.clone()
     }
 
     /// Forgets idle entries and, when the table is still full, the longest idle one.
@@ -371,7 +393,7 @@ impl LoginThrottle {
         if pace.len() < self.tracked {
             return;
         }
-        pace.retain(|_, p| now.duration_since(p.last_seen) < FORGET_AFTER || p.next > now);
+        pace.retain(|_, p| !p.idle(now));
         while pace.len() >= self.tracked {
             let Some(oldest) = pace
                 .iter()
@@ -382,11 +404,6 @@ impl LoginThrottle {
             };
             pace.remove(&oldest);
         }
-    }
-
-    /// Password checks running now.
-    pub fn checks_running(&self) -> usize {
-        self.concurrency - self.checks.available_permits()
     }
 
     /// Attempts admitted now: waiting for their turn or being checked.
@@ -415,14 +432,12 @@ impl LoginAttempt {
         }
     }
 
-    /// The right password: the account starts afresh; the address keeps its count.
+    /// The right password: the account and the address start afresh.
     pub fn succeeded(self) {
-        let [account, _] = &self.keys;
-        self.throttle
-            .pace
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(account);
+        let mut pace = self.throttle.pace.lock().unwrap_or_else(|p| p.into_inner());
+        for key in &self.keys {
+            pace.remove(key);
+        }
     }
 }
 
@@ -659,11 +674,10 @@ mod tests {
             })
             .collect();
         let deadline = Instant::now() + Duration::from_secs(10);
-        while t.attempts() < queue || t.checks_running() < 2 {
+        while t.attempts() < queue {
             assert!(Instant::now() < deadline, "{} admitted", t.attempts());
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        assert_eq!(t.checks_running(), 2, "two checks at once, the others wait");
         let late = t.admit("late@x", "10.9.9.9".parse().ok()).await;
         assert_eq!(late.unwrap_err(), LoginRefused::Busy, "the queue is full");
         release.send(true).unwrap();
@@ -672,6 +686,34 @@ mod tests {
         }
         assert_eq!(t.attempts(), 0);
         assert!(t.admit("late@x", "10.9.9.9".parse().ok()).await.is_ok());
+        assert_eq!(t.checks().available_permits(), 2, "two checks at once");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_entries_start_afresh_and_a_success_clears_the_address() {
+        let t = throttle();
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        for _ in 0..8 {
+            fail(&t, "a@x", Some(ip)).await;
+        }
+        tokio::time::sleep(FORGET_AFTER + Duration::from_secs(1)).await;
+        fail(&t, "a@x", Some(ip)).await;
+        let started = Instant::now();
+        fail(&t, "b@x", Some(ip)).await;
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_millis(100),
+            "one failure since the address was idle: the base delay, not the cap"
+        );
+        t.admit("c@x", Some(ip)).await.unwrap().succeeded();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let started = Instant::now();
+        fail(&t, "d@x", Some(ip)).await;
+        assert_eq!(
+            started.elapsed(),
+            Duration::ZERO,
+            "the address starts afresh"
+        );
     }
 
     #[tokio::test]

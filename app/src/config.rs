@@ -25,7 +25,7 @@ pub struct AppConfig {
     /// How long a device page's live token lasts; the page renews it halfway. After logout a
     /// token outlives the session by at most this much (not at all with `dataviz all`, whose
     /// hub revokes it at once).
-    #[arg(long, env = "LIVE_TOKEN_TTL", value_name = "LIVE_TOKEN_TTL", default_value = "10m", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "LIVE_TOKEN_TTL", value_name = "LIVE_TOKEN_TTL", default_value = "10m", value_parser = parse_token_ttl)]
     pub live_token_ttl: Duration,
     /// Wait after the first failed login for an account or from an address; it doubles with
     /// each further failure.
@@ -56,6 +56,20 @@ pub struct AppConfig {
     /// X-Forwarded-For names the client. Empty: the connection's address is the client's.
     #[arg(long, env = "TRUSTED_PROXIES", value_name = "TRUSTED_PROXIES", default_value = "", value_parser = parse_networks)]
     pub trusted_proxies: Networks,
+}
+
+/// The shortest live token life: a page renews its token halfway through.
+pub const MIN_LIVE_TOKEN_TTL: Duration = Duration::from_secs(30);
+
+fn parse_token_ttl(s: &str) -> Result<Duration, String> {
+    let ttl = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if ttl < MIN_LIVE_TOKEN_TTL {
+        return Err(format!(
+            "{s}: shorter than {} (pages renew their token halfway through)",
+            humantime::format_duration(MIN_LIVE_TOKEN_TTL)
+        ));
+    }
+    Ok(ttl)
 }
 
 /// A list of networks (a bare address is a /32 or /128).
@@ -132,6 +146,18 @@ mod tests {
             Some("http://127.0.0.1:8080")
         );
         assert_eq!(origin_of("/relative"), None);
+    }
+
+    #[test]
+    fn live_tokens_last_at_least_thirty_seconds() {
+        assert_eq!(parse_token_ttl("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_token_ttl("30s"), Ok(MIN_LIVE_TOKEN_TTL));
+        assert!(
+            parse_token_ttl("29s")
+                .unwrap_err()
+                .contains("shorter than 30s")
+        );
+        assert!(parse_token_ttl("soon").is_err());
     }
 
     #[test]

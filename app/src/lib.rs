@@ -124,8 +124,8 @@ pub fn router(state: AppState) -> Router {
         .with_secure(state.settings.secure_cookies)
         .with_path("/")
         .with_expiry(Expiry::OnInactivity(time::Duration::hours(12)));
-    let auth_layer =
-        AuthManagerLayerBuilder::new(auth::Backend::new(state.pool.clone()), session_layer).build();
+    let backend = auth::Backend::new(state.pool.clone(), state.throttle.checks());
+    let auth_layer = AuthManagerLayerBuilder::new(backend, session_layer).build();
     let server_fns = {
         let state = state.clone();
         move |req: axum::extract::Request| {

@@ -62,7 +62,11 @@ impl LiveConfig {
     /// Ends what the tokens of `live_id` can do, at once where the hub is ours.
     pub fn revoke(&self, live_id: &str) {
         if let Some(hub) = &self.hub {
-            hub.revoke(live_id, SystemTime::now() + self.token_ttl);
+            // A token signed at the moment of the logout expires up to a second later.
+            hub.revoke(
+                live_id,
+                SystemTime::now() + self.token_ttl + Duration::from_secs(5),
+            );
         }
     }
 }
@@ -87,9 +91,11 @@ pub const SCRIPT: &str = r#"(function () {
   var el = document.getElementById('live');
   if (!el || !window.EventSource || !window.fetch) return;
   var token = el.dataset.token, ttl = Number(el.dataset.ttl) * 1000;
-  var source = null, timer = null, lastId = null;
+  var source = null, timer = null, lastId = null, failures = 0;
   function status(text, on) { el.textContent = text; el.className = on ? 'live on' : 'live off'; }
   function later(ms, what) { clearTimeout(timer); timer = setTimeout(what, ms); }
+  // After a failure, 2 s, doubling up to a minute: a hub or site in trouble is not hammered.
+  function backoff() { failures += 1; return Math.min(2000 * Math.pow(2, failures - 1), 60000); }
   function open() {
     if (source) source.close();
     var url = new URL(el.dataset.hub, window.location.href);
@@ -97,13 +103,13 @@ pub const SCRIPT: &str = r#"(function () {
     url.searchParams.append('authorization', token);
     if (lastId) url.searchParams.append('lastEventID', lastId);
     source = new EventSource(url.toString());
-    source.onopen = function () { status('Live: values update as they arrive.', true); };
+    source.onopen = function () { failures = 0; status('Live: values update as they arrive.', true); };
     source.onerror = function () {
       status('Live values unavailable; retrying.', false);
-      if (source.readyState === EventSource.CLOSED) later(2000, renew);
+      if (source.readyState === EventSource.CLOSED) later(backoff(), renew);
     };
     source.onmessage = show;
-    later(ttl / 2, renew);
+    later(Math.max(ttl / 2, 5000), renew);
   }
   function renew() {
     fetch(el.dataset.tokenUrl, { credentials: 'same-origin', redirect: 'error',
@@ -113,7 +119,7 @@ pub const SCRIPT: &str = r#"(function () {
       .catch(function () {
         if (source) source.close();
         status('Live values stopped (logged out?); retrying.', false);
-        later(30000, renew);
+        later(backoff(), renew);
       });
   }
   function show(event) {

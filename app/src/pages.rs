@@ -302,7 +302,8 @@ async fn device(
     Ok(views::device(admin.0.email, device, tags, range, charts, live).into_response())
 }
 
-/// The session's live id (the `jti` of its live tokens), made at its first device page.
+/// The session's live id (the `jti` of its live tokens), made at login (here for a session
+/// from before live ids).
 async fn live_id(session: &AuthSession) -> Result<String, PageError> {
     let store = &session.session;
     if let Some(id) = store.get::<String>(crate::live::LIVE_ID).await? {

@@ -168,12 +168,14 @@ async fn subscribers_replaying_the_history_with_a_thousand_templates_hold_up_not
     );
 
     // The same load while hostile subscribers replay the whole history, each naming a thousand
-    // templates that match none of it (every template is tried on every update).
+    // templates that match none of it (every template is tried on every update, past the
+    // prefix it shares with the history's topics).
     let templates: Vec<String> = (0..TEMPLATES)
-        .map(|i| format!("/t/{{a}}/{{b}}/{i}"))
+        .map(|i| format!("https://filler.example/{{a}}/{i}"))
         .collect();
     let token = subscriber_token(vec!["*".to_owned()]);
     let replayed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let hostile_started = Instant::now();
     let hostile: Vec<_> = (0..HOSTILE)
         .map(|_| {
             let (hub, templates, token) = (hub.clone(), templates.clone(), token.clone());
@@ -208,12 +210,27 @@ async fn subscribers_replaying_the_history_with_a_thousand_templates_hold_up_not
          hostile subscriptions answered: {}",
         replayed.load(std::sync::atomic::Ordering::SeqCst)
     );
+    // Every hostile subscriber gets its answer (else nothing was tested), later than the others
+    // if need be: theirs is the work that waits.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while replayed.load(std::sync::atomic::Ordering::SeqCst) < HOSTILE {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {HOSTILE} hostile subscribers answered after a minute",
+            replayed.load(std::sync::atomic::Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "every hostile subscriber answered {:?} after it asked",
+        hostile_started.elapsed()
+    );
     for task in hostile {
         task.abort();
     }
     reader.abort();
 
-    // The bound: within what the machine's own noise gives, far from the minute-long freeze.
+    // The bound: within what a noisy machine gives, far from the freeze (no answer at all).
     assert_eq!(
         calm_failed, 0,
         "/readyz failed without any hostile subscriber"
@@ -223,10 +240,10 @@ async fn subscribers_replaying_the_history_with_a_thousand_templates_hold_up_not
         "/readyz did not answer 200 within 5 s while hostile subscribers replayed the history"
     );
     assert!(
-        hostile_readyz < Duration::from_secs(1),
+        hostile_readyz < Duration::from_secs(2),
         "/readyz took {hostile_readyz:?} with hostile subscribers"
     );
-    let bound = (calm_p99 * 3).max(Duration::from_millis(250));
+    let bound = (calm_p99 * 3).max(Duration::from_millis(500));
     assert!(
         hostile_p99 < bound,
         "publish-to-event p99 {hostile_p99:?} with hostile subscribers, {calm_p99:?} without"

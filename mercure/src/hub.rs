@@ -11,8 +11,8 @@
 //! # Cost of a subscriber
 //! No subscriber can hold up publishing. The lock is held only to copy pointers to the part of
 //! the history asked for; which of those updates the subscriber may see is decided after, on
-//! the blocking pool, one such reading at a time ([`REPLAY_CONCURRENCY`]), so that neither the
-//! publishers nor the async runtime wait for it. Each subscription compiles its selectors
+//! the blocking pool, so that neither the publishers nor the async runtime wait for it; those of
+//! subscriptions with many templates one at a time ([`REPLAY_CONCURRENCY`]). Each subscription compiles its selectors
 //! once and remembers which topics matched ([`crate::selector`]). The limits
 //! (subscribers held, topics per subscription, the template cache) are in [`HubConfig`]; past
 //! the subscriber limit a new subscriber is answered 503 with `Retry-After`.
@@ -66,8 +66,8 @@ pub const AUTHORIZATION_COOKIE: &str = "mercureAuthorization";
 /// Updates a subscriber may lag behind before it is disconnected (and catches up from the
 /// history on reconnection).
 pub const CHANNEL_CAPACITY: usize = 8192;
-/// History readings (and large selector compilations) done at once; the others wait their
-/// turn without holding a thread.
+/// History readings and selector compilations of subscriptions with many templates done at
+/// once; the others wait their turn without holding a thread.
 pub const REPLAY_CONCURRENCY: usize = 1;
 /// Templates a subscription may compile on the request's own thread; more go to the blocking
 /// pool (and wait their turn like a history reading).
@@ -100,8 +100,9 @@ struct HubInner {
     selectors: TopicSelectorStore,
     /// One permit per subscriber held; a subscription keeps its own until it ends.
     subscribers: Arc<Semaphore>,
-    /// Turns at reading the history (see the module doc).
-    replays: Semaphore,
+    /// Turns at large history readings and compilations (see the module doc); a turn is
+    /// held by the blocking work itself, so a subscriber that hangs up does not free it early.
+    replays: Arc<Semaphore>,
     /// History and channel, changed together (see the module doc).
     log: Mutex<Log>,
     /// Fired by [`Hub::close`]: every subscription ends, so that a server can stop.
@@ -155,7 +156,7 @@ impl Hub {
                 max_subscribers: config.mercure_max_subscribers,
                 selectors: TopicSelectorStore::new(config.mercure_template_cache_size),
                 subscribers: Arc::new(Semaphore::new(config.mercure_max_subscribers)),
-                replays: Semaphore::new(REPLAY_CONCURRENCY),
+                replays: Arc::new(Semaphore::new(REPLAY_CONCURRENCY)),
                 log: Mutex::new(Log {
                     history: VecDeque::new(),
                     first: 0,
@@ -649,12 +650,22 @@ async fn subscribe(
     let prepared = if request.last_event_id.is_none() && templates <= INLINE_TEMPLATES {
         hub.prepare(request)
     } else {
-        // Waits its turn without a thread; then reads on the blocking pool (module doc).
-        let Ok(_turn) = hub.inner.replays.acquire().await else {
-            return plain(StatusCode::SERVICE_UNAVAILABLE, "The hub is closing.");
+        // A large subscription waits its turn without a thread; a small one does not wait
+        // behind large ones. Either reads on the blocking pool (module doc).
+        let turn = if templates > INLINE_TEMPLATES {
+            match hub.inner.replays.clone().acquire_owned().await {
+                Ok(turn) => Some(turn),
+                Err(_) => return plain(StatusCode::SERVICE_UNAVAILABLE, "The hub is closing."),
+            }
+        } else {
+            None
         };
         let preparing = hub.clone();
-        match tokio::task::spawn_blocking(move || preparing.prepare(request)).await {
+        let reading = tokio::task::spawn_blocking(move || {
+            let _turn = turn;
+            preparing.prepare(request)
+        });
+        match reading.await {
             Ok(prepared) => prepared,
             Err(e) => {
                 tracing::error!(error = %e, "reading the history failed");
@@ -693,6 +704,11 @@ async fn subscribe(
                 let Some(jti) = jti else {
                     return std::future::pending().await;
                 };
+                // Revoked while this subscription was being prepared: the watch above was
+                // taken after that revocation, so look first.
+                if hub.is_revoked(&jti) {
+                    return;
+                }
                 while revocations.changed().await.is_ok() {
                     if hub.is_revoked(&jti) {
                         return;

@@ -31,7 +31,7 @@ pub const DEFAULT_TEMPLATE_CACHE_SIZE: usize = 10_000;
 pub const MAX_TEMPLATE_LENGTH: usize = 2048;
 /// The most memory one compiled template may take; a template needing more only matches
 /// exactly. Real topic templates take a few KiB.
-pub const TEMPLATE_SIZE_LIMIT: usize = 256 * 1024;
+pub const TEMPLATE_SIZE_LIMIT: usize = 64 * 1024;
 /// Topics a [`TopicMemo`] remembers before it starts over.
 pub const MEMO_CAPACITY: usize = 4096;
 
