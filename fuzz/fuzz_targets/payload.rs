@@ -108,7 +108,7 @@ fn accepted(data: &[u8], limits: &PayloadLimits, p: &Payload) {
 }
 
 fn refused(data: &[u8], limits: &PayloadLimits, e: &PayloadError) {
-    assert!(!e.kind().is_empty() && !e.to_string().is_empty());
+    assert!(!e.kind().name().is_empty() && !e.to_string().is_empty());
     match *e {
         PayloadError::TooLarge { size, limit } => {
             assert_eq!((size, limit), (data.len(), limits.max_bytes));
