@@ -101,7 +101,10 @@ pub async fn login(
             &[("error", error), ("email", &email), ("next", &next)],
         )
     };
-    let attempt = match state.throttle.admit(&email, ip).await {
+    // A browser that logged in to this account before queues in a lane of its own.
+    let device = dataviz_mercure::hub::cookie(&headers, crate::auth::DEVICE_COOKIE)
+        .and_then(|value| state.device_cookies.verify(&email, value));
+    let attempt = match state.throttle.admit(&email, ip, device.as_deref()).await {
         Ok(attempt) => attempt,
         Err(refused) => {
             tracing::warn!(email = %email, ip = ?ip, %refused, "login attempt refused unchecked");
@@ -130,6 +133,9 @@ pub async fn login(
                 .insert(crate::live::LIVE_ID, crate::live::new_live_id())
                 .await
                 .map_err(server::failed)?;
+            if device.is_none() {
+                remember_device(&state, &email);
+            }
             tracing::info!(user = %user.email, "logged in");
             leptos_axum::redirect(&next);
         }
@@ -140,6 +146,27 @@ pub async fn login(
         }
     }
     Ok(())
+}
+
+/// Gives the browser a device cookie for `email` ([`crate::auth::DeviceCookies`]), sent back
+/// with login attempts only.
+fn remember_device(state: &crate::AppState, email: &str) {
+    let value = state.device_cookies.issue(email);
+    let cookie = format!(
+        "{}={value}; Path=/api/login; Max-Age=31536000; HttpOnly; SameSite=Strict{}",
+        crate::auth::DEVICE_COOKIE,
+        if state.settings.secure_cookies {
+            "; Secure"
+        } else {
+            ""
+        }
+    );
+    if let (Some(response), Ok(cookie)) = (
+        use_context::<leptos_axum::ResponseOptions>(),
+        axum::http::HeaderValue::from_str(&cookie),
+    ) {
+        response.append_header(axum::http::header::SET_COOKIE, cookie);
+    }
 }
 
 /// Revokes the live tokens of the session (their `jti` is its live id), and forgets the id.

@@ -309,7 +309,7 @@ impl LoginThrottle {
         }
     }
 
-    fn keys(email: &str, ip: Option<IpAddr>) -> [String; 2] {
+    fn keys(email: &str, ip: Option<IpAddr>, device: Option<&str>) -> [String; 2] {
         let address = match ip {
             // One host holds a whole /64: count it as one address.
             Some(IpAddr::V6(v6)) if v6.to_ipv4_mapped().is_none() => {
@@ -319,10 +319,12 @@ impl LoginThrottle {
             Some(ip) => ip.to_canonical().to_string(),
             None => "unknown".to_owned(),
         };
-        [
-            format!("account:{}", email.trim().to_lowercase()),
-            format!("ip:{address}"),
-        ]
+        let account = match device {
+            // A browser that logged in to this account before: a lane of its own.
+            Some(nonce) => format!("device:{nonce}"),
+            None => format!("account:{}", email.trim().to_lowercase()),
+        };
+        [account, format!("ip:{address}")]
     }
 
     fn delay(&self, failures: u32) -> Duration {
@@ -338,13 +340,14 @@ impl LoginThrottle {
         self: &Arc<Self>,
         email: &str,
         ip: Option<IpAddr>,
+        device: Option<&str>,
     ) -> Result<LoginAttempt, LoginRefused> {
         let admitted = self
             .admitted
             .clone()
             .try_acquire_owned()
             .map_err(|_| LoginRefused::Busy)?;
-        let keys = Self::keys(email, ip);
+        let keys = Self::keys(email, ip, device);
         let turn = {
             let mut pace = self.pace.lock().unwrap_or_else(|p| p.into_inner());
             let now = Instant::now();
@@ -439,6 +442,80 @@ impl LoginAttempt {
             pace.remove(key);
         }
     }
+}
+
+/// The cookie a browser gets at a successful login: proof that it logged in to that account
+/// before ([`DeviceCookies`]).
+pub const DEVICE_COOKIE: &str = "dataviz_device";
+
+/// Device cookies, as OWASP describes them against lockout: a browser that once logged in to
+/// an account carries a signed cookie naming the account, and its attempts for that account
+/// queue in a lane of their own (the cookie's) instead of the account's. So an attacker who
+/// keeps an account's queue full, without such a cookie, does not keep its owner out; a
+/// stolen cookie's lane is paced like any other. The key is made at start: after a restart,
+/// a browser gets a new cookie at its next login.
+pub struct DeviceCookies {
+    key: [u8; 32],
+}
+
+impl std::fmt::Debug for DeviceCookies {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DeviceCookies")
+    }
+}
+
+impl Default for DeviceCookies {
+    fn default() -> Self {
+        DeviceCookies {
+            key: rand::random(),
+        }
+    }
+}
+
+impl DeviceCookies {
+    fn mac(&self, email: &str, nonce: &str) -> hmac::Hmac<sha2::Sha256> {
+        use hmac::Mac as _;
+        let mut mac = <hmac::Hmac<sha2::Sha256>>::new_from_slice(&self.key)
+            .expect("HMAC takes a key of any length");
+        mac.update(email.trim().to_lowercase().as_bytes());
+        mac.update(b"\n");
+        mac.update(nonce.as_bytes());
+        mac
+    }
+
+    /// A cookie value for `email`: `<nonce>.<signature>`, both hex.
+    pub fn issue(&self, email: &str) -> String {
+        use hmac::Mac as _;
+        let nonce: [u8; 16] = rand::random();
+        let nonce = hex(&nonce);
+        let signature = hex(&self.mac(email, &nonce).finalize().into_bytes());
+        format!("{nonce}.{signature}")
+    }
+
+    /// The cookie's nonce when `value` is a cookie this process issued for `email`.
+    pub fn verify(&self, email: &str, value: &str) -> Option<String> {
+        use hmac::Mac as _;
+        let (nonce, signature) = value.split_once('.')?;
+        let signature = unhex(signature)?;
+        self.mac(email, nonce)
+            .verify_slice(&signature)
+            .ok()
+            .map(|()| nonce.to_owned())
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) || text.len() > 128 {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 /// The client's address: the peer's, or, when the peer is a trusted proxy, the first address
@@ -561,7 +638,7 @@ mod tests {
     }
 
     async fn fail(t: &Arc<LoginThrottle>, email: &str, ip: Option<IpAddr>) {
-        t.admit(email, ip).await.expect("admitted").failed();
+        t.admit(email, ip, None).await.expect("admitted").failed();
     }
 
     #[tokio::test(start_paused = true)]
@@ -601,7 +678,7 @@ mod tests {
         fail(&t, "a@x", Some(third)).await;
         assert_eq!(started.elapsed(), Duration::from_secs(1), "capped at max");
         tokio::time::sleep(Duration::from_secs(2)).await;
-        t.admit("a@x", Some(third)).await.unwrap().succeeded();
+        t.admit("a@x", Some(third), None).await.unwrap().succeeded();
         let started = Instant::now();
         fail(&t, "a@x", "192.0.2.9".parse().ok()).await;
         assert_eq!(
@@ -623,7 +700,7 @@ mod tests {
             let t = &t;
             async move {
                 let ip: IpAddr = format!("198.51.100.{i}").parse().unwrap();
-                match t.admit("a@x", Some(ip)).await {
+                match t.admit("a@x", Some(ip), None).await {
                     Ok(attempt) => {
                         let at = started.elapsed();
                         attempt.failed();
@@ -667,7 +744,7 @@ mod tests {
                 let (t, mut released) = (t.clone(), released.clone());
                 tokio::spawn(async move {
                     let ip: IpAddr = format!("10.0.{}.{}", i / 250, i % 250).parse().unwrap();
-                    let attempt = t.admit(&format!("u{i}@x"), Some(ip)).await.unwrap();
+                    let attempt = t.admit(&format!("u{i}@x"), Some(ip), None).await.unwrap();
                     let _ = released.wait_for(|r| *r).await;
                     attempt.failed();
                 })
@@ -678,14 +755,18 @@ mod tests {
             assert!(Instant::now() < deadline, "{} admitted", t.attempts());
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        let late = t.admit("late@x", "10.9.9.9".parse().ok()).await;
+        let late = t.admit("late@x", "10.9.9.9".parse().ok(), None).await;
         assert_eq!(late.unwrap_err(), LoginRefused::Busy, "the queue is full");
         release.send(true).unwrap();
         for holder in holders {
             holder.await.unwrap();
         }
         assert_eq!(t.attempts(), 0);
-        assert!(t.admit("late@x", "10.9.9.9".parse().ok()).await.is_ok());
+        assert!(
+            t.admit("late@x", "10.9.9.9".parse().ok(), None)
+                .await
+                .is_ok()
+        );
         assert_eq!(t.checks().available_permits(), 2, "two checks at once");
     }
 
@@ -705,7 +786,7 @@ mod tests {
             Duration::from_millis(100),
             "one failure since the address was idle: the base delay, not the cap"
         );
-        t.admit("c@x", Some(ip)).await.unwrap().succeeded();
+        t.admit("c@x", Some(ip), None).await.unwrap().succeeded();
         tokio::time::sleep(Duration::from_millis(100)).await;
         let started = Instant::now();
         fail(&t, "d@x", Some(ip)).await;
@@ -729,6 +810,33 @@ mod tests {
             fail(&t, &format!("u{i}@x"), Some(ip)).await;
         }
         assert!(t.tracked() <= 100, "{}", t.tracked());
+    }
+
+    #[test]
+    fn device_cookies_name_one_account_and_cannot_be_forged() {
+        let cookies = DeviceCookies::default();
+        let value = cookies.issue("Admin@Example.com");
+        let nonce = cookies.verify("admin@example.com", &value).expect("valid");
+        assert!(value.starts_with(&nonce));
+        assert_eq!(cookies.verify("other@example.com", &value), None);
+        assert_eq!(
+            DeviceCookies::default().verify("admin@example.com", &value),
+            None
+        );
+        let (n, sig) = value.split_once('.').unwrap();
+        let forged = format!(
+            "{n}.{}",
+            sig.replace(&sig[..1], if &sig[..1] == "0" { "1" } else { "0" })
+        );
+        assert_eq!(cookies.verify("admin@example.com", &forged), None);
+        assert_eq!(cookies.verify("admin@example.com", "garbage"), None);
+        assert_ne!(
+            cookies.issue("a@x"),
+            cookies.issue("a@x"),
+            "a nonce each time"
+        );
+        let [lane, _] = LoginThrottle::keys("a@x", None, Some(&nonce));
+        assert_eq!(lane, format!("device:{nonce}"));
     }
 
     #[test]
@@ -768,10 +876,10 @@ mod tests {
 
     #[test]
     fn an_ipv6_host_counts_by_its_64() {
-        let [_, a] = LoginThrottle::keys("a", "2001:db8:1:2::1".parse().ok());
-        let [_, b] = LoginThrottle::keys("a", "2001:db8:1:2:ffff::9".parse().ok());
-        let [_, c] = LoginThrottle::keys("a", "2001:db8:1:3::1".parse().ok());
-        let [_, v4] = LoginThrottle::keys("a", "::ffff:192.0.2.1".parse().ok());
+        let [_, a] = LoginThrottle::keys("a", "2001:db8:1:2::1".parse().ok(), None);
+        let [_, b] = LoginThrottle::keys("a", "2001:db8:1:2:ffff::9".parse().ok(), None);
+        let [_, c] = LoginThrottle::keys("a", "2001:db8:1:3::1".parse().ok(), None);
+        let [_, v4] = LoginThrottle::keys("a", "::ffff:192.0.2.1".parse().ok(), None);
         assert_eq!(a, b);
         assert_ne!(a, c);
         assert_eq!(v4, "ip:192.0.2.1");

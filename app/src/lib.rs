@@ -65,6 +65,7 @@ pub struct AppState {
     pub js: async_nats::jetstream::Context,
     pub settings: Arc<Settings>,
     pub throttle: Arc<auth::LoginThrottle>,
+    pub device_cookies: Arc<auth::DeviceCookies>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -110,6 +111,7 @@ impl AppState {
                 config.login_concurrency,
                 config.login_tracked,
             )),
+            device_cookies: Arc::new(auth::DeviceCookies::default()),
         }
     }
 }

@@ -127,3 +127,71 @@ async fn parallel_attempts_on_one_account_get_one_guess_per_delay() {
     let ok = attempt(port, ADMIN, "the-admin-password-5e1c", "192.0.2.50").await;
     assert_eq!(ok, "/", "the admin logs in");
 }
+
+/// An attacker keeps one account's queue full from many addresses; its owner, whose browser
+/// logged in before (it carries the device cookie it got then), still gets in at once, while
+/// the same attempt without the cookie is refused or queued behind the attacker's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_with_a_device_cookie_gets_in_while_the_account_is_attacked() {
+    let stack = Stack::start().await;
+    let password = "the-admin-password-5e1c";
+    let (_all, port) = site(&stack, &[("LOGIN_DELAY", "1s"), ("LOGIN_MAX_DELAY", "8s")]).await;
+    let form = |password: &str| format!("email=admin%40example.com&password={password}&next=%2F");
+    let (_, head) = http_request(
+        port,
+        "POST",
+        "/api/login",
+        Some(&form(password)),
+        &[("X-Forwarded-For", "192.0.2.50")],
+    )
+    .await;
+    let device = head
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("set-cookie: ")
+                .or_else(|| l.strip_prefix("Set-Cookie: "))
+        })
+        .filter_map(|c| c.split(';').next())
+        .find(|c| c.starts_with("dataviz_device="))
+        .unwrap_or_else(|| panic!("no device cookie at login: {head}"))
+        .to_owned();
+
+    // The attack: wrong passwords for the account from twenty addresses, all at once, while
+    // the owner tries with and without the cookie.
+    let attack = futures::future::join_all((0..20).map(|i| async move {
+        attempt(port, ADMIN, "guess", &format!("203.0.113.{}", i + 1)).await
+    }));
+    let owner = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let started = Instant::now();
+        let (_, head) = http_request(
+            port,
+            "POST",
+            "/api/login",
+            Some(&form(password)),
+            &[("X-Forwarded-For", "192.0.2.50"), ("Cookie", &device)],
+        )
+        .await;
+        let with_cookie = started.elapsed();
+        let started = Instant::now();
+        let without = attempt(port, ADMIN, password, "198.51.100.77").await;
+        (head, with_cookie, without, started.elapsed())
+    };
+    let (answers, (head, with_cookie, without, waited)) = tokio::join!(attack, owner);
+    eprintln!(
+        "owner with the cookie answered in {with_cookie:?}; without it {without:?} in {waited:?}"
+    );
+    assert!(
+        head.lines().any(|l| l.eq_ignore_ascii_case("location: /")),
+        "the owner with the cookie did not get in: {head}"
+    );
+    assert!(with_cookie < Duration::from_secs(2), "{with_cookie:?}");
+    assert!(
+        without.contains("error=busy") || waited >= Duration::from_secs(3),
+        "without the cookie the owner is in the attacked queue: {without} after {waited:?}"
+    );
+    assert!(
+        answers.iter().any(|a| a.contains("error=busy")),
+        "the attack filled the account's queue: {answers:?}"
+    );
+}
