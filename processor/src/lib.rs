@@ -97,18 +97,14 @@ impl Processor {
 
     /// Decides what becomes of one raw message.
     pub async fn handle(&self, raw: RawMessage) -> Outcome {
-        let topic = match topic::parse(&raw.topic) {
-            Ok(t) => t,
-            Err(e) => return dead(raw, DeadReason::BadTopic, e.to_string()),
+        let (gateway_id, device_code, payload) = match classify(&raw, &self.limits) {
+            Ok(Readable {
+                gateway_id,
+                device_code,
+                payload,
+            }) => (gateway_id, device_code.to_owned(), payload),
+            Err((reason, error)) => return dead(raw, reason, error),
         };
-        let (gateway_id, device_code) = (topic.gateway_id, topic.device_code.to_owned());
-        let payload = match payload::parse(&raw.payload, &self.limits) {
-            Ok(p) => p,
-            Err(e) => return dead(raw, e.kind(), e.to_string()),
-        };
-        if let Some(problem) = unstorable(&payload) {
-            return dead(raw, DeadReason::Unstorable, problem);
-        }
         let resolved = self
             .registry
             .resolve(gateway_id, &device_code, &payload.readings, raw.received_at)
@@ -234,18 +230,12 @@ impl Processor {
         &self,
         raw: &RawMessage,
     ) -> Result<Result<usize, (DeadReason, String)>, RegistryError> {
-        let topic = match topic::parse(&raw.topic) {
-            Ok(t) => t,
-            Err(e) => return Ok(Err((DeadReason::BadTopic, e.to_string()))),
+        let readable = match classify(raw, &self.limits) {
+            Ok(readable) => readable,
+            Err(refused) => return Ok(Err(refused)),
         };
-        let payload = match payload::parse(&raw.payload, &self.limits) {
-            Ok(p) => p,
-            Err(e) => return Ok(Err((e.kind(), e.to_string()))),
-        };
-        if let Some(problem) = unstorable(&payload) {
-            return Ok(Err((DeadReason::Unstorable, problem)));
-        }
-        match self.registry.check_gateway(topic.gateway_id).await {
+        let payload = readable.payload;
+        match self.registry.check_gateway(readable.gateway_id).await {
             Ok(()) => Ok(Ok(payload.readings.len())),
             Err(e @ RegistryError::UnknownGateway(_)) => {
                 Ok(Err((DeadReason::UnknownGateway, e.to_string())))
@@ -280,6 +270,33 @@ fn dead(raw: RawMessage, reason: DeadReason, error: String) -> Outcome {
         reason,
         error,
         source_seq: None,
+    })
+}
+
+/// A raw message that may become readings: its gateway, its device's code and its payload.
+#[derive(Debug)]
+pub struct Readable<'a> {
+    pub gateway_id: i32,
+    pub device_code: &'a str,
+    pub payload: Payload,
+}
+
+/// What a raw message is before the registry is asked: readable, or why it can only go to
+/// DEAD. Pure, and the one classification of the live path ([`Processor::handle`]) and of
+/// `replay --dry-run` ([`Processor::dry_run`]).
+pub fn classify<'a>(
+    raw: &'a RawMessage,
+    limits: &PayloadLimits,
+) -> Result<Readable<'a>, (DeadReason, String)> {
+    let topic = topic::parse(&raw.topic).map_err(|e| (DeadReason::BadTopic, e.to_string()))?;
+    let payload = payload::parse(&raw.payload, limits).map_err(|e| (e.kind(), e.to_string()))?;
+    if let Some(problem) = unstorable(&payload) {
+        return Err((DeadReason::Unstorable, problem));
+    }
+    Ok(Readable {
+        gateway_id: topic.gateway_id,
+        device_code: topic.device_code,
+        payload,
     })
 }
 
@@ -389,6 +406,33 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn classification_names_why_a_message_can_only_go_to_dead() {
+        let limits = PayloadLimits::default();
+        let raw = |topic: &str, payload: &str| {
+            RawMessage::received(topic.into(), bytes::Bytes::from(payload.to_owned()))
+        };
+        let ok = raw(
+            "gateways/7/plc-1",
+            r#"{"d": [{"tag": "AI.0", "value": 1}]}"#,
+        );
+        let readable = classify(&ok, &limits).expect("readable");
+        assert_eq!((readable.gateway_id, readable.device_code), (7, "plc-1"));
+        assert_eq!(readable.payload.readings.len(), 1);
+        for (topic, payload, reason) in [
+            ("gateway/7/x", "{}", DeadReason::BadTopic),
+            ("gateways/7/x", "{", DeadReason::BadJson),
+            (
+                "gateways/7/x",
+                r#"{"d": [{"tag": "a\u0000", "value": 1}]}"#,
+                DeadReason::Unstorable,
+            ),
+        ] {
+            let refused = classify(&raw(topic, payload), &limits).unwrap_err();
+            assert_eq!(refused.0, reason, "{topic} {payload}");
+        }
+    }
     use bytes::Bytes;
 
     fn payload(json: &str) -> Payload {
