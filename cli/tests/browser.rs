@@ -10,7 +10,7 @@
 mod common;
 
 use anyhow::{Context as _, bail, ensure};
-use common::{Publisher, Stack, http_get};
+use common::{Publisher, Stack};
 use dataviz_testkit::free_port;
 use fantoccini::{Client, ClientBuilder, Locator};
 use std::future::Future;
@@ -310,14 +310,7 @@ async fn an_admin_logs_in_creates_a_gateway_and_sees_its_device_live() {
             ),
         ],
     );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while http_get(port, "/login").await.is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "dataviz all never listened on {addr}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    common::wait_for_site(port).await;
 
     let driver = Driver::start(&chromedriver);
     let profile = tempfile::tempdir().expect("temp dir");

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{Publisher, Stack, add_admin, http_get, http_request};
+use common::{Publisher, Stack, add_admin, http_request};
 use dataviz_mercure::JwtKey;
 use dataviz_mercure::jwt::{Claims, sign};
 use dataviz_mercure::subscriber::{EventStream, SubscribeRequest};
@@ -31,14 +31,7 @@ async fn an_mqtt_message_reaches_an_authorized_subscriber_and_anonymous_ones_are
             ("MERCURE_SUBSCRIBER_JWT_KEY", SUBSCRIBER_KEY),
         ],
     );
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while http_get(port, "/login").await.is_none() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "dataviz all never listened on {addr}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    common::wait_for_site(port).await;
     let hub = format!("http://{addr}/.well-known/mercure");
     let selector = "https://dataviz.local/gateways/{gateway}/devices/{device}".to_owned();
     let token = sign(
@@ -99,19 +92,6 @@ async fn an_mqtt_message_reaches_an_authorized_subscriber_and_anonymous_ones_are
     );
 }
 
-/// The `Set-Cookie` value of the session in a response head.
-fn session_of(head: &str) -> String {
-    head.lines()
-        .filter_map(|l| {
-            l.strip_prefix("set-cookie: ")
-                .or_else(|| l.strip_prefix("Set-Cookie: "))
-        })
-        .filter_map(|c| c.split(';').next())
-        .rfind(|c| c.starts_with("dataviz_session="))
-        .unwrap_or_else(|| panic!("no session cookie: {head}"))
-        .to_owned()
-}
-
 /// The device page's live token in `dataviz all`: a subscriber holding it receives the device's
 /// updates; once the admin logs out, the hub ends that subscription at once and refuses the
 /// token, though it has not expired.
@@ -124,14 +104,7 @@ async fn a_pages_live_token_stops_working_at_logout() {
     let mut env = stack.env();
     env.push(("APP_ADDR".to_owned(), addr.clone()));
     let _all = common::spawn_role("all", env.clone(), &[]);
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while http_get(port, "/login").await.is_none() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "dataviz all never listened"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    common::wait_for_site(port).await;
     let mut mqtt = Publisher::connect(stack.mosquitto.port()).await;
     let reading = |v: i32| format!(r#"{{"d": [{{"tag": "AI.0", "value": {v}}}]}}"#);
     mqtt.publish("gateways/3/plc-1", reading(1)).await;
@@ -143,7 +116,7 @@ async fn a_pages_live_token_stops_working_at_logout() {
     add_admin(&env, "admin@example.com", "the-admin-password-77c1");
     let form = "email=admin%40example.com&password=the-admin-password-77c1&next=%2F";
     let (_, head) = http_request(port, "POST", "/api/login", Some(form), &[]).await;
-    let session = session_of(&head);
+    let session = common::set_cookie(&head, "dataviz_session").expect("a session cookie");
     let page = {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))

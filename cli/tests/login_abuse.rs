@@ -19,11 +19,7 @@ async fn site(stack: &Stack, extra: &[(&str, &str)]) -> (common::LoggedRole, u16
     env.push(("APP_ADDR".to_owned(), format!("127.0.0.1:{port}")));
     env.push(("TRUSTED_PROXIES".to_owned(), "127.0.0.1".to_owned()));
     let all = spawn_logged("all", &env, extra);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while common::http_get(port, "/login").await.is_none() {
-        assert!(Instant::now() < deadline, "dataviz all never listened");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    common::wait_for_site(port).await;
     add_admin(&env, ADMIN, "the-admin-password-5e1c");
     (all, port)
 }
@@ -145,16 +141,8 @@ async fn an_owner_with_a_device_cookie_gets_in_while_the_account_is_attacked() {
         &[("X-Forwarded-For", "192.0.2.50")],
     )
     .await;
-    let device = head
-        .lines()
-        .filter_map(|l| {
-            l.strip_prefix("set-cookie: ")
-                .or_else(|| l.strip_prefix("Set-Cookie: "))
-        })
-        .filter_map(|c| c.split(';').next())
-        .find(|c| c.starts_with("dataviz_device="))
-        .unwrap_or_else(|| panic!("no device cookie at login: {head}"))
-        .to_owned();
+    let device = common::set_cookie(&head, "dataviz_device")
+        .unwrap_or_else(|| panic!("no device cookie at login: {head}"));
 
     // The attack: wrong passwords for the account from twenty addresses, all at once, while
     // the owner tries with and without the cookie.

@@ -286,18 +286,9 @@ async fn admin_logs_in(port: u16, wrong: &str, password: &str) -> String {
     assert!(head.contains("/login?error"), "{head}");
     let (status, head) = http_request(port, "POST", "/api/login", Some(&form(password)), &[]).await;
     assert!(status == 302 || status == 303, "{head}");
-    let session = head
-        .lines()
-        .filter_map(|l| {
-            l.strip_prefix("set-cookie: ")
-                .or_else(|| l.strip_prefix("Set-Cookie: "))
-        })
-        .filter_map(|c| c.split(';').next())
-        .filter_map(|c| c.strip_prefix("dataviz_session="))
-        .next_back()
-        .unwrap_or_else(|| panic!("no session cookie: {head}"))
-        .to_owned();
-    let cookie = format!("dataviz_session={session}");
+    let cookie = common::set_cookie(&head, "dataviz_session")
+        .unwrap_or_else(|| panic!("no session cookie: {head}"));
+    let session = cookie["dataviz_session=".len()..].to_owned();
     let (status, head) = http_request(port, "GET", "/devices", None, &[("Cookie", &cookie)]).await;
     assert_eq!(status, 200, "{head}");
     session
@@ -888,14 +879,7 @@ async fn the_admin_session_appears_in_no_log_line_at_debug_level() {
         ("APP_ADDR".to_owned(), app_addr.clone()),
     ]);
     let mut all = spawn_logged("all", &env, &[]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while common::http_get(app_port, "/login").await.is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "dataviz all never listened on {app_addr}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    common::wait_for_site(app_port).await;
     add_admin(&env, ADMIN, "admin-password-0f3b");
     let session = admin_logs_in(app_port, "wrong-password-77aa", "admin-password-0f3b").await;
     all.kill();

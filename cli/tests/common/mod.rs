@@ -365,6 +365,31 @@ pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     Some((status, body))
 }
 
+/// Waits up to 30 s until the admin site of `dataviz all` (or `app`) answers on `port`.
+pub async fn wait_for_site(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while http_get(port, "/login").await.is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "nothing answered on 127.0.0.1:{port} after 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The last cookie `name` a response head sets, as `name=value`.
+pub fn set_cookie(head: &str, name: &str) -> Option<String> {
+    let prefix = format!("{name}=");
+    head.lines()
+        .filter_map(|l| {
+            l.strip_prefix("set-cookie: ")
+                .or_else(|| l.strip_prefix("Set-Cookie: "))
+        })
+        .filter_map(|c| c.split(';').next())
+        .rfind(|c| c.starts_with(&prefix))
+        .map(str::to_owned)
+}
+
 /// A [`Publisher`] with a persistent session (clean session off, fixed random client id): what
 /// it had in flight when the connection dropped is sent again on reconnection, as a device
 /// that must not lose readings does. For tests that stop the broker under it.
