@@ -417,7 +417,7 @@ async fn subscriber_limits() {
     limited.mercure_anonymous = false;
     limited.mercure_max_topics = 3;
     limited.mercure_max_subscribers = 2;
-    let served = serve(limited).await;
+    let served = serve(limited.clone()).await;
     let token = subscriber_token(&["*"], None);
     let status = |topics: Vec<String>, token: Option<String>| {
         let url = served.url.clone();
@@ -439,6 +439,23 @@ async fn subscriber_limits() {
     assert_eq!(status(four, Some(token.clone())).await.0, 400);
     let long = format!("https://e.example/{}/{{id}}", "x".repeat(2048));
     assert_eq!(status(vec![long], Some(token.clone())).await.0, 400);
+    // Right at the limits (on a hub of its own, so that it holds no slot of this one): three
+    // topics, one a template of exactly MAX_TEMPLATE_LENGTH bytes.
+    let at_limits = serve(limited).await;
+    let prefix = "https://e.example/{id}/";
+    let longest = format!(
+        "{prefix}{}",
+        "x".repeat(dataviz_mercure::selector::MAX_TEMPLATE_LENGTH - prefix.len())
+    );
+    let request = SubscribeRequest {
+        topics: vec!["a".into(), "b".into(), longest],
+        token: Some(token.clone()),
+        last_event_id: None,
+    };
+    assert!(
+        EventStream::connect(&at_limits.url, &request).await.is_ok(),
+        "three topics and a template of the longest length are let in"
+    );
 
     let (first, held) = status(a(), Some(token.clone())).await;
     let (second, _also_held) = status(a(), Some(token.clone())).await;
