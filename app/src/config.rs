@@ -89,18 +89,9 @@ fn parse_networks(s: &str) -> Result<Networks, String> {
 }
 
 impl Default for AppConfig {
+    /// The defaults `--help` shows.
     fn default() -> Self {
-        AppConfig {
-            app_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            app_public_url: None,
-            mercure_public_url: None,
-            live_token_ttl: crate::live::DEFAULT_TOKEN_TTL,
-            login_delay: Duration::from_millis(500),
-            login_max_delay: Duration::from_secs(10),
-            login_concurrency: 2,
-            login_tracked: 100_000,
-            trusted_proxies: Networks::default(),
-        }
+        dataviz_core::config::defaults()
     }
 }
 

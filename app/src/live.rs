@@ -17,9 +17,6 @@ use dataviz_mercure::Hub;
 use dataviz_mercure::jwt::{self, Claims, JwtKey};
 use std::time::{Duration, SystemTime};
 
-/// The default life of a live token (`LIVE_TOKEN_TTL`).
-pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(10 * 60);
-
 /// The session key holding the session's live id (the `jti` of its tokens).
 pub const LIVE_ID: &str = "live_id";
 
@@ -73,7 +70,7 @@ impl LiveConfig {
 
 /// Where a device page renews its token.
 pub fn token_path(device_id: i64) -> String {
-    format!("/devices/{device_id}/live-token")
+    crate::paths::LIVE_TOKEN.at(device_id)
 }
 
 /// A new live id for a session.

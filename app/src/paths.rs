@@ -51,24 +51,52 @@ pub fn local_target(target: &str) -> Option<String> {
     stays.then_some(local)
 }
 
+/// A path with one parameter, written once: axum routes its template (`/devices/{id}`), and
+/// links are made by filling it in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Template(&'static str);
+
+impl Template {
+    /// The template, as axum's router reads it.
+    pub const fn route(self) -> &'static str {
+        self.0
+    }
+
+    /// The path with its parameter set to `value`.
+    pub fn at(self, value: impl std::fmt::Display) -> String {
+        let (start, rest) = self.0.split_once('{').expect("a template has a parameter");
+        let (_, end) = rest
+            .split_once('}')
+            .expect("a template's parameter is closed");
+        format!("{start}{value}{end}")
+    }
+}
+
+pub const GATEWAY_EDIT: Template = Template("/gateways/{id}/edit");
+pub const GATEWAY_DELETE: Template = Template("/gateways/{id}/delete");
+pub const GATEWAY_DEVICES: Template = Template("/devices/gateway/{id}");
+pub const DEVICE: Template = Template("/devices/{id}");
+pub const LIVE_TOKEN: Template = Template("/devices/{id}/live-token");
+pub const DEAD_LETTER: Template = Template("/dead-letters/{seq}");
+
 pub fn gateway_edit(id: i32) -> String {
-    format!("/gateways/{id}/edit")
+    GATEWAY_EDIT.at(id)
 }
 
 pub fn gateway_delete(id: i32) -> String {
-    format!("/gateways/{id}/delete")
+    GATEWAY_DELETE.at(id)
 }
 
 pub fn gateway_devices(id: i32) -> String {
-    format!("/devices/gateway/{id}")
+    GATEWAY_DEVICES.at(id)
 }
 
 pub fn device(id: i64) -> String {
-    format!("/devices/{id}")
+    DEVICE.at(id)
 }
 
 pub fn dead_letter(seq: u64) -> String {
-    format!("/dead-letters/{seq}")
+    DEAD_LETTER.at(seq)
 }
 
 /// Percent-encodes a query value.
@@ -94,6 +122,15 @@ pub fn with_query(path: &str, pairs: &[(&str, &str)]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn templates_route_and_fill_the_same_path() {
+        assert_eq!(DEVICE.route(), "/devices/{id}");
+        assert_eq!(device(12), "/devices/12");
+        assert_eq!(gateway_edit(7), "/gateways/7/edit");
+        assert_eq!(LIVE_TOKEN.at(3), "/devices/3/live-token");
+        assert_eq!(dead_letter(42), "/dead-letters/42");
+    }
 
     #[test]
     fn login_keeps_only_local_next_paths() {

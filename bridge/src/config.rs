@@ -135,11 +135,16 @@ pub struct BridgeConfig {
 
 impl BridgeConfig {
     pub fn qos(&self) -> QoS {
-        match self.mqtt_qos {
-            0 => QoS::AtMostOnce,
-            2 => QoS::ExactlyOnce,
-            _ => QoS::AtLeastOnce,
-        }
+        qos(self.mqtt_qos)
+    }
+}
+
+/// The QoS of a level read from the command line (0, 1 or 2; 1 for anything else).
+pub fn qos(level: u8) -> QoS {
+    match level {
+        0 => QoS::AtMostOnce,
+        2 => QoS::ExactlyOnce,
+        _ => QoS::AtLeastOnce,
     }
 }
 

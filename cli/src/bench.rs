@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
-use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::types::ToSql;
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
@@ -342,22 +342,9 @@ async fn copy_alone(client: &mut tokio_postgres::Client, args: &BenchArgs) -> an
     while written < rows {
         let tx = client.transaction().await?;
         let sink = tx
-            .copy_in(
-                "COPY bench_copy (time, device_id, tag_id, gateway_id, value_num, value_bool, \
-                 value_text, value_json, value_type) FROM STDIN BINARY",
-            )
+            .copy_in(&dataviz_core::db::copy_readings("bench_copy"))
             .await?;
-        let types = [
-            Type::TIMESTAMPTZ,
-            Type::INT8,
-            Type::INT8,
-            Type::INT4,
-            Type::FLOAT8,
-            Type::BOOL,
-            Type::TEXT,
-            Type::JSONB,
-            Type::TEXT,
-        ];
+        let types = dataviz_core::db::TAG_READING_TYPES;
         let mut writer = std::pin::pin!(BinaryCopyInWriter::new(sink, &types));
         for i in written..(written + per_tx).min(rows) {
             let device = (i / args.tags % args.devices) as i64;

@@ -97,7 +97,7 @@ pub async fn run(args: BenchSiteArgs) -> anyhow::Result<()> {
         hub_url: dataviz_mercure::HUB_PATH.to_owned(),
         topic_base: dataviz_app::live::DEFAULT_TOPIC_BASE.to_owned(),
         subscriber_key: JwtKey::new("bench-site-subscriber-key-0123456789"),
-        token_ttl: dataviz_app::live::DEFAULT_TOKEN_TTL,
+        token_ttl: dataviz_app::config::AppConfig::default().live_token_ttl,
         hub: None,
     };
     let site = dataviz_app::router(AppState::new(pool, js, &AppConfig::default(), Some(live)))

@@ -117,11 +117,7 @@ pub async fn run(args: SimulateArgs) -> anyhow::Result<()> {
         _ => 0,
     };
 
-    let qos = match args.qos {
-        0 => QoS::AtMostOnce,
-        2 => QoS::ExactlyOnce,
-        _ => QoS::AtLeastOnce,
-    };
+    let qos = dataviz_bridge::config::qos(args.qos);
     let client_id = format!("dataviz-simulate-{}", std::process::id());
     let mut options = args.mqtt.options(&client_id)?;
     options.set_inflight(1000);

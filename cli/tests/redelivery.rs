@@ -7,6 +7,7 @@ mod common;
 use async_nats::jetstream::{self, consumer::PullConsumer};
 use bytes::Bytes;
 use dataviz_core::{
+    consume::{self, Settle, Stage},
     message::{RawMessage, ReadingsMessage},
     payload::PayloadLimits,
     streams::{self, StreamSettings},
@@ -113,6 +114,12 @@ fn ids(payload: &[u8]) -> std::collections::BTreeSet<uuid::Uuid> {
 
 const MESSAGES: usize = 20;
 
+fn writer_stage(hop: &Hop) -> dataviz_writer::Writer {
+    dataviz_writer::Writer {
+        pool: hop.pool.clone(),
+    }
+}
+
 async fn publish_raw(hop: &Hop) {
     for i in 0..MESSAGES {
         let raw = RawMessage::received(
@@ -134,19 +141,22 @@ async fn publish_raw(hop: &Hop) {
 async fn a_processor_dying_before_its_ack_publishes_each_batch_once() {
     let hop = hop().await;
     publish_raw(&hop).await;
-    let processor = Processor::new(hop.pool.clone(), PayloadLimits::default());
+    let processor = Processor::new(hop.pool.clone(), hop.js.clone(), PayloadLimits::default());
     let mut raw = consumer(&hop, streams::RAW_STREAM, hop.settings.processor_consumer()).await;
 
     // First delivery: READINGS stored, then the "crash": no ack.
     let first = take(&raw, MESSAGES).await;
-    let stored = processor.process(&hop.js, &first).await;
-    assert!(stored.iter().all(Result::is_ok), "{stored:?}");
+    let settles = processor.handle(&first).await;
+    assert!(
+        settles.iter().all(|s| matches!(s, Settle::Done)),
+        "{settles:?}"
+    );
     drop(first);
 
     // After ack_wait, every message comes again; handled normally this time.
     let again = take(&raw, MESSAGES).await;
     assert!(again.iter().all(|m| m.info().unwrap().delivered == 2));
-    processor.handle_messages(&hop.js, again).await;
+    consume::handle(&processor, &hop.js, &again).await;
 
     // The same batches packed alike: the second READINGS message is JetStream's duplicate.
     let readings = readings_in_stream(&hop).await;
@@ -164,20 +174,21 @@ async fn a_processor_dying_before_its_ack_publishes_each_batch_once() {
 async fn a_processor_packing_its_redelivery_otherwise_still_stores_each_row_once() {
     let hop = hop().await;
     publish_raw(&hop).await;
-    let processor = Processor::new(hop.pool.clone(), PayloadLimits::default());
+    let processor = Processor::new(hop.pool.clone(), hop.js.clone(), PayloadLimits::default());
     let raw = consumer(&hop, streams::RAW_STREAM, hop.settings.processor_consumer()).await;
 
     // First delivery handled in two halves, stored, then the "crash": no ack.
     let first = take(&raw, MESSAGES).await;
     for half in first.chunks(MESSAGES / 2) {
-        let stored = processor.process(&hop.js, half).await;
-        assert!(stored.iter().all(Result::is_ok), "{stored:?}");
+        let settles = processor.handle(half).await;
+        assert!(
+            settles.iter().all(|s| matches!(s, Settle::Done)),
+            "{settles:?}"
+        );
     }
     drop(first);
     // The redelivery comes whole: packed otherwise, not JetStream's duplicate.
-    processor
-        .handle_messages(&hop.js, take(&raw, MESSAGES).await)
-        .await;
+    consume::handle(&processor, &hop.js, &take(&raw, MESSAGES).await).await;
     let readings = readings_in_stream(&hop).await;
     assert_eq!(readings.len(), 3);
     let batches: usize = readings.iter().map(|r| ids(r).len()).sum();
@@ -189,7 +200,7 @@ async fn a_processor_packing_its_redelivery_otherwise_still_stores_each_row_once
         hop.settings.writer_consumer(),
     )
     .await;
-    dataviz_writer::handle_messages(&hop.js, &hop.pool, take(&writer, 3).await).await;
+    consume::handle(&writer_stage(&hop), &hop.js, &take(&writer, 3).await).await;
     let client = hop.db.connect().await;
     let rows: i64 = client
         .query_one("SELECT count(*) FROM tag_reading", &[])
@@ -203,11 +214,9 @@ async fn a_processor_packing_its_redelivery_otherwise_still_stores_each_row_once
 async fn a_writer_dying_before_its_ack_stores_each_row_once() {
     let hop = hop().await;
     publish_raw(&hop).await;
-    let processor = Processor::new(hop.pool.clone(), PayloadLimits::default());
+    let processor = Processor::new(hop.pool.clone(), hop.js.clone(), PayloadLimits::default());
     let raw = consumer(&hop, streams::RAW_STREAM, hop.settings.processor_consumer()).await;
-    processor
-        .handle_messages(&hop.js, take(&raw, MESSAGES).await)
-        .await;
+    consume::handle(&processor, &hop.js, &take(&raw, MESSAGES).await).await;
 
     let mut readings = consumer(
         &hop,
@@ -227,7 +236,7 @@ async fn a_writer_dying_before_its_ack_stores_each_row_once() {
 
     let again = take(&readings, 1).await;
     assert_eq!(again[0].info().unwrap().delivered, 2);
-    dataviz_writer::handle_messages(&hop.js, &hop.pool, again).await;
+    consume::handle(&writer_stage(&hop), &hop.js, &again).await;
 
     let client = hop.db.connect().await;
     let count = |sql: &'static str| {
@@ -303,9 +312,8 @@ async fn a_batch_postgresql_refuses_goes_to_dead_alone_and_its_neighbours_are_st
         hop.settings.writer_consumer(),
     )
     .await;
-    let progressed =
-        dataviz_writer::handle_messages(&hop.js, &hop.pool, take(&writer, 2).await).await;
-    assert!(progressed);
+    let settled = consume::handle(&writer_stage(&hop), &hop.js, &take(&writer, 2).await).await;
+    assert_eq!((settled.done, settled.dead, settled.retried), (1, 1, 0));
 
     let client = hop.db.connect().await;
     let devices: Vec<i64> = client

@@ -119,6 +119,18 @@ impl NatsConfig {
     }
 }
 
+/// The defaults of a group of settings as its `clap` attributes declare them, without reading
+/// the environment: what `Default` returns for every group of settings, so that each default is
+/// written once, in the attribute `--help` shows.
+pub fn defaults<T: clap::Args + clap::FromArgMatches>() -> T {
+    let command = T::augment_args(clap::Command::new("defaults"))
+        .mut_args(|arg| arg.env(None::<&'static str>));
+    let matches = command
+        .try_get_matches_from(["defaults"])
+        .expect("every setting of the group has a default");
+    T::from_arg_matches(&matches).expect("the declared defaults are valid settings")
+}
+
 /// A JetStream context with acks in flight bounded, waiting (not failing) at the bound.
 pub fn jetstream(client: async_nats::Client) -> jetstream::Context {
     jetstream::ContextBuilder::new()
@@ -155,5 +167,25 @@ pub struct DatabaseConfig {
 impl DatabaseConfig {
     pub fn pool(&self) -> anyhow::Result<deadpool_postgres::Pool> {
         crate::db::pool(&self.database_url, self.database_pool_size)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::db::{Period, RetentionConfig};
+    use crate::streams::StreamSettings;
+    use std::time::Duration;
+
+    #[test]
+    fn defaults_are_the_ones_help_shows() {
+        let streams = StreamSettings::default();
+        assert_eq!(streams.ack_wait, Duration::from_secs(30));
+        assert_eq!(streams.raw_retention, Duration::from_secs(7 * 86_400));
+        assert_eq!((streams.raw_max_bytes, streams.replicas), (-1, 1));
+        let retention = RetentionConfig::default();
+        assert_eq!(
+            retention.readings_retention,
+            Period(Some(Duration::from_secs(365 * 86_400)))
+        );
     }
 }

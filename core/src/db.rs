@@ -264,6 +264,105 @@ pub fn parse_url(url: &str) -> Result<DatabaseUrl, DatabaseUrlError> {
     })
 }
 
+/// The columns of `tag_reading` a reading fills, in order, with their types: the one definition
+/// of the row that the writer copies (and its benchmark and tests with it).
+pub const TAG_READING_COLUMNS: &str = "time, device_id, tag_id, gateway_id, value_num, value_bool, value_text, value_json, value_type";
+pub const TAG_READING_TYPES: [tokio_postgres::types::Type; 9] = {
+    use tokio_postgres::types::Type;
+    [
+        Type::TIMESTAMPTZ,
+        Type::INT8,
+        Type::INT8,
+        Type::INT4,
+        Type::FLOAT8,
+        Type::BOOL,
+        Type::TEXT,
+        Type::JSONB,
+        Type::TEXT,
+    ]
+};
+
+/// The binary COPY of readings into `table` (`tag_reading`, or a table of the same columns).
+pub fn copy_readings(table: &str) -> String {
+    format!("COPY {table} ({TAG_READING_COLUMNS}) FROM STDIN BINARY")
+}
+
+/// Whether retrying can cure a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Not the data's fault (connection, pool, server, a conflict between transactions): the
+    /// same work may succeed later.
+    Transient,
+    /// PostgreSQL refuses the data itself: the same work fails again, whenever it runs.
+    Permanent,
+}
+
+impl ErrorKind {
+    /// The kind of an error with this SQLSTATE. Permanent: data exceptions (class 22: a value
+    /// out of range, an invalid encoding), integrity constraint violations (23) and program
+    /// limits (54: an index row or a statement too large). Everything else is transient, from
+    /// a lost connection (08) to a serialization failure (40) or a server shutting down (57):
+    /// retrying a message that is not at fault costs a delay, dead-lettering it would lose it.
+    pub fn of_sqlstate(code: &tokio_postgres::error::SqlState) -> ErrorKind {
+        match code.code().get(..2) {
+            Some("22" | "23" | "54") => ErrorKind::Permanent,
+            _ => ErrorKind::Transient,
+        }
+    }
+}
+
+/// A database error with its [`ErrorKind`], decided by type and SQLSTATE, never by its text.
+#[derive(Debug, thiserror::Error)]
+#[error("{text}")]
+pub struct DbError {
+    kind: ErrorKind,
+    code: Option<tokio_postgres::error::SqlState>,
+    text: String,
+}
+
+impl DbError {
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// The SQLSTATE, when PostgreSQL answered with one.
+    pub fn code(&self) -> Option<&tokio_postgres::error::SqlState> {
+        self.code.as_ref()
+    }
+
+    /// A transient error of our own making (say, a row that vanished between two queries).
+    pub fn transient(text: impl Into<String>) -> DbError {
+        DbError {
+            kind: ErrorKind::Transient,
+            code: None,
+            text: text.into(),
+        }
+    }
+}
+
+impl From<tokio_postgres::Error> for DbError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        match e.as_db_error() {
+            Some(db) => DbError {
+                kind: ErrorKind::of_sqlstate(db.code()),
+                code: Some(db.code().clone()),
+                text: format!("{}: {}", db.code().code(), db.message()),
+            },
+            None => DbError {
+                kind: ErrorKind::Transient,
+                code: e.code().cloned(),
+                text: e.to_string(),
+            },
+        }
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for DbError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        DbError::transient(e.to_string())
+    }
+}
+
 /// A pool of connections; connections are opened lazily and checked on reuse. Fails at once on
 /// a bad `DATABASE_URL` or an unreadable `sslrootcert`.
 pub fn pool(url: &str, size: usize) -> anyhow::Result<Pool> {
@@ -417,11 +516,9 @@ pub struct RetentionConfig {
 }
 
 impl Default for RetentionConfig {
+    /// The defaults `--help` shows.
     fn default() -> Self {
-        RetentionConfig {
-            readings_retention: Period(Some(Duration::from_secs(365 * 86_400))),
-            readings_compress_after: Period(Some(Duration::from_secs(7 * 86_400))),
-        }
+        crate::config::defaults()
     }
 }
 

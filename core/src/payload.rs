@@ -20,12 +20,17 @@ pub struct PayloadLimits {
     pub max_readings: usize,
 }
 
+impl PayloadLimits {
+    /// `MAX_PAYLOAD_BYTES` and `MAX_READINGS_PER_MESSAGE` by default.
+    pub const DEFAULT: PayloadLimits = PayloadLimits {
+        max_bytes: 256 * 1024,
+        max_readings: 1000,
+    };
+}
+
 impl Default for PayloadLimits {
     fn default() -> Self {
-        PayloadLimits {
-            max_bytes: 256 * 1024,
-            max_readings: 1000,
-        }
+        PayloadLimits::DEFAULT
     }
 }
 

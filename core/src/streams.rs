@@ -93,16 +93,9 @@ pub struct StreamSettings {
 }
 
 impl Default for StreamSettings {
+    /// The defaults `--help` shows.
     fn default() -> Self {
-        StreamSettings {
-            raw_retention: Duration::from_secs(7 * 24 * 3600),
-            raw_max_bytes: -1,
-            raw_duplicate_window: Duration::from_secs(30),
-            readings_max_bytes: -1,
-            dead_retention: Duration::from_secs(30 * 24 * 3600),
-            ack_wait: Duration::from_secs(30),
-            replicas: 1,
-        }
+        crate::config::defaults()
     }
 }
 
@@ -227,7 +220,7 @@ pub async fn ensure(
     loop {
         match ensure_once(js, settings).await {
             Ok(()) => return Ok(()),
-            Err(e) if tokio::time::Instant::now() < deadline && is_timeout(&e) => {
+            Err(e) if tokio::time::Instant::now() < deadline && is_unavailable(&e) => {
                 let wait = backoff.next_delay();
                 tracing::warn!(error = format!("{e:#}"), retry_in = ?wait, "JetStream did not answer in time; retrying");
                 tokio::time::sleep(wait).await;
@@ -251,12 +244,38 @@ pub async fn ensure_publisher(
     Ok(())
 }
 
-fn is_timeout(e: &anyhow::Error) -> bool {
+/// Whether an error of [`ensure`] is JetStream not answering yet (a timeout, no responders, the
+/// meta leader not elected), read from the errors' kinds and JetStream error codes.
+fn is_unavailable(e: &anyhow::Error) -> bool {
+    use async_nats::jetstream::context::{
+        CreateStreamError, CreateStreamErrorKind as Create, GetStreamError,
+        GetStreamErrorKind as Get, RequestError, RequestErrorKind as Request,
+    };
+    use async_nats::jetstream::stream::{ConsumerError, ConsumerErrorKind as Consumer};
+    let busy = |e: &jetstream::Error| e.error_code() == jetstream::ErrorCode::CLUSTER_NOT_AVAILABLE;
     e.chain().any(|cause| {
-        let text = cause.to_string();
-        text.contains("timed out")
-            || text.contains("no responders")
-            || text.contains("temporarily unavailable")
+        if let Some(e) = cause.downcast_ref::<CreateStreamError>() {
+            return match e.kind() {
+                Create::TimedOut | Create::JetStreamUnavailable => true,
+                Create::JetStream(e) => busy(&e),
+                _ => false,
+            };
+        }
+        if let Some(e) = cause.downcast_ref::<ConsumerError>() {
+            return match e.kind() {
+                Consumer::TimedOut => true,
+                Consumer::JetStream(e) => busy(&e),
+                _ => false,
+            };
+        }
+        if let Some(e) = cause.downcast_ref::<GetStreamError>()
+            && let Get::JetStream(e) = e.kind()
+        {
+            return busy(&e);
+        }
+        cause
+            .downcast_ref::<RequestError>()
+            .is_some_and(|e| matches!(e.kind(), Request::TimedOut | Request::NoResponders))
     })
 }
 

@@ -15,28 +15,13 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
-use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 /// PGlite loads 30 MB of WebAssembly and initialises a cluster: seconds, more on a busy machine.
 const START_TIMEOUT: Duration = Duration::from_secs(90);
 /// How long a second client waits for the single session before the server refuses it.
 const QUEUE_TIMEOUT_MS: u64 = 1000;
-
-/// The writer's columns and types (writer/src/lib.rs).
-const COPY: &str = "COPY tag_reading (time, device_id, tag_id, gateway_id, value_num, \
-                    value_bool, value_text, value_json, value_type) FROM STDIN BINARY";
-const COLUMNS: [Type; 9] = [
-    Type::TIMESTAMPTZ,
-    Type::INT8,
-    Type::INT8,
-    Type::INT4,
-    Type::FLOAT8,
-    Type::BOOL,
-    Type::TEXT,
-    Type::JSONB,
-    Type::TEXT,
-];
 
 /// `node timescale/server.mjs`, killed when dropped (also when the test panics).
 struct Server {
@@ -165,8 +150,8 @@ async fn write(client: &mut tokio_postgres::Client, ids: &[Uuid], rows: &[Row]) 
         .len();
     let mut copied = 0;
     if new > 0 {
-        let sink = tx.copy_in(COPY).await.unwrap();
-        let mut writer = pin!(BinaryCopyInWriter::new(sink, &COLUMNS));
+        let sink = tx.copy_in(&db::copy_readings("tag_reading")).await.unwrap();
+        let mut writer = pin!(BinaryCopyInWriter::new(sink, &db::TAG_READING_TYPES));
         for r in rows {
             let row: [&(dyn ToSql + Sync); 9] = [
                 &r.time,
@@ -430,8 +415,8 @@ async fn timescale_flavour_on_real_timescaledb() {
         )
         .await
         .unwrap();
-        let sink = tx.copy_in(COPY).await.unwrap();
-        let mut writer = pin!(BinaryCopyInWriter::new(sink, &COLUMNS));
+        let sink = tx.copy_in(&db::copy_readings("tag_reading")).await.unwrap();
+        let mut writer = pin!(BinaryCopyInWriter::new(sink, &db::TAG_READING_TYPES));
         let bad: [&(dyn ToSql + Sync); 9] = [
             &t0,
             &1i64,
@@ -451,8 +436,8 @@ async fn timescale_flavour_on_real_timescaledb() {
     // A COPY the client gives up (the sink dropped unfinished: CopyFail) writes nothing either.
     {
         let tx = client.transaction().await.unwrap();
-        let sink = tx.copy_in(COPY).await.unwrap();
-        let mut writer = pin!(BinaryCopyInWriter::new(sink, &COLUMNS));
+        let sink = tx.copy_in(&db::copy_readings("tag_reading")).await.unwrap();
+        let mut writer = pin!(BinaryCopyInWriter::new(sink, &db::TAG_READING_TYPES));
         let r = Row::num(t0, 9, 9.0);
         let row: [&(dyn ToSql + Sync); 9] = [
             &r.time,

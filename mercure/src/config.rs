@@ -113,7 +113,7 @@ pub struct HubConfig {
         long,
         env = "MERCURE_MAX_SUBSCRIBERS",
         value_name = "MERCURE_MAX_SUBSCRIBERS",
-        default_value_t = 10_000
+        default_value_t = HubConfig::DEFAULT_MAX_SUBSCRIBERS
     )]
     pub mercure_max_subscribers: usize,
     /// Topic selectors one subscription may name; more is a 400. Each template a subscription
@@ -122,7 +122,7 @@ pub struct HubConfig {
         long,
         env = "MERCURE_MAX_TOPICS",
         value_name = "MERCURE_MAX_TOPICS",
-        default_value_t = 1_000
+        default_value_t = HubConfig::DEFAULT_MAX_TOPICS
     )]
     pub mercure_max_topics: usize,
     /// Compiled URI templates kept for new subscriptions (emptied when full; a subscription
@@ -158,11 +158,11 @@ pub struct HubConfig {
         long,
         env = "MERCURE_HISTORY_SIZE",
         value_name = "MERCURE_HISTORY_SIZE",
-        default_value_t = 10_000
+        default_value_t = HubConfig::DEFAULT_HISTORY_SIZE
     )]
     pub mercure_history_size: usize,
     /// Interval of the heartbeat comment sent to idle subscribers; 0s: none.
-    #[arg(long, env = "MERCURE_HEARTBEAT", value_name = "MERCURE_HEARTBEAT", default_value = "40s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "MERCURE_HEARTBEAT", value_name = "MERCURE_HEARTBEAT", default_value = HubConfig::DEFAULT_HEARTBEAT, value_parser = humantime::parse_duration)]
     pub mercure_heartbeat: Duration,
 }
 
@@ -171,18 +171,24 @@ impl Default for HubConfig {
         HubConfig {
             keys: MercureKeysConfig::default(),
             mercure_anonymous: false,
-            mercure_max_subscribers: 10_000,
-            mercure_max_topics: 1_000,
+            mercure_max_subscribers: HubConfig::DEFAULT_MAX_SUBSCRIBERS,
+            mercure_max_topics: HubConfig::DEFAULT_MAX_TOPICS,
             mercure_template_cache_size: crate::selector::DEFAULT_TEMPLATE_CACHE_SIZE,
             mercure_cors_origins: String::new(),
             mercure_publish_origins: String::new(),
-            mercure_history_size: 10_000,
-            mercure_heartbeat: Duration::from_secs(40),
+            mercure_history_size: HubConfig::DEFAULT_HISTORY_SIZE,
+            mercure_heartbeat: humantime::parse_duration(HubConfig::DEFAULT_HEARTBEAT)
+                .expect("a valid duration"),
         }
     }
 }
 
 impl HubConfig {
+    pub const DEFAULT_MAX_SUBSCRIBERS: usize = 10_000;
+    pub const DEFAULT_MAX_TOPICS: usize = 1_000;
+    pub const DEFAULT_HISTORY_SIZE: usize = 10_000;
+    pub const DEFAULT_HEARTBEAT: &'static str = "40s";
+
     /// The defaults with a random key (publisher and subscriber alike): for a quick start with
     /// no setting, and for tests. Whoever calls this logs a warning that the key is generated.
     pub fn development() -> HubConfig {

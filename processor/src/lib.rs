@@ -11,11 +11,13 @@
 //! anything else (database or NATS unreachable) is handed back and retried with backoff.
 
 pub mod registry;
+pub mod replay;
 
 use async_nats::jetstream;
 use chrono::{DateTime, Utc};
 use dataviz_core::{
-    consume::{self, ack, nak_later},
+    consume::{self, Failure, Settle, Stage, Transient},
+    db::ErrorKind,
     message::{DeadLetter, DeadReason, RawMessage, ReadingsMessage, TagReading, TagReadingsBatch},
     ops::{Progress, metric},
     payload::{self, Payload, PayloadLimits},
@@ -28,8 +30,6 @@ use registry::{Registry, RegistryError, Resolved};
 use std::sync::Arc;
 use std::time::Duration;
 
-const STAGE: &str = "processor";
-
 /// Processor settings.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ProcessorConfig {
@@ -37,14 +37,14 @@ pub struct ProcessorConfig {
     #[arg(long, env = "WORKER_COUNT", value_name = "WORKER_COUNT", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub worker_count: u16,
     /// Largest payload accepted, in bytes; larger ones go to DEAD.
-    #[arg(long, env = "MAX_PAYLOAD_BYTES", value_name = "MAX_PAYLOAD_BYTES", default_value_t = 256 * 1024)]
+    #[arg(long, env = "MAX_PAYLOAD_BYTES", value_name = "MAX_PAYLOAD_BYTES", default_value_t = PayloadLimits::DEFAULT.max_bytes)]
     pub max_payload_bytes: usize,
     /// Most readings in one payload; more go to DEAD.
     #[arg(
         long,
         env = "MAX_READINGS_PER_MESSAGE",
         value_name = "MAX_READINGS_PER_MESSAGE",
-        default_value_t = 1000
+        default_value_t = PayloadLimits::DEFAULT.max_readings
     )]
     pub max_readings_per_message: usize,
     /// Raw messages handled per batch by each worker.
@@ -66,7 +66,7 @@ impl ProcessorConfig {
     }
 }
 
-/// What becomes of one raw message.
+/// What becomes of one raw message, before anything is published.
 #[derive(Debug)]
 pub enum Outcome {
     /// Readings to publish to READINGS.
@@ -74,20 +74,37 @@ pub enum Outcome {
     /// Refused for good: to DEAD.
     Dead(DeadLetter),
     /// Failed for now: hand back, retry later.
-    Retry(String),
+    Retry(Transient),
 }
 
 /// The processor: shared registry and settings.
 pub struct Processor {
     registry: Registry,
     limits: PayloadLimits,
+    js: jetstream::Context,
+}
+
+impl Stage for Processor {
+    const NAME: &'static str = "processor";
+
+    /// Decides what becomes of each raw message and publishes the readings to READINGS,
+    /// waiting until stored: a message is done once READINGS holds its readings.
+    async fn handle(&self, messages: &[jetstream::Message]) -> Vec<Settle> {
+        let outcomes = self.outcomes(messages).await;
+        self.publish(outcomes).await
+    }
 }
 
 impl Processor {
-    pub fn new(pool: deadpool_postgres::Pool, limits: PayloadLimits) -> Processor {
+    pub fn new(
+        pool: deadpool_postgres::Pool,
+        js: jetstream::Context,
+        limits: PayloadLimits,
+    ) -> Processor {
         Processor {
             registry: Registry::new(pool),
             limits,
+            js,
         }
     }
 
@@ -96,7 +113,7 @@ impl Processor {
     }
 
     /// Decides what becomes of one raw message.
-    pub async fn handle(&self, raw: RawMessage) -> Outcome {
+    pub async fn decide(&self, raw: RawMessage) -> Outcome {
         let (gateway_id, device_code, payload) = match classify(&raw, &self.limits) {
             Ok(Readable {
                 gateway_id,
@@ -116,53 +133,25 @@ impl Processor {
             Err(e @ RegistryError::UnknownGateway(_)) => {
                 dead(raw, DeadReason::UnknownGateway, e.to_string())
             }
-            Err(e @ RegistryError::Database(_)) => Outcome::Retry(e.to_string()),
+            Err(RegistryError::Database(e)) if e.kind() == ErrorKind::Permanent => dead(
+                raw,
+                DeadReason::Unstorable,
+                format!("refused by PostgreSQL: {e}"),
+            ),
+            Err(e @ RegistryError::Database(_)) => Outcome::Retry(Transient {
+                failure: Failure::Database,
+                error: e.to_string(),
+            }),
         }
-    }
-
-    /// Handles a batch of RAW messages: publishes every outcome, then acks what was stored and
-    /// hands back the rest. `false` when nothing was done (all handed back).
-    pub async fn handle_messages(
-        &self,
-        js: &jetstream::Context,
-        messages: Vec<jetstream::Message>,
-    ) -> bool {
-        let stored = self.process(js, &messages).await;
-        let progressed = stored.iter().any(Result::is_ok);
-        let finish = messages
-            .iter()
-            .zip(stored)
-            .map(|(message, stored)| async move {
-                match stored {
-                    Ok(()) => ack(message).await,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "raw message not processed; it will be retried");
-                        nak_later(message).await;
-                    }
-                }
-            });
-        join_all(finish).await;
-        progressed
-    }
-
-    /// Decides what becomes of each RAW message and publishes it to READINGS or DEAD, waiting
-    /// until stored; acknowledges nothing. `Ok` for each message whose outcome is stored.
-    pub async fn process(
-        &self,
-        js: &jetstream::Context,
-        messages: &[jetstream::Message],
-    ) -> Vec<Result<(), String>> {
-        let outcomes = self.outcomes(messages).await;
-        self.store_all(js, &outcomes).await
     }
 
     /// What becomes of each RAW message, nothing published yet.
     pub async fn outcomes(&self, messages: &[jetstream::Message]) -> Vec<Outcome> {
         let mut outcomes = Vec::with_capacity(messages.len());
         for message in messages {
-            let mut outcome =
+            outcomes.push(
                 match RawMessage::from_parts(message.headers.as_ref(), message.payload.clone()) {
-                    Ok(raw) => self.handle(raw).await,
+                    Ok(raw) => self.decide(raw).await,
                     Err(e) => {
                         let raw = RawMessage::received(
                             message.subject.to_string(),
@@ -170,58 +159,50 @@ impl Processor {
                         );
                         dead(raw, DeadReason::ForeignMessage, e.to_string())
                     }
-                };
-            if let Outcome::Dead(letter) = &mut outcome {
-                letter.source_seq = message.info().ok().map(|i| i.stream_sequence);
-            }
-            outcomes.push(outcome);
+                },
+            );
         }
         outcomes
     }
 
-    /// Publishes outcomes to READINGS or DEAD, waiting until stored, and counts them. The
-    /// readings go packed, a READINGS message per gateway ([`ReadingsMessage::pack`]); each
-    /// outcome gets the result of the message that holds it.
-    pub async fn store_all(
-        &self,
-        js: &jetstream::Context,
-        outcomes: &[Outcome],
-    ) -> Vec<Result<(), String>> {
+    /// Publishes the readings of `outcomes` to READINGS, waiting until stored, and says what
+    /// became of each message: done once READINGS holds its readings. The readings go packed,
+    /// a READINGS message per gateway ([`ReadingsMessage::pack`]); each message gets the result
+    /// of the READINGS message that holds its readings.
+    pub async fn publish(&self, outcomes: Vec<Outcome>) -> Vec<Settle> {
         let (packed, homes) = ReadingsMessage::pack(outcomes.iter().filter_map(|o| match o {
             Outcome::Readings(batch) => Some(batch),
             _ => None,
         }));
-        let readings = join_all(packed.iter().map(|m| async move {
-            streams::publish_stored(js, m.subject(), m.headers(), m.payload())
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string())
-        }));
-        let dead = join_all(outcomes.iter().map(|outcome| async move {
-            match outcome {
-                Outcome::Dead(dead) => Some(dead.store(js).await.map_err(|e| e.to_string())),
-                _ => None,
-            }
-        }));
-        let (readings, dead) = futures::join!(readings, dead);
+        let stored = join_all(
+            packed
+                .iter()
+                .map(|m| streams::publish_stored(&self.js, m.subject(), m.headers(), m.payload())),
+        )
+        .await;
         let mut homes = homes.into_iter();
-        let stored: Vec<Result<(), String>> = outcomes
-            .iter()
-            .zip(dead)
-            .map(|(outcome, dead)| match (outcome, dead) {
-                (Outcome::Readings(_), _) => {
-                    let home = homes.next().expect("one home per batch");
-                    readings[home].clone()
-                }
-                (Outcome::Retry(e), _) => Err(e.clone()),
-                (_, Some(stored)) => stored,
-                (_, None) => unreachable!("a dead letter is published"),
+        outcomes
+            .into_iter()
+            .map(|outcome| {
+                let (label, settle) = match outcome {
+                    Outcome::Readings(batch) => {
+                        let home = homes.next().expect("one home per batch");
+                        match &stored[home] {
+                            Ok(_) => {
+                                metrics::counter!(metric::PROCESSOR_READINGS)
+                                    .increment(batch.readings.len() as u64);
+                                ("readings", Settle::Done)
+                            }
+                            Err(e) => ("retry", Settle::retry(Failure::Nats, e)),
+                        }
+                    }
+                    Outcome::Dead(letter) => ("dead", Settle::dead(letter)),
+                    Outcome::Retry(transient) => ("retry", Settle::Retry(transient)),
+                };
+                metrics::counter!(metric::PROCESSOR_MESSAGES, "outcome" => label).increment(1);
+                settle
             })
-            .collect();
-        for (outcome, stored) in outcomes.iter().zip(&stored) {
-            count(outcome, stored);
-        }
-        stored
+            .collect()
     }
 
     /// What would become of a raw message, without creating anything: `Ok` with the number of
@@ -245,28 +226,10 @@ impl Processor {
     }
 }
 
-/// Counts what became of one raw message.
-fn count(outcome: &Outcome, stored: &Result<(), String>) {
-    let label = match (outcome, stored) {
-        (_, Err(_)) | (Outcome::Retry(_), _) => {
-            metrics::counter!(metric::FAILURES, "stage" => STAGE, "kind" => "transient")
-                .increment(1);
-            "retry"
-        }
-        (Outcome::Readings(batch), Ok(())) => {
-            metrics::counter!(metric::PROCESSOR_READINGS).increment(batch.readings.len() as u64);
-            "readings"
-        }
-        // Logged and counted by `DeadLetter::store`.
-        (Outcome::Dead(_), Ok(())) => "dead",
-    };
-    metrics::counter!(metric::PROCESSOR_MESSAGES, "outcome" => label).increment(1);
-}
-
 fn dead(raw: RawMessage, reason: DeadReason, error: String) -> Outcome {
     Outcome::Dead(DeadLetter {
         raw,
-        stage: STAGE.into(),
+        stage: Processor::NAME.into(),
         reason,
         error,
         source_seq: None,
@@ -282,7 +245,7 @@ pub struct Readable<'a> {
 }
 
 /// What a raw message is before the registry is asked: readable, or why it can only go to
-/// DEAD. Pure, and the one classification of the live path ([`Processor::handle`]) and of
+/// DEAD. Pure, and the one classification of the live path ([`Processor::decide`]) and of
 /// `replay --dry-run` ([`Processor::dry_run`]).
 pub fn classify<'a>(
     raw: &'a RawMessage,
@@ -358,7 +321,7 @@ pub async fn run(
     progress: Arc<Progress>,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
-    let processor = Arc::new(Processor::new(pool, config.limits()));
+    let processor = Arc::new(Processor::new(pool, js.clone(), config.limits()));
     let flusher = {
         let processor = processor.clone();
         let shutdown = shutdown.clone();
@@ -384,14 +347,14 @@ pub async fn run(
         let batch_size = config.processor_batch_size;
         let consumer = consumer.clone();
         tokio::spawn(async move {
-            consume::consume_batches(
+            consume::run(
+                &*processor,
                 &js,
                 streams::RAW_STREAM,
                 consumer,
                 batch_size,
                 &progress,
                 &shutdown,
-                |messages| processor.handle_messages(&js, messages),
             )
             .await
         })

@@ -6,6 +6,7 @@
 //! instances seeing different types converge on the same rule ([`DataType::merge`]).
 
 use chrono::{DateTime, Utc};
+use dataviz_core::db::DbError;
 use dataviz_core::value::{DataType, Value};
 use deadpool_postgres::Pool;
 use std::collections::HashMap;
@@ -23,20 +24,21 @@ pub enum RegistryError {
     /// Permanent for this message: no gateway has this id.
     #[error("unknown gateway {0}: no gateway has this id (create it, then re-queue the message)")]
     UnknownGateway(i32),
-    /// Transient: the database is unreachable or failed.
+    /// The database failed: transient (unreachable, a conflict) or permanent (it refuses
+    /// this message's data), as [`DbError::kind`] says.
     #[error("database: {0}")]
-    Database(String),
+    Database(#[from] DbError),
 }
 
 impl From<tokio_postgres::Error> for RegistryError {
     fn from(e: tokio_postgres::Error) -> Self {
-        RegistryError::Database(e.to_string())
+        RegistryError::Database(e.into())
     }
 }
 
 impl From<deadpool_postgres::PoolError> for RegistryError {
     fn from(e: deadpool_postgres::PoolError) -> Self {
-        RegistryError::Database(e.to_string())
+        RegistryError::Database(e.into())
     }
 }
 
@@ -95,8 +97,8 @@ impl Registry {
                 let device_id = self.device(gateway_id, device_code).await?;
                 return match self.tags(device_id, readings).await {
                     Ok(tag_ids) => Ok(self.seen(device_id, tag_ids, seen_at)),
-                    Err(TagsError::DeviceGone) => Err(RegistryError::Database(format!(
-                        "device {device_id} disappeared while its tags were written"
+                    Err(TagsError::DeviceGone) => Err(RegistryError::Database(DbError::transient(
+                        format!("device {device_id} disappeared while its tags were written"),
                     ))),
                     Err(TagsError::Registry(e)) => Err(e),
                 };
@@ -253,9 +255,11 @@ impl Registry {
             for &i in &missing {
                 let (code, value) = &readings[i];
                 let Some((id, current)) = found.get_mut(code) else {
-                    return Err(TagsError::Registry(RegistryError::Database(format!(
-                        "tag {code:?} of device {device_id} not found after insertion"
-                    ))));
+                    return Err(TagsError::Registry(RegistryError::Database(
+                        DbError::transient(format!(
+                            "tag {code:?} of device {device_id} not found after insertion"
+                        )),
+                    )));
                 };
                 ids[i] = *id;
                 let wanted = current.merge(value.data_type());

@@ -29,7 +29,8 @@
 //! some were accepted, the message comes again whole, and its updates keep their ids. Failures
 //! are sorted by [`PublishError`]:
 //! - unavailable (no connection, timeout, 5xx, 429): warning, every message not yet published
-//!   is handed back with a delay ([`nak_later`]) and the stage backs off before its next batch;
+//!   is handed back with a delay growing with its deliveries, and the consume loop pauses
+//!   before its next batch ([`dataviz_core::consume`]);
 //! - refused (401, 403, 400...): **also retried, logged at ERROR**. A refusal of our own update
 //!   is a configuration problem (wrong key, a `mercure.publish` claim or a hub ACL not covering
 //!   the topic base), not a bad message: dead-lettering would throw away every update until an
@@ -50,10 +51,9 @@
 
 use async_nats::jetstream::{self, consumer::pull};
 use dataviz_core::{
-    consume::{self, ack, nak_later},
+    consume::{self, Failure, Settle, Stage, Transient},
     message::{ReadingsMessage, TagReadingsBatch},
     ops::{Progress, metric},
-    retry::Backoff,
     shutdown::Shutdown,
     streams,
 };
@@ -62,8 +62,6 @@ use futures::StreamExt;
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
-
-const STAGE: &str = "publisher";
 
 /// Publisher settings. The JWT key is [`dataviz_mercure::MercureKeysConfig`], shared with the
 /// embedded hub when both run in one process.
@@ -114,14 +112,9 @@ pub struct PublisherConfig {
 }
 
 impl Default for PublisherConfig {
+    /// The defaults `--help` shows.
     fn default() -> Self {
-        PublisherConfig {
-            mercure_url: "http://127.0.0.1:3000/.well-known/mercure".into(),
-            mercure_topic_base: "https://dataviz.local".into(),
-            publisher_batch_size: 16,
-            publisher_concurrency: 16,
-            publisher_coalesce_backlog: 1000,
-        }
+        dataviz_core::config::defaults()
     }
 }
 
@@ -253,151 +246,121 @@ fn plan(batches: &[(usize, TagReadingsBatch)], coalesce: bool) -> Vec<Vec<(usize
         .collect()
 }
 
-/// State kept between batches.
-#[derive(Debug, Default)]
-struct Pacing {
-    backoff: Mutex<Backoff>,
+/// The publisher stage: READINGS messages to hub updates.
+#[derive(Debug)]
+pub struct Publisher {
+    pub config: PublisherConfig,
+    pub sink: UpdateSink,
 }
 
-/// Handles one fetch of READINGS messages: posts the updates of their batches, acks each
-/// message whose updates the hub all accepted, hands back the rest. Returns false when the hub
-/// failed (the caller backs off).
-pub async fn handle_messages(
-    config: &PublisherConfig,
-    publisher: &UpdateSink,
-    messages: Vec<jetstream::Message>,
-) -> bool {
-    // Every batch, with the index of its message.
-    let mut batches = Vec::with_capacity(messages.len());
-    for (index, message) in messages.iter().enumerate() {
-        match ReadingsMessage::parse(&message.payload) {
-            Ok(parsed) => batches.extend(parsed.into_iter().map(|batch| (index, batch))),
-            Err(e) => {
-                tracing::error!(subject = %message.subject, error = %e, "not a readings message: nothing to publish (the writer dead-letters it)");
+impl Stage for Publisher {
+    const NAME: &'static str = "publisher";
+
+    /// Posts the updates of the fetched messages' batches: a message is done once the hub
+    /// accepted each of its updates, retried otherwise.
+    async fn handle(&self, messages: &[jetstream::Message]) -> Vec<Settle> {
+        let config = &self.config;
+        // Every batch, with the index of its message.
+        let mut batches = Vec::with_capacity(messages.len());
+        for (index, message) in messages.iter().enumerate() {
+            match ReadingsMessage::parse(&message.payload) {
+                Ok(parsed) => batches.extend(parsed.into_iter().map(|batch| (index, batch))),
+                Err(e) => {
+                    tracing::error!(subject = %message.subject, error = %e, "not a readings message: nothing to publish (the writer dead-letters it)");
+                }
             }
         }
-    }
-    // The backlog in batches, estimated from the messages pending after these.
-    let pending = messages
-        .iter()
-        .filter_map(|m| m.info().ok().map(|i| i.pending))
-        .min()
-        .unwrap_or(0);
-    let backlog = pending
-        .saturating_mul(batches.len() as u64)
-        .checked_div(messages.len() as u64)
-        .unwrap_or(0)
-        .saturating_add(batches.len() as u64);
-    let coalesce =
-        config.publisher_coalesce_backlog > 0 && backlog >= config.publisher_coalesce_backlog;
-    let plan = plan(&batches, coalesce);
-    // Set at the first failure: the rest of the batch is handed back without trying.
-    let failed = AtomicBool::new(false);
-    // Per message: one of its updates was not accepted.
-    let unsettled: Vec<AtomicBool> = messages.iter().map(|_| AtomicBool::new(false)).collect();
-    let base = config.mercure_topic_base.as_str();
-    let devices = futures::stream::iter(plan.into_iter().map(|device| {
-        let (batches, failed, unsettled) = (&batches, &failed, &unsettled);
-        async move {
-            for (position, coalesced) in device {
-                let (index, batch) = &batches[position];
-                let covered =
-                    || std::iter::once(*index).chain(coalesced.iter().map(|p| batches[*p].0));
-                if failed.load(Ordering::Relaxed) {
-                    covered().for_each(|i| unsettled[i].store(true, Ordering::Relaxed));
-                    continue;
-                }
-                match publisher.publish(to_update(base, batch)).await {
-                    Ok(_) => {
-                        metrics::counter!(metric::PUBLISHER_UPDATES).increment(1);
-                        metrics::counter!(metric::PUBLISHER_COALESCED)
-                            .increment(coalesced.len() as u64);
-                    }
-                    Err(e) => {
-                        if !failed.swap(true, Ordering::Relaxed) {
-                            report(&e, publisher);
+        // The backlog in batches, estimated from the messages pending after these.
+        let pending = messages
+            .iter()
+            .filter_map(|m| m.info().ok().map(|i| i.pending))
+            .min()
+            .unwrap_or(0);
+        let backlog = pending
+            .saturating_mul(batches.len() as u64)
+            .checked_div(messages.len() as u64)
+            .unwrap_or(0)
+            .saturating_add(batches.len() as u64);
+        let coalesce =
+            config.publisher_coalesce_backlog > 0 && backlog >= config.publisher_coalesce_backlog;
+        let plan = plan(&batches, coalesce);
+        // Set at the first failure: the rest of the fetch is handed back without trying.
+        let failed: Mutex<Option<Transient>> = Mutex::new(None);
+        let failed_yet = || failed.lock().unwrap_or_else(|e| e.into_inner()).is_some();
+        // Per message: one of its updates was not accepted.
+        let unsettled: Vec<AtomicBool> = messages.iter().map(|_| AtomicBool::new(false)).collect();
+        let base = config.mercure_topic_base.as_str();
+        let devices = futures::stream::iter(plan.into_iter().map(|device| {
+            let (batches, failed, unsettled) = (&batches, &failed, &unsettled);
+            async move {
+                for (position, coalesced) in device {
+                    let (index, batch) = &batches[position];
+                    let covered =
+                        || std::iter::once(*index).chain(coalesced.iter().map(|p| batches[*p].0));
+                    if !failed_yet() {
+                        match self.sink.publish(to_update(base, batch)).await {
+                            Ok(_) => {
+                                metrics::counter!(metric::PUBLISHER_UPDATES).increment(1);
+                                metrics::counter!(metric::PUBLISHER_COALESCED)
+                                    .increment(coalesced.len() as u64);
+                                continue;
+                            }
+                            Err(e) => {
+                                let mut first = failed.lock().unwrap_or_else(|e| e.into_inner());
+                                first.get_or_insert_with(|| transient(&e, &self.sink));
+                            }
                         }
-                        covered().for_each(|i| unsettled[i].store(true, Ordering::Relaxed));
                     }
+                    covered().for_each(|i| unsettled[i].store(true, Ordering::Relaxed));
                 }
             }
-        }
-    }))
-    .buffer_unordered(config.publisher_concurrency.max(1))
-    .collect::<Vec<()>>();
-    devices.await;
-    let settle = messages
-        .iter()
-        .zip(unsettled)
-        .map(|(message, unsettled)| async move {
-            if unsettled.into_inner() {
-                nak_later(message).await
-            } else {
-                ack(message).await
-            }
-        });
-    futures::future::join_all(settle).await;
-    !failed.load(Ordering::Relaxed)
+        }))
+        .buffer_unordered(config.publisher_concurrency.max(1))
+        .collect::<Vec<()>>();
+        devices.await;
+        let failed = failed.into_inner().unwrap_or_else(|e| e.into_inner());
+        unsettled
+            .into_iter()
+            .map(|unsettled| match (&failed, unsettled.into_inner()) {
+                (Some(failure), true) => Settle::Retry(failure.clone()),
+                _ => Settle::Done,
+            })
+            .collect()
+    }
 }
 
-/// One log line and one metric per failed batch.
-fn report(error: &PublishError, publisher: &UpdateSink) {
-    match error {
-        PublishError::Unavailable(_) => {
-            metrics::counter!(metric::FAILURES, "stage" => STAGE, "kind" => "hub_unavailable")
-                .increment(1);
-            tracing::warn!(hub = %publisher.describe(), error = %error, "hub unavailable; updates kept and retried");
-        }
-        PublishError::Refused { .. } => {
-            metrics::counter!(metric::FAILURES, "stage" => STAGE, "kind" => "hub_refused")
-                .increment(1);
-            tracing::error!(hub = %publisher.describe(), error = %error, "hub refused our update: check MERCURE_PUBLISHER_JWT_KEY, the JWT's mercure.publish claim and MERCURE_TOPIC_BASE; updates kept and retried");
-        }
+/// What failed when the hub did not take an update.
+fn transient(error: &PublishError, sink: &UpdateSink) -> Transient {
+    let failure = match error {
+        PublishError::Unavailable(_) => Failure::HubUnavailable,
+        PublishError::Refused { .. } => Failure::HubRefused,
+    };
+    Transient {
+        failure,
+        error: format!("{}: {error}", sink.describe()),
     }
 }
 
 /// Consumes READINGS until `shutdown`, on the durable `consumer`
 /// ([`dataviz_core::streams::StreamSettings::publisher_consumer`]),
-/// posting to the hub through `publisher`.
+/// posting to the hub through `sink`.
 pub async fn run(
     config: PublisherConfig,
     consumer: pull::Config,
     js: jetstream::Context,
-    publisher: UpdateSink,
+    sink: UpdateSink,
     progress: &Progress,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
-    let pacing = Pacing::default();
-    consume::consume_batches(
+    let batch_size = config.publisher_batch_size;
+    consume::run(
+        &Publisher { config, sink },
         &js,
         streams::READINGS_STREAM,
         consumer,
-        config.publisher_batch_size,
+        batch_size,
         progress,
         &shutdown,
-        |messages| {
-            let (config, publisher, pacing, shutdown) = (&config, &publisher, &pacing, &shutdown);
-            async move {
-                if handle_messages(config, publisher, messages).await {
-                    pacing
-                        .backoff
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .reset();
-                    return true;
-                }
-                let wait = pacing
-                    .backoff
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .next_delay();
-                tokio::select! {
-                    _ = shutdown.cancelled() => {},
-                    _ = tokio::time::sleep(wait) => {},
-                }
-                false
-            }
-        },
     )
     .await
 }

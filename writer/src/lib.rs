@@ -7,12 +7,15 @@
 //! before that means a redelivery, which the ids absorb, so a batch stored once or five times,
 //! packed alike or not, leaves the same rows.
 //!
-//! Failures are sorted in one place, [`WriteError`]: a write PostgreSQL refuses for its data is
-//! split to find the batch at fault, which goes to DEAD; anything else is retried.
+//! Failures are sorted by kind ([`dataviz_core::db::ErrorKind`], from the SQLSTATE): a write
+//! PostgreSQL refuses for its data is split to find the batch at fault, which goes to DEAD;
+//! anything else is retried. The writer says what became of each message ([`Writer`] is a
+//! [`Stage`]); the consume loop acknowledges.
 
 use async_nats::jetstream;
 use dataviz_core::{
-    consume::{self, ack, nak_later},
+    consume::{self, Failure, Settle, Stage},
+    db::{self, DbError, ErrorKind},
     message::{DeadLetter, DeadReason, RawMessage, ReadingsMessage, TagReadingsBatch},
     ops::{Progress, metric},
     shutdown::Shutdown,
@@ -20,15 +23,11 @@ use dataviz_core::{
     value::Value,
 };
 use deadpool_postgres::Pool;
-use futures::future::join_all;
 use std::pin::pin;
-use thiserror::Error;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::types::ToSql;
 use uuid::Uuid;
-
-const STAGE: &str = "writer";
 
 /// Writer settings.
 #[derive(Debug, Clone, clap::Args)]
@@ -93,39 +92,6 @@ pub async fn prune_loop(
     }
 }
 
-#[derive(Debug, Error)]
-pub enum WriteError {
-    /// PostgreSQL refused the data itself (SQLSTATE classes 22 and 23): retrying cannot help.
-    #[error("refused by PostgreSQL: {0}")]
-    Data(String),
-    /// Anything else: connection, server, pool.
-    #[error("database: {0}")]
-    Transient(String),
-}
-
-impl From<tokio_postgres::Error> for WriteError {
-    fn from(e: tokio_postgres::Error) -> Self {
-        let data = e
-            .code()
-            .is_some_and(|c| c.code().starts_with("22") || c.code().starts_with("23"));
-        let text = match e.as_db_error() {
-            Some(db) => format!("{}: {}", db.code().code(), db.message()),
-            None => e.to_string(),
-        };
-        if data {
-            WriteError::Data(text)
-        } else {
-            WriteError::Transient(text)
-        }
-    }
-}
-
-impl From<deadpool_postgres::PoolError> for WriteError {
-    fn from(e: deadpool_postgres::PoolError) -> Self {
-        WriteError::Transient(e.to_string())
-    }
-}
-
 /// What [`write`] did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Written {
@@ -136,18 +102,6 @@ pub struct Written {
     pub rows: u64,
 }
 
-const COLUMNS: [Type; 9] = [
-    Type::TIMESTAMPTZ,
-    Type::INT8,
-    Type::INT8,
-    Type::INT4,
-    Type::FLOAT8,
-    Type::BOOL,
-    Type::TEXT,
-    Type::JSONB,
-    Type::TEXT,
-];
-
 /// Writes batches in one transaction, skipping those already written.
 ///
 /// Nearly every write holds new messages only, and a plain insert of their ids costs about
@@ -155,7 +109,7 @@ const COLUMNS: [Type; 9] = [
 /// So the plain insert goes first; when an id is already stored (a redelivery, a replay, a
 /// batch held twice), the key refuses it, the transaction is rolled back and run again keeping
 /// the new messages only.
-pub async fn write(pool: &Pool, batches: &[TagReadingsBatch]) -> Result<Written, WriteError> {
+pub async fn write(pool: &Pool, batches: &[TagReadingsBatch]) -> Result<Written, DbError> {
     let mut client = pool.get().await?;
     let ids: Vec<Uuid> = batches.iter().map(|b| b.id).collect();
     {
@@ -213,14 +167,9 @@ pub async fn write(pool: &Pool, batches: &[TagReadingsBatch]) -> Result<Written,
 async fn copy_rows<'a>(
     tx: &tokio_postgres::Transaction<'_>,
     batches: impl Iterator<Item = &'a TagReadingsBatch>,
-) -> Result<u64, WriteError> {
-    let sink = tx
-        .copy_in(
-            "COPY tag_reading (time, device_id, tag_id, gateway_id, value_num, value_bool, \
-             value_text, value_json, value_type) FROM STDIN BINARY",
-        )
-        .await?;
-    let mut writer = pin!(BinaryCopyInWriter::new(sink, &COLUMNS));
+) -> Result<u64, DbError> {
+    let sink = tx.copy_in(&db::copy_readings("tag_reading")).await?;
+    let mut writer = pin!(BinaryCopyInWriter::new(sink, &db::TAG_READING_TYPES));
     for batch in batches {
         for reading in &batch.readings {
             let (num, boolean, text, json) = columns(&reading.value);
@@ -262,86 +211,90 @@ fn columns(
     }
 }
 
-/// Handles a batch of READINGS messages: writes their readings batches, then acks; refuses
-/// for good what PostgreSQL can never store; hands back the rest. `false` when nothing was done
-/// (all handed back).
-pub async fn handle_messages(
-    js: &jetstream::Context,
-    pool: &Pool,
-    messages: Vec<jetstream::Message>,
-) -> bool {
-    // The batches of every message, and for each batch the index of its message in `kept`.
-    let mut batches = Vec::with_capacity(messages.len());
-    let mut homes = Vec::with_capacity(messages.len());
-    let mut kept = Vec::with_capacity(messages.len());
-    for message in messages {
-        match ReadingsMessage::parse(&message.payload) {
-            Ok(parsed) => {
-                homes.extend(std::iter::repeat_n(kept.len(), parsed.len()));
-                batches.extend(parsed);
-                kept.push(message);
-            }
-            Err(e) => {
-                let raw =
-                    RawMessage::received(message.subject.to_string(), message.payload.clone());
-                let error = format!("not a readings message: {e}");
-                settle(
-                    &message,
-                    refuse(js, &message, raw, DeadReason::BadBatch, error).await,
-                )
-                .await;
-            }
-        }
-    }
-    if batches.is_empty() {
-        join_all(kept.iter().map(ack)).await;
-        return true;
-    }
-    match write(pool, &batches).await {
-        Ok(written) => {
-            tracing::debug!(
-                messages = written.messages,
-                duplicates = written.duplicates,
-                rows = written.rows,
-                "batch written"
-            );
-            count_written(&written, &batches);
-            join_all(kept.iter().map(ack)).await;
-            true
-        }
-        Err(WriteError::Data(e)) if batches.len() == 1 => {
-            let stored = refuse_batch(js, &kept[0], &batches[0], e).await;
-            settle(&kept[0], stored).await;
-            true
-        }
-        Err(WriteError::Data(e)) => {
-            tracing::warn!(error = %e, batches = batches.len(), "write refused for its data; writing its batches one by one");
-            // A message is acknowledged once each of its batches is written or refused.
-            let mut settled = vec![true; kept.len()];
-            for (batch, home) in batches.into_iter().zip(homes) {
-                if !write_one(js, pool, &batch, &kept[home]).await {
-                    settled[home] = false;
+/// The writer stage: READINGS messages to rows.
+#[derive(Debug, Clone)]
+pub struct Writer {
+    pub pool: Pool,
+}
+
+impl Stage for Writer {
+    const NAME: &'static str = "writer";
+
+    /// Writes the readings batches of a fetch in one transaction. A message is done once each
+    /// of its batches is written (or was already); what PostgreSQL refuses for its data is
+    /// found batch by batch and goes to DEAD alone; anything else is retried.
+    async fn handle(&self, messages: &[jetstream::Message]) -> Vec<Settle> {
+        let mut settles: Vec<Settle> = Vec::with_capacity(messages.len());
+        // The batches of every readable message, and for each the index of its message.
+        let mut batches = Vec::with_capacity(messages.len());
+        let mut homes = Vec::with_capacity(messages.len());
+        for (index, message) in messages.iter().enumerate() {
+            match ReadingsMessage::parse(&message.payload) {
+                Ok(parsed) => {
+                    homes.extend(std::iter::repeat_n(index, parsed.len()));
+                    batches.extend(parsed);
+                    settles.push(Settle::Done);
+                }
+                Err(e) => {
+                    let raw =
+                        RawMessage::received(message.subject.to_string(), message.payload.clone());
+                    let error = format!("not a readings message: {e}");
+                    settles.push(Settle::dead(refused(raw, DeadReason::BadBatch, error)));
                 }
             }
-            join_all(kept.iter().zip(settled).map(|(m, s)| settle(m, s))).await;
-            true
         }
-        Err(WriteError::Transient(e)) => {
-            metrics::counter!(metric::FAILURES, "stage" => STAGE, "kind" => "database")
-                .increment(1);
-            tracing::warn!(error = %e, batches = batches.len(), "batch not written; it will be retried");
-            join_all(kept.iter().map(nak_later)).await;
-            false
+        if batches.is_empty() {
+            return settles;
         }
+        match write(&self.pool, &batches).await {
+            Ok(written) => {
+                tracing::debug!(
+                    messages = written.messages,
+                    duplicates = written.duplicates,
+                    rows = written.rows,
+                    "batch written"
+                );
+                count_written(&written, &batches);
+            }
+            Err(e) if e.kind() == ErrorKind::Permanent => {
+                if batches.len() > 1 {
+                    tracing::warn!(error = %e, batches = batches.len(), "write refused for its data; writing its batches one by one");
+                }
+                for (batch, home) in batches.iter().zip(homes) {
+                    let outcome = match write(&self.pool, std::slice::from_ref(batch)).await {
+                        Ok(written) => {
+                            count_written(&written, std::slice::from_ref(batch));
+                            continue;
+                        }
+                        Err(e) if e.kind() == ErrorKind::Permanent => {
+                            Settle::dead(refused_batch(batch, e))
+                        }
+                        Err(e) => Settle::retry(Failure::Database, e),
+                    };
+                    let settle = std::mem::replace(&mut settles[home], Settle::Done);
+                    settles[home] = merge(settle, outcome);
+                }
+            }
+            Err(e) => {
+                for home in homes {
+                    settles[home] = Settle::retry(Failure::Database, &e);
+                }
+            }
+        }
+        settles
     }
 }
 
-/// Acks a message whose batches are all settled (written or refused); hands it back otherwise.
-async fn settle(message: &jetstream::Message, settled: bool) {
-    if settled {
-        ack(message).await
-    } else {
-        nak_later(message).await
+/// A message's settle from those of its batches: retried if one must be (the batches written
+/// meanwhile are skipped when it comes back), dead with every refused batch's letter otherwise.
+fn merge(message: Settle, batch: Settle) -> Settle {
+    match (message, batch) {
+        (retry @ Settle::Retry(_), _) | (_, retry @ Settle::Retry(_)) => retry,
+        (Settle::Dead(mut letters), Settle::Dead(more)) => {
+            letters.extend(more);
+            Settle::Dead(letters)
+        }
+        (Settle::Done, other) | (other, Settle::Done) => other,
     }
 }
 
@@ -357,63 +310,29 @@ fn count_written(written: &Written, batches: &[TagReadingsBatch]) {
     }
 }
 
-/// Writes one batch alone, or refuses it if PostgreSQL cannot store it. `true` when settled.
-async fn write_one(
-    js: &jetstream::Context,
-    pool: &Pool,
-    batch: &TagReadingsBatch,
-    message: &jetstream::Message,
-) -> bool {
-    match write(pool, std::slice::from_ref(batch)).await {
-        Ok(written) => {
-            count_written(&written, std::slice::from_ref(batch));
-            true
-        }
-        Err(WriteError::Data(e)) => refuse_batch(js, message, batch, e).await,
-        Err(WriteError::Transient(e)) => {
-            tracing::warn!(error = %e, id = %batch.id, "batch not written; it will be retried");
-            false
-        }
-    }
-}
-
-/// Sends one batch to DEAD as a raw message of its own (its JSON as payload).
-async fn refuse_batch(
-    js: &jetstream::Context,
-    message: &jetstream::Message,
-    batch: &TagReadingsBatch,
-    error: String,
-) -> bool {
+/// The dead letter of one batch PostgreSQL refused: a raw message of its own (its JSON as
+/// payload).
+fn refused_batch(batch: &TagReadingsBatch, error: DbError) -> DeadLetter {
     let raw = RawMessage {
         id: batch.id,
         topic: format!("gateways/{}/{}", batch.gateway_id, batch.device_code),
         received_at: batch.received_at,
         payload: batch.to_json(),
     };
-    refuse(js, message, raw, DeadReason::Unstorable, error).await
+    refused(
+        raw,
+        DeadReason::Unstorable,
+        format!("refused by PostgreSQL: {error}"),
+    )
 }
 
-/// Sends a refused message to DEAD; `true` once DEAD stored it.
-async fn refuse(
-    js: &jetstream::Context,
-    message: &jetstream::Message,
-    raw: RawMessage,
-    reason: DeadReason,
-    error: String,
-) -> bool {
-    let dead = DeadLetter {
+fn refused(raw: RawMessage, reason: DeadReason, error: String) -> DeadLetter {
+    DeadLetter {
         raw,
-        stage: STAGE.into(),
+        stage: Writer::NAME.into(),
         reason,
         error,
-        source_seq: message.info().ok().map(|i| i.stream_sequence),
-    };
-    match dead.store(js).await {
-        Ok(()) => true,
-        Err(e) => {
-            tracing::warn!(error = %e, "dead letter not stored; retrying later");
-            false
-        }
+        source_seq: None,
     }
 }
 
@@ -427,14 +346,14 @@ pub async fn run(
     progress: &Progress,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
-    consume::consume_batches(
+    consume::run(
+        &Writer { pool },
         &js,
         streams::READINGS_STREAM,
         consumer,
         config.writer_batch_size,
         progress,
         &shutdown,
-        |messages| handle_messages(&js, &pool, messages),
     )
     .await
 }

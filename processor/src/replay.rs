@@ -1,0 +1,346 @@
+//! Replay: the processor run again over a range of RAW.
+//!
+//! The raw messages keep their ids, so what was stored before is not stored again: a replay of
+//! a range already ingested writes no row, and one over messages that were refused (say, for a
+//! gateway that exists now) ingests them. The messages go through the same decision as live
+//! ones ([`Processor::outcomes`], or [`classify`](crate::classify) for a dry run) and are
+//! settled by the same code ([`consume::settle`]).
+//!
+//! Progress is kept in a durable consumer named after the range: an interrupted replay resumes
+//! where it stopped when run again with the same range (`restart` starts over).
+
+use crate::{Outcome, Processor};
+use anyhow::Context as _;
+use async_nats::jetstream::{self, consumer};
+use chrono::{DateTime, Utc};
+use dataviz_core::{
+    consume::{self, Settle, Stage},
+    message::RawMessage,
+    shutdown::Shutdown,
+    streams::{self, RAW_STREAM},
+    topic,
+};
+use futures::StreamExt;
+use std::collections::{BTreeMap, HashSet};
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+/// Which raw messages to replay.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Range {
+    /// Stored at or after this time.
+    pub since: DateTime<Utc>,
+    /// Stored at or before this time; `None`: up to the last message stored when the replay
+    /// starts.
+    pub until: Option<DateTime<Utc>>,
+    /// Only this gateway's messages.
+    pub gateway: Option<i32>,
+    /// Only this device's messages (its code, as in the topic).
+    pub device: Option<String>,
+}
+
+/// How to replay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Options {
+    /// Say what would happen; publish and create nothing.
+    pub dry_run: bool,
+    /// Start over instead of resuming an interrupted replay of the same range.
+    pub restart: bool,
+    /// How long to wait, at the end, for the writer to store the replayed readings.
+    pub wait: Duration,
+}
+
+/// Told how a replay advances (a progress bar, a log line).
+pub trait Observer {
+    /// The replay found `messages` to read.
+    fn start(&mut self, _messages: u64) {}
+    /// `messages` have been read so far.
+    fn read(&mut self, _messages: u64) {}
+}
+
+impl Observer for () {}
+
+/// What a replay did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Summary {
+    /// Raw messages read from RAW.
+    pub read: u64,
+    /// Read, but of another device than the one asked for.
+    pub skipped: u64,
+    /// Their readings were already stored: nothing written again.
+    pub already_stored: u64,
+    /// Published to READINGS for the first time.
+    pub new_messages: u64,
+    /// The readings those hold.
+    pub new_rows: u64,
+    /// Sent to DEAD.
+    pub dead: u64,
+    /// Of the new messages, how many the writer had stored when the replay ended.
+    pub written: u64,
+    /// A dry run: how many messages would meet each fate.
+    pub would: BTreeMap<String, u64>,
+    /// Stopped by the caller's signal before the end of the range; run again to resume.
+    pub interrupted: bool,
+    pub elapsed: Duration,
+}
+
+/// Replays `range` through `processor`, telling `observer` how it goes, until the end of the
+/// range or `stop`. A message that fails for now (a database or NATS away) stops the replay
+/// with an error, and the next run resumes from it.
+pub async fn replay(
+    processor: &Processor,
+    pool: &deadpool_postgres::Pool,
+    range: &Range,
+    options: Options,
+    observer: &mut impl Observer,
+    stop: &Shutdown,
+) -> anyhow::Result<Summary> {
+    if let Some(until) = range.until {
+        anyhow::ensure!(until > range.since, "--until must be after --since");
+    }
+    let js = &processor.js;
+    let stream = js
+        .get_stream(RAW_STREAM)
+        .await
+        .context("opening RAW (has the bridge run?)")?;
+    let end_seq = stream.get_info().await?.state.last_sequence;
+    let name = consumer_name(range);
+    if options.restart || options.dry_run {
+        let _ = stream.delete_consumer(&name).await;
+    }
+    let start = time::OffsetDateTime::from_unix_timestamp_nanos(
+        range
+            .since
+            .timestamp_nanos_opt()
+            .context("--since out of range")?
+            .into(),
+    )?;
+    let mut reader: consumer::PullConsumer = stream
+        .create_consumer(consumer::pull::Config {
+            // A dry run keeps no position and acknowledges nothing.
+            durable_name: (!options.dry_run).then(|| name.clone()),
+            ack_policy: if options.dry_run {
+                consumer::AckPolicy::None
+            } else {
+                consumer::AckPolicy::Explicit
+            },
+            description: Some(format!("dataviz replay since {}", range.since.to_rfc3339())),
+            deliver_policy: consumer::DeliverPolicy::ByStartTime { start_time: start },
+            filter_subject: match range.gateway {
+                Some(id) => streams::raw_subject(Some(id)),
+                None => streams::RAW_SUBJECTS.into(),
+            },
+            ack_wait: Duration::from_secs(60),
+            max_ack_pending: 10_000,
+            // An abandoned replay's position is kept a week, then the server forgets it.
+            inactive_threshold: Duration::from_secs(7 * 24 * 3600),
+            ..Default::default()
+        })
+        .await
+        .context("creating the replay consumer (an interrupted replay of this range with other settings? use --restart)")?;
+    observer.start(reader.info().await?.num_pending);
+    let started = Instant::now();
+    let mut summary = Summary::default();
+    let mut new_ids: Vec<Uuid> = Vec::new();
+    loop {
+        let (messages, end) = fetch(&mut reader, end_seq, range.until).await?;
+        if messages.is_empty() && (end || reader.info().await?.num_pending == 0) {
+            break;
+        }
+        summary.read += messages.len() as u64;
+        // The messages of the device asked for; the others are settled as done at once.
+        let (wanted, others): (Vec<_>, Vec<_>) = messages.into_iter().partition(|message| {
+            let Some(device) = &range.device else {
+                return true;
+            };
+            RawMessage::from_parts(message.headers.as_ref(), message.payload.clone())
+                .is_ok_and(|raw| topic::parse(&raw.topic).is_ok_and(|t| t.device_code == device))
+        });
+        summary.skipped += others.len() as u64;
+        if options.dry_run {
+            for message in &wanted {
+                *summary
+                    .would
+                    .entry(dry_run(processor, message).await?)
+                    .or_default() += 1;
+            }
+        } else {
+            let settles = others.iter().map(|_| Settle::Done).collect();
+            consume::settle(js, Processor::NAME, &others, settles).await;
+            replay_batch(processor, pool, &wanted, &mut summary, &mut new_ids).await?;
+        }
+        observer.read(summary.read);
+        if end {
+            break;
+        }
+        if stop.is_cancelled() {
+            summary.interrupted = true;
+            break;
+        }
+    }
+    if !options.dry_run && !summary.interrupted {
+        let _ = stream.delete_consumer(&name).await;
+        summary.written = wait_for_writer(pool, &new_ids, options.wait).await? as u64;
+    }
+    summary.elapsed = started.elapsed();
+    Ok(summary)
+}
+
+/// The next messages of the range, and whether the range ends with them.
+async fn fetch(
+    reader: &mut consumer::PullConsumer,
+    end_seq: u64,
+    until: Option<DateTime<Utc>>,
+) -> anyhow::Result<(Vec<jetstream::Message>, bool)> {
+    let mut batch = reader
+        .fetch()
+        .max_messages(500)
+        .expires(Duration::from_secs(2))
+        .messages()
+        .await
+        .map_err(|e| anyhow::anyhow!("reading RAW: {e}"))?;
+    let mut messages = Vec::new();
+    while let Some(message) = batch.next().await {
+        let message = message.map_err(|e| anyhow::anyhow!("reading RAW: {e}"))?;
+        let info = message
+            .info()
+            .map_err(|e| anyhow::anyhow!("reading RAW: {e}"))?;
+        let published =
+            DateTime::from_timestamp_nanos(info.published.unix_timestamp_nanos() as i64);
+        if info.stream_sequence > end_seq || until.is_some_and(|u| published > u) {
+            return Ok((messages, true));
+        }
+        messages.push(message);
+    }
+    Ok((messages, false))
+}
+
+/// What a dry run says of one message.
+async fn dry_run(processor: &Processor, message: &jetstream::Message) -> anyhow::Result<String> {
+    let Ok(raw) = RawMessage::from_parts(message.headers.as_ref(), message.payload.clone()) else {
+        return Ok("would go to DEAD: foreign_message".to_owned());
+    };
+    Ok(match processor.dry_run(&raw).await? {
+        Ok(_) => "would be processed".to_owned(),
+        Err((reason, _)) => format!("would go to DEAD: {reason}"),
+    })
+}
+
+/// Processes and settles one fetch of the replay, counting what became of each message.
+async fn replay_batch(
+    processor: &Processor,
+    pool: &deadpool_postgres::Pool,
+    messages: &[jetstream::Message],
+    summary: &mut Summary,
+    new_ids: &mut Vec<Uuid>,
+) -> anyhow::Result<()> {
+    let outcomes = processor.outcomes(messages).await;
+    // Per message: its id and readings, when it has readings.
+    let readings: Vec<Option<(Uuid, u64)>> = outcomes
+        .iter()
+        .map(|o| match o {
+            Outcome::Readings(b) => Some((b.id, b.readings.len() as u64)),
+            _ => None,
+        })
+        .collect();
+    let ids: Vec<Uuid> = readings.iter().flatten().map(|(id, _)| *id).collect();
+    let known = already_stored(pool, &ids).await?;
+    let settles = processor.publish(outcomes).await;
+    let mut stopped = None;
+    for (settle, readings) in settles.iter().zip(&readings) {
+        match (settle, readings) {
+            (Settle::Done, Some((id, _))) if known.contains(id) => summary.already_stored += 1,
+            (Settle::Done, Some((id, rows))) => {
+                summary.new_messages += 1;
+                summary.new_rows += rows;
+                new_ids.push(*id);
+            }
+            (Settle::Done, None) => {}
+            (Settle::Dead(_), _) => summary.dead += 1,
+            (Settle::Retry(failure), _) => {
+                stopped.get_or_insert_with(|| failure.error.clone());
+            }
+        }
+    }
+    consume::settle(&processor.js, Processor::NAME, messages, settles).await;
+    match stopped {
+        Some(e) => anyhow::bail!("replay stopped: {e} (run the same command again to resume)"),
+        None => Ok(()),
+    }
+}
+
+/// The durable consumer keeping an interrupted replay's position: one per range and filter.
+fn consumer_name(range: &Range) -> String {
+    let key = format!(
+        "{}|{:?}|{:?}|{:?}",
+        range.since.timestamp_micros(),
+        range.until.map(|u| u.timestamp_micros()),
+        range.gateway,
+        range.device
+    );
+    // FNV-1a: a stable name, no need for a cryptographic hash.
+    let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("replay_{hash:016x}")
+}
+
+/// The ids among `ids` whose rows are already stored.
+async fn already_stored(
+    pool: &deadpool_postgres::Pool,
+    ids: &[Uuid],
+) -> anyhow::Result<HashSet<Uuid>> {
+    if ids.is_empty() {
+        return Ok(Default::default());
+    }
+    let db = pool.get().await?;
+    let rows = db
+        .query(
+            "SELECT id FROM ingested_message WHERE id = ANY($1)",
+            &[&ids],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// Waits until the writer stored the messages `ids`; returns how many it has.
+async fn wait_for_writer(
+    pool: &deadpool_postgres::Pool,
+    ids: &[Uuid],
+    wait: Duration,
+) -> anyhow::Result<usize> {
+    let deadline = Instant::now() + wait;
+    loop {
+        let mut stored = 0;
+        for chunk in ids.chunks(10_000) {
+            stored += already_stored(pool, chunk).await?.len();
+        }
+        if stored == ids.len() || Instant::now() >= deadline {
+            return Ok(stored);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_range_names_its_consumer_stably() {
+        let range = Range {
+            since: DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
+            until: None,
+            gateway: Some(7),
+            device: None,
+        };
+        let name = consumer_name(&range);
+        assert_eq!(name, consumer_name(&range.clone()));
+        assert!(name.starts_with("replay_") && name.len() == "replay_".len() + 16);
+        let other = Range {
+            gateway: Some(8),
+            ..range
+        };
+        assert_ne!(consumer_name(&other), name);
+    }
+}
