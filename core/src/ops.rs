@@ -101,7 +101,7 @@ pub struct Progress {
 }
 
 impl Progress {
-    fn new(name: &str) -> Progress {
+    pub fn new(name: &str) -> Progress {
         Progress {
             name: name.to_owned(),
             last_progress_ms: AtomicI64::new(now_ms()),

@@ -1,0 +1,249 @@
+//! The settle contract against a real JetStream: whatever a stage decides, the consume loop
+//! stores the dead letters, acknowledges what is done or dead and hands back what must be
+//! retried; a message whose letter DEAD does not store is not acknowledged.
+
+use async_nats::jetstream;
+use bytes::Bytes;
+use dataviz_core::{
+    consume::{self, Failure, Settle, Stage},
+    message::{DeadLetter, DeadReason, RawMessage},
+    ops::Progress,
+    shutdown::Shutdown,
+    streams::{self, StreamSettings},
+};
+use dataviz_testkit::NatsServer;
+use futures::StreamExt;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Settles each message as its payload says: `done`, `dead`, or `retry-N` (retried until its
+/// N-th delivery, then done). Counts what it was handed.
+#[derive(Default)]
+struct Scripted {
+    handled: Mutex<HashMap<String, u32>>,
+}
+
+impl Stage for Scripted {
+    const NAME: &'static str = "scripted";
+
+    async fn handle(&self, messages: &[jetstream::Message]) -> Vec<Settle> {
+        messages
+            .iter()
+            .map(|message| {
+                let raw = RawMessage::from_parts(message.headers.as_ref(), message.payload.clone())
+                    .expect("a raw message");
+                let what = String::from_utf8(raw.payload.to_vec()).unwrap();
+                *self
+                    .handled
+                    .lock()
+                    .unwrap()
+                    .entry(what.clone())
+                    .or_default() += 1;
+                let delivered = message.info().unwrap().delivered;
+                if let Some(n) = what.strip_prefix("retry-") {
+                    if delivered < n.parse::<i64>().unwrap() {
+                        return Settle::retry(Failure::Database, "not yet");
+                    }
+                    return Settle::Done;
+                }
+                if what.starts_with("done") {
+                    return Settle::Done;
+                }
+                Settle::dead(DeadLetter {
+                    raw,
+                    stage: Self::NAME.into(),
+                    reason: DeadReason::BadPayload,
+                    error: format!("{what} is refused"),
+                    source_seq: None,
+                })
+            })
+            .collect()
+    }
+}
+
+struct Setup {
+    _nats: NatsServer,
+    js: jetstream::Context,
+    settings: StreamSettings,
+}
+
+async fn setup() -> Setup {
+    let nats = NatsServer::start();
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = jetstream::new(client.clone());
+    let settings = StreamSettings::default();
+    streams::ensure(&client, &js, &settings).await.unwrap();
+    Setup {
+        _nats: nats,
+        js,
+        settings,
+    }
+}
+
+async fn publish(js: &jetstream::Context, payloads: &[&str]) {
+    for payload in payloads {
+        let raw = RawMessage::received(
+            "gateways/1/plc".into(),
+            Bytes::from(payload.as_bytes().to_vec()),
+        );
+        streams::publish_stored(js, raw.subject(), raw.headers(None), raw.payload)
+            .await
+            .unwrap();
+    }
+}
+
+/// The dead letters in DEAD: (payload, topic, reason, stage).
+async fn dead_letters(js: &jetstream::Context) -> Vec<(String, String, DeadReason, String)> {
+    let stream = js.get_stream(streams::DEAD_STREAM).await.unwrap();
+    let count = stream.get_info().await.unwrap().state.messages;
+    let mut letters = Vec::new();
+    for seq in 1..=count {
+        let stored = stream.get_raw_message(seq).await.unwrap();
+        let letter = DeadLetter::from_parts(Some(&stored.headers), stored.payload).unwrap();
+        letters.push((
+            String::from_utf8(letter.raw.payload.to_vec()).unwrap(),
+            letter.raw.topic,
+            letter.reason,
+            letter.stage,
+        ));
+    }
+    letters
+}
+
+/// Runs the loop over RAW until `done` says so (checked every 50 ms, at most 30 s).
+async fn run_until<F, Fut>(setup: &Setup, stage: &Scripted, mut done: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let shutdown = Shutdown::new();
+    let progress = Progress::new(Scripted::NAME);
+    let run = consume::run(
+        stage,
+        &setup.js,
+        streams::RAW_STREAM,
+        setup.settings.processor_consumer(),
+        10,
+        &progress,
+        &shutdown,
+    );
+    let watch = async {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !done().await {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "not settled in 30 s: {:?}",
+                stage.handled.lock().unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        shutdown.cancel();
+    };
+    let (ran, ()) = tokio::join!(run, watch);
+    ran.unwrap();
+}
+
+async fn consumer_idle(js: &jetstream::Context) -> bool {
+    let mut consumer: jetstream::consumer::PullConsumer = js
+        .get_stream(streams::RAW_STREAM)
+        .await
+        .unwrap()
+        .get_consumer(streams::PROCESSOR_CONSUMER)
+        .await
+        .unwrap();
+    let info = consumer.info().await.unwrap();
+    info.num_pending == 0 && info.num_ack_pending == 0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_message_is_settled_as_its_stage_decided() {
+    let setup = setup().await;
+    publish(
+        &setup.js,
+        &["done-a", "dead-b", "retry-3", "done-c", "dead-d"],
+    )
+    .await;
+    let stage = Scripted::default();
+    run_until(&setup, &stage, || async {
+        consumer_idle(&setup.js).await && dead_letters(&setup.js).await.len() == 2
+    })
+    .await;
+    let handled = stage.handled.lock().unwrap().clone();
+    assert_eq!(handled["done-a"], 1, "a done message is acknowledged");
+    assert_eq!(handled["done-c"], 1);
+    assert_eq!(handled["dead-b"], 1, "a dead message is acknowledged");
+    assert_eq!(
+        handled["retry-3"], 3,
+        "retried until it passed, then acknowledged"
+    );
+    let letters = dead_letters(&setup.js).await;
+    let mut payloads: Vec<_> = letters.iter().map(|l| l.0.as_str()).collect();
+    payloads.sort();
+    assert_eq!(payloads, ["dead-b", "dead-d"]);
+    for (_, topic, reason, stage) in &letters {
+        assert_eq!(
+            (topic.as_str(), *reason, stage.as_str()),
+            ("gateways/1/plc", DeadReason::BadPayload, "scripted"),
+            "a letter keeps the original topic and payload"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_whose_letter_dead_refuses_is_handed_back_not_acknowledged() {
+    let setup = setup().await;
+    // DEAD away: a letter cannot be stored, so its message must come back.
+    setup.js.delete_stream(streams::DEAD_STREAM).await.unwrap();
+    publish(&setup.js, &["done-a", "dead-b"]).await;
+    let stage = Scripted::default();
+    run_until(&setup, &stage, || async {
+        stage.handled.lock().unwrap().get("dead-b").copied() >= Some(2)
+    })
+    .await;
+    let handled = stage.handled.lock().unwrap().clone();
+    assert_eq!(handled["done-a"], 1);
+    // DEAD back: the next delivery's letter is stored, and the message acknowledged.
+    setup.js.create_stream(setup.settings.dead()).await.unwrap();
+    run_until(&setup, &stage, || async {
+        consumer_idle(&setup.js).await && dead_letters(&setup.js).await.len() == 1
+    })
+    .await;
+    assert_eq!(dead_letters(&setup.js).await[0].0, "dead-b");
+    assert_eq!(stage.handled.lock().unwrap()["done-a"], 1, "never again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_handed_back_whole_is_no_progress_and_comes_back() {
+    let setup = setup().await;
+    publish(&setup.js, &["retry-2"]).await;
+    let stage = Scripted::default();
+    let settled = consume::handle(&stage, &setup.js, &take_one(&setup).await).await;
+    assert_eq!((settled.done, settled.dead, settled.retried), (0, 0, 1));
+    assert!(!settled.progressed());
+    // Handed back with a delay, not left to ack_wait (30 s): it comes again within seconds.
+    let again = take_one(&setup).await;
+    assert_eq!(again[0].info().unwrap().delivered, 2);
+    let settled = consume::handle(&stage, &setup.js, &again).await;
+    assert_eq!((settled.done, settled.retried), (1, 0));
+    assert!(settled.progressed());
+}
+
+async fn take_one(setup: &Setup) -> Vec<jetstream::Message> {
+    let consumer: jetstream::consumer::PullConsumer = setup
+        .js
+        .get_stream(streams::RAW_STREAM)
+        .await
+        .unwrap()
+        .get_consumer(streams::PROCESSOR_CONSUMER)
+        .await
+        .unwrap();
+    let mut batch = consumer
+        .fetch()
+        .max_messages(1)
+        .expires(Duration::from_secs(5))
+        .messages()
+        .await
+        .unwrap();
+    vec![batch.next().await.unwrap().unwrap()]
+}
