@@ -6,8 +6,9 @@ use dataviz_app::{AppConfig, AppState, LiveConfig};
 use dataviz_bridge::config::BridgeConfig;
 use dataviz_core::{
     config::{DatabaseConfig, NatsConfig},
-    db::{self, RetentionConfig},
+    db,
     ops::{Ops, OpsConfig},
+    retention::{self, RetentionConfig},
     shutdown::{self, Shutdown},
     streams::{self, StreamSettings},
 };
@@ -236,7 +237,7 @@ impl Role {
     ) -> impl Future<Output = anyhow::Result<()>> + use<> {
         // Message ids outlive RAW by a day: until then a replay could bring a message back.
         let ids = settings.raw_retention + std::time::Duration::from_secs(86_400);
-        tokio::spawn(dataviz_writer::prune_loop(
+        tokio::spawn(retention::prune_loop(
             pool.clone(),
             retention.readings_retention,
             ids,
@@ -286,7 +287,7 @@ fn hub_with_keys(mut config: HubConfig) -> anyhow::Result<(Hub, dataviz_mercure:
 pub async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
     let mut client = db::connect(&args.database.database_url).await?;
     let report = db::migrate(&mut client).await?;
-    let retention = db::apply_retention(&client, &args.retention).await?;
+    let retention = retention::apply_retention(&client, &args.retention).await?;
     let described = format!("{}; {retention}", db::describe(&client).await?);
     if report.applied.is_empty() {
         println!(

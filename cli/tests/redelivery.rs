@@ -298,12 +298,7 @@ async fn a_batch_postgresql_refuses_goes_to_dead_alone_and_its_neighbours_are_st
     let second = [batch(4, Value::Integer(4))];
     for batches in [&first[..], &second[..]] {
         for m in ReadingsMessage::pack(batches).0 {
-            hop.js
-                .publish_with_headers(m.subject(), m.headers(), m.payload())
-                .await
-                .unwrap()
-                .await
-                .unwrap();
+            streams::publish_readings(&hop.js, &m).await.unwrap();
         }
     }
     let mut writer = consumer(

@@ -172,7 +172,7 @@ impl DatabaseConfig {
 
 #[cfg(test)]
 mod tests {
-    use crate::db::{Period, RetentionConfig};
+    use crate::retention::{Period, RetentionConfig};
     use crate::streams::StreamSettings;
     use std::time::Duration;
 

@@ -66,6 +66,21 @@ pub async fn publish_stored(
         .await
 }
 
+/// Publishes a READINGS message ([`publish_stored`]), on its gateway's subject, under its
+/// deduplication id.
+pub async fn publish_readings(
+    js: &jetstream::Context,
+    message: &crate::message::ReadingsMessage,
+) -> Result<jetstream::publish::PublishAck, jetstream::context::PublishError> {
+    publish_stored(
+        js,
+        readings_subject(message.gateway_id),
+        crate::message::readings_headers(message),
+        message.payload(),
+    )
+    .await
+}
+
 /// Stream settings, from the environment.
 #[derive(Debug, Clone, clap::Args)]
 pub struct StreamSettings {

@@ -7,6 +7,7 @@
 
 use chrono::{DateTime, TimeZone as _, Utc};
 use dataviz_core::db::{self, Flavor};
+use dataviz_core::retention;
 use serde_json::json;
 use std::io::{BufRead as _, BufReader};
 use std::path::Path;
@@ -539,11 +540,13 @@ async fn timescale_flavour_on_real_timescaledb() {
     assert!(report.applied.is_empty());
 
     // Retention and compression as configured replace the policies in place; `off` removes one.
-    let configured = db::RetentionConfig {
-        readings_retention: db::Period(Some(Duration::from_secs(30 * 86_400))),
-        readings_compress_after: db::Period(None),
+    let configured = retention::RetentionConfig {
+        readings_retention: retention::Period(Some(Duration::from_secs(30 * 86_400))),
+        readings_compress_after: retention::Period(None),
     };
-    let said = db::apply_retention(&client, &configured).await.unwrap();
+    let said = retention::apply_retention(&client, &configured)
+        .await
+        .unwrap();
     assert!(
         said.contains("kept 30 days") && said.contains("compressed after off"),
         "{said}"
@@ -575,7 +578,7 @@ async fn timescale_flavour_on_real_timescaledb() {
         .await
         .unwrap()
         .get(0);
-    let pruned = db::prune(
+    let pruned = retention::prune(
         &client,
         configured.readings_retention,
         Duration::from_secs(8 * 86_400),

@@ -16,8 +16,8 @@
 #![no_main]
 
 use chrono::{DateTime, Utc};
-use dataviz_core::message::{TagReading, TagReadingsBatch};
-use dataviz_core::payload::{self, Payload, PayloadError, PayloadLimits};
+use dataviz_model::readings::{TagReading, TagReadingsBatch};
+use dataviz_model::payload::{self, Payload, PayloadError, PayloadLimits};
 use libfuzzer_sys::fuzz_target;
 
 fn accepted(data: &[u8], limits: &PayloadLimits, p: &Payload) {

@@ -10,7 +10,7 @@
 //! - `gateway_of` agrees with `parse`.
 #![no_main]
 
-use dataviz_core::topic::{self, DeviceTopic, MAX_DEVICE_CODE_LEN, TopicError};
+use dataviz_model::topic::{self, DeviceTopic, MAX_DEVICE_CODE_LEN, TopicError};
 use libfuzzer_sys::fuzz_target;
 
 /// The gateway id a topic level names, read digit by digit rather than with `str::parse`.

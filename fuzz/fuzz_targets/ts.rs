@@ -7,7 +7,7 @@
 //! - a refusal is `PayloadError::Ts` naming the (trimmed) text.
 #![no_main]
 
-use dataviz_core::payload::{self, PayloadError, PayloadLimits};
+use dataviz_model::payload::{self, PayloadError, PayloadLimits};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -177,7 +177,7 @@ impl Processor {
         let stored = join_all(
             packed
                 .iter()
-                .map(|m| streams::publish_stored(&self.js, m.subject(), m.headers(), m.payload())),
+                .map(|m| streams::publish_readings(&self.js, m)),
         )
         .await;
         let mut homes = homes.into_iter();

@@ -110,9 +110,7 @@ async fn store(js: &async_nats::jetstream::Context, batches: &[TagReadingsBatch]
     let mut stored = 0;
     for chunk in batches.chunks(7) {
         for m in ReadingsMessage::pack(chunk).0 {
-            js.publish_with_headers(m.subject(), m.headers(), m.payload())
-                .await
-                .unwrap()
+            dataviz_core::streams::publish_readings(js, &m)
                 .await
                 .unwrap();
             stored += 1;

@@ -46,52 +46,6 @@ pub struct WriterConfig {
     pub retention_check_every: std::time::Duration,
 }
 
-/// An arbitrary constant naming the retention lock: one writer prunes at a time.
-const PRUNE_LOCK: i64 = 0x6461_7461_7669_7a01;
-
-/// Deletes what retention no longer keeps every `every`, until `shutdown`
-/// ([`dataviz_core::db::prune`]); one writer at a time, under an advisory lock.
-pub async fn prune_loop(
-    pool: Pool,
-    readings: dataviz_core::db::Period,
-    ids: std::time::Duration,
-    every: std::time::Duration,
-    shutdown: Shutdown,
-) {
-    // The first pass one period after start, not at once: restarts do not prune each time.
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = tick.tick() => {}
-        }
-        let pruned = async {
-            let client = pool.get().await?;
-            let locked: bool = client
-                .query_one("SELECT pg_try_advisory_lock($1)", &[&PRUNE_LOCK])
-                .await?
-                .get(0);
-            if !locked {
-                return Ok(0);
-            }
-            let result = dataviz_core::db::prune(&client, readings, ids).await;
-            client
-                .execute("SELECT pg_advisory_unlock($1)", &[&PRUNE_LOCK])
-                .await?;
-            result
-        }
-        .await;
-        match pruned {
-            Ok(0) => {}
-            Ok(deleted) => tracing::info!(deleted, "retention: old rows deleted"),
-            Err(e) => tracing::warn!(
-                error = format!("{e:#}"),
-                "retention: pruning failed; retrying later"
-            ),
-        }
-    }
-}
-
 /// What [`write`] did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Written {

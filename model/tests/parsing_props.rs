@@ -2,9 +2,9 @@
 //! panics), stays within the limits, and gives back what a well-formed message said.
 
 use chrono::{DateTime, TimeZone, Utc};
-use dataviz_core::payload::{self, PayloadLimits};
-use dataviz_core::topic::{self, MAX_DEVICE_CODE_LEN};
-use dataviz_core::value::Value;
+use dataviz_model::payload::{self, PayloadLimits};
+use dataviz_model::topic::{self, MAX_DEVICE_CODE_LEN};
+use dataviz_model::value::Value;
 use proptest::prelude::*;
 
 fn limits() -> PayloadLimits {

@@ -5,7 +5,7 @@
 //! seen in the field: RFC 3339 (`Z`, `+00:00`), `+0000` offsets, fractional seconds, a space
 //! instead of `T`, and no offset at all (read as UTC).
 
-use crate::message::DeadReason;
+use crate::reason::DeadReason;
 use crate::value::Value;
 use chrono::{DateTime, NaiveDateTime, Utc};
 use serde::Deserialize;

@@ -1,0 +1,224 @@
+//! Retention: how long readings and message ids are kept, as TimescaleDB policies
+//! ([`apply_retention`], at migration) or by deleting old rows ([`prune_loop`], in the writer
+//! role).
+
+use anyhow::Context as _;
+use deadpool_postgres::Pool;
+use std::time::Duration;
+
+/// How long readings are kept, and when TimescaleDB compresses them.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RetentionConfig {
+    /// Readings older than this are deleted (`off`: kept for ever). TimescaleDB drops whole
+    /// chunks by policy; plain PostgreSQL deletes rows, from the writer, every
+    /// `RETENTION_CHECK_EVERY`.
+    #[arg(long, env = "READINGS_RETENTION", value_name = "READINGS_RETENTION", default_value = "365d", value_parser = parse_optional_duration)]
+    pub readings_retention: Period,
+    /// TimescaleDB only: chunks older than this are compressed (`off`: never). Readings arriving
+    /// later than this for a compressed range are slow to insert: keep it above the lateness of
+    /// your devices.
+    #[arg(long, env = "READINGS_COMPRESS_AFTER", value_name = "READINGS_COMPRESS_AFTER", default_value = "7d", value_parser = parse_optional_duration)]
+    pub readings_compress_after: Period,
+}
+
+impl Default for RetentionConfig {
+    /// The defaults `--help` shows.
+    fn default() -> Self {
+        crate::config::defaults()
+    }
+}
+
+/// A duration, or none (`off`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Period(pub Option<Duration>);
+
+/// Reads a [`Period`]: a duration such as `90d`, or `off`.
+pub fn parse_optional_duration(s: &str) -> Result<Period, String> {
+    match s {
+        "off" | "none" | "0" => Ok(Period(None)),
+        _ => humantime::parse_duration(s)
+            .map(|d| Period(Some(d)))
+            .map_err(|e| format!("{e} (a duration such as 90d, or off)")),
+    }
+}
+
+/// A PostgreSQL interval; whole days stay days (so policies read `30 days`, not `720:00:00`).
+fn interval(d: Duration) -> String {
+    match d.as_secs() {
+        s if s % 86_400 == 0 => format!("{} days", s / 86_400),
+        s => format!("{s} seconds"),
+    }
+}
+
+/// Applies the retention and compression settings: as TimescaleDB policies when the database
+/// has it (replacing those in place), else nothing here (the writer deletes old rows).
+/// Describes what is in force.
+pub async fn apply_retention(
+    client: &tokio_postgres::Client,
+    config: &RetentionConfig,
+) -> anyhow::Result<String> {
+    let timescale = client
+        .query_opt(
+            "SELECT 1 FROM pg_extension WHERE extname = 'timescaledb'",
+            &[],
+        )
+        .await?
+        .is_some();
+    // Whole days as days: humantime would say "11months 30days 3h 50m 24s" for 365d.
+    let describe = |d: Period| match d.0 {
+        None => "off".to_owned(),
+        Some(d) if d.as_secs() % 86_400 == 0 => format!("{} days", d.as_secs() / 86_400),
+        Some(d) => humantime::format_duration(d).to_string(),
+    };
+    if !timescale {
+        return Ok(format!(
+            "readings kept {} (deleted by the writer; no TimescaleDB, so no compression)",
+            describe(config.readings_retention)
+        ));
+    }
+    // TimescaleDB has no "alter policy": each is removed, then added as configured.
+    for (kind, argument, period) in [
+        ("retention", "drop_after", config.readings_retention),
+        (
+            "compression",
+            "compress_after",
+            config.readings_compress_after,
+        ),
+    ] {
+        client
+            .execute(
+                &format!("SELECT remove_{kind}_policy('tag_reading', if_exists => true)"),
+                &[],
+            )
+            .await
+            .with_context(|| format!("removing the {kind} policy"))?;
+        if let Some(period) = period.0 {
+            client
+                .execute(
+                    &format!(
+                        "SELECT add_{kind}_policy('tag_reading', {argument} => $1::text::interval)"
+                    ),
+                    &[&interval(period)],
+                )
+                .await
+                .with_context(|| format!("adding the {kind} policy"))?;
+        }
+    }
+    Ok(format!(
+        "readings kept {}, compressed after {} (TimescaleDB policies)",
+        describe(config.readings_retention),
+        describe(config.readings_compress_after)
+    ))
+}
+
+/// Deletes what retention no longer keeps, in slices so that no transaction runs long: readings
+/// older than `readings` on plain PostgreSQL (TimescaleDB drops chunks itself), and the ids of
+/// ingested messages older than `ids` (past it, no replay can bring them back). Rows deleted.
+pub async fn prune(
+    client: &tokio_postgres::Client,
+    readings: Period,
+    ids: Duration,
+) -> anyhow::Result<u64> {
+    let timescale = client
+        .query_opt(
+            "SELECT 1 FROM pg_extension WHERE extname = 'timescaledb'",
+            &[],
+        )
+        .await?
+        .is_some();
+    let mut deleted = 0;
+    if let (false, Some(keep)) = (timescale, readings.0) {
+        loop {
+            let n = client
+                .execute(
+                    "DELETE FROM tag_reading WHERE ctid = ANY (ARRAY(
+                         SELECT ctid FROM tag_reading WHERE time < now() - $1::text::interval LIMIT 10000))",
+                    &[&interval(keep)],
+                )
+                .await
+                .context("deleting old readings")?;
+            deleted += n;
+            if n == 0 {
+                break;
+            }
+        }
+    }
+    loop {
+        let n = client
+            .execute(
+                "DELETE FROM ingested_message WHERE id = ANY (ARRAY(
+                     SELECT id FROM ingested_message WHERE ingested_at < now() - $1::text::interval LIMIT 10000))",
+                &[&interval(ids)],
+            )
+            .await
+            .context("deleting old ingested-message ids")?;
+        deleted += n;
+        if n == 0 {
+            break;
+        }
+    }
+    Ok(deleted)
+}
+
+/// An arbitrary constant naming the retention lock: one writer prunes at a time.
+const PRUNE_LOCK: i64 = 0x6461_7461_7669_7a01;
+
+/// Deletes what retention no longer keeps every `every`, until `shutdown`
+/// ([`prune`]); one process at a time, under an advisory lock.
+pub async fn prune_loop(
+    pool: Pool,
+    readings: Period,
+    ids: std::time::Duration,
+    every: std::time::Duration,
+    shutdown: crate::shutdown::Shutdown,
+) {
+    // The first pass one period after start, not at once: restarts do not prune each time.
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let pruned = async {
+            let client = pool.get().await?;
+            let locked: bool = client
+                .query_one("SELECT pg_try_advisory_lock($1)", &[&PRUNE_LOCK])
+                .await?
+                .get(0);
+            if !locked {
+                return Ok(0);
+            }
+            let result = prune(&client, readings, ids).await;
+            client
+                .execute("SELECT pg_advisory_unlock($1)", &[&PRUNE_LOCK])
+                .await?;
+            result
+        }
+        .await;
+        match pruned {
+            Ok(0) => {}
+            Ok(deleted) => tracing::info!(deleted, "retention: old rows deleted"),
+            Err(e) => tracing::warn!(
+                error = format!("{e:#}"),
+                "retention: pruning failed; retrying later"
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retention_reads_durations_or_off() {
+        assert_eq!(parse_optional_duration("off"), Ok(Period(None)));
+        assert_eq!(
+            parse_optional_duration("90d"),
+            Ok(Period(Some(Duration::from_secs(90 * 86_400))))
+        );
+        assert!(parse_optional_duration("soon").is_err());
+        assert_eq!(interval(Duration::from_secs(86_400)), "1 days");
+        assert_eq!(interval(Duration::from_secs(90)), "90 seconds");
+    }
+}

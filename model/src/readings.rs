@@ -1,0 +1,397 @@
+//! READINGS: [`TagReadingsBatch`]es, one per raw message with the registry ids resolved,
+//! packed per gateway and processor batch into JSON arrays ([`ReadingsMessage`]).
+
+use crate::value::{DataType, Value};
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// The readings of one raw message, with the registry ids resolved: what the writer stores and
+/// the publisher sends. Serialized as JSON on READINGS.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TagReadingsBatch {
+    /// The raw message's id: the writer stores each id once, whatever the redeliveries.
+    pub id: Uuid,
+    pub gateway_id: i32,
+    pub device_id: i64,
+    pub device_code: String,
+    /// The device's `ts`, or the bridge's receive time when the device sent none.
+    pub time: DateTime<Utc>,
+    pub received_at: DateTime<Utc>,
+    pub readings: Vec<TagReading>,
+}
+
+/// One tag's value in a batch: `{"tag_id": 4, "tag": "AI.0", "type": "integer", "value": 7}`.
+///
+/// Read by hand rather than with `#[serde(flatten)]`, which buffers every reading into an
+/// intermediate tree before typing it: the writer and the publisher read every reading of
+/// every message, and this is the bulk of their parsing.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TagReading {
+    pub tag_id: i64,
+    pub tag: String,
+    #[serde(flatten)]
+    pub value: Value,
+}
+
+impl<'de> Deserialize<'de> for TagReading {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(TagReadingVisitor)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "snake_case")]
+enum TagReadingField {
+    TagId,
+    Tag,
+    Type,
+    Value,
+    #[serde(other)]
+    Other,
+}
+
+/// Reads a reading's `type`: a [`DataType`] name, or `null` for a null value (`None`, as
+/// [`Value::data_type`] gives it).
+struct ReadingType;
+
+impl<'de> serde::de::DeserializeSeed<'de> for ReadingType {
+    type Value = Option<DataType>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl serde::de::Visitor<'_> for ReadingType {
+    type Value = Option<DataType>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a data type name or \"null\"")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<Self::Value, E> {
+        match name {
+            "null" => Ok(None),
+            name => DataType::from_pg_name(name)
+                .map(Some)
+                .ok_or_else(|| E::invalid_value(serde::de::Unexpected::Str(name), &self)),
+        }
+    }
+}
+
+/// A value read before its type was known.
+fn read_json<E: serde::de::Error>(
+    kind: Option<DataType>,
+    json: serde_json::Value,
+) -> Result<Value, E> {
+    let name = kind.map_or("null", DataType::as_str);
+    let wrong = |json: &serde_json::Value| E::custom(format!("{json} is not of type {name}"));
+    Ok(match kind {
+        Some(DataType::Integer) => Value::Integer(json.as_i64().ok_or_else(|| wrong(&json))?),
+        Some(DataType::Double) => Value::Double(json.as_f64().ok_or_else(|| wrong(&json))?),
+        Some(DataType::Boolean) => Value::Boolean(json.as_bool().ok_or_else(|| wrong(&json))?),
+        Some(DataType::Text) => match json {
+            serde_json::Value::String(s) => Value::Text(s),
+            other => return Err(wrong(&other)),
+        },
+        Some(DataType::Jsonb) => Value::Json(json),
+        None => Value::Null,
+    })
+}
+
+/// Reads a reading's `value` straight into its type, once `type` is known.
+struct TypedValue(Option<DataType>);
+
+impl<'de> serde::de::DeserializeSeed<'de> for TypedValue {
+    type Value = Value;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        Ok(match self.0 {
+            Some(DataType::Integer) => Value::Integer(i64::deserialize(d)?),
+            Some(DataType::Double) => Value::Double(f64::deserialize(d)?),
+            Some(DataType::Boolean) => Value::Boolean(bool::deserialize(d)?),
+            Some(DataType::Text) => Value::Text(String::deserialize(d)?),
+            Some(DataType::Jsonb) => Value::Json(serde_json::Value::deserialize(d)?),
+            None => {
+                serde::de::IgnoredAny::deserialize(d)?;
+                Value::Null
+            }
+        })
+    }
+}
+
+struct TagReadingVisitor;
+
+impl<'de> serde::de::Visitor<'de> for TagReadingVisitor {
+    type Value = TagReading;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a tag reading")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<TagReading, A::Error> {
+        use serde::de::Error;
+        let (mut tag_id, mut tag, mut kind, mut value) = (None, None, None, None);
+        // A `value` before its `type` (not how we write them) is held as JSON until the end.
+        let mut untyped = None;
+        while let Some(field) = map.next_key()? {
+            match field {
+                TagReadingField::TagId => tag_id = Some(map.next_value()?),
+                TagReadingField::Tag => tag = Some(map.next_value()?),
+                TagReadingField::Type => kind = Some(map.next_value_seed(ReadingType)?),
+                TagReadingField::Value => match kind {
+                    Some(kind) => value = Some(map.next_value_seed(TypedValue(kind))?),
+                    None => untyped = Some(map.next_value::<serde_json::Value>()?),
+                },
+                TagReadingField::Other => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+        }
+        let kind = kind.ok_or_else(|| A::Error::missing_field("type"))?;
+        let value = match (value, untyped, kind) {
+            (Some(value), _, _) => value,
+            (None, Some(json), kind) => read_json(kind, json)?,
+            (None, None, None) => Value::Null,
+            (None, None, _) => return Err(A::Error::missing_field("value")),
+        };
+        Ok(TagReading {
+            tag_id: tag_id.ok_or_else(|| A::Error::missing_field("tag_id"))?,
+            tag: tag.ok_or_else(|| A::Error::missing_field("tag"))?,
+            value,
+        })
+    }
+}
+
+impl TagReadingsBatch {
+    pub fn to_json(&self) -> Bytes {
+        // Serializing plain data with string keys cannot fail.
+        Bytes::from(serde_json::to_vec(self).expect("TagReadingsBatch serializes"))
+    }
+}
+
+/// Most bytes of batches packed into one READINGS message; a larger batch travels alone. A
+/// quarter of NATS's default `max_payload` (1 MiB), so that a message always fits.
+pub const READINGS_MESSAGE_BYTES: usize = 256 * 1024;
+
+/// One READINGS message: batches of one gateway from one processor batch, a JSON array.
+///
+/// One message per processor batch rather than per raw message divides the READINGS work of
+/// the stream and of its consumers (a store, two deliveries and two acks per message) by the
+/// batch size; the writer still stores each batch once by its id, whatever the packing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReadingsMessage {
+    pub gateway_id: i32,
+    /// The ids of the batches, in order.
+    pub ids: Vec<Uuid>,
+    json: Vec<u8>,
+}
+
+impl ReadingsMessage {
+    fn open(gateway_id: i32) -> ReadingsMessage {
+        ReadingsMessage {
+            gateway_id,
+            ids: Vec::new(),
+            json: vec![b'['],
+        }
+    }
+
+    /// The deduplication id (JetStream's `Nats-Msg-Id`) names the batches it holds: a
+    /// processor that dies before its ack and packs the same batches again publishes them once.
+    pub fn dedup_id(&self) -> String {
+        let mut ids = Vec::with_capacity(16 * self.ids.len());
+        for id in &self.ids {
+            ids.extend_from_slice(id.as_bytes());
+        }
+        format!("readings:{:032x}", xxhash_rust::xxh3::xxh3_128(&ids))
+    }
+
+    pub fn payload(&self) -> Bytes {
+        let mut json = self.json.clone();
+        json.push(b']');
+        Bytes::from(json)
+    }
+
+    /// Packs batches into READINGS messages, per gateway, in order, each holding up to
+    /// [`READINGS_MESSAGE_BYTES`] of JSON. Returns the messages and, for each batch, the index
+    /// of the message holding it.
+    pub fn pack<'a>(
+        batches: impl IntoIterator<Item = &'a TagReadingsBatch>,
+    ) -> (Vec<ReadingsMessage>, Vec<usize>) {
+        let mut messages: Vec<ReadingsMessage> = Vec::new();
+        let mut homes = Vec::new();
+        // The message still open for each gateway.
+        let mut open: std::collections::HashMap<i32, usize> = Default::default();
+        let mut scratch = Vec::new();
+        for batch in batches {
+            scratch.clear();
+            serde_json::to_writer(&mut scratch, batch).expect("TagReadingsBatch serializes");
+            let fits =
+                |m: &ReadingsMessage| m.json.len() + 1 + scratch.len() < READINGS_MESSAGE_BYTES;
+            let home = match open.get(&batch.gateway_id) {
+                Some(&i) if messages[i].ids.is_empty() || fits(&messages[i]) => i,
+                _ => {
+                    messages.push(ReadingsMessage::open(batch.gateway_id));
+                    open.insert(batch.gateway_id, messages.len() - 1);
+                    messages.len() - 1
+                }
+            };
+            let message = &mut messages[home];
+            if !message.ids.is_empty() {
+                message.json.push(b',');
+            }
+            message.json.extend_from_slice(&scratch);
+            message.ids.push(batch.id);
+            homes.push(home);
+        }
+        (messages, homes)
+    }
+
+    /// Reads a READINGS message: an array of batches, or a single batch (one per message, as
+    /// READINGS carried them before they were packed).
+    pub fn parse(payload: &[u8]) -> Result<Vec<TagReadingsBatch>, serde_json::Error> {
+        match payload.iter().find(|b| !b.is_ascii_whitespace()) {
+            Some(b'{') => Ok(vec![serde_json::from_slice(payload)?]),
+            _ => serde_json::from_slice(payload),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_serialize_every_value_type() {
+        let batch = TagReadingsBatch {
+            id: Uuid::now_v7(),
+            gateway_id: 1,
+            device_id: 2,
+            device_code: "d".into(),
+            time: Utc::now(),
+            received_at: Utc::now(),
+            readings: vec![
+                TagReading {
+                    tag_id: 1,
+                    tag: "i".into(),
+                    value: Value::Integer(3),
+                },
+                TagReading {
+                    tag_id: 2,
+                    tag: "f".into(),
+                    value: Value::Double(1.5),
+                },
+                TagReading {
+                    tag_id: 3,
+                    tag: "j".into(),
+                    value: Value::Json(serde_json::json!({"a": [1]})),
+                },
+                TagReading {
+                    tag_id: 4,
+                    tag: "n".into(),
+                    value: Value::Null,
+                },
+            ],
+        };
+        let json: serde_json::Value = serde_json::from_slice(&batch.to_json()).unwrap();
+        assert_eq!(
+            json["readings"][1],
+            serde_json::json!({"tag_id": 2, "tag": "f", "type": "double precision", "value": 1.5})
+        );
+        let back: TagReadingsBatch = serde_json::from_slice(&batch.to_json()).unwrap();
+        assert_eq!(back, batch);
+    }
+
+    fn small_batch(gateway_id: i32, readings: usize) -> TagReadingsBatch {
+        TagReadingsBatch {
+            id: Uuid::now_v7(),
+            gateway_id,
+            device_id: 2,
+            device_code: "d".into(),
+            time: Utc::now(),
+            received_at: Utc::now(),
+            readings: (0..readings)
+                .map(|i| TagReading {
+                    tag_id: i as i64,
+                    tag: format!("tag-{i}"),
+                    value: Value::Integer(i as i64),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn batches_are_packed_per_gateway_in_order_and_read_back() {
+        let batches: Vec<_> = [1, 2, 1, 1, 2].map(|g| small_batch(g, 3)).into();
+        let (messages, homes) = ReadingsMessage::pack(&batches);
+        assert_eq!(homes, [0, 1, 0, 0, 1]);
+        assert_eq!(messages[0].gateway_id, 1);
+        assert_eq!(messages[1].gateway_id, 2);
+        let back = ReadingsMessage::parse(&messages[0].payload()).unwrap();
+        assert_eq!(back, [0, 2, 3].map(|i| batches[i].clone()));
+        assert_eq!(messages[0].ids, [0, 2, 3].map(|i| batches[i].id));
+        // The deduplication id names the batches: the same ones give the same id.
+        let again = ReadingsMessage::pack([&batches[0], &batches[2], &batches[3]]).0;
+        assert_eq!(again[0].dedup_id(), messages[0].dedup_id());
+        let fewer = ReadingsMessage::pack([&batches[0], &batches[2]]).0;
+        assert_ne!(fewer[0].dedup_id(), messages[0].dedup_id());
+        // A single batch, as READINGS carried them before packing, still reads.
+        assert_eq!(
+            ReadingsMessage::parse(&batches[1].to_json()).unwrap(),
+            [batches[1].clone()]
+        );
+        assert_eq!(ReadingsMessage::parse(b"[]").unwrap(), []);
+        assert!(ReadingsMessage::parse(b"{\"id\": 1}").is_err());
+        assert!(ReadingsMessage::parse(b"not json").is_err());
+    }
+
+    #[test]
+    fn packed_messages_stay_within_their_size_and_a_big_batch_travels_alone() {
+        // About 30 KiB each: eight fit in 256 KiB, not nine.
+        let batches: Vec<_> = (0..20).map(|_| small_batch(1, 1000)).collect();
+        let big = small_batch(1, 20_000);
+        let all: Vec<_> = batches.iter().chain([&big]).chain(&batches[..1]).collect();
+        let (messages, homes) = ReadingsMessage::pack(all.iter().copied());
+        for m in &messages {
+            assert!(m.payload().len() <= READINGS_MESSAGE_BYTES || m.ids.len() == 1);
+        }
+        assert!(messages.len() >= 4, "{} messages", messages.len());
+        let big_home = homes[20];
+        assert_eq!(messages[big_home].ids, [big.id]);
+        assert!(messages[big_home].payload().len() > READINGS_MESSAGE_BYTES);
+        let read: usize = messages
+            .iter()
+            .map(|m| ReadingsMessage::parse(&m.payload()).unwrap().len())
+            .sum();
+        assert_eq!(read, 22);
+    }
+
+    #[test]
+    fn readings_read_in_any_field_order_and_refuse_a_value_of_another_type() {
+        let read = |json: &str| serde_json::from_str::<TagReading>(json);
+        let reading = |value| TagReading {
+            tag_id: 1,
+            tag: "t".into(),
+            value,
+        };
+        assert_eq!(
+            read(r#"{"value": 2.5, "extra": [1], "type": "double precision", "tag": "t", "tag_id": 1}"#)
+                .unwrap(),
+            reading(Value::Double(2.5))
+        );
+        assert_eq!(
+            read(r#"{"tag_id": 1, "tag": "t", "type": "null"}"#).unwrap(),
+            reading(Value::Null)
+        );
+        assert_eq!(
+            read(r#"{"tag_id": 1, "tag": "t", "value": {"a": 1}, "type": "jsonb"}"#).unwrap(),
+            reading(Value::Json(serde_json::json!({"a": 1})))
+        );
+        assert!(read(r#"{"tag_id": 1, "tag": "t", "type": "integer", "value": "7"}"#).is_err());
+        assert!(read(r#"{"tag_id": 1, "tag": "t", "value": "7", "type": "integer"}"#).is_err());
+        assert!(read(r#"{"tag_id": 1, "tag": "t", "type": "integer"}"#).is_err());
+        assert!(read(r#"{"tag_id": 1, "type": "integer", "value": 7}"#).is_err());
+    }
+}
