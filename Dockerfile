@@ -16,7 +16,7 @@ COPY . .
 # is copied out of the cache before the step ends.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p dataviz-cli \
+    cargo build --release --locked -p dataviz-cli --no-default-features \
     && install -m 0755 target/release/dataviz /usr/local/bin/dataviz
 
 # --- Run --------------------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 //! are printed with their whole chain.
 
 mod app;
+#[cfg(feature = "bench")]
 mod bench;
+#[cfg(feature = "bench")]
 mod bench_site;
 mod dlq;
 mod replay;
@@ -64,8 +66,10 @@ enum Command {
     /// Users of the admin site: add, list, passwd.
     User(user::UserArgs),
     /// Throughput, latency and memory beside the machine's limits, on servers of its own.
+    #[cfg(feature = "bench")]
     Bench(bench::BenchArgs),
     /// The admin site's page timings (p50, p99) on 10,000 devices and a million readings.
+    #[cfg(feature = "bench")]
     BenchSite(bench_site::BenchSiteArgs),
 }
 
@@ -104,7 +108,9 @@ fn main() -> ExitCode {
             Command::App(args) => app::run(args).await,
             Command::User(args) => user::run(args).await,
             Command::Replay(args) => replay::run(args).await,
+            #[cfg(feature = "bench")]
             Command::Bench(args) => bench::run(args).await,
+            #[cfg(feature = "bench")]
             Command::BenchSite(args) => bench_site::run(args).await,
         }
     });
