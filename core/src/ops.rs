@@ -16,9 +16,9 @@ use async_nats::jetstream;
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 /// Metric names, one place for all of them.
 pub mod metric {
@@ -85,18 +85,14 @@ impl OpsConfig {
     }
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or_default()
-}
-
 /// A stage's progress: when it last finished work, and how much waits for it.
 #[derive(Debug)]
 pub struct Progress {
     pub name: String,
-    last_progress_ms: AtomicI64,
+    /// tokio's clock, so that tests can drive a stall with paused time.
+    born: tokio::time::Instant,
+    /// When work was last done, in milliseconds after `born`.
+    last_progress_ms: AtomicU64,
     waiting: AtomicU64,
 }
 
@@ -104,14 +100,20 @@ impl Progress {
     pub fn new(name: &str) -> Progress {
         Progress {
             name: name.to_owned(),
-            last_progress_ms: AtomicI64::new(now_ms()),
+            born: tokio::time::Instant::now(),
+            last_progress_ms: AtomicU64::new(0),
             waiting: AtomicU64::new(0),
         }
     }
 
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
     /// Work was done just now.
     pub fn advanced(&self) {
-        self.last_progress_ms.store(now_ms(), Ordering::Relaxed);
+        self.last_progress_ms
+            .store(self.now_ms(), Ordering::Relaxed);
     }
 
     /// How many messages wait for this stage.
@@ -122,7 +124,8 @@ impl Progress {
     fn stalled(&self, after: Duration) -> Option<String> {
         let waiting = self.waiting.load(Ordering::Relaxed);
         let idle = Duration::from_millis(
-            (now_ms() - self.last_progress_ms.load(Ordering::Relaxed)).max(0) as u64,
+            self.now_ms()
+                .saturating_sub(self.last_progress_ms.load(Ordering::Relaxed)),
         );
         (waiting > 0 && idle > after).then(|| {
             format!(
@@ -365,18 +368,21 @@ async fn readyz(State(ops): State<Ops>) -> impl IntoResponse {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_stage_with_work_and_no_progress_is_stalled() {
+    #[tokio::test(start_paused = true)]
+    async fn a_stage_with_work_and_no_progress_is_stalled() {
+        let after = Duration::from_secs(60);
         let p = Progress::new("writer");
-        assert!(p.stalled(Duration::ZERO).is_none(), "nothing waiting");
+        tokio::time::advance(Duration::from_secs(120)).await;
+        assert!(p.stalled(after).is_none(), "nothing waiting");
         p.set_waiting(5);
-        p.last_progress_ms
-            .store(now_ms() - 10_000, Ordering::Relaxed);
-        assert!(p.stalled(Duration::from_secs(60)).is_none());
-        let why = p.stalled(Duration::from_secs(5)).unwrap();
+        p.advanced();
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert!(p.stalled(after).is_none(), "not past READY_STALL_AFTER yet");
+        tokio::time::advance(Duration::from_millis(1)).await;
+        let why = p.stalled(after).expect("stalled just past the limit");
         assert!(why.contains("writer: 5 messages waiting"), "{why}");
         p.advanced();
-        assert!(p.stalled(Duration::from_secs(5)).is_none());
+        assert!(p.stalled(after).is_none(), "progress clears it");
     }
 
     #[test]

@@ -11,8 +11,10 @@ use dataviz_core::value::{DataType, Value};
 use deadpool_postgres::Pool;
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+// tokio's clock, so that tests can drive the unknown-gateway expiry with paused time.
 use thiserror::Error;
+use tokio::time::Instant;
 
 /// How long "this gateway does not exist" is believed before asking again: long enough that a
 /// flood from an unknown gateway costs one query a second, short enough that a gateway just

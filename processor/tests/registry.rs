@@ -1,0 +1,76 @@
+//! The registry against a real PostgreSQL, in process, with tokio's paused time where its
+//! behaviour depends on time.
+
+use chrono::Utc;
+use dataviz_core::value::Value;
+use dataviz_processor::registry::{Registry, RegistryError};
+use dataviz_testkit::TestDb;
+use std::time::Duration;
+
+async fn registry(db: &TestDb) -> Registry {
+    dataviz_core::db::migrate(&mut db.connect().await)
+        .await
+        .unwrap();
+    Registry::new(dataviz_core::db::pool(db.url(), 2).unwrap())
+}
+
+fn readings() -> Vec<(String, Value)> {
+    vec![("AI.0".into(), Value::Double(1.5))]
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unknown_gateway_is_believed_for_a_second_then_asked_again() {
+    let db = TestDb::create().await;
+    let registry = registry(&db).await;
+    let readings = readings();
+    let resolve = || registry.resolve(99, "plc-1", &readings, Utc::now());
+    assert!(matches!(
+        resolve().await,
+        Err(RegistryError::UnknownGateway(99))
+    ));
+    db.connect()
+        .await
+        .execute("INSERT INTO gateway (id, name) VALUES (99, 'late')", &[])
+        .await
+        .unwrap();
+    // Within the second: the answer is the cached one (a flood costs no query per message).
+    tokio::time::advance(Duration::from_millis(999)).await;
+    assert!(matches!(
+        resolve().await,
+        Err(RegistryError::UnknownGateway(99))
+    ));
+    // Past it: asked again, and found.
+    tokio::time::advance(Duration::from_millis(2)).await;
+    let resolved = resolve().await.expect("the gateway exists now");
+    assert_eq!(resolved.tag_ids.len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_tag_code_postgresql_cannot_index_is_a_permanent_error() {
+    let db = TestDb::create().await;
+    let registry = registry(&db).await;
+    db.connect()
+        .await
+        .execute("INSERT INTO gateway (id, name) VALUES (1, 'g')", &[])
+        .await
+        .unwrap();
+    // 8 KB of random hex: compressed, still over the row limit of PostgreSQL's B-tree index.
+    let code: String = (0..512)
+        .map(|_| format!("{:016x}", rand::random::<u64>()))
+        .collect();
+    let huge = vec![(code, Value::Integer(1))];
+    match registry.resolve(1, "plc-1", &huge, Utc::now()).await {
+        Err(RegistryError::Database(e)) => assert_eq!(
+            e.kind(),
+            dataviz_core::db::ErrorKind::Permanent,
+            "{e} (SQLSTATE {:?})",
+            e.code()
+        ),
+        other => panic!("expected a permanent database error, got {other:?}"),
+    }
+    // The next message of the device, with a sane tag, is not held back.
+    registry
+        .resolve(1, "plc-1", &readings(), Utc::now())
+        .await
+        .expect("a sane tag is created");
+}
