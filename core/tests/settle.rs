@@ -144,15 +144,18 @@ where
     ran.unwrap();
 }
 
-async fn consumer_idle(js: &jetstream::Context) -> bool {
-    let mut consumer: jetstream::consumer::PullConsumer = js
-        .get_stream(streams::RAW_STREAM)
+/// The durable consumer the loop reads RAW with.
+async fn consumer(js: &jetstream::Context) -> jetstream::consumer::PullConsumer {
+    js.get_stream(streams::RAW_STREAM)
         .await
         .unwrap()
         .get_consumer(streams::PROCESSOR_CONSUMER)
         .await
-        .unwrap();
-    let info = consumer.info().await.unwrap();
+        .unwrap()
+}
+
+async fn consumer_idle(js: &jetstream::Context) -> bool {
+    let info = consumer(js).await.info().await.unwrap().clone();
     info.num_pending == 0 && info.num_ack_pending == 0
 }
 
@@ -230,15 +233,8 @@ async fn a_fetch_handed_back_whole_is_no_progress_and_comes_back() {
 }
 
 async fn take_one(setup: &Setup) -> Vec<jetstream::Message> {
-    let consumer: jetstream::consumer::PullConsumer = setup
-        .js
-        .get_stream(streams::RAW_STREAM)
+    let mut batch = consumer(&setup.js)
         .await
-        .unwrap()
-        .get_consumer(streams::PROCESSOR_CONSUMER)
-        .await
-        .unwrap();
-    let mut batch = consumer
         .fetch()
         .max_messages(1)
         .expires(Duration::from_secs(5))
