@@ -310,14 +310,14 @@ async fn copy_and_writer_alone(db: &TestDb, args: &BenchArgs) -> anyhow::Result<
         )
         .await?;
     let pool = dataviz_core::db::pool(db.url(), 2)?;
-    let batches = writer_batches(args);
+    let units = writer_batches(args);
     let (mut copies, mut writes) = (Vec::new(), Vec::new());
     for round in 1..=LIMIT_ROUNDS {
         eprintln!(
             "limits: PostgreSQL binary COPY alone, then the writer alone (round {round} of {LIMIT_ROUNDS})…"
         );
         copies.push(copy_alone(&mut client, args).await?);
-        writes.push(writer_alone(&pool, &batches, args).await?);
+        writes.push(writer_alone(&pool, &units, args).await?);
         client
             .batch_execute("TRUNCATE bench_copy, tag_reading, ingested_message")
             .await?;
@@ -372,14 +372,14 @@ async fn copy_alone(client: &mut tokio_postgres::Client, args: &BenchArgs) -> an
     Ok(rate(rows, start.elapsed()))
 }
 
-/// The messages [`copy_alone`] writes as rows, as readings batches for the writer.
-fn writer_batches(args: &BenchArgs) -> Vec<dataviz_core::message::TagReadingsBatch> {
-    use dataviz_core::message::{TagReading, TagReadingsBatch};
+/// The messages [`copy_alone`] writes as rows, as units for the writer.
+fn writer_batches(args: &BenchArgs) -> Vec<dataviz_core::message::MessageReadings> {
+    use dataviz_core::message::{MessageReadings, TagReading};
     let now = chrono::Utc::now();
     (0..args.messages)
         .map(|m| {
             let device = m % args.devices;
-            TagReadingsBatch {
+            MessageReadings {
                 id: uuid::Uuid::now_v7(),
                 gateway_id: 1,
                 device_id: device as i64,
@@ -406,12 +406,12 @@ fn writer_batches(args: &BenchArgs) -> Vec<dataviz_core::message::TagReadingsBat
 /// transaction; READINGS and its JSON are left out.
 async fn writer_alone(
     pool: &deadpool_postgres::Pool,
-    batches: &[dataviz_core::message::TagReadingsBatch],
+    units: &[dataviz_core::message::MessageReadings],
     args: &BenchArgs,
 ) -> anyhow::Result<f64> {
     let start = Instant::now();
     let mut rows = 0;
-    for chunk in batches.chunks(2_000) {
+    for chunk in units.chunks(2_000) {
         rows += dataviz_writer::write(pool, chunk).await?.rows;
     }
     let elapsed = start.elapsed();

@@ -57,14 +57,14 @@ async fn hop() -> Hop {
 async fn take(consumer: &PullConsumer, n: usize) -> Vec<jetstream::Message> {
     let mut out = Vec::new();
     while out.len() < n {
-        let mut batch = consumer
+        let mut unit = consumer
             .fetch()
             .max_messages(n - out.len())
             .expires(Duration::from_secs(5))
             .messages()
             .await
             .unwrap();
-        while let Some(message) = batch.next().await {
+        while let Some(message) = unit.next().await {
             out.push(message.unwrap());
         }
     }
@@ -161,7 +161,7 @@ async fn a_processor_dying_before_its_ack_publishes_each_batch_once() {
     // The same batches packed alike: the second READINGS message is JetStream's duplicate.
     let readings = readings_in_stream(&hop).await;
     assert_eq!(readings.len(), 1, "one READINGS message, stored once");
-    assert_eq!(ids(&readings[0]).len(), MESSAGES, "each batch once");
+    assert_eq!(ids(&readings[0]).len(), MESSAGES, "each unit once");
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
         pending(&mut raw).await,
@@ -191,8 +191,8 @@ async fn a_processor_packing_its_redelivery_otherwise_still_stores_each_row_once
     consume::handle(&processor, &hop.js, &take(&raw, MESSAGES).await).await;
     let readings = readings_in_stream(&hop).await;
     assert_eq!(readings.len(), 3);
-    let batches: usize = readings.iter().map(|r| ids(r).len()).sum();
-    assert_eq!(batches, 2 * MESSAGES, "every batch twice in READINGS");
+    let units: usize = readings.iter().map(|r| ids(r).len()).sum();
+    assert_eq!(units, 2 * MESSAGES, "every unit twice in READINGS");
 
     let writer = consumer(
         &hop,
@@ -225,9 +225,9 @@ async fn a_writer_dying_before_its_ack_stores_each_row_once() {
     )
     .await;
     let first = take(&readings, 1).await;
-    let batches = ReadingsMessage::parse(&first[0].payload).unwrap();
+    let units = ReadingsMessage::parse(&first[0].payload).unwrap();
     // Committed, then the "crash": no ack.
-    let written = dataviz_writer::write(&hop.pool, &batches).await.unwrap();
+    let written = dataviz_writer::write(&hop.pool, &units).await.unwrap();
     assert_eq!(
         (written.messages, written.rows),
         (MESSAGES, 2 * MESSAGES as u64)
@@ -255,11 +255,11 @@ async fn a_writer_dying_before_its_ack_stores_each_row_once() {
     assert_eq!(
         pending(&mut readings).await,
         (0, 0),
-        "every batch acknowledged"
+        "every unit acknowledged"
     );
 
     // A replay long after, past JetStream's duplicate window: still no new row.
-    let again = dataviz_writer::write(&hop.pool, &batches).await.unwrap();
+    let again = dataviz_writer::write(&hop.pool, &units).await.unwrap();
     assert_eq!(
         (again.messages, again.duplicates, again.rows),
         (0, MESSAGES, 0)
@@ -272,10 +272,10 @@ async fn a_writer_dying_before_its_ack_stores_each_row_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_postgresql_refuses_goes_to_dead_alone_and_its_neighbours_are_stored() {
-    use dataviz_core::message::{DeadLetter, TagReading, TagReadingsBatch};
+    use dataviz_core::message::{DeadLetter, MessageReadings, TagReading};
     use dataviz_core::value::Value;
     let hop = hop().await;
-    let batch = |device: i64, value: Value| TagReadingsBatch {
+    let unit = |device: i64, value: Value| MessageReadings {
         id: uuid::Uuid::now_v7(),
         gateway_id: 1,
         device_id: device,
@@ -289,15 +289,15 @@ async fn a_batch_postgresql_refuses_goes_to_dead_alone_and_its_neighbours_are_st
         }],
     };
     // PostgreSQL text cannot hold NUL: a batch only a hand-made message can carry.
-    let refused = batch(2, Value::Text("a\0b".into()));
+    let refused = unit(2, Value::Text("a\0b".into()));
     let first = [
-        batch(1, Value::Integer(1)),
+        unit(1, Value::Integer(1)),
         refused.clone(),
-        batch(3, Value::Integer(3)),
+        unit(3, Value::Integer(3)),
     ];
-    let second = [batch(4, Value::Integer(4))];
-    for batches in [&first[..], &second[..]] {
-        for m in ReadingsMessage::pack(batches).0 {
+    let second = [unit(4, Value::Integer(4))];
+    for units in [&first[..], &second[..]] {
+        for m in ReadingsMessage::pack(units).0 {
             streams::publish_readings(&hop.js, &m).await.unwrap();
         }
     }
@@ -318,7 +318,7 @@ async fn a_batch_postgresql_refuses_goes_to_dead_alone_and_its_neighbours_are_st
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(devices, [1, 3, 4], "the other batches stored");
+    assert_eq!(devices, [1, 3, 4], "the other units stored");
     let dead = hop.js.get_stream(streams::DEAD_STREAM).await.unwrap();
     assert_eq!(dead.get_info().await.unwrap().state.messages, 1);
     let stored = dead.get_raw_message(1).await.unwrap();
@@ -331,7 +331,7 @@ async fn a_batch_postgresql_refuses_goes_to_dead_alone_and_its_neighbours_are_st
     assert_eq!(
         ReadingsMessage::parse(&letter.raw.payload).unwrap(),
         [refused],
-        "the refused batch alone, as it was"
+        "the refused unit alone, as it was"
     );
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(

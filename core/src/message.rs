@@ -2,13 +2,13 @@
 //!
 //! - RAW: the MQTT message as received, payload untouched; topic, receive time and a unique id
 //!   in headers ([`RawMessage`]).
-//! - READINGS: [`TagReadingsBatch`]es, one per raw message with the registry ids resolved, packed
-//!   per gateway and processor batch into JSON arrays ([`ReadingsMessage`], from the model
+//! - READINGS: [`MessageReadings`]es, one per raw message with the registry ids resolved, packed
+//!   per gateway and processor fetch into JSON arrays ([`ReadingsMessage`], from the model
 //!   crate; [`readings_headers`] gives its headers).
 //! - DEAD: the raw message again, with the stage and reason that refused it ([`DeadLetter`]).
 
 pub use dataviz_model::readings::{
-    READINGS_MESSAGE_BYTES, ReadingsMessage, TagReading, TagReadingsBatch,
+    MessageReadings, READINGS_MESSAGE_BYTES, ReadingsMessage, TagReading,
 };
 pub use dataviz_model::reason::DeadReason;
 

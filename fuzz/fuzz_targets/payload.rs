@@ -12,11 +12,11 @@
 //! - what was accepted, written out again (tags, values as published, `ts` in RFC 3339),
 //!   parses to the same;
 //! - the READINGS batch the processor would make of it is read back the same by the writer and
-//!   the publisher (`TagReadingsBatch` to JSON and back).
+//!   the publisher (`MessageReadings` to JSON and back).
 #![no_main]
 
 use chrono::{DateTime, Utc};
-use dataviz_model::readings::{TagReading, TagReadingsBatch};
+use dataviz_model::readings::{TagReading, MessageReadings};
 use dataviz_model::payload::{self, Payload, PayloadError, PayloadLimits};
 use libfuzzer_sys::fuzz_target;
 
@@ -79,7 +79,7 @@ fn accepted(data: &[u8], limits: &PayloadLimits, p: &Payload) {
 
     // The READINGS batch made of it reads back the same.
     let time = p.ts.unwrap_or(DateTime::<Utc>::UNIX_EPOCH);
-    let batch = TagReadingsBatch {
+    let batch = MessageReadings {
         id: uuid::Uuid::nil(),
         gateway_id: 1,
         device_id: 1,
@@ -98,7 +98,7 @@ fn accepted(data: &[u8], limits: &PayloadLimits, p: &Payload) {
             .collect(),
     };
     let json = batch.to_json();
-    let back = serde_json::from_slice::<TagReadingsBatch>(&json).unwrap_or_else(|e| {
+    let back = serde_json::from_slice::<MessageReadings>(&json).unwrap_or_else(|e| {
         panic!(
             "{text:?}: READINGS batch {:?} not read back: {e}",
             String::from_utf8_lossy(&json)

@@ -1,5 +1,5 @@
-//! READINGS: [`TagReadingsBatch`]es, one per raw message with the registry ids resolved,
-//! packed per gateway and processor batch into JSON arrays ([`ReadingsMessage`]).
+//! READINGS: [`MessageReadings`]es, one per raw message with the registry ids resolved,
+//! packed per gateway and processor fetch into JSON arrays ([`ReadingsMessage`]).
 
 use crate::value::{DataType, Value};
 use bytes::Bytes;
@@ -10,7 +10,7 @@ use uuid::Uuid;
 /// The readings of one raw message, with the registry ids resolved: what the writer stores and
 /// the publisher sends. Serialized as JSON on READINGS.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TagReadingsBatch {
+pub struct MessageReadings {
     /// The raw message's id: the writer stores each id once, whatever the redeliveries.
     pub id: Uuid,
     pub gateway_id: i32,
@@ -22,7 +22,7 @@ pub struct TagReadingsBatch {
     pub readings: Vec<TagReading>,
 }
 
-/// One tag's value in a batch: `{"tag_id": 4, "tag": "AI.0", "type": "integer", "value": 7}`.
+/// One tag's value in a unit: `{"tag_id": 4, "tag": "AI.0", "type": "integer", "value": 7}`.
 ///
 /// Read by hand rather than with `#[serde(flatten)]`, which buffers every reading into an
 /// intermediate tree before typing it: the writer and the publisher read every reading of
@@ -165,26 +165,26 @@ impl<'de> serde::de::Visitor<'de> for TagReadingVisitor {
     }
 }
 
-impl TagReadingsBatch {
+impl MessageReadings {
     pub fn to_json(&self) -> Bytes {
         // Serializing plain data with string keys cannot fail.
-        Bytes::from(serde_json::to_vec(self).expect("TagReadingsBatch serializes"))
+        Bytes::from(serde_json::to_vec(self).expect("MessageReadings serializes"))
     }
 }
 
-/// Most bytes of batches packed into one READINGS message; a larger batch travels alone. A
+/// Most bytes of units packed into one READINGS message; a larger unit travels alone. A
 /// quarter of NATS's default `max_payload` (1 MiB), so that a message always fits.
 pub const READINGS_MESSAGE_BYTES: usize = 256 * 1024;
 
-/// One READINGS message: batches of one gateway from one processor batch, a JSON array.
+/// One READINGS message: units of one gateway from one processor fetch, a JSON array.
 ///
-/// One message per processor batch rather than per raw message divides the READINGS work of
+/// One message per processor fetch rather than per raw message divides the READINGS work of
 /// the stream and of its consumers (a store, two deliveries and two acks per message) by the
-/// batch size; the writer still stores each batch once by its id, whatever the packing.
+/// fetch size; the writer still stores each unit once by its id, whatever the packing.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ReadingsMessage {
     pub gateway_id: i32,
-    /// The ids of the batches, in order.
+    /// The ids of the units, in order.
     pub ids: Vec<Uuid>,
     json: Vec<u8>,
 }
@@ -198,8 +198,8 @@ impl ReadingsMessage {
         }
     }
 
-    /// The deduplication id (JetStream's `Nats-Msg-Id`) names the batches it holds: a
-    /// processor that dies before its ack and packs the same batches again publishes them once.
+    /// The deduplication id (JetStream's `Nats-Msg-Id`) names the units it holds: a
+    /// processor that dies before its ack and packs the same units again publishes them once.
     pub fn dedup_id(&self) -> String {
         let mut ids = Vec::with_capacity(16 * self.ids.len());
         for id in &self.ids {
@@ -214,27 +214,27 @@ impl ReadingsMessage {
         Bytes::from(json)
     }
 
-    /// Packs batches into READINGS messages, per gateway, in order, each holding up to
-    /// [`READINGS_MESSAGE_BYTES`] of JSON. Returns the messages and, for each batch, the index
+    /// Packs units into READINGS messages, per gateway, in order, each holding up to
+    /// [`READINGS_MESSAGE_BYTES`] of JSON. Returns the messages and, for each unit, the index
     /// of the message holding it.
     pub fn pack<'a>(
-        batches: impl IntoIterator<Item = &'a TagReadingsBatch>,
+        units: impl IntoIterator<Item = &'a MessageReadings>,
     ) -> (Vec<ReadingsMessage>, Vec<usize>) {
         let mut messages: Vec<ReadingsMessage> = Vec::new();
         let mut homes = Vec::new();
         // The message still open for each gateway.
         let mut open: std::collections::HashMap<i32, usize> = Default::default();
         let mut scratch = Vec::new();
-        for batch in batches {
+        for unit in units {
             scratch.clear();
-            serde_json::to_writer(&mut scratch, batch).expect("TagReadingsBatch serializes");
+            serde_json::to_writer(&mut scratch, unit).expect("MessageReadings serializes");
             let fits =
                 |m: &ReadingsMessage| m.json.len() + 1 + scratch.len() < READINGS_MESSAGE_BYTES;
-            let home = match open.get(&batch.gateway_id) {
+            let home = match open.get(&unit.gateway_id) {
                 Some(&i) if messages[i].ids.is_empty() || fits(&messages[i]) => i,
                 _ => {
-                    messages.push(ReadingsMessage::open(batch.gateway_id));
-                    open.insert(batch.gateway_id, messages.len() - 1);
+                    messages.push(ReadingsMessage::open(unit.gateway_id));
+                    open.insert(unit.gateway_id, messages.len() - 1);
                     messages.len() - 1
                 }
             };
@@ -243,15 +243,15 @@ impl ReadingsMessage {
                 message.json.push(b',');
             }
             message.json.extend_from_slice(&scratch);
-            message.ids.push(batch.id);
+            message.ids.push(unit.id);
             homes.push(home);
         }
         (messages, homes)
     }
 
-    /// Reads a READINGS message: an array of batches, or a single batch (one per message, as
+    /// Reads a READINGS message: an array of units, or a single unit (one per message, as
     /// READINGS carried them before they were packed).
-    pub fn parse(payload: &[u8]) -> Result<Vec<TagReadingsBatch>, serde_json::Error> {
+    pub fn parse(payload: &[u8]) -> Result<Vec<MessageReadings>, serde_json::Error> {
         match payload.iter().find(|b| !b.is_ascii_whitespace()) {
             Some(b'{') => Ok(vec![serde_json::from_slice(payload)?]),
             _ => serde_json::from_slice(payload),
@@ -264,8 +264,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn batches_serialize_every_value_type() {
-        let batch = TagReadingsBatch {
+    fn units_serialize_every_value_type() {
+        let unit = MessageReadings {
             id: Uuid::now_v7(),
             gateway_id: 1,
             device_id: 2,
@@ -295,17 +295,17 @@ mod tests {
                 },
             ],
         };
-        let json: serde_json::Value = serde_json::from_slice(&batch.to_json()).unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&unit.to_json()).unwrap();
         assert_eq!(
             json["readings"][1],
             serde_json::json!({"tag_id": 2, "tag": "f", "type": "double precision", "value": 1.5})
         );
-        let back: TagReadingsBatch = serde_json::from_slice(&batch.to_json()).unwrap();
-        assert_eq!(back, batch);
+        let back: MessageReadings = serde_json::from_slice(&unit.to_json()).unwrap();
+        assert_eq!(back, unit);
     }
 
-    fn small_batch(gateway_id: i32, readings: usize) -> TagReadingsBatch {
-        TagReadingsBatch {
+    fn small_unit(gateway_id: i32, readings: usize) -> MessageReadings {
+        MessageReadings {
             id: Uuid::now_v7(),
             gateway_id,
             device_id: 2,
@@ -323,24 +323,24 @@ mod tests {
     }
 
     #[test]
-    fn batches_are_packed_per_gateway_in_order_and_read_back() {
-        let batches: Vec<_> = [1, 2, 1, 1, 2].map(|g| small_batch(g, 3)).into();
-        let (messages, homes) = ReadingsMessage::pack(&batches);
+    fn units_are_packed_per_gateway_in_order_and_read_back() {
+        let units: Vec<_> = [1, 2, 1, 1, 2].map(|g| small_unit(g, 3)).into();
+        let (messages, homes) = ReadingsMessage::pack(&units);
         assert_eq!(homes, [0, 1, 0, 0, 1]);
         assert_eq!(messages[0].gateway_id, 1);
         assert_eq!(messages[1].gateway_id, 2);
         let back = ReadingsMessage::parse(&messages[0].payload()).unwrap();
-        assert_eq!(back, [0, 2, 3].map(|i| batches[i].clone()));
-        assert_eq!(messages[0].ids, [0, 2, 3].map(|i| batches[i].id));
-        // The deduplication id names the batches: the same ones give the same id.
-        let again = ReadingsMessage::pack([&batches[0], &batches[2], &batches[3]]).0;
+        assert_eq!(back, [0, 2, 3].map(|i| units[i].clone()));
+        assert_eq!(messages[0].ids, [0, 2, 3].map(|i| units[i].id));
+        // The deduplication id names the units: the same ones give the same id.
+        let again = ReadingsMessage::pack([&units[0], &units[2], &units[3]]).0;
         assert_eq!(again[0].dedup_id(), messages[0].dedup_id());
-        let fewer = ReadingsMessage::pack([&batches[0], &batches[2]]).0;
+        let fewer = ReadingsMessage::pack([&units[0], &units[2]]).0;
         assert_ne!(fewer[0].dedup_id(), messages[0].dedup_id());
-        // A single batch, as READINGS carried them before packing, still reads.
+        // A single unit, as READINGS carried them before packing, still reads.
         assert_eq!(
-            ReadingsMessage::parse(&batches[1].to_json()).unwrap(),
-            [batches[1].clone()]
+            ReadingsMessage::parse(&units[1].to_json()).unwrap(),
+            [units[1].clone()]
         );
         assert_eq!(ReadingsMessage::parse(b"[]").unwrap(), []);
         assert!(ReadingsMessage::parse(b"{\"id\": 1}").is_err());
@@ -348,11 +348,11 @@ mod tests {
     }
 
     #[test]
-    fn packed_messages_stay_within_their_size_and_a_big_batch_travels_alone() {
+    fn packed_messages_stay_within_their_size_and_a_big_unit_travels_alone() {
         // About 30 KiB each: eight fit in 256 KiB, not nine.
-        let batches: Vec<_> = (0..20).map(|_| small_batch(1, 1000)).collect();
-        let big = small_batch(1, 20_000);
-        let all: Vec<_> = batches.iter().chain([&big]).chain(&batches[..1]).collect();
+        let units: Vec<_> = (0..20).map(|_| small_unit(1, 1000)).collect();
+        let big = small_unit(1, 20_000);
+        let all: Vec<_> = units.iter().chain([&big]).chain(&units[..1]).collect();
         let (messages, homes) = ReadingsMessage::pack(all.iter().copied());
         for m in &messages {
             assert!(m.payload().len() <= READINGS_MESSAGE_BYTES || m.ids.len() == 1);

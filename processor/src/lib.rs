@@ -2,7 +2,7 @@
 //!
 //! For each raw message: parse the topic and payload ([`dataviz_core::topic`],
 //! [`dataviz_core::payload`]), find or create the device and its tags ([`registry`]), and make
-//! one [`TagReadingsBatch`] under the raw message's id. The batches of a fetched batch of raw
+//! one [`MessageReadings`] under the raw message's id. The units of a fetch of raw
 //! messages go to READINGS packed, one message per gateway ([`ReadingsMessage`]). A raw message
 //! is acknowledged only once READINGS (or DEAD) stored its result.
 //!
@@ -18,7 +18,7 @@ use chrono::{DateTime, Utc};
 use dataviz_core::{
     consume::{self, Failure, Settle, Stage, Transient},
     db::ErrorKind,
-    message::{DeadLetter, DeadReason, RawMessage, ReadingsMessage, TagReading, TagReadingsBatch},
+    message::{DeadLetter, DeadReason, MessageReadings, RawMessage, ReadingsMessage, TagReading},
     ops::{Progress, metric},
     payload::{self, Payload, PayloadLimits},
     shutdown::Shutdown,
@@ -70,7 +70,7 @@ impl ProcessorConfig {
 #[derive(Debug)]
 pub enum Outcome {
     /// Readings to publish to READINGS.
-    Readings(TagReadingsBatch),
+    Readings(MessageReadings),
     /// Refused for good: to DEAD.
     Dead(DeadLetter),
     /// Failed for now: hand back, retry later.
@@ -128,7 +128,7 @@ impl Processor {
             .await;
         match resolved {
             Ok(resolved) => {
-                Outcome::Readings(batch(&raw, gateway_id, device_code, payload, resolved))
+                Outcome::Readings(unit(&raw, gateway_id, device_code, payload, resolved))
             }
             Err(e @ RegistryError::UnknownGateway(_)) => {
                 dead(raw, DeadReason::UnknownGateway, e.to_string())
@@ -171,7 +171,7 @@ impl Processor {
     /// of the READINGS message that holds its readings.
     pub async fn publish(&self, outcomes: Vec<Outcome>) -> Vec<Settle> {
         let (packed, homes) = ReadingsMessage::pack(outcomes.iter().filter_map(|o| match o {
-            Outcome::Readings(batch) => Some(batch),
+            Outcome::Readings(unit) => Some(unit),
             _ => None,
         }));
         let stored = join_all(
@@ -185,12 +185,12 @@ impl Processor {
             .into_iter()
             .map(|outcome| {
                 let (label, settle) = match outcome {
-                    Outcome::Readings(batch) => {
-                        let home = homes.next().expect("one home per batch");
+                    Outcome::Readings(unit) => {
+                        let home = homes.next().expect("one home per unit");
                         match &stored[home] {
                             Ok(_) => {
                                 metrics::counter!(metric::PROCESSOR_READINGS)
-                                    .increment(batch.readings.len() as u64);
+                                    .increment(unit.readings.len() as u64);
                                 ("readings", Settle::Done)
                             }
                             Err(e) => ("retry", Settle::retry(Failure::Nats, e)),
@@ -287,15 +287,15 @@ fn unstorable(payload: &Payload) -> Option<String> {
 }
 
 /// The readings of one message with their ids: the pure end of the processor.
-pub fn batch(
+pub fn unit(
     raw: &RawMessage,
     gateway_id: i32,
     device_code: String,
     payload: Payload,
     resolved: Resolved,
-) -> TagReadingsBatch {
+) -> MessageReadings {
     let time: DateTime<Utc> = payload.ts.unwrap_or(raw.received_at);
-    TagReadingsBatch {
+    MessageReadings {
         id: raw.id,
         gateway_id,
         device_id: resolved.device_id,
@@ -403,7 +403,7 @@ mod tests {
     }
 
     #[test]
-    fn batch_takes_the_device_time_or_the_receive_time() {
+    fn a_unit_takes_the_device_time_or_the_receive_time() {
         let raw = RawMessage::received("gateways/1/d".into(), Bytes::new());
         let resolved = Resolved {
             device_id: 9,
@@ -412,7 +412,7 @@ mod tests {
         let with_ts = payload(
             r#"{"d":[{"tag":"a","value":1},{"tag":"b","value":true}],"ts":"2017-12-22T08:05:20+0000"}"#,
         );
-        let b = batch(&raw, 1, "d".into(), with_ts, resolved.clone());
+        let b = unit(&raw, 1, "d".into(), with_ts, resolved.clone());
         assert_eq!(b.time.to_rfc3339(), "2017-12-22T08:05:20+00:00");
         assert_eq!(b.id, raw.id);
         assert_eq!(
@@ -425,7 +425,7 @@ mod tests {
         );
         let without = payload(r#"{"d":[{"tag":"a","value":1},{"tag":"b","value":true}]}"#);
         assert_eq!(
-            batch(&raw, 1, "d".into(), without, resolved).time,
+            unit(&raw, 1, "d".into(), without, resolved).time,
             raw.received_at
         );
     }

@@ -167,7 +167,7 @@ pub async fn replay(
         } else {
             let settles = others.iter().map(|_| Settle::Done).collect();
             consume::settle(js, Processor::NAME, &others, settles).await;
-            replay_batch(processor, pool, &wanted, &mut summary, &mut new_ids).await?;
+            replay_fetch(processor, pool, &wanted, &mut summary, &mut new_ids).await?;
         }
         observer.read(summary.read);
         if end {
@@ -192,7 +192,7 @@ async fn fetch(
     end_seq: u64,
     until: Option<DateTime<Utc>>,
 ) -> anyhow::Result<(Vec<jetstream::Message>, bool)> {
-    let mut batch = reader
+    let mut unit = reader
         .fetch()
         .max_messages(500)
         .expires(Duration::from_secs(2))
@@ -200,7 +200,7 @@ async fn fetch(
         .await
         .map_err(|e| anyhow::anyhow!("reading RAW: {e}"))?;
     let mut messages = Vec::new();
-    while let Some(message) = batch.next().await {
+    while let Some(message) = unit.next().await {
         let message = message.map_err(|e| anyhow::anyhow!("reading RAW: {e}"))?;
         let info = message
             .info()
@@ -227,7 +227,7 @@ async fn dry_run(processor: &Processor, message: &jetstream::Message) -> anyhow:
 }
 
 /// Processes and settles one fetch of the replay, counting what became of each message.
-async fn replay_batch(
+async fn replay_fetch(
     processor: &Processor,
     pool: &deadpool_postgres::Pool,
     messages: &[jetstream::Message],

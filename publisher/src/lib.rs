@@ -1,6 +1,6 @@
 //! The publisher: READINGS → Mercure hub.
 //!
-//! Each [`TagReadingsBatch`] becomes one private update posted to the hub at `MERCURE_URL` (in
+//! Each [`MessageReadings`] becomes one private update posted to the hub at `MERCURE_URL` (in
 //! `dataviz all`, handed to the embedded hub in-process: [`UpdateSink`]), on two topics under
 //! `MERCURE_TOPIC_BASE` (default `https://dataviz.local`):
 //!
@@ -14,7 +14,7 @@
 //! JWT `mercure.subscribe` claim matches one of the two topics. The ids are the registry's
 //! integer ids (as in the admin site's URLs), not the device codes.
 //!
-//! The update's id is `urn:uuid:<batch id>`: a redelivered batch carries the same id, so a
+//! The update's id is `urn:uuid:<raw message id>`: a redelivered unit carries the same id, so a
 //! subscriber (and our hub, which does not dispatch an id twice) sees it once. Its data is JSON:
 //!
 //! ```json
@@ -25,7 +25,7 @@
 //!
 //! # Acknowledgements and failures
 //! A READINGS message is acknowledged only after the hub accepted the update of each of its
-//! batches (`200`): a hub that is down loses nothing, the messages wait in READINGS. When only
+//! units (`200`): a hub that is down loses nothing, the messages wait in READINGS. When only
 //! some were accepted, the message comes again whole, and its updates keep their ids. Failures
 //! are sorted by [`PublishError`]:
 //! - unavailable (no connection, timeout, 5xx, 429): warning, every message not yet published
@@ -35,7 +35,7 @@
 //!   is a configuration problem (wrong key, a `mercure.publish` claim or a hub ACL not covering
 //!   the topic base), not a bad message: dead-lettering would throw away every update until an
 //!   operator fixes it, while retrying resumes by itself once the configuration is right.
-//! - a message that cannot be read as readings batches is acknowledged with an error log: the
+//! - a message that cannot be read as units is acknowledged with an error log: the
 //!   writer, which reads the same stream, sends it to DEAD; there is nothing to publish.
 //!
 //! # Ordering and coalescing
@@ -52,7 +52,7 @@
 use async_nats::jetstream::{self, consumer::pull};
 use dataviz_core::{
     consume::{self, Failure, Settle, Stage, Transient},
-    message::{ReadingsMessage, TagReadingsBatch},
+    message::{MessageReadings, ReadingsMessage},
     ops::{Progress, metric},
     shutdown::Shutdown,
     streams,
@@ -118,31 +118,31 @@ impl Default for PublisherConfig {
     }
 }
 
-/// The device topic and the gateway topic of a batch.
-pub fn topics(base: &str, batch: &TagReadingsBatch) -> [String; 2] {
+/// The device topic and the gateway topic of a unit (one raw message's readings).
+pub fn topics(base: &str, unit: &MessageReadings) -> [String; 2] {
     let base = base.trim_end_matches('/');
-    let gateway = format!("{base}/gateways/{}", batch.gateway_id);
-    [format!("{gateway}/devices/{}", batch.device_id), gateway]
+    let gateway = format!("{base}/gateways/{}", unit.gateway_id);
+    [format!("{gateway}/devices/{}", unit.device_id), gateway]
 }
 
-/// The update id of a batch.
-pub fn update_id(batch: &TagReadingsBatch) -> String {
-    format!("urn:uuid:{}", batch.id)
+/// The update id of a unit.
+pub fn update_id(unit: &MessageReadings) -> String {
+    format!("urn:uuid:{}", unit.id)
 }
 
 /// The update's data (see the crate doc).
-pub fn update_data(batch: &TagReadingsBatch) -> serde_json::Value {
-    serde_json::to_value(UpdateData::of(batch)).expect("update data serializes")
+pub fn update_data(unit: &MessageReadings) -> serde_json::Value {
+    serde_json::to_value(UpdateData::of(unit)).expect("update data serializes")
 }
 
-/// The private update of a batch.
-pub fn to_update(base: &str, batch: &TagReadingsBatch) -> Update {
+/// The private update of a unit.
+pub fn to_update(base: &str, unit: &MessageReadings) -> Update {
     Update {
-        topics: topics(base, batch).into(),
+        topics: topics(base, unit).into(),
         // Written straight to text: no intermediate JSON tree per reading.
-        data: serde_json::to_string(&UpdateData::of(batch)).expect("update data serializes"),
+        data: serde_json::to_string(&UpdateData::of(unit)).expect("update data serializes"),
         private: true,
-        id: Some(update_id(batch)),
+        id: Some(update_id(unit)),
         event_type: None,
         retry: None,
     }
@@ -191,16 +191,16 @@ impl serde::Serialize for JsonValue<'_> {
 }
 
 impl<'a> UpdateData<'a> {
-    fn of(batch: &'a TagReadingsBatch) -> Self {
+    fn of(unit: &'a MessageReadings) -> Self {
         UpdateData {
-            id: batch.id,
-            gateway: batch.gateway_id,
+            id: unit.id,
+            gateway: unit.gateway_id,
             device: DeviceData {
-                id: batch.device_id,
-                code: &batch.device_code,
+                id: unit.device_id,
+                code: &unit.device_code,
             },
-            time: batch.time,
-            readings: batch
+            time: unit.time,
+            readings: unit
                 .readings
                 .iter()
                 .map(|r| ReadingData {
@@ -213,16 +213,16 @@ impl<'a> UpdateData<'a> {
     }
 }
 
-/// What to post for a fetched batch: per device, the indexes of the messages in order, and for
+/// What to post for a fetch: per device, the indexes of the messages in order, and for
 /// each, the indexes of older messages it stands for (coalesced).
-fn plan(batches: &[(usize, TagReadingsBatch)], coalesce: bool) -> Vec<Vec<(usize, Vec<usize>)>> {
+fn plan(units: &[(usize, MessageReadings)], coalesce: bool) -> Vec<Vec<(usize, Vec<usize>)>> {
     let mut devices: HashMap<i64, Vec<usize>> = HashMap::new();
     let mut order = Vec::new();
-    for (position, (_, batch)) in batches.iter().enumerate() {
+    for (position, (_, unit)) in units.iter().enumerate() {
         devices
-            .entry(batch.device_id)
+            .entry(unit.device_id)
             .or_insert_with(|| {
-                order.push(batch.device_id);
+                order.push(unit.device_id);
                 Vec::new()
             })
             .push(position);
@@ -238,7 +238,7 @@ fn plan(batches: &[(usize, TagReadingsBatch)], coalesce: bool) -> Vec<Vec<(usize
             let latest = positions
                 .iter()
                 .copied()
-                .max_by_key(|p| (batches[*p].1.time, *p))
+                .max_by_key(|p| (units[*p].1.time, *p))
                 .expect("non-empty");
             let rest = positions.into_iter().filter(|p| *p != latest).collect();
             vec![(latest, rest)]
@@ -256,34 +256,34 @@ pub struct Publisher {
 impl Stage for Publisher {
     const NAME: &'static str = "publisher";
 
-    /// Posts the updates of the fetched messages' batches: a message is done once the hub
+    /// Posts the updates of the fetched messages' units: a message is done once the hub
     /// accepted each of its updates, retried otherwise.
     async fn handle(&self, messages: &[jetstream::Message]) -> Vec<Settle> {
         let config = &self.config;
-        // Every batch, with the index of its message.
-        let mut batches = Vec::with_capacity(messages.len());
+        // Every unit, with the index of its message.
+        let mut units = Vec::with_capacity(messages.len());
         for (index, message) in messages.iter().enumerate() {
             match ReadingsMessage::parse(&message.payload) {
-                Ok(parsed) => batches.extend(parsed.into_iter().map(|batch| (index, batch))),
+                Ok(parsed) => units.extend(parsed.into_iter().map(|unit| (index, unit))),
                 Err(e) => {
                     tracing::error!(subject = %message.subject, error = %e, "not a readings message: nothing to publish (the writer dead-letters it)");
                 }
             }
         }
-        // The backlog in batches, estimated from the messages pending after these.
+        // The backlog in units, estimated from the messages pending after these.
         let pending = messages
             .iter()
             .filter_map(|m| m.info().ok().map(|i| i.pending))
             .min()
             .unwrap_or(0);
         let backlog = pending
-            .saturating_mul(batches.len() as u64)
+            .saturating_mul(units.len() as u64)
             .checked_div(messages.len() as u64)
             .unwrap_or(0)
-            .saturating_add(batches.len() as u64);
+            .saturating_add(units.len() as u64);
         let coalesce =
             config.publisher_coalesce_backlog > 0 && backlog >= config.publisher_coalesce_backlog;
-        let plan = plan(&batches, coalesce);
+        let plan = plan(&units, coalesce);
         // Set at the first failure: the rest of the fetch is handed back without trying.
         let failed: Mutex<Option<Transient>> = Mutex::new(None);
         let failed_yet = || failed.lock().unwrap_or_else(|e| e.into_inner()).is_some();
@@ -291,14 +291,14 @@ impl Stage for Publisher {
         let unsettled: Vec<AtomicBool> = messages.iter().map(|_| AtomicBool::new(false)).collect();
         let base = config.mercure_topic_base.as_str();
         let devices = futures::stream::iter(plan.into_iter().map(|device| {
-            let (batches, failed, unsettled) = (&batches, &failed, &unsettled);
+            let (units, failed, unsettled) = (&units, &failed, &unsettled);
             async move {
                 for (position, coalesced) in device {
-                    let (index, batch) = &batches[position];
+                    let (index, unit) = &units[position];
                     let covered =
-                        || std::iter::once(*index).chain(coalesced.iter().map(|p| batches[*p].0));
+                        || std::iter::once(*index).chain(coalesced.iter().map(|p| units[*p].0));
                     if !failed_yet() {
-                        match self.sink.publish(to_update(base, batch)).await {
+                        match self.sink.publish(to_update(base, unit)).await {
                             Ok(_) => {
                                 metrics::counter!(metric::PUBLISHER_UPDATES).increment(1);
                                 metrics::counter!(metric::PUBLISHER_COALESCED)
@@ -373,8 +373,8 @@ mod tests {
     use dataviz_core::value::Value;
     use uuid::Uuid;
 
-    fn batch(device: i64, second: u32) -> TagReadingsBatch {
-        TagReadingsBatch {
+    fn unit(device: i64, second: u32) -> MessageReadings {
+        MessageReadings {
             id: Uuid::now_v7(),
             gateway_id: 7,
             device_id: device,
@@ -398,7 +398,7 @@ mod tests {
 
     #[test]
     fn topics_under_the_base() {
-        let b = batch(12, 0);
+        let b = unit(12, 0);
         assert_eq!(
             topics("https://dataviz.local/", &b),
             [
@@ -414,7 +414,7 @@ mod tests {
 
     #[test]
     fn data_holds_gateway_device_time_and_typed_readings() {
-        let b = batch(12, 20);
+        let b = unit(12, 20);
         let data = update_data(&b);
         assert_eq!(
             data,
@@ -433,13 +433,13 @@ mod tests {
 
     #[test]
     fn plans_keep_device_order_and_coalesce_to_the_latest() {
-        let batches: Vec<_> = [(1, 3), (2, 1), (1, 5), (1, 4), (2, 2)]
+        let units: Vec<_> = [(1, 3), (2, 1), (1, 5), (1, 4), (2, 2)]
             .into_iter()
             .enumerate()
-            .map(|(i, (d, s))| (i, batch(d, s)))
+            .map(|(i, (d, s))| (i, unit(d, s)))
             .collect();
         assert_eq!(
-            plan(&batches, false),
+            plan(&units, false),
             vec![
                 vec![(0, vec![]), (2, vec![]), (3, vec![])],
                 vec![(1, vec![]), (4, vec![])]
@@ -447,7 +447,7 @@ mod tests {
         );
         // Device 1: the reading at :05 (position 2) is the latest, even though :04 came after.
         assert_eq!(
-            plan(&batches, true),
+            plan(&units, true),
             vec![vec![(2, vec![0, 3])], vec![(4, vec![1])]]
         );
     }

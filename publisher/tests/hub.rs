@@ -2,7 +2,7 @@
 //! authorized subscribers only; a hub outage loses no update; a backlog is coalesced.
 
 use chrono::Utc;
-use dataviz_core::message::{ReadingsMessage, TagReading, TagReadingsBatch};
+use dataviz_core::message::{MessageReadings, ReadingsMessage, TagReading};
 use dataviz_core::ops::{Ops, OpsConfig, Progress};
 use dataviz_core::streams::{self, READINGS_STREAM, StreamSettings};
 use dataviz_core::value::Value;
@@ -88,8 +88,8 @@ async fn pipeline(hub_url: &str, hub: &HubConfig, config: PublisherConfig) -> Pi
     }
 }
 
-fn batch(device: i64, value: i64) -> TagReadingsBatch {
-    TagReadingsBatch {
+fn unit(device: i64, value: i64) -> MessageReadings {
+    MessageReadings {
         id: Uuid::now_v7(),
         gateway_id: GATEWAY,
         device_id: device,
@@ -106,9 +106,9 @@ fn batch(device: i64, value: i64) -> TagReadingsBatch {
 
 /// Stores batches in READINGS as the processor does, packed: seven to a message here, so that a
 /// fetch holds several messages and a message several devices. Returns how many messages.
-async fn store(js: &async_nats::jetstream::Context, batches: &[TagReadingsBatch]) -> u64 {
+async fn store(js: &async_nats::jetstream::Context, units: &[MessageReadings]) -> u64 {
     let mut stored = 0;
-    for chunk in batches.chunks(7) {
+    for chunk in units.chunks(7) {
         for m in ReadingsMessage::pack(chunk).0 {
             dataviz_core::streams::publish_readings(js, &m)
                 .await
@@ -172,8 +172,8 @@ async fn collect(stream: &mut EventStream, n: usize, within: Duration) -> Vec<Ss
     events
 }
 
-fn ids(batches: &[TagReadingsBatch]) -> Vec<String> {
-    batches.iter().map(dataviz_publisher::update_id).collect()
+fn ids(units: &[MessageReadings]) -> Vec<String> {
+    units.iter().map(dataviz_publisher::update_id).collect()
 }
 
 fn event_ids(events: &[SseEvent]) -> Vec<String> {
@@ -209,11 +209,11 @@ async fn updates_reach_authorized_subscribers_only() {
     let mut anonymous = subscribe(&url, None, None).await;
     let p = pipeline(&url, &hub_config, PublisherConfig::default()).await;
 
-    let batches: Vec<_> = (0..5).map(|i| batch(100 + i % 2, i)).collect();
-    store(&p.js, &batches).await;
+    let units: Vec<_> = (0..5).map(|i| unit(100 + i % 2, i)).collect();
+    store(&p.js, &units).await;
 
     let got = collect(&mut authorized, 5, Duration::from_secs(20)).await;
-    let mut expected = ids(&batches);
+    let mut expected = ids(&units);
     let mut seen = event_ids(&got);
     expected.sort();
     seen.sort();
@@ -254,7 +254,7 @@ async fn a_hub_outage_loses_no_update() {
     };
     let p = pipeline(&url, &hub_config, no_coalescing).await;
 
-    let first: Vec<_> = (0..5).map(|i| batch(1, i)).collect();
+    let first: Vec<_> = (0..5).map(|i| unit(1, i)).collect();
     store(&p.js, &first).await;
     let got = collect(&mut before, 5, Duration::from_secs(20)).await;
     assert_eq!(event_ids(&got), ids(&first));
@@ -263,7 +263,7 @@ async fn a_hub_outage_loses_no_update() {
     // The hub goes away; readings keep coming.
     stop.cancel();
     task.await.unwrap().unwrap();
-    let during: Vec<_> = (0..10).map(|i| batch(1 + i % 3, 100 + i)).collect();
+    let during: Vec<_> = (0..10).map(|i| unit(1 + i % 3, 100 + i)).collect();
     let held = store(&p.js, &during).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
@@ -277,7 +277,7 @@ async fn a_hub_outage_loses_no_update() {
     let (_hub, url2, _stop2, _task2) = serve(&hub_config, port).await;
     assert_eq!(url2, url);
     let mut after = subscribe(&url, Some(token), Some("earliest")).await;
-    let later: Vec<_> = (0..3).map(|i| batch(2, 200 + i)).collect();
+    let later: Vec<_> = (0..3).map(|i| unit(2, 200 + i)).collect();
     store(&p.js, &later).await;
     let got = collect(&mut after, 13, Duration::from_secs(30)).await;
     let seen: HashSet<_> = event_ids(&got).into_iter().collect();
@@ -307,8 +307,8 @@ async fn a_backlog_is_coalesced_to_the_latest_update_per_device() {
         .create_consumer(settings.publisher_consumer())
         .await
         .unwrap();
-    let batches: Vec<_> = (0..40).map(|i| batch(1 + i % 2, i)).collect();
-    store(&js, &batches).await;
+    let units: Vec<_> = (0..40).map(|i| unit(1 + i % 2, i)).collect();
+    store(&js, &units).await;
 
     let publisher = UpdateSink::Http(
         MercurePublisher::new(&url, hub_config.keys.keys().unwrap().publisher).unwrap(),
@@ -340,7 +340,7 @@ async fn a_backlog_is_coalesced_to_the_latest_update_per_device() {
     let mut replay = subscribe(&url, Some(subscriber_token(&hub_config)), Some("earliest")).await;
     let got = collect(&mut replay, published, Duration::from_secs(5)).await;
     let seen: HashSet<_> = event_ids(&got).into_iter().collect();
-    for latest in &ids(&batches)[38..] {
+    for latest in &ids(&units)[38..] {
         assert!(seen.contains(latest), "latest update {latest} missing");
     }
     stop.cancel();

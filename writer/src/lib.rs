@@ -1,14 +1,14 @@
 //! The writer: READINGS → `tag_reading`.
 //!
-//! The readings batches of each fetch of READINGS messages are written in one transaction: the
-//! batch ids (the raw messages' ids) go into `ingested_message` (ids already there are skipped:
-//! a redelivery or a replay), and the rows of the new ones are streamed with binary COPY, the
+//! The units of each fetch of READINGS messages (a unit: one raw message's readings,
+//! [`MessageReadings`]) are written in one transaction: their ids (the raw messages' ids) go
+//! into `ingested_message` (ids already there are skipped: a redelivery or a replay), and the rows of the new ones are streamed with binary COPY, the
 //! fastest path PostgreSQL offers. The messages are acknowledged after the commit; a crash
-//! before that means a redelivery, which the ids absorb, so a batch stored once or five times,
+//! before that means a redelivery, which the ids absorb, so a unit stored once or five times,
 //! packed alike or not, leaves the same rows.
 //!
 //! Failures are sorted by kind ([`dataviz_core::db::ErrorKind`], from the SQLSTATE): a write
-//! PostgreSQL refuses for its data is split to find the batch at fault, which goes to DEAD;
+//! PostgreSQL refuses for its data is split to find the unit at fault, which goes to DEAD;
 //! anything else is retried. The writer says what became of each message ([`Writer`] is a
 //! [`Stage`]); the consume loop acknowledges.
 
@@ -16,7 +16,7 @@ use async_nats::jetstream;
 use dataviz_core::{
     consume::{self, Failure, Settle, Stage},
     db::{self, DbError, ErrorKind},
-    message::{DeadLetter, DeadReason, RawMessage, ReadingsMessage, TagReadingsBatch},
+    message::{DeadLetter, DeadReason, MessageReadings, RawMessage, ReadingsMessage},
     ops::{Progress, metric},
     shutdown::Shutdown,
     streams,
@@ -56,16 +56,16 @@ pub struct Written {
     pub rows: u64,
 }
 
-/// Writes batches in one transaction, skipping those already written.
+/// Writes units in one transaction, skipping those already written.
 ///
 /// Nearly every write holds new messages only, and a plain insert of their ids costs about
 /// two thirds of one that must skip the ids already there (`ON CONFLICT DO NOTHING RETURNING`).
 /// So the plain insert goes first; when an id is already stored (a redelivery, a replay, a
-/// batch held twice), the key refuses it, the transaction is rolled back and run again keeping
+/// unit held twice), the key refuses it, the transaction is rolled back and run again keeping
 /// the new messages only.
-pub async fn write(pool: &Pool, batches: &[TagReadingsBatch]) -> Result<Written, DbError> {
+pub async fn write(pool: &Pool, units: &[MessageReadings]) -> Result<Written, DbError> {
     let mut client = pool.get().await?;
-    let ids: Vec<Uuid> = batches.iter().map(|b| b.id).collect();
+    let ids: Vec<Uuid> = units.iter().map(|b| b.id).collect();
     {
         let tx = client.transaction().await?;
         let inserted = tx
@@ -76,10 +76,10 @@ pub async fn write(pool: &Pool, batches: &[TagReadingsBatch]) -> Result<Written,
             .await;
         match inserted {
             Ok(_) => {
-                let rows = copy_rows(&tx, batches.iter()).await?;
+                let rows = copy_rows(&tx, units.iter()).await?;
                 tx.commit().await?;
                 return Ok(Written {
-                    messages: batches.len(),
+                    messages: units.len(),
                     duplicates: 0,
                     rows,
                 });
@@ -102,13 +102,13 @@ pub async fn write(pool: &Pool, batches: &[TagReadingsBatch]) -> Result<Written,
         .collect();
     let mut written = Written {
         messages: new.len(),
-        duplicates: batches.len() - new.len(),
+        duplicates: units.len() - new.len(),
         rows: 0,
     };
     if !new.is_empty() {
-        // Each message once, even when a batch holds it twice.
+        // Each unit once, even when a fetch holds it twice.
         let mut done = std::collections::HashSet::with_capacity(new.len());
-        let fresh = batches
+        let fresh = units
             .iter()
             .filter(|b| new.contains(&b.id) && done.insert(b.id));
         written.rows = copy_rows(&tx, fresh).await?;
@@ -117,22 +117,22 @@ pub async fn write(pool: &Pool, batches: &[TagReadingsBatch]) -> Result<Written,
     Ok(written)
 }
 
-/// Streams the rows of `batches` into `tag_reading` with binary COPY.
+/// Streams the rows of `units` into `tag_reading` with binary COPY.
 async fn copy_rows<'a>(
     tx: &tokio_postgres::Transaction<'_>,
-    batches: impl Iterator<Item = &'a TagReadingsBatch>,
+    units: impl Iterator<Item = &'a MessageReadings>,
 ) -> Result<u64, DbError> {
     let sink = tx.copy_in(&db::copy_readings("tag_reading")).await?;
     let mut writer = pin!(BinaryCopyInWriter::new(sink, &db::TAG_READING_TYPES));
-    for batch in batches {
-        for reading in &batch.readings {
+    for unit in units {
+        for reading in &unit.readings {
             let (num, boolean, text, json) = columns(&reading.value);
             let value_type = reading.value.stored_type().as_str();
             let row: [&(dyn ToSql + Sync); 9] = [
-                &batch.time,
-                &batch.device_id,
+                &unit.time,
+                &unit.device_id,
                 &reading.tag_id,
-                &batch.gateway_id,
+                &unit.gateway_id,
                 &num,
                 &boolean,
                 &text,
@@ -174,19 +174,19 @@ pub struct Writer {
 impl Stage for Writer {
     const NAME: &'static str = "writer";
 
-    /// Writes the readings batches of a fetch in one transaction. A message is done once each
-    /// of its batches is written (or was already); what PostgreSQL refuses for its data is
-    /// found batch by batch and goes to DEAD alone; anything else is retried.
+    /// Writes the units of a fetch in one transaction. A message is done once each of its
+    /// units is written (or was already); what PostgreSQL refuses for its data is found unit
+    /// by unit and goes to DEAD alone; anything else is retried.
     async fn handle(&self, messages: &[jetstream::Message]) -> Vec<Settle> {
         let mut settles: Vec<Settle> = Vec::with_capacity(messages.len());
-        // The batches of every readable message, and for each the index of its message.
-        let mut batches = Vec::with_capacity(messages.len());
+        // The units of every readable message, and for each the index of its message.
+        let mut units = Vec::with_capacity(messages.len());
         let mut homes = Vec::with_capacity(messages.len());
         for (index, message) in messages.iter().enumerate() {
             match ReadingsMessage::parse(&message.payload) {
                 Ok(parsed) => {
                     homes.extend(std::iter::repeat_n(index, parsed.len()));
-                    batches.extend(parsed);
+                    units.extend(parsed);
                     settles.push(Settle::Done);
                 }
                 Err(e) => {
@@ -197,31 +197,31 @@ impl Stage for Writer {
                 }
             }
         }
-        if batches.is_empty() {
+        if units.is_empty() {
             return settles;
         }
-        match write(&self.pool, &batches).await {
+        match write(&self.pool, &units).await {
             Ok(written) => {
                 tracing::debug!(
                     messages = written.messages,
                     duplicates = written.duplicates,
                     rows = written.rows,
-                    "batch written"
+                    "units written"
                 );
-                count_written(&written, &batches);
+                count_written(&written, &units);
             }
             Err(e) if e.kind() == ErrorKind::Permanent => {
-                if batches.len() > 1 {
-                    tracing::warn!(error = %e, batches = batches.len(), "write refused for its data; writing its batches one by one");
+                if units.len() > 1 {
+                    tracing::warn!(error = %e, units = units.len(), "write refused for its data; writing its units one by one");
                 }
-                for (batch, home) in batches.iter().zip(homes) {
-                    let outcome = match write(&self.pool, std::slice::from_ref(batch)).await {
+                for (unit, home) in units.iter().zip(homes) {
+                    let outcome = match write(&self.pool, std::slice::from_ref(unit)).await {
                         Ok(written) => {
-                            count_written(&written, std::slice::from_ref(batch));
+                            count_written(&written, std::slice::from_ref(unit));
                             continue;
                         }
                         Err(e) if e.kind() == ErrorKind::Permanent => {
-                            Settle::dead(refused_batch(batch, e))
+                            Settle::dead(refused_unit(unit, e))
                         }
                         Err(e) => Settle::retry(Failure::Database, e),
                     };
@@ -239,10 +239,10 @@ impl Stage for Writer {
     }
 }
 
-/// A message's settle from those of its batches: retried if one must be (the batches written
-/// meanwhile are skipped when it comes back), dead with every refused batch's letter otherwise.
-fn merge(message: Settle, batch: Settle) -> Settle {
-    match (message, batch) {
+/// A message's settle from those of its units: retried if one must be (the units written
+/// meanwhile are skipped when it comes back), dead with every refused unit's letter otherwise.
+fn merge(message: Settle, unit: Settle) -> Settle {
+    match (message, unit) {
         (retry @ Settle::Retry(_), _) | (_, retry @ Settle::Retry(_)) => retry,
         (Settle::Dead(mut letters), Settle::Dead(more)) => {
             letters.extend(more);
@@ -253,25 +253,25 @@ fn merge(message: Settle, batch: Settle) -> Settle {
 }
 
 /// Counts what a committed write did, and how long its messages took from the bridge.
-fn count_written(written: &Written, batches: &[TagReadingsBatch]) {
+fn count_written(written: &Written, units: &[MessageReadings]) {
     metrics::counter!(metric::WRITER_MESSAGES).increment(written.messages as u64);
     metrics::counter!(metric::WRITER_ROWS).increment(written.rows);
     metrics::counter!(metric::WRITER_DUPLICATES).increment(written.duplicates as u64);
     let now = chrono::Utc::now();
     let latency = metrics::histogram!(metric::END_TO_END_SECONDS);
-    for batch in batches {
-        latency.record((now - batch.received_at).as_seconds_f64().max(0.0));
+    for unit in units {
+        latency.record((now - unit.received_at).as_seconds_f64().max(0.0));
     }
 }
 
-/// The dead letter of one batch PostgreSQL refused: a raw message of its own (its JSON as
+/// The dead letter of one unit PostgreSQL refused: a raw message of its own (its JSON as
 /// payload).
-fn refused_batch(batch: &TagReadingsBatch, error: DbError) -> DeadLetter {
+fn refused_unit(unit: &MessageReadings, error: DbError) -> DeadLetter {
     let raw = RawMessage {
-        id: batch.id,
-        topic: format!("gateways/{}/{}", batch.gateway_id, batch.device_code),
-        received_at: batch.received_at,
-        payload: batch.to_json(),
+        id: unit.id,
+        topic: format!("gateways/{}/{}", unit.gateway_id, unit.device_code),
+        received_at: unit.received_at,
+        payload: unit.to_json(),
     };
     refused(
         raw,
