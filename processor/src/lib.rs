@@ -113,7 +113,7 @@ impl Processor {
     }
 
     /// Decides what becomes of one raw message.
-    pub async fn decide(&self, raw: RawMessage) -> Outcome {
+    async fn decide(&self, raw: RawMessage) -> Outcome {
         let (gateway_id, device_code, payload) = match classify(&raw, &self.limits) {
             Ok(Readable {
                 gateway_id,
@@ -146,7 +146,7 @@ impl Processor {
     }
 
     /// What becomes of each RAW message, nothing published yet.
-    pub async fn outcomes(&self, messages: &[jetstream::Message]) -> Vec<Outcome> {
+    pub(crate) async fn outcomes(&self, messages: &[jetstream::Message]) -> Vec<Outcome> {
         let mut outcomes = Vec::with_capacity(messages.len());
         for message in messages {
             outcomes.push(
@@ -169,7 +169,7 @@ impl Processor {
     /// became of each message: done once READINGS holds its readings. The readings go packed,
     /// a READINGS message per gateway ([`ReadingsMessage::pack`]); each message gets the result
     /// of the READINGS message that holds its readings.
-    pub async fn publish(&self, outcomes: Vec<Outcome>) -> Vec<Settle> {
+    pub(crate) async fn publish(&self, outcomes: Vec<Outcome>) -> Vec<Settle> {
         let (packed, homes) = ReadingsMessage::pack(outcomes.iter().filter_map(|o| match o {
             Outcome::Readings(unit) => Some(unit),
             _ => None,
