@@ -11,6 +11,18 @@ use chrono::{DateTime, NaiveDateTime, Utc};
 use serde::Deserialize;
 use thiserror::Error;
 
+/// Longest tag code, in bytes (a device code has the same limit, [`crate::topic`]).
+pub const MAX_TAG_CODE_LEN: usize = 255;
+
+/// Deepest nesting of a reading's value (arrays and objects within one another). Every later
+/// stage wraps a value in a few more levels (READINGS, the hub's updates) and must read it back:
+/// a value accepted here must stay far from the 128 levels serde_json reads.
+pub const MAX_VALUE_DEPTH: usize = 64;
+
+/// The years a `ts` may fall in: four-digit years, which PostgreSQL, TimescaleDB and RFC 3339
+/// (the hub's updates, the site) all hold. PostgreSQL alone would take 4713 BC to 294276 AD.
+pub const TS_YEARS: std::ops::RangeInclusive<i32> = 1..=9999;
+
 /// Limits applied to a payload before and while it is parsed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PayloadLimits {
@@ -58,6 +70,8 @@ pub enum PayloadError {
     TooManyReadings { count: usize, limit: usize },
     #[error("ts {0:?} is not a date and time this system reads (e.g. 2017-12-22T08:05:20+0000)")]
     Ts(String),
+    #[error("ts {0:?} is outside the years 1 to 9999 that the database and the live updates hold")]
+    TsRange(String),
 }
 
 impl PayloadError {
@@ -69,7 +83,7 @@ impl PayloadError {
             PayloadError::Json(_) => DeadReason::BadJson,
             PayloadError::Shape(_) => DeadReason::BadPayload,
             PayloadError::TooManyReadings { .. } => DeadReason::TooManyReadings,
-            PayloadError::Ts(_) => DeadReason::BadTs,
+            PayloadError::Ts(_) | PayloadError::TsRange(_) => DeadReason::BadTs,
         }
     }
 }
@@ -116,6 +130,17 @@ pub fn parse(bytes: &[u8], limits: &PayloadLimits) -> Result<Payload, PayloadErr
         .into_iter()
         .enumerate()
         .map(|(i, entry)| match entry.tag {
+            serde_json::Value::String(tag) if tag.len() > MAX_TAG_CODE_LEN => {
+                Err(PayloadError::Shape(format!(
+                    "d[{i}].tag is {} bytes long, over the limit of {MAX_TAG_CODE_LEN}",
+                    tag.len()
+                )))
+            }
+            serde_json::Value::String(_) if too_deep(&entry.value) => {
+                Err(PayloadError::Shape(format!(
+                    "d[{i}].value is nested over {MAX_VALUE_DEPTH} levels deep"
+                )))
+            }
             serde_json::Value::String(tag) if !tag.is_empty() => {
                 Ok((tag, Value::from_json(entry.value)))
             }
@@ -140,8 +165,35 @@ fn json_error(e: serde_json::Error) -> PayloadError {
     }
 }
 
-/// Parses a device timestamp in any of the accepted forms.
+/// Whether a value nests arrays and objects over [`MAX_VALUE_DEPTH`] levels deep. Walked with a
+/// stack of its own, not by recursion: the value may be as deep as serde_json let it be.
+fn too_deep(value: &serde_json::Value) -> bool {
+    let mut stack = vec![(value, 0usize)];
+    while let Some((value, depth)) = stack.pop() {
+        let children: Box<dyn Iterator<Item = &serde_json::Value>> = match value {
+            serde_json::Value::Array(a) => Box::new(a.iter()),
+            serde_json::Value::Object(o) => Box::new(o.values()),
+            _ => continue,
+        };
+        if depth + 1 > MAX_VALUE_DEPTH {
+            return true;
+        }
+        stack.extend(children.map(|child| (child, depth + 1)));
+    }
+    false
+}
+
+/// Parses a device timestamp in any of the accepted forms, within [`TS_YEARS`].
 pub fn parse_ts(s: &str) -> Result<DateTime<Utc>, PayloadError> {
+    use chrono::Datelike as _;
+    let t = parse_any_ts(s)?;
+    if !TS_YEARS.contains(&t.year()) {
+        return Err(PayloadError::TsRange(s.trim().to_owned()));
+    }
+    Ok(t)
+}
+
+fn parse_any_ts(s: &str) -> Result<DateTime<Utc>, PayloadError> {
     let s = s.trim();
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
         return Ok(t.with_timezone(&Utc));
@@ -215,6 +267,44 @@ mod tests {
             p.ts,
             Some(Utc.with_ymd_and_hms(2017, 12, 22, 8, 5, 20).unwrap())
         );
+    }
+
+    #[test]
+    fn a_tag_a_value_or_a_ts_past_what_storage_holds_is_refused() {
+        let limits = PayloadLimits::default();
+        let refused = |json: String| parse(json.as_bytes(), &limits).unwrap_err();
+        let tag = |n: usize| format!(r#"{{"d": [{{"tag": "{}", "value": 1}}]}}"#, "t".repeat(n));
+        assert!(parse(tag(MAX_TAG_CODE_LEN).as_bytes(), &limits).is_ok());
+        assert_eq!(refused(tag(MAX_TAG_CODE_LEN + 1)).kind(), DeadReason::BadPayload);
+        let nested = |depth: usize| {
+            format!(
+                r#"{{"d": [{{"tag": "t", "value": {}1{}}}]}}"#,
+                "[".repeat(depth),
+                "]".repeat(depth)
+            )
+        };
+        assert!(parse(nested(MAX_VALUE_DEPTH).as_bytes(), &limits).is_ok());
+        let deep = refused(nested(MAX_VALUE_DEPTH + 1));
+        assert_eq!(deep.kind(), DeadReason::BadPayload, "{deep}");
+        let object = format!(
+            r#"{{"d": [{{"tag": "t", "value": {}1{}}}]}}"#,
+            r#"{"k": "#.repeat(MAX_VALUE_DEPTH + 1),
+            "}".repeat(MAX_VALUE_DEPTH + 1)
+        );
+        assert_eq!(refused(object).kind(), DeadReason::BadPayload);
+        for ts in [
+            "+200000-01-01T00:00:00+0000",
+            "-5000-01-01T00:00:00",
+            "0000-12-31 23:59:59",
+            "+10000-01-01T00:00:00+00:00",
+        ] {
+            let e = parse_ts(ts).unwrap_err();
+            assert_eq!(e, PayloadError::TsRange(ts.into()), "{ts}");
+            assert_eq!(e.kind(), DeadReason::BadTs);
+        }
+        for ts in ["0001-01-01T00:00:00Z", "9999-12-31T23:59:59.999999Z"] {
+            assert!(parse_ts(ts).is_ok(), "{ts}");
+        }
     }
 
     #[test]
