@@ -380,6 +380,7 @@ fn writer_batches(args: &BenchArgs) -> Vec<dataviz_core::message::MessageReading
         .map(|m| {
             let device = m % args.devices;
             MessageReadings {
+                raw_seq: None,
                 id: uuid::Uuid::now_v7(),
                 gateway_id: 1,
                 device_id: device as i64,

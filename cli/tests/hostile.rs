@@ -139,7 +139,45 @@ fn corpus() -> Vec<(String, Vec<u8>, Outcome)> {
         ),
         (t("u64-max"), ok("18446744073709551615"), Rows(1)),
         (t("tiny-5e-324"), ok("5e-324"), Rows(1)),
-        (t("nested-100"), ok(&nested(100)), Rows(1)),
+        (t("nested-64"), ok(&nested(64)), Rows(1)),
+        // Storage needs limits: a value at most 64 levels deep (every later stage nests it a
+        // few levels more), a tag code at most 255 bytes, a ts of a four-digit year.
+        (t("nested-65"), ok(&nested(65)), Dead("bad_payload")),
+        (t("nested-100"), ok(&nested(100)), Dead("bad_payload")),
+        (
+            t("nested-object-65"),
+            ok(&format!("{}1{}", r#"{"k": "#.repeat(65), "}".repeat(65))),
+            Dead("bad_payload"),
+        ),
+        (
+            t("tag-255"),
+            format!(r#"{{"d": [{{"tag": "{}", "value": 1}}]}}"#, "t".repeat(255)).into_bytes(),
+            Rows(1),
+        ),
+        (
+            t("tag-8k"),
+            format!(
+                r#"{{"d": [{{"tag": "{}", "value": 1}}]}}"#,
+                "t".repeat(8192)
+            )
+            .into_bytes(),
+            Dead("bad_payload"),
+        ),
+        (
+            t("ts-year-200000"),
+            br#"{"d": [{"tag": "v", "value": 1}], "ts": "+200000-01-01T00:00:00Z"}"#.to_vec(),
+            Dead("bad_ts"),
+        ),
+        (
+            t("ts-year-minus-5000"),
+            br#"{"d": [{"tag": "v", "value": 1}], "ts": "-5000-01-01T00:00:00"}"#.to_vec(),
+            Dead("bad_ts"),
+        ),
+        (
+            t("ts-year-9999"),
+            br#"{"d": [{"tag": "v", "value": 1}], "ts": "9999-12-31T23:59:59Z"}"#.to_vec(),
+            Rows(1),
+        ),
         (
             t("value-missing"),
             br#"{"d": [{"tag": "v"}]}"#.to_vec(),
@@ -377,4 +415,109 @@ async fn a_device_code_ending_in_a_space_keeps_it() {
         )
         .await;
     assert_eq!(stack.count("SELECT count(*) FROM device").await, 2);
+}
+
+/// One accepted payload takes no other message's readings with it: good messages around a value
+/// nested at every depth from 120 to 130, one device, one burst. Every good reading is stored;
+/// each nested one is a dead letter with its original topic and payload, which can be re-queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deeply_nested_value_takes_no_neighbour_with_it() {
+    const AROUND: usize = 50;
+    let stack = Stack::start().await;
+    stack.create_gateway(1).await;
+    let _all = stack.spawn("all", &[]);
+    let mut mqtt = Publisher::connect(stack.mosquitto.port()).await;
+    let topic = "gateways/1/burst";
+    let mut seq = 0;
+    let mut deep = Vec::new();
+    for depth in 120..=130 {
+        for position in 0..2 * AROUND {
+            if position == AROUND {
+                let payload = format!(
+                    r#"{{"d": [{{"tag": "deep", "value": {}}}]}}"#,
+                    nested(depth)
+                );
+                mqtt.publish(topic, payload.clone()).await;
+                deep.push(payload);
+            }
+            seq += 1;
+            let payload = format!(r#"{{"d": [{{"tag": "seq", "value": {seq}}}]}}"#);
+            mqtt.publish(topic, payload).await;
+        }
+    }
+    mqtt.wait_acked(Duration::from_secs(60)).await;
+    let stored = "SELECT count(DISTINCT value_num)::bigint FROM tag_reading r
+                  JOIN tag t ON t.id = r.tag_id WHERE t.code = 'seq'";
+    stack
+        .wait_for_count(
+            stored,
+            (deep.len() * 2 * AROUND) as i64,
+            Duration::from_secs(90),
+        )
+        .await;
+    assert_eq!(
+        stack.count("SELECT count(*) FROM tag_reading").await,
+        (deep.len() * 2 * AROUND) as i64,
+        "every good reading once, no nested one"
+    );
+
+    let client = async_nats::connect(stack.nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let letters = |messages: Vec<async_nats::jetstream::Message>| {
+        messages
+            .iter()
+            .map(|m| {
+                let seq = m.info().unwrap().stream_sequence;
+                (
+                    seq,
+                    DeadLetter::from_parts(m.headers.as_ref(), m.payload.clone()).unwrap(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let dead = letters(stream_messages(&stack.nats.url(), "DEAD").await);
+    assert_eq!(
+        dead.len(),
+        deep.len(),
+        "one letter per nested value: {dead:?}"
+    );
+    for (_, letter) in &dead {
+        assert_eq!(letter.raw.topic, topic);
+        assert!(
+            deep.iter()
+                .any(|p| p.as_bytes() == letter.raw.payload.as_ref()),
+            "a letter carries its original payload"
+        );
+        assert!(
+            ["bad_payload", "bad_json"].contains(&letter.reason.name()),
+            "{}",
+            letter.reason
+        );
+    }
+    // Re-queued, a letter goes through the pipeline again: refused again, alone, and back in
+    // DEAD with the same payload.
+    let (seq, letter) = &dead[0];
+    let last = dead.iter().map(|(s, _)| *s).max().unwrap();
+    dataviz_core::dead::requeue(&js, *seq).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let again = letters(stream_messages(&stack.nats.url(), "DEAD").await);
+        if let Some((_, back)) = again.iter().find(|(s, _)| *s > last) {
+            assert_eq!(
+                (&back.raw.topic, &back.raw.payload),
+                (&letter.raw.topic, &letter.raw.payload)
+            );
+            assert_eq!(
+                again.len(),
+                deep.len(),
+                "the re-queued letter replaced, not added"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the re-queued message did not come back"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

@@ -1,6 +1,7 @@
 //! Redelivery at each hop: a stage that stored its output but died before acknowledging its
 //! input gets the input again; the rows are the same as if it had been delivered once. And the
-//! writer's refusals: a batch PostgreSQL cannot store goes to DEAD alone.
+//! writer's refusals: a unit PostgreSQL cannot store, or that cannot be read, goes to DEAD alone,
+//! with the original message, which can be re-queued.
 
 mod common;
 
@@ -8,7 +9,7 @@ use async_nats::jetstream::{self, consumer::PullConsumer};
 use bytes::Bytes;
 use dataviz_core::{
     consume::{self, Settle, Stage},
-    message::{RawMessage, ReadingsMessage},
+    message::{DeadLetter, RawMessage, ReadingsMessage},
     payload::PayloadLimits,
     streams::{self, StreamSettings},
 };
@@ -57,14 +58,14 @@ async fn hop() -> Hop {
 async fn take(consumer: &PullConsumer, n: usize) -> Vec<jetstream::Message> {
     let mut out = Vec::new();
     while out.len() < n {
-        let mut unit = consumer
+        let mut fetched = consumer
             .fetch()
             .max_messages(n - out.len())
             .expires(Duration::from_secs(5))
             .messages()
             .await
             .unwrap();
-        while let Some(message) = unit.next().await {
+        while let Some(message) = fetched.next().await {
             out.push(message.unwrap());
         }
     }
@@ -117,6 +118,7 @@ const MESSAGES: usize = 20;
 fn writer_stage(hop: &Hop) -> dataviz_writer::Writer {
     dataviz_writer::Writer {
         pool: hop.pool.clone(),
+        js: hop.js.clone(),
     }
 }
 
@@ -276,6 +278,7 @@ async fn a_batch_postgresql_refuses_goes_to_dead_alone_and_its_neighbours_are_st
     use dataviz_core::value::Value;
     let hop = hop().await;
     let unit = |device: i64, value: Value| MessageReadings {
+        raw_seq: None,
         id: uuid::Uuid::now_v7(),
         gateway_id: 1,
         device_id: device,
@@ -328,15 +331,190 @@ async fn a_batch_postgresql_refuses_goes_to_dead_alone_and_its_neighbours_are_st
         ("writer", "unstorable")
     );
     assert_eq!(letter.raw.id, refused.id);
+    // No original in RAW for a hand-made unit: a payload the processor reads back into it.
+    assert_eq!(letter.raw.topic, "gateways/1/dev-2");
+    let payload = dataviz_core::payload::parse(&letter.raw.payload, &PayloadLimits::default())
+        .expect("a device payload");
+    assert_eq!(payload.ts, Some(refused.time), "the unit's time");
     assert_eq!(
-        ReadingsMessage::parse(&letter.raw.payload).unwrap(),
-        [refused],
-        "the refused unit alone, as it was"
+        payload.readings,
+        [("t".to_owned(), refused.readings[0].value.clone())],
+        "the refused unit's readings alone"
     );
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
         pending(&mut writer).await,
         (0, 0),
         "both messages acknowledged"
+    );
+}
+
+/// Publishes a raw message to RAW as the bridge does; returns its sequence there.
+async fn publish_to_raw(hop: &Hop, raw: &RawMessage) -> u64 {
+    streams::publish_stored(
+        &hop.js,
+        raw.subject(),
+        raw.headers(None),
+        raw.payload.clone(),
+    )
+    .await
+    .unwrap()
+    .sequence
+}
+
+/// The dead letters in DEAD, with their sequences.
+async fn dead_letters(hop: &Hop) -> Vec<(u64, DeadLetter)> {
+    let stream = hop.js.get_stream(streams::DEAD_STREAM).await.unwrap();
+    let last = stream.get_info().await.unwrap().state.last_sequence;
+    let mut out = Vec::new();
+    for seq in 1..=last {
+        if let Ok(m) = stream.get_raw_message(seq).await {
+            out.push((
+                seq,
+                DeadLetter::from_parts(Some(&m.headers), m.payload).unwrap(),
+            ));
+        }
+    }
+    out
+}
+
+async fn rows_of(hop: &Hop, tag: &str) -> i64 {
+    hop.db
+        .connect()
+        .await
+        .query_one(
+            "SELECT count(*) FROM tag_reading r JOIN tag t ON t.id = r.tag_id WHERE t.code = $1",
+            &[&tag],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_letter_the_writer_makes_carries_the_original_and_requeues_into_rows() {
+    use dataviz_core::message::{MessageReadings, TagReading};
+    use dataviz_core::value::Value;
+    let hop = hop().await;
+    let original = RawMessage::received(
+        "gateways/1/plc-9".into(),
+        Bytes::from_static(br#"{"d": [{"tag": "kept", "value": 7}]}"#),
+    );
+    let raw_seq = publish_to_raw(&hop, &original).await;
+    // A unit of that message PostgreSQL refuses (NUL in text: only a hand-made unit has it).
+    let refused = MessageReadings {
+        raw_seq: Some(raw_seq),
+        id: original.id,
+        gateway_id: 1,
+        device_id: 1,
+        device_code: "plc-9".into(),
+        time: chrono::Utc::now(),
+        received_at: original.received_at,
+        readings: vec![TagReading {
+            tag_id: 1,
+            tag: "kept".into(),
+            value: Value::Text("a\0b".into()),
+        }],
+    };
+    for m in ReadingsMessage::pack([&refused]).0 {
+        streams::publish_readings(&hop.js, &m).await.unwrap();
+    }
+    let writer = consumer(
+        &hop,
+        streams::READINGS_STREAM,
+        hop.settings.writer_consumer(),
+    )
+    .await;
+    let settled = consume::handle(&writer_stage(&hop), &hop.js, &take(&writer, 1).await).await;
+    assert_eq!((settled.done, settled.dead), (0, 1));
+    let letters = dead_letters(&hop).await;
+    assert_eq!(letters.len(), 1);
+    let (seq, letter) = &letters[0];
+    assert_eq!(letter.stage, "writer");
+    assert_eq!(letter.reason.name(), "unstorable");
+    assert_eq!(
+        letter.raw, original,
+        "the original topic, payload, id and time"
+    );
+
+    // Re-queued: the processor reads the original again, and the writer stores its reading.
+    dataviz_core::dead::requeue(&hop.js, *seq).await.unwrap();
+    let processor = Processor::new(hop.pool.clone(), hop.js.clone(), PayloadLimits::default());
+    let raw = consumer(&hop, streams::RAW_STREAM, hop.settings.processor_consumer()).await;
+    // The original and its re-queued copy: one unit id, stored once.
+    let settled = consume::handle(&processor, &hop.js, &take(&raw, 2).await).await;
+    assert_eq!(settled.done, 2);
+    consume::handle(&writer_stage(&hop), &hop.js, &take(&writer, 1).await).await;
+    assert_eq!(rows_of(&hop, "kept").await, 1);
+    assert!(dead_letters(&hop).await.is_empty(), "the letter left DEAD");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unit_that_cannot_be_read_takes_no_neighbour_with_it() {
+    use dataviz_core::message::{MessageReadings, TagReading};
+    use dataviz_core::value::Value;
+    let hop = hop().await;
+    let original = RawMessage::received(
+        "gateways/1/plc-deep".into(),
+        Bytes::from_static(br#"{"d": [{"tag": "deep", "value": 1}]}"#),
+    );
+    let raw_seq = publish_to_raw(&hop, &original).await;
+    let good = |device_id: i64| MessageReadings {
+        raw_seq: None,
+        id: uuid::Uuid::now_v7(),
+        gateway_id: 1,
+        device_id,
+        device_code: "plc-good".into(),
+        time: chrono::Utc::now(),
+        received_at: chrono::Utc::now(),
+        readings: vec![TagReading {
+            tag_id: 1,
+            tag: "good".into(),
+            value: Value::Integer(1),
+        }],
+    };
+    // Between two good units, one too deep for serde_json to read back.
+    let deep = format!(
+        r#"{{"id":"{}","raw_seq":{raw_seq},"gateway_id":1,"device_id":1,"device_code":"plc-deep","time":"2024-01-01T00:00:00Z","received_at":"2024-01-01T00:00:00Z","readings":[{{"tag_id":1,"tag":"deep","type":"jsonb","value":{}1{}}}]}}"#,
+        original.id,
+        "[".repeat(130),
+        "]".repeat(130)
+    );
+    let (first, last) = (good(101), good(102));
+    let payload = format!(
+        "[{},{deep},{}]",
+        String::from_utf8(first.to_json().to_vec()).unwrap(),
+        String::from_utf8(last.to_json().to_vec()).unwrap()
+    );
+    assert!(ReadingsMessage::parse(payload.as_bytes()).is_err());
+    hop.js
+        .publish(streams::readings_subject(1), payload.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let writer = consumer(
+        &hop,
+        streams::READINGS_STREAM,
+        hop.settings.writer_consumer(),
+    )
+    .await;
+    let settled = consume::handle(&writer_stage(&hop), &hop.js, &take(&writer, 1).await).await;
+    assert_eq!(settled.dead, 1, "acknowledged once its letter is stored");
+    let client = hop.db.connect().await;
+    let devices: Vec<i64> = client
+        .query("SELECT device_id FROM tag_reading ORDER BY device_id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(devices, [101, 102], "the units around it are stored");
+    let letters = dead_letters(&hop).await;
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].1.reason.name(), "bad_batch");
+    assert_eq!(
+        letters[0].1.raw, original,
+        "the letter carries the original message"
     );
 }

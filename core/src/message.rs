@@ -8,7 +8,7 @@
 //! - DEAD: the raw message again, with the stage and reason that refused it ([`DeadLetter`]).
 
 pub use dataviz_model::readings::{
-    MessageReadings, READINGS_MESSAGE_BYTES, ReadingsMessage, TagReading,
+    MessageReadings, READINGS_MESSAGE_BYTES, ReadingsMessage, TagReading, Unreadable,
 };
 pub use dataviz_model::reason::DeadReason;
 

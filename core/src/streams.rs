@@ -81,6 +81,25 @@ pub async fn publish_readings(
     .await
 }
 
+/// The raw message `id` as RAW stored it at `seq`, if RAW still holds it: the original topic
+/// and payload of a unit a later stage refuses.
+pub async fn raw_original(
+    js: &jetstream::Context,
+    seq: u64,
+    id: uuid::Uuid,
+) -> Option<crate::message::RawMessage> {
+    let stored = js
+        .get_stream(RAW_STREAM)
+        .await
+        .ok()?
+        .get_raw_message(seq)
+        .await
+        .ok()?;
+    crate::message::RawMessage::from_parts(Some(&stored.headers), stored.payload)
+        .ok()
+        .filter(|raw| raw.id == id)
+}
+
 /// Stream settings, from the environment.
 #[derive(Debug, Clone, clap::Args)]
 pub struct StreamSettings {

@@ -80,6 +80,7 @@ fn accepted(data: &[u8], limits: &PayloadLimits, p: &Payload) {
     // The READINGS batch made of it reads back the same.
     let time = p.ts.unwrap_or(DateTime::<Utc>::UNIX_EPOCH);
     let batch = MessageReadings {
+        raw_seq: None,
         id: uuid::Uuid::nil(),
         gateway_id: 1,
         device_id: 1,

@@ -136,11 +136,9 @@ pub fn parse(bytes: &[u8], limits: &PayloadLimits) -> Result<Payload, PayloadErr
                     tag.len()
                 )))
             }
-            serde_json::Value::String(_) if too_deep(&entry.value) => {
-                Err(PayloadError::Shape(format!(
-                    "d[{i}].value is nested over {MAX_VALUE_DEPTH} levels deep"
-                )))
-            }
+            serde_json::Value::String(_) if too_deep(&entry.value) => Err(PayloadError::Shape(
+                format!("d[{i}].value is nested over {MAX_VALUE_DEPTH} levels deep"),
+            )),
             serde_json::Value::String(tag) if !tag.is_empty() => {
                 Ok((tag, Value::from_json(entry.value)))
             }
@@ -275,7 +273,10 @@ mod tests {
         let refused = |json: String| parse(json.as_bytes(), &limits).unwrap_err();
         let tag = |n: usize| format!(r#"{{"d": [{{"tag": "{}", "value": 1}}]}}"#, "t".repeat(n));
         assert!(parse(tag(MAX_TAG_CODE_LEN).as_bytes(), &limits).is_ok());
-        assert_eq!(refused(tag(MAX_TAG_CODE_LEN + 1)).kind(), DeadReason::BadPayload);
+        assert_eq!(
+            refused(tag(MAX_TAG_CODE_LEN + 1)).kind(),
+            DeadReason::BadPayload
+        );
         let nested = |depth: usize| {
             format!(
                 r#"{{"d": [{{"tag": "t", "value": {}1{}}}]}}"#,

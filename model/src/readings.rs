@@ -20,6 +20,10 @@ pub struct MessageReadings {
     pub time: DateTime<Utc>,
     pub received_at: DateTime<Utc>,
     pub readings: Vec<TagReading>,
+    /// The raw message's sequence in RAW, when it was read from there: a later stage that
+    /// refuses the unit finds the original topic and payload by it, for its dead letter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raw_seq: Option<u64>,
 }
 
 /// One tag's value in a unit: `{"tag_id": 4, "tag": "AI.0", "type": "integer", "value": 7}`.
@@ -170,6 +174,30 @@ impl MessageReadings {
         // Serializing plain data with string keys cannot fail.
         Bytes::from(serde_json::to_vec(self).expect("MessageReadings serializes"))
     }
+
+    /// A device payload that the processor reads back into this unit (the same tags, values
+    /// and time): what a dead letter carries when the original payload is gone.
+    pub fn to_payload(&self) -> Bytes {
+        let d: Vec<serde_json::Value> = self
+            .readings
+            .iter()
+            .map(|r| serde_json::json!({"tag": r.tag, "value": r.value.to_json()}))
+            .collect();
+        let payload = serde_json::json!({"d": d, "ts": self.time.to_rfc3339()});
+        Bytes::from(serde_json::to_vec(&payload).expect("a payload serializes"))
+    }
+}
+
+/// A unit of a READINGS message that cannot be read, with what could be read of it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unreadable {
+    /// Its JSON, as it travelled.
+    pub json: String,
+    /// Why it cannot be read.
+    pub error: String,
+    /// Its id and RAW sequence, when they can be read: where its original is.
+    pub id: Option<Uuid>,
+    pub raw_seq: Option<u64>,
 }
 
 /// Most bytes of units packed into one READINGS message; a larger unit travels alone. A
@@ -257,6 +285,40 @@ impl ReadingsMessage {
             _ => serde_json::from_slice(payload),
         }
     }
+
+    /// Reads a READINGS message unit by unit, for when [`parse`](Self::parse) fails: a unit
+    /// that cannot be read does not take its neighbours with it. `Err` only when the message
+    /// is not a JSON array (or a single unit) at all. Reading a unit's bounds has no depth
+    /// limit (serde_json skips a raw value without recursion), so any unit is found.
+    pub fn parse_each(
+        payload: &[u8],
+    ) -> Result<Vec<Result<MessageReadings, Unreadable>>, serde_json::Error> {
+        let parts: Vec<&serde_json::value::RawValue> =
+            match payload.iter().find(|b| !b.is_ascii_whitespace()) {
+                Some(b'{') => vec![serde_json::from_slice(payload)?],
+                _ => serde_json::from_slice(payload)?,
+            };
+        /// What can be read of a unit: its id and RAW sequence, skipping the rest.
+        #[derive(Deserialize)]
+        struct Ids {
+            id: Option<Uuid>,
+            raw_seq: Option<u64>,
+        }
+        Ok(parts
+            .into_iter()
+            .map(|part| {
+                serde_json::from_str(part.get()).map_err(|e| {
+                    let ids: Option<Ids> = serde_json::from_str(part.get()).ok();
+                    Unreadable {
+                        json: part.get().to_owned(),
+                        error: e.to_string(),
+                        id: ids.as_ref().and_then(|i| i.id),
+                        raw_seq: ids.and_then(|i| i.raw_seq),
+                    }
+                })
+            })
+            .collect())
+    }
 }
 
 #[cfg(test)]
@@ -266,6 +328,7 @@ mod tests {
     #[test]
     fn units_serialize_every_value_type() {
         let unit = MessageReadings {
+            raw_seq: None,
             id: Uuid::now_v7(),
             gateway_id: 1,
             device_id: 2,
@@ -306,6 +369,7 @@ mod tests {
 
     fn small_unit(gateway_id: i32, readings: usize) -> MessageReadings {
         MessageReadings {
+            raw_seq: None,
             id: Uuid::now_v7(),
             gateway_id,
             device_id: 2,

@@ -151,7 +151,13 @@ impl Processor {
         for message in messages {
             outcomes.push(
                 match RawMessage::from_parts(message.headers.as_ref(), message.payload.clone()) {
-                    Ok(raw) => self.decide(raw).await,
+                    Ok(raw) => match self.decide(raw).await {
+                        Outcome::Readings(mut unit) => {
+                            unit.raw_seq = message.info().ok().map(|i| i.stream_sequence);
+                            Outcome::Readings(unit)
+                        }
+                        other => other,
+                    },
                     Err(e) => {
                         let raw = RawMessage::received(
                             message.subject.to_string(),
@@ -296,6 +302,7 @@ pub fn unit(
 ) -> MessageReadings {
     let time: DateTime<Utc> = payload.ts.unwrap_or(raw.received_at);
     MessageReadings {
+        raw_seq: None,
         id: raw.id,
         gateway_id,
         device_id: resolved.device_id,

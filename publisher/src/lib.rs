@@ -35,7 +35,8 @@
 //!   is a configuration problem (wrong key, a `mercure.publish` claim or a hub ACL not covering
 //!   the topic base), not a bad message: dead-lettering would throw away every update until an
 //!   operator fixes it, while retrying resumes by itself once the configuration is right.
-//! - a message that cannot be read as units is acknowledged with an error log: the
+//! - a unit that cannot be read is skipped with an error log (the others of its message are
+//!   published), and a message that cannot be read at all is acknowledged with one: the
 //!   writer, which reads the same stream, sends it to DEAD; there is nothing to publish.
 //!
 //! # Ordering and coalescing
@@ -263,8 +264,22 @@ impl Stage for Publisher {
         // Every unit, with the index of its message.
         let mut units = Vec::with_capacity(messages.len());
         for (index, message) in messages.iter().enumerate() {
-            match ReadingsMessage::parse(&message.payload) {
-                Ok(parsed) => units.extend(parsed.into_iter().map(|unit| (index, unit))),
+            if let Ok(parsed) = ReadingsMessage::parse(&message.payload) {
+                units.extend(parsed.into_iter().map(|unit| (index, unit)));
+                continue;
+            }
+            // Unit by unit: what can be read is published, the writer dead-letters the rest.
+            match ReadingsMessage::parse_each(&message.payload) {
+                Ok(parts) => {
+                    for part in parts {
+                        match part {
+                            Ok(unit) => units.push((index, unit)),
+                            Err(unreadable) => {
+                                tracing::error!(subject = %message.subject, error = %unreadable.error, "a unit of a readings message cannot be read: not published (the writer dead-letters it)");
+                            }
+                        }
+                    }
+                }
                 Err(e) => {
                     tracing::error!(subject = %message.subject, error = %e, "not a readings message: nothing to publish (the writer dead-letters it)");
                 }
@@ -375,6 +390,7 @@ mod tests {
 
     fn unit(device: i64, second: u32) -> MessageReadings {
         MessageReadings {
+            raw_seq: None,
             id: Uuid::now_v7(),
             gateway_id: 7,
             device_id: device,

@@ -90,6 +90,7 @@ async fn pipeline(hub_url: &str, hub: &HubConfig, config: PublisherConfig) -> Pi
 
 fn unit(device: i64, value: i64) -> MessageReadings {
     MessageReadings {
+        raw_seq: None,
         id: Uuid::now_v7(),
         gateway_id: GATEWAY,
         device_id: device,

@@ -16,7 +16,7 @@ use async_nats::jetstream;
 use dataviz_core::{
     consume::{self, Failure, Settle, Stage},
     db::{self, DbError, ErrorKind},
-    message::{DeadLetter, DeadReason, MessageReadings, RawMessage, ReadingsMessage},
+    message::{DeadLetter, DeadReason, MessageReadings, RawMessage, ReadingsMessage, Unreadable},
     ops::{Progress, metric},
     shutdown::Shutdown,
     streams,
@@ -169,6 +169,8 @@ fn columns(
 #[derive(Debug, Clone)]
 pub struct Writer {
     pub pool: Pool,
+    /// Where the originals of refused units are read (RAW) and their letters stored.
+    pub js: jetstream::Context,
 }
 
 impl Stage for Writer {
@@ -183,19 +185,39 @@ impl Stage for Writer {
         let mut units = Vec::with_capacity(messages.len());
         let mut homes = Vec::with_capacity(messages.len());
         for (index, message) in messages.iter().enumerate() {
-            match ReadingsMessage::parse(&message.payload) {
-                Ok(parsed) => {
-                    homes.extend(std::iter::repeat_n(index, parsed.len()));
-                    units.extend(parsed);
-                    settles.push(Settle::Done);
+            if let Ok(parsed) = ReadingsMessage::parse(&message.payload) {
+                homes.extend(std::iter::repeat_n(index, parsed.len()));
+                units.extend(parsed);
+                settles.push(Settle::Done);
+                continue;
+            }
+            // Not readable whole: unit by unit, so that one unit takes no other with it.
+            let mut letters = Vec::new();
+            match ReadingsMessage::parse_each(&message.payload) {
+                Ok(parts) => {
+                    for part in parts {
+                        match part {
+                            Ok(unit) => {
+                                homes.push(index);
+                                units.push(unit);
+                            }
+                            Err(unreadable) => {
+                                letters.push(self.unreadable(message, unreadable).await)
+                            }
+                        }
+                    }
                 }
                 Err(e) => {
                     let raw =
                         RawMessage::received(message.subject.to_string(), message.payload.clone());
                     let error = format!("not a readings message: {e}");
-                    settles.push(Settle::dead(refused(raw, DeadReason::BadBatch, error)));
+                    letters.push(refused(raw, DeadReason::BadBatch, error));
                 }
             }
+            settles.push(match letters.is_empty() {
+                true => Settle::Done,
+                false => Settle::Dead(letters),
+            });
         }
         if units.is_empty() {
             return settles;
@@ -221,7 +243,7 @@ impl Stage for Writer {
                             continue;
                         }
                         Err(e) if e.kind() == ErrorKind::Permanent => {
-                            Settle::dead(refused_unit(unit, e))
+                            Settle::dead(self.refused_unit(unit, e).await)
                         }
                         Err(e) => Settle::retry(Failure::Database, e),
                     };
@@ -264,20 +286,43 @@ fn count_written(written: &Written, units: &[MessageReadings]) {
     }
 }
 
-/// The dead letter of one unit PostgreSQL refused: a raw message of its own (its JSON as
-/// payload).
-fn refused_unit(unit: &MessageReadings, error: DbError) -> DeadLetter {
-    let raw = RawMessage {
-        id: unit.id,
-        topic: format!("gateways/{}/{}", unit.gateway_id, unit.device_code),
-        received_at: unit.received_at,
-        payload: unit.to_json(),
-    };
-    refused(
-        raw,
-        DeadReason::Unstorable,
-        format!("refused by PostgreSQL: {error}"),
-    )
+impl Writer {
+    /// The dead letter of one unit PostgreSQL refused. It carries the original message, read
+    /// back from RAW, so that `dlq requeue` sends it through the processor again; when RAW no
+    /// longer holds it, a payload the processor reads back into the same unit.
+    async fn refused_unit(&self, unit: &MessageReadings, error: DbError) -> DeadLetter {
+        let raw = match unit.raw_seq {
+            Some(seq) => streams::raw_original(&self.js, seq, unit.id).await,
+            None => None,
+        };
+        let raw = raw.unwrap_or_else(|| RawMessage {
+            id: unit.id,
+            topic: format!("gateways/{}/{}", unit.gateway_id, unit.device_code),
+            received_at: unit.received_at,
+            payload: unit.to_payload(),
+        });
+        refused(
+            raw,
+            DeadReason::Unstorable,
+            format!("refused by PostgreSQL: {error}"),
+        )
+    }
+
+    /// The dead letter of a unit that cannot be read: its original from RAW when its id and
+    /// sequence can be read, else the unit's JSON as it travelled.
+    async fn unreadable(&self, message: &jetstream::Message, unit: Unreadable) -> DeadLetter {
+        let original = match (unit.raw_seq, unit.id) {
+            (Some(seq), Some(id)) => streams::raw_original(&self.js, seq, id).await,
+            _ => None,
+        };
+        let raw = original
+            .unwrap_or_else(|| RawMessage::received(message.subject.to_string(), unit.json.into()));
+        let error = format!(
+            "a unit of a readings message cannot be read: {}",
+            unit.error
+        );
+        refused(raw, DeadReason::BadBatch, error)
+    }
 }
 
 fn refused(raw: RawMessage, reason: DeadReason, error: String) -> DeadLetter {
@@ -301,7 +346,10 @@ pub async fn run(
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     consume::run(
-        &Writer { pool },
+        &Writer {
+            pool,
+            js: js.clone(),
+        },
         &js,
         streams::READINGS_STREAM,
         consumer,
