@@ -123,7 +123,10 @@ fn refused(data: &[u8], limits: &PayloadLimits, e: &PayloadError) {
             assert_eq!(limit, limits.max_readings);
             assert!(count > limit);
         }
-        PayloadError::Json(_) | PayloadError::Shape(_) | PayloadError::Ts(_) => {}
+        PayloadError::Json(_)
+        | PayloadError::Shape(_)
+        | PayloadError::Ts(_)
+        | PayloadError::TsRange(_) => {}
     }
     if !matches!(e, PayloadError::NotUtf8(_) | PayloadError::TooLarge { .. }) {
         assert!(std::str::from_utf8(data).is_ok());

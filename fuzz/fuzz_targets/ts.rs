@@ -4,7 +4,8 @@
 //! - an accepted timestamp, written out in RFC 3339 (as READINGS carries it), reads back as
 //!   the same instant, and so does the input with white space around it;
 //! - a payload with that text as its `ts` gets the same instant, or the same refusal;
-//! - a refusal is `PayloadError::Ts` naming the (trimmed) text.
+//! - a refusal is `PayloadError::Ts` or `TsRange` naming the (trimmed) text; `TsRange` only for
+//!   an instant outside the years `TS_YEARS`.
 #![no_main]
 
 use dataviz_model::payload::{self, PayloadError, PayloadLimits};
@@ -25,6 +26,7 @@ fuzz_target!(|data: &[u8]| {
             );
             assert_eq!(payload::parse_ts(&format!(" \t{text}\n ")).as_ref(), Ok(t));
         }
+        Err(PayloadError::TsRange(named)) => assert_eq!(named, text.trim()),
         Err(e) => assert_eq!(e, &PayloadError::Ts(text.trim().to_owned())),
     }
     let json = serde_json::json!({ "d": [], "ts": text }).to_string();
