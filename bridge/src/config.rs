@@ -131,6 +131,15 @@ pub struct BridgeConfig {
         default_value_t = 4096
     )]
     pub bridge_max_in_flight: usize,
+    /// Bytes of payload received from MQTT and not yet stored in JetStream, at most: with
+    /// BRIDGE_MAX_IN_FLIGHT, what bounds the bridge's memory whatever the payloads' size.
+    #[arg(
+        long,
+        env = "BRIDGE_MAX_IN_FLIGHT_BYTES",
+        value_name = "BRIDGE_MAX_IN_FLIGHT_BYTES",
+        default_value_t = 64 * 1024 * 1024
+    )]
+    pub bridge_max_in_flight_bytes: usize,
 }
 
 impl BridgeConfig {

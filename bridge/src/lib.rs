@@ -34,7 +34,7 @@ use rumqttc::{AsyncClient, Event, Packet, Publish, QoS};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 const STAGE: &str = "bridge";
 
@@ -44,6 +44,19 @@ struct Received {
     /// The MQTT connection it came on: an ack is only valid on that connection.
     connection: u64,
     raw: RawMessage,
+    /// Its share of `BRIDGE_MAX_IN_FLIGHT_BYTES`, given back when it is dropped (stored).
+    _budget: OwnedSemaphorePermit,
+}
+
+/// The in-flight byte budget counts kibibytes: a semaphore holds at most `u32::MAX` permits.
+const BUDGET_UNIT: usize = 1024;
+
+/// The budget a payload takes: its kibibytes, at least one, at most the whole budget (a
+/// payload larger than the budget travels alone).
+fn budget_of(payload: usize, budget: u32) -> u32 {
+    u32::try_from(payload.div_ceil(BUDGET_UNIT).max(1))
+        .unwrap_or(u32::MAX)
+        .min(budget)
 }
 
 /// Runs the bridge until `shutdown` fires, then stores or hands back what it holds. `mqtt_up`
@@ -63,6 +76,8 @@ pub async fn run(
     options.set_request_channel_capacity(config.bridge_max_in_flight * 2 + 64);
     let (client, eventloop) = AsyncClient::new(options, config.bridge_max_in_flight * 2 + 64);
     let (tx, rx) = mpsc::channel::<Received>(config.bridge_max_in_flight.max(1));
+    let budget =
+        u32::try_from((config.bridge_max_in_flight_bytes / BUDGET_UNIT).max(1)).unwrap_or(u32::MAX);
     let connection = Arc::new(AtomicU64::new(0));
 
     let raw_store = RawStore {
@@ -83,7 +98,7 @@ pub async fn run(
         eventloop,
         client.clone(),
         config,
-        tx,
+        (tx, Arc::new(Semaphore::new(budget as usize)), budget),
         connection,
         mqtt_up,
         shutdown,
@@ -100,7 +115,7 @@ async fn event_loop(
     mut eventloop: rumqttc::EventLoop,
     client: AsyncClient,
     config: BridgeConfig,
-    tx: mpsc::Sender<Received>,
+    (tx, bytes, budget): (mpsc::Sender<Received>, Arc<Semaphore>, u32),
     connection: Arc<AtomicU64>,
     up: Arc<AtomicBool>,
     shutdown: Shutdown,
@@ -154,11 +169,21 @@ async fn event_loop(
                     "message received"
                 );
                 metrics::counter!(metric::BRIDGE_RECEIVED).increment(1);
+                // Waits while the messages in flight hold the byte budget: the broker queues.
+                let share = budget_of(publish.payload.len(), budget);
+                let permit = tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => break,
+                    permit = bytes.clone().acquire_many_owned(share) => {
+                        permit.expect("the budget is never closed")
+                    }
+                };
                 let raw = RawMessage::received(publish.topic.clone(), publish.payload.clone());
                 let received = Received {
                     publish,
                     connection: connection.load(Ordering::SeqCst),
                     raw,
+                    _budget: permit,
                 };
                 // Waits when the store task is full: the broker queues meanwhile.
                 tokio::select! {

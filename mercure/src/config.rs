@@ -161,6 +161,15 @@ pub struct HubConfig {
         default_value_t = HubConfig::DEFAULT_HISTORY_SIZE
     )]
     pub mercure_history_size: usize,
+    /// Bytes of updates kept in the history, at most (data, topics and id): past it the oldest
+    /// go, so that large updates cannot take the hub's memory with the count alone.
+    #[arg(
+        long,
+        env = "MERCURE_HISTORY_BYTES",
+        value_name = "MERCURE_HISTORY_BYTES",
+        default_value_t = HubConfig::DEFAULT_HISTORY_BYTES
+    )]
+    pub mercure_history_bytes: usize,
     /// Interval of the heartbeat comment sent to idle subscribers; 0s: none.
     #[arg(long, env = "MERCURE_HEARTBEAT", value_name = "MERCURE_HEARTBEAT", default_value = HubConfig::DEFAULT_HEARTBEAT, value_parser = humantime::parse_duration)]
     pub mercure_heartbeat: Duration,
@@ -177,6 +186,7 @@ impl Default for HubConfig {
             mercure_cors_origins: String::new(),
             mercure_publish_origins: String::new(),
             mercure_history_size: HubConfig::DEFAULT_HISTORY_SIZE,
+            mercure_history_bytes: HubConfig::DEFAULT_HISTORY_BYTES,
             mercure_heartbeat: humantime::parse_duration(HubConfig::DEFAULT_HEARTBEAT)
                 .expect("a valid duration"),
         }
@@ -187,6 +197,7 @@ impl HubConfig {
     pub const DEFAULT_MAX_SUBSCRIBERS: usize = 10_000;
     pub const DEFAULT_MAX_TOPICS: usize = 1_000;
     pub const DEFAULT_HISTORY_SIZE: usize = 10_000;
+    pub const DEFAULT_HISTORY_BYTES: usize = 64 * 1024 * 1024;
     pub const DEFAULT_HEARTBEAT: &'static str = "40s";
 
     /// The defaults with a random key (publisher and subscriber alike): for a quick start with

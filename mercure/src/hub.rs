@@ -95,6 +95,7 @@ struct HubInner {
     cors_origins: Vec<String>,
     publish_origins: Vec<String>,
     history_size: usize,
+    history_bytes: usize,
     max_topics: usize,
     max_subscribers: usize,
     selectors: TopicSelectorStore,
@@ -115,6 +116,8 @@ struct HubInner {
 
 struct Log {
     history: VecDeque<Arc<Update>>,
+    /// The bytes of `history` ([`Update::weight`]).
+    bytes: usize,
     /// The position of `history[0]` since the hub started; positions never repeat.
     first: u64,
     /// The ids in `history` and their positions: repeated updates are skipped, and a
@@ -152,6 +155,7 @@ impl Hub {
                 cors_origins: config.cors_origins(),
                 publish_origins: config.publish_origins(),
                 history_size: config.mercure_history_size,
+                history_bytes: config.mercure_history_bytes,
                 max_topics: config.mercure_max_topics,
                 max_subscribers: config.mercure_max_subscribers,
                 selectors: TopicSelectorStore::new(config.mercure_template_cache_size),
@@ -159,6 +163,7 @@ impl Hub {
                 replays: Arc::new(Semaphore::new(REPLAY_CONCURRENCY)),
                 log: Mutex::new(Log {
                     history: VecDeque::new(),
+                    bytes: 0,
                     first: 0,
                     ids: HashMap::new(),
                     sender: broadcast::channel(CHANNEL_CAPACITY).0,
@@ -220,16 +225,22 @@ impl Hub {
             return Ok(id);
         }
         if self.inner.history_size > 0 {
-            if log.history.len() >= self.inner.history_size
+            let weight = update.weight();
+            // The oldest go until the new one fits, by count and by bytes.
+            while !log.history.is_empty()
+                && (log.history.len() >= self.inner.history_size
+                    || log.bytes + weight > self.inner.history_bytes)
                 && let Some(old) = log.history.pop_front()
             {
                 let old_id = old.id.as_deref().unwrap_or_default();
                 // The same id may be in the history twice only if pushed twice: never.
                 log.ids.remove(old_id);
                 log.first += 1;
+                log.bytes -= old.weight();
             }
             let position = log.first + log.history.len() as u64;
             log.ids.insert(id.clone(), position);
+            log.bytes += weight;
             log.history.push_back(update.clone());
         }
         // No receiver is not an error: nobody is subscribed.

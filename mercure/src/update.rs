@@ -61,6 +61,14 @@ fn has_control(s: &str) -> bool {
 }
 
 impl Update {
+    /// What the update weighs in memory, near enough: its data, topics and id.
+    pub fn weight(&self) -> usize {
+        self.data.len()
+            + self.topics.iter().map(String::len).sum::<usize>()
+            + self.id.as_ref().map_or(0, String::len)
+            + self.event_type.as_ref().map_or(0, String::len)
+            + std::mem::size_of::<Update>()
+    }
     /// A public update on `topics`.
     pub fn new(topics: Vec<String>, data: impl Into<String>) -> Update {
         Update {

@@ -800,6 +800,32 @@ async fn reconnection_replays_the_history_after_the_last_event_id() {
     assert_eq!(header(&r).as_deref(), Some("earliest"));
 }
 
+/// The history is bounded by bytes too: large updates cannot take the hub's memory with the
+/// count alone.
+#[tokio::test]
+async fn history_is_bounded_by_bytes() {
+    let mut config = config();
+    config.mercure_history_bytes = 1024 * 1024;
+    let served = serve(config).await;
+    let big = "x".repeat(300 * 1024);
+    for id in 0..10 {
+        let id = id.to_string();
+        publish_over_http(&served.url, &update(&["t"], &id, &big))
+            .await
+            .unwrap();
+    }
+    // Four 300 KiB updates would pass 1 MiB.
+    assert_eq!(served.hub.history_len(), 3);
+    // One larger than the whole budget is still kept, alone: the newest is always there.
+    publish_over_http(
+        &served.url,
+        &update(&["t"], "huge", &"y".repeat(1536 * 1024)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(served.hub.history_len(), 1);
+}
+
 #[tokio::test]
 async fn history_is_bounded_and_repeated_ids_are_sent_once() {
     let mut config = config();
