@@ -62,6 +62,25 @@ struct Cache {
     last_seen: HashMap<i64, DateTime<Utc>>,
 }
 
+/// Unknown gateway ids remembered at most: topics name any id, and a flood of made-up ones must
+/// not grow the cache without bound.
+const UNKNOWN_GATEWAYS_KEPT: usize = 10_000;
+
+impl Cache {
+    /// Remembers that `gateway_id` does not exist, for [`UNKNOWN_GATEWAY_TTL`].
+    fn unknown_gateway(&mut self, gateway_id: i32) {
+        if self.unknown_gateways.len() >= UNKNOWN_GATEWAYS_KEPT {
+            self.unknown_gateways
+                .retain(|_, at| at.elapsed() < UNKNOWN_GATEWAY_TTL);
+            if self.unknown_gateways.len() >= UNKNOWN_GATEWAYS_KEPT {
+                // All within the second: forgetting them costs a query each, no more.
+                self.unknown_gateways.clear();
+            }
+        }
+        self.unknown_gateways.insert(gateway_id, Instant::now());
+    }
+}
+
 /// The registry, shared by the workers of one processor.
 pub struct Registry {
     pool: Pool,
@@ -117,6 +136,11 @@ impl Registry {
         Resolved { device_id, tag_ids }
     }
 
+    /// How many unknown gateway ids the cache remembers now.
+    pub fn unknown_gateways_kept(&self) -> usize {
+        self.cache().unknown_gateways.len()
+    }
+
     /// Fails unless the gateway exists (cached; an unknown id is asked again after a few seconds).
     pub async fn check_gateway(&self, gateway_id: i32) -> Result<(), RegistryError> {
         {
@@ -141,7 +165,7 @@ impl Registry {
             cache.gateways.insert(gateway_id, true);
             Ok(())
         } else {
-            cache.unknown_gateways.insert(gateway_id, Instant::now());
+            cache.unknown_gateway(gateway_id);
             Err(RegistryError::UnknownGateway(gateway_id))
         }
     }
@@ -165,7 +189,7 @@ impl Registry {
                 // The gateway was deleted since it was cached.
                 let mut cache = self.cache();
                 cache.gateways.remove(&gateway_id);
-                cache.unknown_gateways.insert(gateway_id, Instant::now());
+                cache.unknown_gateway(gateway_id);
                 return Err(RegistryError::UnknownGateway(gateway_id));
             }
             Err(e) => return Err(e.into()),

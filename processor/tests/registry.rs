@@ -74,3 +74,14 @@ async fn a_tag_code_postgresql_cannot_index_is_a_permanent_error() {
         .await
         .expect("a sane tag is created");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_flood_of_made_up_gateways_keeps_the_cache_bounded() {
+    let db = TestDb::create().await;
+    let registry = registry(&db).await;
+    for gateway in 1_000..13_000 {
+        let _ = registry.check_gateway(gateway).await;
+    }
+    let kept = registry.unknown_gateways_kept();
+    assert!(kept <= 10_000, "{kept} unknown gateways remembered");
+}
