@@ -264,7 +264,7 @@ impl Role {
         let progress = self.watched_stage(
             &js,
             "publisher",
-            streams::LIVE_STREAM,
+            streams::READINGS_STREAM,
             streams::PUBLISHER_CONSUMER,
         );
         let (consumer, shutdown) = (settings.publisher_consumer(), self.shutdown.clone());
