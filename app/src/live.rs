@@ -6,7 +6,10 @@
 //! `LIVE_TOKEN_TTL`. A small inline script opens an `EventSource` on the hub with the token in
 //! the `authorization` query parameter (so that two pages never share or replace each other's
 //! token, as one cookie would), renews it from [`token_path`] halfway through its life and
-//! reconnects with the last event id it saw, so that nothing is missed. The renewal needs the
+//! reconnects with the last event id it saw. Updates are best effort past the hub's history and
+//! the `LIVE_MAX_AGE` horizon, so each time the stream opens again after it failed, the script
+//! also reads the page again (from the database) and takes each tag's newer value and time: what
+//! the page missed while it was away is shown at reconnection. The renewal needs the
 //! admin session: after logout, or once the user is no longer an admin, no token is renewed.
 //! Every token of a session has the session's live id as its `jti`; at logout the hub of the
 //! same process (`dataviz all`) revokes it at once and ends the subscriptions opened with it.
@@ -83,12 +86,14 @@ pub fn new_live_id() -> String {
 /// The live-values script: reads `data-hub`, `data-topic`, `data-token`, `data-ttl` and
 /// `data-token-url` from `#live`, and updates the rows
 /// `tr[data-tag]` of the tags table. Updates are the publisher's JSON:
-/// `{"time": ..., "readings": [{"tag": code, "type": ..., "value": ...}]}`.
+/// `{"time": ..., "readings": [{"tag": code, "type": ..., "value": ...}]}`. After a failed
+/// connection, the rows are read again from the page itself (`window.location`), keeping the
+/// newer of the two times for each tag.
 pub const SCRIPT: &str = r#"(function () {
   var el = document.getElementById('live');
   if (!el || !window.EventSource || !window.fetch) return;
   var token = el.dataset.token, ttl = Number(el.dataset.ttl) * 1000;
-  var source = null, timer = null, lastId = null, failures = 0;
+  var source = null, timer = null, lastId = null, failures = 0, missed = false;
   function status(text, on) { el.textContent = text; el.className = on ? 'live on' : 'live off'; }
   function later(ms, what) { clearTimeout(timer); timer = setTimeout(what, ms); }
   // After a failure, 2 s, doubling up to a minute: a hub or site in trouble is not hammered.
@@ -100,8 +105,13 @@ pub const SCRIPT: &str = r#"(function () {
     url.searchParams.append('authorization', token);
     if (lastId) url.searchParams.append('lastEventID', lastId);
     source = new EventSource(url.toString());
-    source.onopen = function () { failures = 0; status('Live: values update as they arrive.', true); };
+    source.onopen = function () {
+      failures = 0;
+      status('Live: values update as they arrive.', true);
+      if (missed) { missed = false; reread(); }
+    };
     source.onerror = function () {
+      missed = true;
       status('Live values unavailable; retrying.', false);
       if (source.readyState === EventSource.CLOSED) later(backoff(), renew);
     };
@@ -114,10 +124,31 @@ pub const SCRIPT: &str = r#"(function () {
       .then(function (r) { if (!r.ok) throw new Error(r.status); return r.json(); })
       .then(function (t) { token = t.token; ttl = t.expires_in * 1000; open(); })
       .catch(function () {
+        missed = true;
         if (source) source.close();
         status('Live values stopped (logged out?); retrying.', false);
         later(backoff(), renew);
       });
+  }
+  // What the database holds now, for what the stream may have missed while it was away.
+  function reread() {
+    fetch(window.location.href, { credentials: 'same-origin', redirect: 'error',
+                                  headers: { 'Accept': 'text/html' } })
+      .then(function (r) { if (!r.ok) throw new Error(r.status); return r.text(); })
+      .then(function (html) {
+        var page = new DOMParser().parseFromString(html, 'text/html');
+        page.querySelectorAll('tr[data-tag]').forEach(function (fresh) {
+          var row = document.querySelector('tr[data-tag="' + CSS.escape(fresh.dataset.tag) + '"]');
+          if (!row) return;
+          var time = fresh.querySelector('.time').textContent;
+          // Times read 'YYYY-MM-DD HH:MM:SS UTC': as text, the later is the greater.
+          if (time && time >= row.querySelector('.time').textContent) {
+            row.querySelector('.value').textContent = fresh.querySelector('.value').textContent;
+            row.querySelector('.time').textContent = time;
+          }
+        });
+      })
+      .catch(function () { missed = true; });
   }
   function show(event) {
     if (event.lastEventId) lastId = event.lastEventId;

@@ -542,14 +542,14 @@ async fn pipeline(
     ))
 }
 
-/// Waits until the publisher has acknowledged everything in READINGS.
+/// Waits until the publisher has acknowledged everything in LIVE.
 async fn wait_publisher_drained(nats: &NatsServer) -> anyhow::Result<()> {
     eprintln!("pipeline: waiting for the publisher's backlog to drain…");
     let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await?);
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
         let mut consumer: async_nats::jetstream::consumer::PullConsumer = js
-            .get_stream(dataviz_core::streams::READINGS_STREAM)
+            .get_stream(dataviz_core::streams::LIVE_STREAM)
             .await?
             .get_consumer(dataviz_core::streams::PUBLISHER_CONSUMER)
             .await

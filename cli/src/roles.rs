@@ -264,7 +264,7 @@ impl Role {
         let progress = self.watched_stage(
             &js,
             "publisher",
-            streams::READINGS_STREAM,
+            streams::LIVE_STREAM,
             streams::PUBLISHER_CONSUMER,
         );
         let (consumer, shutdown) = (settings.publisher_consumer(), self.shutdown.clone());

@@ -1,7 +1,9 @@
 //! The admin site end to end in a real headless Chromium, driven over WebDriver (chromedriver):
 //! log in, create a gateway with the form, publish MQTT messages for it, see the device and its
 //! tags appear, then see a value change live on the open page (through the Mercure hub of
-//! `dataviz all`), without a reload.
+//! `dataviz all`), without a reload. Then the page's stream fails (`dataviz all` stopped) while a
+//! value is stored that no hub ever sends: when the stream is back, the page shows it, read
+//! from the database, still without a reload.
 //!
 //! Needs Debian's `chromium` and `chromium-driver` (installed by scripts/setup); the paths can
 //! be overridden with `DATAVIZ_CHROMIUM` and `DATAVIZ_CHROMEDRIVER`. On failure a screenshot of
@@ -10,7 +12,7 @@
 mod common;
 
 use anyhow::{Context as _, bail, ensure};
-use common::{Publisher, Stack};
+use common::{Publisher, Role, Stack};
 use dataviz_testkit::free_port;
 use fantoccini::{Client, ClientBuilder, Locator};
 use std::future::Future;
@@ -97,7 +99,12 @@ async fn text_of(browser: &Client, css: &str) -> anyhow::Result<String> {
 }
 
 /// The scenario; any error is reported with a screenshot by the caller.
-async fn scenario(browser: &Client, stack: &Stack, site: &str) -> anyhow::Result<()> {
+async fn scenario(
+    browser: &Client,
+    stack: &Stack,
+    all: &mut Role,
+    site: &str,
+) -> anyhow::Result<()> {
     // Log in.
     browser.goto(&format!("{site}/login")).await?;
     browser
@@ -261,6 +268,55 @@ async fn scenario(browser: &Client, stack: &Stack, site: &str) -> anyhow::Result
         text_of(browser, &row("DI.0")).await? == "true",
         "a tag not in the update changed"
     );
+
+    // What the stream missed is read from the database when it is back.
+    let live_class = || async {
+        Ok::<_, anyhow::Error>(
+            browser
+                .find(Locator::Id("live"))
+                .await?
+                .attr("class")
+                .await?
+                .unwrap_or_default(),
+        )
+    };
+    all.kill();
+    eventually(
+        "the stream seen failing",
+        Duration::from_secs(30),
+        || async { Ok(live_class().await?.contains("off").then_some(())) },
+    )
+    .await?;
+    let stored = stack
+        .count(&format!(
+            "WITH stored AS (
+                 INSERT INTO tag_reading (time, device_id, tag_id, gateway_id, value_num, value_type)
+                 SELECT now(), t.device_id, t.id, {GATEWAY}, 88.5, 'double precision'
+                 FROM tag t JOIN device d ON d.id = t.device_id
+                 WHERE d.code = '{DEVICE}' AND t.code = 'AI.0'
+                 RETURNING 1)
+             SELECT count(*) FROM stored"
+        ))
+        .await;
+    ensure!(stored == 1, "{stored} rows stored for AI.0");
+    all.start_again();
+    eventually(
+        "the missed value 88.5, read from the database at reconnection",
+        Duration::from_secs(60),
+        || async { Ok((text_of(browser, &row("AI.0")).await? == "88.5").then_some(())) },
+    )
+    .await?;
+    ensure!(
+        browser
+            .execute("return window.__not_reloaded === true;", vec![])
+            .await?
+            == serde_json::Value::Bool(true),
+        "the page was reloaded: the missed value was not read at reconnection"
+    );
+    ensure!(
+        live_class().await?.contains("on"),
+        "the stream is not back on"
+    );
     Ok(())
 }
 
@@ -296,7 +352,7 @@ async fn an_admin_logs_in_creates_a_gateway_and_sees_its_device_live() {
 
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
-    let _all = stack.spawn(
+    let mut all = stack.spawn(
         "all",
         &[
             ("APP_ADDR", &addr),
@@ -342,7 +398,7 @@ async fn an_admin_logs_in_creates_a_gateway_and_sees_its_device_live() {
 
     let result = tokio::time::timeout(
         Duration::from_secs(180),
-        scenario(&browser, &stack, &format!("http://{addr}")),
+        scenario(&browser, &stack, &mut all, &format!("http://{addr}")),
     )
     .await
     .unwrap_or_else(|_| Err(anyhow::anyhow!("the scenario took more than 180 s")));

@@ -265,7 +265,7 @@ async fn mercure_hub_down_for_a_while_loses_no_update() {
     let nats = async_nats::connect(stack.nats.url()).await.expect("NATS");
     let js = async_nats::jetstream::new(nats);
     let publisher_consumer = || async {
-        js.get_stream("READINGS")
+        js.get_stream("LIVE")
             .await
             .ok()?
             .consumer_info("publisher")
@@ -468,4 +468,123 @@ async fn readings_stream_at_its_size_limit_pushes_back_and_loses_nothing() {
     let _writer = stack.spawn("writer", &env);
     assert_every_row_once(&stack, Duration::from_secs(120)).await;
     assert_eq!(common::dead_letters(&stack).await, 0);
+}
+
+/// The state of a stream: (messages, bytes).
+async fn stream_state(stack: &Stack, stream: &str) -> (u64, u64) {
+    let js = async_nats::jetstream::new(async_nats::connect(stack.nats.url()).await.unwrap());
+    let state = js
+        .get_stream(stream)
+        .await
+        .unwrap()
+        .get_info()
+        .await
+        .unwrap()
+        .state;
+    (state.messages, state.bytes)
+}
+
+/// Live updates never hold storage back: with the hub down for the whole run and READINGS
+/// capped at 4 MiB, every reading is stored. (When the publisher read READINGS itself, the
+/// stream kept each message for it and filled up: 47,890 of 200,000 readings stored, then none.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_down_the_whole_run_holds_no_reading_back() {
+    const RUN: i64 = 20_000;
+    let _serial = SERIAL.lock().await;
+    let stack = Stack::start().await;
+    stack.create_gateway(1).await;
+    let nowhere = format!("http://127.0.0.1:{}/.well-known/mercure", free_port());
+    let capped = ("READINGS_MAX_BYTES", "4194304");
+    let live = ("LIVE_MAX_BYTES", "2097152");
+    let _publisher = stack.spawn(
+        "publisher",
+        &[
+            ENV[0],
+            capped,
+            live,
+            ("MERCURE_URL", &nowhere),
+            (
+                "MERCURE_PUBLISHER_JWT_KEY",
+                "publisher-key-for-tests-0123456789",
+            ),
+        ],
+    );
+    let _bridge = stack.spawn("bridge", &[ENV[0], ENV[1], capped, live]);
+    let _processor = stack.spawn("processor", &[ENV[0], ENV[1], capped, live]);
+    let _writer = stack.spawn("writer", &[ENV[0], ENV[1], capped, live]);
+    let mut mqtt = Publisher::connect(stack.mosquitto.port()).await;
+    for burst in 0..RUN / BURST {
+        common::publish_numbered_burst(&mut mqtt, burst, BURST).await;
+    }
+    mqtt.wait_acked(Duration::from_secs(120)).await;
+    assert_every_numbered_message_once(&stack.db, RUN, Duration::from_secs(180)).await;
+    // READINGS keeps only what the writer has not taken; LIVE stays within its limit.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stream_state(&stack, "READINGS").await.0 > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "READINGS kept what the writer took"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (messages, bytes) = stream_state(&stack, "LIVE").await;
+    assert!(
+        messages > 0,
+        "LIVE holds the newest updates for when the hub is back"
+    );
+    assert!(
+        bytes <= 2 * 1024 * 1024,
+        "LIVE within LIVE_MAX_BYTES: {bytes} bytes"
+    );
+}
+
+/// With no publisher at all, READINGS stays bounded, even where a publisher once ran (its
+/// former consumer on READINGS, which kept every message, is removed at start).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_publisher_readings_stays_bounded() {
+    let _serial = SERIAL.lock().await;
+    let stack = Stack::start().await;
+    stack.create_gateway(1).await;
+    // A publisher's consumer on READINGS, as an earlier version made it.
+    {
+        let client = async_nats::connect(stack.nats.url()).await.unwrap();
+        let js = dataviz_core::config::jetstream(client.clone());
+        let settings = dataviz_core::streams::StreamSettings::default();
+        dataviz_core::streams::ensure(&client, &js, &settings)
+            .await
+            .unwrap();
+        js.get_stream("READINGS")
+            .await
+            .unwrap()
+            .create_consumer(async_nats::jetstream::consumer::pull::Config {
+                durable_name: Some("publisher".into()),
+                ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let live = ("LIVE_MAX_BYTES", "1048576");
+    let _bridge = stack.spawn("bridge", &[ENV[0], ENV[1], live]);
+    let _processor = stack.spawn("processor", &[ENV[0], ENV[1], live]);
+    let _writer = stack.spawn("writer", &[ENV[0], ENV[1], live]);
+    let mut mqtt = Publisher::connect(stack.mosquitto.port()).await;
+    for burst in 0..MESSAGES / BURST {
+        common::publish_numbered_burst(&mut mqtt, burst, BURST).await;
+    }
+    mqtt.wait_acked(Duration::from_secs(60)).await;
+    assert_every_row_once(&stack, Duration::from_secs(120)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stream_state(&stack, "READINGS").await.0 > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "READINGS kept what the writer took"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, bytes) = stream_state(&stack, "LIVE").await;
+    assert!(
+        bytes <= 1024 * 1024,
+        "LIVE within LIVE_MAX_BYTES: {bytes} bytes"
+    );
 }

@@ -3,11 +3,15 @@
 //! | stream   | subjects                                  | kept                                   |
 //! |----------|-------------------------------------------|----------------------------------------|
 //! | RAW      | `dataviz.raw.<gateway id or "unrouted">`  | `RAW_RETENTION` (replay window)        |
-//! | READINGS | `dataviz.readings.<gateway>`              | until every consumer acknowledged it   |
+//! | READINGS | `dataviz.readings.<gateway>`              | until the writer acknowledged it       |
 //! | DEAD     | `dataviz.dead.<stage>.<reason>`           | `DEAD_RETENTION`                       |
+//! | LIVE     | `dataviz.live.<gateway>`                  | `LIVE_MAX_AGE` and `LIVE_MAX_BYTES`    |
 //!
-//! Every stream refuses new messages when full (`DiscardPolicy::New`): a full stream is
-//! backpressure, never a silent drop.
+//! RAW, READINGS and DEAD refuse new messages when full (`DiscardPolicy::New`): a full stream
+//! is backpressure, never a silent drop. LIVE feeds the publisher (live updates to browsers)
+//! and is the one stream that drops: its oldest messages, past its limits. So a hub that is
+//! down, slow or refusing, or no publisher at all, never holds READINGS (and so storage)
+//! back; updates older than the limits are not posted, and a page reads them from the database.
 
 use anyhow::{Context as _, bail};
 use async_nats::jetstream::{
@@ -20,16 +24,18 @@ use std::time::Duration;
 pub const RAW_STREAM: &str = "RAW";
 pub const READINGS_STREAM: &str = "READINGS";
 pub const DEAD_STREAM: &str = "DEAD";
+pub const LIVE_STREAM: &str = "LIVE";
 
 pub const RAW_SUBJECTS: &str = "dataviz.raw.>";
 pub const READINGS_SUBJECTS: &str = "dataviz.readings.>";
 pub const DEAD_SUBJECTS: &str = "dataviz.dead.>";
+pub const LIVE_SUBJECTS: &str = "dataviz.live.>";
 
 /// Durable consumer of RAW shared by every processor instance.
 pub const PROCESSOR_CONSUMER: &str = "processor";
 /// Durable consumer of READINGS shared by every writer instance.
 pub const WRITER_CONSUMER: &str = "writer";
-/// Durable consumer of READINGS shared by every publisher instance.
+/// Durable consumer of LIVE shared by every publisher instance.
 pub const PUBLISHER_CONSUMER: &str = "publisher";
 
 /// The oldest NATS server whose stream and consumer settings we rely on (older servers accept
@@ -45,6 +51,10 @@ pub fn raw_subject(gateway_id: Option<i32>) -> String {
 
 pub fn readings_subject(gateway_id: i32) -> String {
     format!("dataviz.readings.{gateway_id}")
+}
+
+pub fn live_subject(gateway_id: i32) -> String {
+    format!("dataviz.live.{gateway_id}")
 }
 
 pub fn dead_subject(stage: &str, reason: &str) -> String {
@@ -67,18 +77,31 @@ pub async fn publish_stored(
 }
 
 /// Publishes a READINGS message ([`publish_stored`]), on its gateway's subject, under its
-/// deduplication id.
+/// deduplication id; once READINGS stored it, hands a copy to LIVE for the live updates.
+///
+/// The copy is sent without waiting for LIVE's acknowledgement: LIVE is best effort and never
+/// pushes back (it drops its oldest), and a copy lost with the connection comes again with the
+/// redelivery of the input. LIVE deduplicates on the same id within its window.
 pub async fn publish_readings(
     js: &jetstream::Context,
     message: &crate::message::ReadingsMessage,
 ) -> Result<jetstream::publish::PublishAck, jetstream::context::PublishError> {
-    publish_stored(
+    let (headers, payload) = (crate::message::readings_headers(message), message.payload());
+    let stored = publish_stored(
         js,
         readings_subject(message.gateway_id),
-        crate::message::readings_headers(message),
-        message.payload(),
+        headers.clone(),
+        payload.clone(),
     )
-    .await
+    .await?;
+    if let Err(e) = js
+        .client()
+        .publish_with_headers(live_subject(message.gateway_id), headers, payload)
+        .await
+    {
+        tracing::debug!(error = %e, "a live update not handed to LIVE (best effort)");
+    }
+    Ok(stored)
 }
 
 /// The raw message `id` as RAW stored it at `seq`, if RAW still holds it: the original topic
@@ -115,6 +138,13 @@ pub struct StreamSettings {
     /// Largest size of READINGS in bytes (-1: no limit but the disk). Full means backpressure.
     #[arg(long, env = "READINGS_MAX_BYTES", value_name = "READINGS_MAX_BYTES", default_value_t = -1, allow_negative_numbers = true)]
     pub readings_max_bytes: i64,
+    /// How long LIVE keeps updates for the publisher (live updates to browsers): a hub away
+    /// longer gets only the newer ones when it is back.
+    #[arg(long, env = "LIVE_MAX_AGE", value_name = "LIVE_MAX_AGE", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub live_max_age: Duration,
+    /// Largest size of LIVE in bytes; past it, its oldest messages are dropped.
+    #[arg(long, env = "LIVE_MAX_BYTES", value_name = "LIVE_MAX_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub live_max_bytes: i64,
     /// How long DEAD keeps dead letters.
     #[arg(long, env = "DEAD_RETENTION", value_name = "DEAD_RETENTION", default_value = "30d", value_parser = humantime::parse_duration)]
     pub dead_retention: Duration,
@@ -151,7 +181,7 @@ impl StreamSettings {
             name: READINGS_STREAM.into(),
             description: Some("Typed readings, batches of raw messages packed per gateway".into()),
             subjects: vec![READINGS_SUBJECTS.into()],
-            // Kept until every consumer (writer, publisher) has acknowledged it.
+            // Kept until the writer, its one consumer, acknowledged it.
             retention: RetentionPolicy::Interest,
             max_bytes: self.readings_max_bytes,
             duplicate_window: Duration::from_secs(120),
@@ -166,6 +196,25 @@ impl StreamSettings {
             subjects: vec![DEAD_SUBJECTS.into()],
             max_age: self.dead_retention,
             duplicate_window: Duration::from_secs(120),
+            ..self.common()
+        }
+    }
+
+    /// READINGS again, for the live path ([`publish_readings`] copies each message here), kept
+    /// within `LIVE_MAX_AGE` and `LIVE_MAX_BYTES`, the oldest dropped past them.
+    pub fn live(&self) -> stream::Config {
+        stream::Config {
+            name: LIVE_STREAM.into(),
+            description: Some(
+                "READINGS for the live updates: best effort past LIVE_MAX_AGE and LIVE_MAX_BYTES"
+                    .into(),
+            ),
+            subjects: vec![LIVE_SUBJECTS.into()],
+            max_age: self.live_max_age,
+            max_bytes: self.live_max_bytes,
+            // The one stream that drops, and only its oldest: the live path never pushes back.
+            discard: DiscardPolicy::Old,
+            duplicate_window: Duration::from_secs(120).min(self.live_max_age),
             ..self.common()
         }
     }
@@ -199,9 +248,8 @@ impl StreamSettings {
         }
     }
 
-    /// The publisher's durable consumer of READINGS. Created by the roles that publish (see
-    /// [`ensure_publisher`]): READINGS keeps a message until every consumer acknowledged it,
-    /// so a publisher consumer that no publisher reads would keep everything.
+    /// The publisher's durable consumer of LIVE. Created by the roles that publish (see
+    /// [`ensure_publisher`]); what it has not taken when LIVE drops a message is skipped.
     pub fn publisher_consumer(&self) -> consumer::pull::Config {
         consumer::pull::Config {
             durable_name: Some(PUBLISHER_CONSUMER.into()),
@@ -264,17 +312,17 @@ pub async fn ensure(
     }
 }
 
-/// Creates or updates the publisher's consumer on READINGS (after [`ensure`]).
+/// Creates or updates the publisher's consumer on LIVE (after [`ensure`]).
 pub async fn ensure_publisher(
     js: &jetstream::Context,
     settings: &StreamSettings,
 ) -> anyhow::Result<()> {
-    js.get_stream(READINGS_STREAM)
+    js.get_stream(LIVE_STREAM)
         .await
-        .context("opening READINGS")?
+        .context("opening LIVE")?
         .create_consumer(settings.publisher_consumer())
         .await
-        .context("creating the publisher consumer on READINGS")?;
+        .context("creating the publisher consumer on LIVE")?;
     Ok(())
 }
 
@@ -314,7 +362,12 @@ fn is_unavailable(e: &anyhow::Error) -> bool {
 }
 
 async fn ensure_once(js: &jetstream::Context, settings: &StreamSettings) -> anyhow::Result<()> {
-    for wanted in [settings.raw(), settings.readings(), settings.dead()] {
+    for wanted in [
+        settings.raw(),
+        settings.readings(),
+        settings.dead(),
+        settings.live(),
+    ] {
         let info = js
             .create_or_update_stream(wanted.clone())
             .await
@@ -333,6 +386,15 @@ async fn ensure_once(js: &jetstream::Context, settings: &StreamSettings) -> anyh
         .create_consumer(settings.writer_consumer())
         .await
         .context("creating the writer consumer on READINGS")?;
+    // The publisher read READINGS before LIVE existed: its consumer there would keep every
+    // message of READINGS (interest retention) for a reader that no longer comes.
+    if readings.consumer_info(PUBLISHER_CONSUMER).await.is_ok() {
+        readings
+            .delete_consumer(PUBLISHER_CONSUMER)
+            .await
+            .context("removing the publisher's former consumer on READINGS")?;
+        tracing::info!("the publisher reads LIVE now: its former consumer on READINGS removed");
+    }
     Ok(())
 }
 

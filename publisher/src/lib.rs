@@ -356,7 +356,7 @@ fn transient(error: &PublishError, sink: &UpdateSink) -> Transient {
     }
 }
 
-/// Consumes READINGS until `shutdown`, on the durable `consumer`
+/// Consumes LIVE (READINGS for the live path) until `shutdown`, on the durable `consumer`
 /// ([`dataviz_core::streams::StreamSettings::publisher_consumer`]),
 /// posting to the hub through `sink`.
 pub async fn run(
@@ -371,7 +371,7 @@ pub async fn run(
     consume::run(
         &Publisher { config, sink },
         &js,
-        streams::READINGS_STREAM,
+        streams::LIVE_STREAM,
         consumer,
         batch_size,
         progress,

@@ -4,7 +4,7 @@
 use chrono::Utc;
 use dataviz_core::message::{MessageReadings, ReadingsMessage, TagReading};
 use dataviz_core::ops::{Ops, OpsConfig, Progress};
-use dataviz_core::streams::{self, READINGS_STREAM, StreamSettings};
+use dataviz_core::streams::{self, LIVE_STREAM, StreamSettings};
 use dataviz_core::value::Value;
 use dataviz_mercure::jwt::{self, Claims};
 use dataviz_mercure::subscriber::{EventStream, SseEvent, SubscribeRequest};
@@ -51,12 +51,7 @@ async fn pipeline(hub_url: &str, hub: &HubConfig, config: PublisherConfig) -> Pi
     let js = dataviz_core::config::jetstream(client.clone());
     let settings = StreamSettings::default();
     streams::ensure(&client, &js, &settings).await.unwrap();
-    js.get_stream(READINGS_STREAM)
-        .await
-        .unwrap()
-        .create_consumer(settings.publisher_consumer())
-        .await
-        .unwrap();
+    streams::ensure_publisher(&js, &settings).await.unwrap();
     let publisher = UpdateSink::Http(
         MercurePublisher::new(hub_url, hub.keys.keys().unwrap().publisher).unwrap(),
     );
@@ -105,17 +100,36 @@ fn unit(device: i64, value: i64) -> MessageReadings {
     }
 }
 
-/// Stores batches in READINGS as the processor does, packed: seven to a message here, so that a
-/// fetch holds several messages and a message several devices. Returns how many messages.
+/// Stores units in READINGS as the processor does, packed: seven to a message here, so that a
+/// fetch holds several messages and a message several devices; waits until LIVE (which the
+/// publisher reads) has them too. Returns how many messages.
 async fn store(js: &async_nats::jetstream::Context, units: &[MessageReadings]) -> u64 {
+    let live = js.get_stream(LIVE_STREAM).await.unwrap();
+    let before = live.get_info().await.unwrap().state.last_sequence;
     let mut stored = 0;
     for chunk in units.chunks(7) {
         for m in ReadingsMessage::pack(chunk).0 {
-            dataviz_core::streams::publish_readings(js, &m)
-                .await
-                .unwrap();
+            streams::publish_readings(js, &m).await.unwrap();
             stored += 1;
         }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while js
+        .get_stream(LIVE_STREAM)
+        .await
+        .unwrap()
+        .get_info()
+        .await
+        .unwrap()
+        .state
+        .last_sequence
+        < before + stored
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "LIVE did not receive the copies"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     stored
 }
@@ -183,7 +197,7 @@ fn event_ids(events: &[SseEvent]) -> Vec<String> {
 
 /// Messages the publisher consumer has not acknowledged yet.
 async fn unacked(js: &async_nats::jetstream::Context) -> u64 {
-    let stream = js.get_stream(READINGS_STREAM).await.unwrap();
+    let stream = js.get_stream(LIVE_STREAM).await.unwrap();
     let mut consumer: async_nats::jetstream::consumer::PullConsumer = stream
         .get_consumer(dataviz_core::streams::PUBLISHER_CONSUMER)
         .await
@@ -302,12 +316,7 @@ async fn a_backlog_is_coalesced_to_the_latest_update_per_device() {
     let js = dataviz_core::config::jetstream(client.clone());
     let settings = StreamSettings::default();
     streams::ensure(&client, &js, &settings).await.unwrap();
-    js.get_stream(READINGS_STREAM)
-        .await
-        .unwrap()
-        .create_consumer(settings.publisher_consumer())
-        .await
-        .unwrap();
+    streams::ensure_publisher(&js, &settings).await.unwrap();
     let units: Vec<_> = (0..40).map(|i| unit(1 + i % 2, i)).collect();
     store(&js, &units).await;
 
