@@ -90,6 +90,7 @@ impl Site {
             reason: dataviz_core::message::DeadReason::UnknownGateway,
             error: "gateway 99 does not exist".into(),
             source_seq: None,
+            whole_size: None,
         };
         let ack = js
             .publish_with_headers(

@@ -302,7 +302,23 @@ impl RawStore {
         let mut backoff = Backoff::default();
         let mut salted = None::<String>;
         let dead = oversized(&received.raw, max_payload);
+        let mut whole_kept = dead.is_none();
         loop {
+            if !whole_kept {
+                match dataviz_core::dead::keep_whole(js, received.raw.id, &received.raw.payload)
+                    .await
+                {
+                    Ok(()) => whole_kept = true,
+                    Err(e) => {
+                        let wait = backoff.next_delay();
+                        tracing::warn!(error = format!("{e:#}"), retry_in = ?wait, "keeping an oversized payload failed; retrying");
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return None,
+                            _ = tokio::time::sleep(wait) => continue,
+                        }
+                    }
+                }
+            }
             let id = salted.as_deref().or(dedup_id.as_deref());
             let (subject, headers, payload) = match &dead {
                 Some(dead) => (dead.subject(), dead.headers(), dead.raw.payload.clone()),
@@ -348,7 +364,8 @@ fn topic_seed(topic: &str) -> u64 {
     xxhash_rust::xxh3::xxh3_64(topic.as_bytes())
 }
 
-/// A message too large for the NATS server becomes a dead letter holding its first bytes.
+/// A message too large for the NATS server becomes a dead letter holding its first bytes; the
+/// whole payload is kept beside it ([`dataviz_core::dead::keep_whole`]), for `dlq requeue`.
 fn oversized(raw: &RawMessage, max_payload: usize) -> Option<DeadLetter> {
     // Headers take a few hundred bytes; keep a margin.
     let limit = max_payload.saturating_sub(4096);
@@ -367,6 +384,7 @@ fn oversized(raw: &RawMessage, max_payload: usize) -> Option<DeadLetter> {
             raw.payload.len()
         ),
         source_seq: None,
+        whole_size: Some(raw.payload.len() as u64),
     })
 }
 

@@ -11,7 +11,9 @@
 //! 2. sustained throughput: `dataviz all` (a child process) fed as fast as Mosquitto takes
 //!    messages, until every reading is committed;
 //! 3. latency at a fixed rate: MQTT publish → row committed and → Mercure event, p50 and p99;
-//! 4. peak memory (VmHWM) of each process.
+//! 4. peak memory (VmHWM) of each process;
+//! 5. peak memory of a second `dataviz all` fed payloads of 250 KiB (just under the processor's
+//!    default limit), beside the volume it carried: what bounds memory is bytes, not counts.
 //!
 //! Figures are printed with their ratio to the limit they stand beside: on a shared machine the
 //! ratios are what compares from one run to the next.
@@ -39,6 +41,9 @@ pub struct BenchArgs {
     /// Readings (tags) per message.
     #[arg(long, default_value_t = 10)]
     tags: u64,
+    /// Messages of the large-payload run (250 KiB each).
+    #[arg(long, default_value_t = 1_000)]
+    large_messages: u64,
     /// Rate of the latency run, messages per second.
     #[arg(long, default_value_t = 1_000)]
     latency_rate: u64,
@@ -150,6 +155,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mem_mqtt = mosquitto.pid().and_then(peak_rss_mib);
     drop(all);
 
+    // 5. Memory under large payloads, in a `dataviz all` of its own.
+    let large = large_payloads(&nats, &mosquitto, &db, &client, log_dir.path(), &args).await?;
+
     println!("\n{:<58} {:>14} {:>10}", "measure", "figure", "ratio");
     let line =
         |what: &str, figure: String, ratio: String| println!("{what:<58} {figure:>14} {ratio:>10}");
@@ -219,7 +227,102 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     line("peak memory: dataviz all", mib(mem_all), String::new());
     line("peak memory: nats-server", mib(mem_nats), String::new());
     line("peak memory: mosquitto", mib(mem_mqtt), String::new());
+    line(
+        &format!(
+            "peak memory: dataviz all, {} payloads of 250 KiB (vs volume)",
+            args.large_messages
+        ),
+        mib(large.peak_mib),
+        large
+            .peak_mib
+            .map_or(String::new(), |m| format!("{:.2}", m / large.volume_mib)),
+    );
+    line(
+        "large payloads carried MQTT → tag_reading",
+        format!(
+            "{:.1} MiB/s",
+            large.volume_mib / large.elapsed.as_secs_f64()
+        ),
+        String::new(),
+    );
     Ok(())
+}
+
+/// A payload of 250 KiB: 100 text readings of 2,540 characters each.
+fn large_payload(seq: u64, ts: chrono::DateTime<chrono::Utc>) -> Vec<u8> {
+    let d: Vec<String> = (0..100)
+        .map(|i| {
+            let text: String = format!("{seq:010}{i:03}")
+                .chars()
+                .cycle()
+                .take(2_540)
+                .collect();
+            format!(r#"{{"tag":"L.{i:02}","value":"{text}"}}"#)
+        })
+        .collect();
+    format!(
+        r#"{{"d":[{}],"ts":"{}"}}"#,
+        d.join(","),
+        ts.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+    )
+    .into_bytes()
+}
+
+struct Large {
+    peak_mib: Option<f64>,
+    volume_mib: f64,
+    elapsed: Duration,
+}
+
+/// A fresh `dataviz all` fed `--large-messages` payloads of 250 KiB as fast as Mosquitto takes
+/// them, until every one is stored and the publisher has posted what LIVE holds; its peak
+/// resident memory then.
+async fn large_payloads(
+    nats: &NatsServer,
+    mosquitto: &Mosquitto,
+    db: &TestDb,
+    client: &tokio_postgres::Client,
+    log_dir: &std::path::Path,
+    args: &BenchArgs,
+) -> anyhow::Result<Large> {
+    eprintln!(
+        "memory: {} payloads of 250 KiB through a new dataviz all…",
+        args.large_messages
+    );
+    let app_addr = format!("127.0.0.1:{}", dataviz_testkit::free_port());
+    let all = KillOnDrop(spawn_all(nats, mosquitto, db, &app_addr, log_dir)?);
+    wait_ready(client).await?;
+    let before = count(client).await?;
+    let mut publisher = Publisher::connect(mosquitto.port(), "bench-large");
+    let now = chrono::Utc::now() - chrono::Duration::hours(2);
+    let mut bytes = 0;
+    let start = Instant::now();
+    for seq in 0..args.large_messages {
+        let payload = large_payload(seq, now + chrono::Duration::milliseconds(seq as i64));
+        bytes += payload.len();
+        publisher
+            .publish(format!("gateways/1/large-{:02}", seq % 10), payload)
+            .await?;
+    }
+    publisher
+        .wait_acked(Duration::from_secs(600))
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while ((count(client).await? - before) as u64) < args.large_messages {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the large payloads were not all stored in 10 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let elapsed = start.elapsed();
+    wait_publisher_drained(nats).await?;
+    Ok(Large {
+        peak_mib: peak_rss_mib(all.0.id()),
+        volume_mib: bytes as f64 / (1024.0 * 1024.0),
+        elapsed,
+    })
 }
 
 async fn mosquitto_alone(mosquitto: &Mosquitto, args: &BenchArgs) -> anyhow::Result<f64> {

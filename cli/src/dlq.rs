@@ -163,7 +163,7 @@ fn line(entry: &DeadEntry) -> String {
             l.stage,
             l.reason,
             shorten(&l.raw.topic, 28),
-            l.raw.payload.len(),
+            l.whole_size.unwrap_or(l.raw.payload.len() as u64),
             shorten(&l.error, 70)
         ),
         Err(e) => format!(
@@ -184,7 +184,13 @@ fn show(entry: &DeadEntry) {
             println!("message id:   {}", l.raw.id);
             println!("topic:        {}", l.raw.topic);
             println!("received at:  {}", l.raw.received_at.to_rfc3339());
-            println!("payload:      {} bytes", l.raw.payload.len());
+            match l.whole_size {
+                None => println!("payload:      {} bytes", l.raw.payload.len()),
+                Some(whole) => println!(
+                    "payload:      {whole} bytes, kept whole for re-queueing; the first {} below",
+                    l.raw.payload.len()
+                ),
+            }
             match std::str::from_utf8(&l.raw.payload) {
                 Ok(text) => println!("{text}"),
                 Err(_) => {

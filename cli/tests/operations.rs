@@ -341,3 +341,98 @@ async fn readyz_fails_while_the_publisher_cannot_reach_its_hub() {
         "{why}"
     );
 }
+
+/// A letter the bridge makes (a payload larger than the NATS server takes) holds only the
+/// payload's beginning, and the whole is kept beside it: once the operator raises the server's
+/// `max_payload`, `dlq requeue` sends the original whole, and its readings are stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_letter_the_bridge_makes_keeps_the_original_whole_and_requeues_into_rows() {
+    let mut stack = Stack::start().await;
+    stack.create_gateway(8).await;
+    stack.nats.restart_with_config("max_payload: 512KB");
+    let processor_limit = [("MAX_PAYLOAD_BYTES", "1048576")];
+    let mut all = stack.spawn("all", &processor_limit);
+    // 700 KB: over what NATS takes, under Mosquitto's packet limit and the processor's.
+    let long: String = "0123456789".repeat(35_000);
+    let payload = format!(
+        r#"{{"d": [{{"tag": "big.0", "value": "{long}"}}, {{"tag": "big.1", "value": "{long}"}}], "ts": "2024-01-01T00:00:00Z"}}"#
+    );
+    let mut mqtt = Publisher::connect(stack.mosquitto.port()).await;
+    mqtt.publish("gateways/8/large", payload.as_str()).await;
+    mqtt.wait_acked(Duration::from_secs(10)).await;
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let listed = loop {
+        let (ok, out) = dataviz(&stack, &["dlq", "list", "--reason", "oversized"]);
+        if ok && out.contains("1 dead letter(s)") || Instant::now() > deadline {
+            break out;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert!(
+        listed.contains("bridge") && listed.contains(&payload.len().to_string()),
+        "the letter, with the whole payload's size: {listed}"
+    );
+    let id = listed
+        .lines()
+        .find(|l| l.contains("gateways/8/large"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap()
+        .to_owned();
+    let (ok, shown) = dataviz(&stack, &["dlq", "show", &id]);
+    assert!(
+        ok && shown.contains(&format!(
+            "payload:      {} bytes, kept whole",
+            payload.len()
+        )),
+        "{shown}"
+    );
+    let message_id = shown
+        .lines()
+        .find_map(|l| l.strip_prefix("message id:"))
+        .map(str::trim)
+        .unwrap()
+        .to_owned();
+    let client = async_nats::connect(stack.nats.url()).await.unwrap();
+    let kept = async_nats::jetstream::new(client)
+        .get_object_store(dataviz_core::streams::DEAD_PAYLOADS_BUCKET)
+        .await
+        .unwrap()
+        .info(&message_id)
+        .await
+        .unwrap();
+    assert_eq!(kept.size, payload.len(), "the whole payload is kept");
+
+    // Still too large for the server: refused with the reason, the letter stays.
+    let (ok, out) = dataviz(&stack, &["dlq", "requeue", &id]);
+    assert!(
+        !ok && out.contains("raise the server's max_payload"),
+        "{out}"
+    );
+
+    all.kill();
+    stack.nats.restart_with_config("");
+    let _all = stack.spawn("all", &processor_limit);
+    let (ok, out) = dataviz(&stack, &["dlq", "requeue", &id]);
+    assert!(ok && out.contains("re-queued 1 dead letter(s)"), "{out}");
+    stack
+        .wait_for_count(
+            "SELECT count(*) FROM tag_reading WHERE length(value_text) = 350000",
+            2,
+            Duration::from_secs(30),
+        )
+        .await;
+    let (ok, out) = dataviz(&stack, &["dlq", "list"]);
+    assert!(ok && out.contains("0 dead letter(s)"), "{out}");
+    let client = async_nats::connect(stack.nats.url()).await.unwrap();
+    let whole = async_nats::jetstream::new(client)
+        .get_object_store(dataviz_core::streams::DEAD_PAYLOADS_BUCKET)
+        .await
+        .unwrap()
+        .get(message_id)
+        .await;
+    assert!(
+        whole.is_err(),
+        "the whole payload is removed with its letter"
+    );
+}

@@ -208,9 +208,19 @@ pub async fn handle<S: Stage>(
 /// dependency that is back is found within this.
 const MAX_PAUSE: Duration = Duration::from_secs(5);
 
+/// The bytes one pull asks for at most, beside `batch_size` messages: what bounds a stage's
+/// memory when messages are large (500 messages of 1 MiB would be half a gigabyte). Never below
+/// twice the largest message the server takes (`max_payload`), with room for its subject and
+/// headers: the server refuses a pull whose limit is under the size of the next message, so a
+/// smaller limit would stop the consumer at the first large one.
+pub fn fetch_bytes(max_payload: usize) -> usize {
+    (2 * max_payload + 64 * 1024).max(8 * 1024 * 1024)
+}
+
 /// Pulls from `consumer` on `stream` and hands each batch to `stage` until `shutdown`, settling
 /// what it decided ([`settle`]). A fetch handed back whole (a dependency is down) makes the
-/// loop pause before the next one, growing to [`MAX_PAUSE`], and is no progress. Each batch's
+/// loop pause before the next one, growing to [`MAX_PAUSE`], and is no progress. A pull asks
+/// for `batch_size` messages and [`fetch_bytes`] bytes at most, whichever comes first. Each batch's
 /// size and duration are recorded under the consumer's name. On shutdown, messages already
 /// pulled but not handled are handed back at once (nak), for another instance to take.
 pub async fn run<S: Stage>(
@@ -229,9 +239,12 @@ pub async fn run<S: Stage>(
         let messages = async {
             let stream = js.get_stream(stream).await?;
             let consumer = stream.create_consumer(consumer.clone()).await?;
+            // Read once connected: the server's limit, not a default.
+            let max_bytes = fetch_bytes(js.client().server_info().max_payload);
             let messages = consumer
                 .stream()
                 .max_messages_per_batch(batch_size)
+                .max_bytes_per_batch(max_bytes)
                 .heartbeat(Duration::from_secs(5))
                 .expires(Duration::from_secs(10))
                 .messages()

@@ -3,7 +3,9 @@
 //! A dead letter is named by its sequence in DEAD. Re-queueing publishes the original raw
 //! message (same id, topic, receive time and payload) to RAW again, then deletes the letter:
 //! the processor handles it as new, and if it fails again it comes back to DEAD. The raw id is
-//! kept, so a message whose readings were stored after all is not stored twice.
+//! kept, so a message whose readings were stored after all is not stored twice. A letter that
+//! holds only the beginning of its payload (too large for DEAD: [`DeadLetter::whole_size`]) is
+//! re-queued whole, from the object store where it was kept.
 
 use crate::message::{DeadLetter, DeadReason, HeaderError};
 use crate::streams::{self, DEAD_STREAM};
@@ -132,19 +134,86 @@ pub async fn get(js: &jetstream::Context, seq: u64) -> anyhow::Result<DeadEntry>
     Ok(entry(seq, time, Some(&message.headers), message.payload))
 }
 
-/// Publishes the letter's raw message to RAW again, then removes the letter from DEAD.
+/// Keeps the whole `payload` of the letter of raw message `id`, whose own payload is only its
+/// beginning ([`DeadLetter::whole_size`]), for as long as DEAD keeps letters. Storing it again
+/// replaces it.
+pub async fn keep_whole(
+    js: &jetstream::Context,
+    id: uuid::Uuid,
+    payload: &[u8],
+) -> anyhow::Result<()> {
+    js.get_object_store(streams::DEAD_PAYLOADS_BUCKET)
+        .await
+        .context("opening the object store of whole payloads")?
+        .put(id.to_string().as_str(), &mut &payload[..])
+        .await
+        .context("storing a dead letter's whole payload")?;
+    Ok(())
+}
+
+/// The letter's original payload: its own, or the whole one kept beside it.
+pub async fn whole_payload(
+    js: &jetstream::Context,
+    letter: &DeadLetter,
+) -> anyhow::Result<bytes::Bytes> {
+    use tokio::io::AsyncReadExt as _;
+    let Some(size) = letter.whole_size else {
+        return Ok(letter.raw.payload.clone());
+    };
+    let gone = || {
+        format!(
+            "the whole payload ({size} bytes) of message {} is no longer kept",
+            letter.raw.id
+        )
+    };
+    let mut object = js
+        .get_object_store(streams::DEAD_PAYLOADS_BUCKET)
+        .await
+        .context("opening the object store of whole payloads")?
+        .get(letter.raw.id.to_string())
+        .await
+        .with_context(gone)?;
+    let mut whole = Vec::with_capacity(usize::try_from(size).unwrap_or_default());
+    object.read_to_end(&mut whole).await.with_context(gone)?;
+    Ok(whole.into())
+}
+
+/// Removes the whole payload kept for `letter`, if any.
+async fn forget_whole(js: &jetstream::Context, letter: &DeadLetter) -> anyhow::Result<()> {
+    if letter.whole_size.is_some() {
+        js.get_object_store(streams::DEAD_PAYLOADS_BUCKET)
+            .await?
+            .delete(letter.raw.id.to_string())
+            .await?;
+    }
+    Ok(())
+}
+
+/// Publishes the letter's raw message to RAW again (its whole payload), then removes the letter
+/// from DEAD.
 pub async fn requeue(js: &jetstream::Context, seq: u64) -> anyhow::Result<()> {
     let found = get(js, seq).await?;
     let letter = found.letter.with_context(|| {
         format!("dead letter {seq} was not written by Dataviz: it cannot be re-queued")
     })?;
+    let payload = whole_payload(js, &letter)
+        .await
+        .with_context(|| format!("dead letter {seq} cannot be re-queued"))?;
+    // The bridge's own margin for headers (see its `oversized`).
+    let fits = js.client().server_info().max_payload.saturating_sub(4096);
+    anyhow::ensure!(
+        payload.len() <= fits,
+        "dead letter {seq} cannot be re-queued: its payload of {} bytes is over what the NATS \
+         server accepts ({fits} bytes with headers); raise the server's max_payload first",
+        payload.len()
+    );
     // A retried re-queue of the same letter is stored once.
     let dedup = format!("requeue:{seq}:{}", letter.raw.id);
     streams::publish_stored(
         js,
         letter.raw.subject(),
         letter.raw.headers(Some(&dedup)),
-        letter.raw.payload.clone(),
+        payload,
     )
     .await
     .context("RAW did not store the re-queued message")?;
@@ -153,12 +222,45 @@ pub async fn requeue(js: &jetstream::Context, seq: u64) -> anyhow::Result<()> {
         .delete_message(seq)
         .await
         .with_context(|| format!("re-queued, but dead letter {seq} not deleted"))?;
+    if let Err(e) = forget_whole(js, &letter).await {
+        tracing::warn!(seq, error = %e, "re-queued; its whole payload is left to expire with DEAD_RETENTION");
+    }
     Ok(())
 }
 
 /// Deletes the dead letters matching `filter`; returns how many.
 pub async fn purge(js: &jetstream::Context, filter: &DeadFilter) -> anyhow::Result<u64> {
     let stream = js.get_stream(DEAD_STREAM).await.context("opening DEAD")?;
+    // The whole payloads kept beside letters go with them; only the bridge's oversized letters
+    // have one, so only those are read first.
+    let oversized = DeadFilter {
+        stage: Some("bridge".into()),
+        reason: Some(DeadReason::Oversized),
+        gateway: filter.gateway,
+    };
+    let with_whole = if filter.stage.as_deref().is_none_or(|s| s == "bridge")
+        && filter.reason.is_none_or(|r| r == DeadReason::Oversized)
+    {
+        list(js, &oversized, usize::MAX).await?
+    } else {
+        Vec::new()
+    };
+    let purged = purge_letters(js, &stream, filter).await?;
+    for entry in with_whole {
+        if let Ok(letter) = &entry.letter
+            && let Err(e) = forget_whole(js, letter).await
+        {
+            tracing::warn!(seq = entry.seq, error = %e, "purged; its whole payload is left to expire with DEAD_RETENTION");
+        }
+    }
+    Ok(purged)
+}
+
+async fn purge_letters(
+    js: &jetstream::Context,
+    stream: &jetstream::stream::Stream,
+    filter: &DeadFilter,
+) -> anyhow::Result<u64> {
     if filter.gateway.is_none() {
         let purged = stream
             .purge()

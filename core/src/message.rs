@@ -33,6 +33,9 @@ pub const HEADER_DEAD_STAGE: &str = "Dataviz-Dead-Stage";
 pub const HEADER_DEAD_REASON: &str = "Dataviz-Dead-Reason";
 /// Dead letters: the full error, for a human.
 pub const HEADER_DEAD_ERROR: &str = "Dataviz-Dead-Error";
+/// Dead letters holding only the beginning of their payload: the whole payload's size; the
+/// whole is in the object store `dead_payloads`, under the raw id.
+pub const HEADER_DEAD_WHOLE_SIZE: &str = "Dataviz-Dead-Whole-Size";
 
 /// Characters escaped in header values: controls (CR and LF would end the header), `%` itself,
 /// spaces (NATS trims them at both ends of a value), and everything outside ASCII.
@@ -157,6 +160,10 @@ pub struct DeadLetter {
     /// from one. With the raw id it makes the deduplication id: a redelivery of the same stored
     /// message is refused once, a re-queued copy (a new sequence) is refused again. Not stored.
     pub source_seq: Option<u64>,
+    /// When the payload here is only the beginning of the original (too large for DEAD), the
+    /// original's size: the whole is kept in the object store
+    /// [`DEAD_PAYLOADS_BUCKET`](crate::streams::DEAD_PAYLOADS_BUCKET) under the raw id.
+    pub whole_size: Option<u64>,
 }
 
 impl DeadLetter {
@@ -213,6 +220,9 @@ impl DeadLetter {
         let mut headers = self.raw.headers(Some(&dedup));
         headers.insert(HEADER_DEAD_STAGE, self.stage.as_str());
         headers.insert(HEADER_DEAD_REASON, self.reason.name());
+        if let Some(size) = self.whole_size {
+            headers.insert(HEADER_DEAD_WHOLE_SIZE, size.to_string().as_str());
+        }
         let error: String = self.error.chars().take(2000).collect();
         headers.insert(
             HEADER_DEAD_ERROR,
@@ -238,6 +248,13 @@ impl DeadLetter {
                     problem: "missing".into(),
                 })
         };
+        let whole_size = match headers.and_then(|h| h.get(HEADER_DEAD_WHOLE_SIZE)) {
+            None => None,
+            Some(size) => Some(size.as_str().parse().map_err(|_| HeaderError {
+                header: HEADER_DEAD_WHOLE_SIZE,
+                problem: format!("{:?} is not a size", size.as_str()),
+            })?),
+        };
         let reason = get(HEADER_DEAD_REASON)?;
         let reason = DeadReason::from_name(&reason).ok_or(HeaderError {
             header: HEADER_DEAD_REASON,
@@ -251,6 +268,7 @@ impl DeadLetter {
                 .decode_utf8_lossy()
                 .into_owned(),
             source_seq: None,
+            whole_size,
         })
     }
 }
@@ -287,6 +305,7 @@ mod tests {
             reason: DeadReason::BadTopic,
             error: "topic \"bad topic\" is not of the form\nx".into(),
             source_seq: None,
+            whole_size: Some(5_000_000),
         };
         assert_eq!(dead.subject(), "dataviz.dead.processor.bad_topic");
         let back = DeadLetter::from_parts(Some(&dead.headers()), dead.raw.payload.clone()).unwrap();

@@ -7,6 +7,9 @@
 //! | DEAD     | `dataviz.dead.<stage>.<reason>`           | `DEAD_RETENTION`                       |
 //! | LIVE     | `dataviz.live.<gateway>`                  | `LIVE_MAX_AGE` and `LIVE_MAX_BYTES`    |
 //!
+//! Beside them, the object store `dead_payloads` (stream `OBJ_dead_payloads`) keeps, for as long
+//! as DEAD keeps letters, the whole payload of a letter too large for DEAD itself.
+//!
 //! RAW, READINGS and DEAD refuse new messages when full (`DiscardPolicy::New`): a full stream
 //! is backpressure, never a silent drop. LIVE feeds the publisher (live updates to browsers)
 //! and is the one stream that drops: its oldest messages, past its limits. So a hub that is
@@ -25,6 +28,8 @@ pub const RAW_STREAM: &str = "RAW";
 pub const READINGS_STREAM: &str = "READINGS";
 pub const DEAD_STREAM: &str = "DEAD";
 pub const LIVE_STREAM: &str = "LIVE";
+/// The object store bucket of the whole payloads of letters too large for DEAD.
+pub const DEAD_PAYLOADS_BUCKET: &str = "dead_payloads";
 
 pub const RAW_SUBJECTS: &str = "dataviz.raw.>";
 pub const READINGS_SUBJECTS: &str = "dataviz.readings.>";
@@ -200,6 +205,22 @@ impl StreamSettings {
         }
     }
 
+    /// The stream of the object store [`DEAD_PAYLOADS_BUCKET`], as async-nats lays out an
+    /// object store, kept as long as DEAD keeps its letters.
+    pub fn dead_payloads(&self) -> stream::Config {
+        let bucket = DEAD_PAYLOADS_BUCKET;
+        stream::Config {
+            name: format!("OBJ_{bucket}"),
+            description: Some("Whole payloads of dead letters too large for DEAD".into()),
+            subjects: vec![format!("$O.{bucket}.C.>"), format!("$O.{bucket}.M.>")],
+            max_age: self.dead_retention,
+            duplicate_window: Duration::from_secs(120),
+            allow_rollup: true,
+            allow_direct: true,
+            ..self.common()
+        }
+    }
+
     /// READINGS again, for the live path ([`publish_readings`] copies each message here), kept
     /// within `LIVE_MAX_AGE` and `LIVE_MAX_BYTES`, the oldest dropped past them.
     pub fn live(&self) -> stream::Config {
@@ -367,6 +388,7 @@ async fn ensure_once(js: &jetstream::Context, settings: &StreamSettings) -> anyh
         settings.readings(),
         settings.dead(),
         settings.live(),
+        settings.dead_payloads(),
     ] {
         let info = js
             .create_or_update_stream(wanted.clone())

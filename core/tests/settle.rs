@@ -18,22 +18,32 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 /// Settles each message as its payload says: `done`, `dead`, or `retry-N` (retried until its
-/// N-th delivery, then done). Counts what it was handed.
+/// N-th delivery, then done). Counts what it was handed (by the payload's first 16 bytes), and
+/// the most payload bytes one fetch handed it; takes `pause` over each fetch.
 #[derive(Default)]
 struct Scripted {
     handled: Mutex<HashMap<String, u32>>,
+    largest_fetch: Mutex<usize>,
+    pause: Duration,
 }
 
 impl Stage for Scripted {
     const NAME: &'static str = "scripted";
 
     async fn handle(&self, messages: &[jetstream::Message]) -> Vec<Settle> {
+        let bytes = messages.iter().map(|m| m.payload.len()).sum();
+        {
+            let mut largest = self.largest_fetch.lock().unwrap();
+            *largest = (*largest).max(bytes);
+        }
+        tokio::time::sleep(self.pause).await;
         messages
             .iter()
             .map(|message| {
                 let raw = RawMessage::from_parts(message.headers.as_ref(), message.payload.clone())
                     .expect("a raw message");
                 let what = String::from_utf8(raw.payload.to_vec()).unwrap();
+                let what: String = what.chars().take(16).collect();
                 *self
                     .handled
                     .lock()
@@ -56,6 +66,7 @@ impl Stage for Scripted {
                     reason: DeadReason::BadPayload,
                     error: format!("{what} is refused"),
                     source_seq: None,
+                    whole_size: None,
                 })
             })
             .collect()
@@ -81,11 +92,11 @@ async fn setup() -> Setup {
     }
 }
 
-async fn publish(js: &jetstream::Context, payloads: &[&str]) {
+async fn publish<P: AsRef<str>>(js: &jetstream::Context, payloads: &[P]) {
     for payload in payloads {
         let raw = RawMessage::received(
             "gateways/1/plc".into(),
-            Bytes::from(payload.as_bytes().to_vec()),
+            Bytes::from(payload.as_ref().as_bytes().to_vec()),
         );
         streams::publish_stored(js, raw.subject(), raw.headers(None), raw.payload)
             .await
@@ -111,8 +122,17 @@ async fn dead_letters(js: &jetstream::Context) -> Vec<(String, String, DeadReaso
     letters
 }
 
-/// Runs the loop over RAW until `done` says so (checked every 50 ms, at most 30 s).
-async fn run_until<F, Fut>(setup: &Setup, stage: &Scripted, mut done: F)
+/// Runs the loop over RAW, 10 messages a fetch, until `done` says so (checked every 50 ms, at
+/// most 30 s).
+async fn run_until<F, Fut>(setup: &Setup, stage: &Scripted, done: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    run_until_batch(setup, stage, 10, done).await;
+}
+
+async fn run_until_batch<F, Fut>(setup: &Setup, stage: &Scripted, batch: usize, mut done: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
@@ -124,7 +144,7 @@ where
         &setup.js,
         streams::RAW_STREAM,
         setup.settings.processor_consumer(),
-        10,
+        batch,
         &progress,
         &shutdown,
     );
@@ -230,6 +250,38 @@ async fn a_fetch_handed_back_whole_is_no_progress_and_comes_back() {
     let settled = consume::handle(&stage, &setup.js, &again).await;
     assert_eq!((settled.done, settled.retried), (1, 0));
     assert!(settled.progressed());
+}
+
+/// Large messages: a fetch is bounded by bytes as well as by count, and a message as large as
+/// the server takes still goes through (a pull's byte limit under it would stop the consumer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_is_bounded_by_bytes_and_the_largest_message_passes() {
+    let setup = setup().await;
+    let max_payload = setup.js.client().server_info().max_payload;
+    let mib = |n: usize| format!("done-{n:04}-{}", "x".repeat(1024 * 1024));
+    let mut payloads: Vec<String> = (0..60).map(mib).collect();
+    // The largest a message can be here, headers and all.
+    payloads.push(format!("done-big-{}", "y".repeat(max_payload - 4096)));
+    publish(&setup.js, &payloads).await;
+    let stage = Scripted {
+        pause: Duration::from_millis(300),
+        ..Default::default()
+    };
+    run_until_batch(&setup, &stage, 500, || async {
+        consumer_idle(&setup.js).await
+    })
+    .await;
+    assert_eq!(
+        stage.handled.lock().unwrap().len(),
+        61,
+        "every message handled"
+    );
+    let largest = *stage.largest_fetch.lock().unwrap();
+    let limit = consume::fetch_bytes(max_payload);
+    assert!(
+        largest <= 2 * limit,
+        "a fetch of {largest} bytes: over twice the pull's limit of {limit} (61 MiB were waiting)"
+    );
 }
 
 async fn take_one(setup: &Setup) -> Vec<jetstream::Message> {

@@ -239,6 +239,7 @@ fn dead(raw: RawMessage, reason: DeadReason, error: String) -> Outcome {
         reason,
         error,
         source_seq: None,
+        whole_size: None,
     })
 }
 

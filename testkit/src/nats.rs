@@ -109,6 +109,16 @@ impl NatsServer {
         });
     }
 
+    /// Replaces the extra settings given to [`start_with_config`](Self::start_with_config) and
+    /// restarts: an operator changing the server's configuration (`max_payload`, say).
+    pub fn restart_with_config(&mut self, extra: &str) {
+        write_file(
+            &self.dir.path().join("nats-server.conf"),
+            &format!("max_payload: 4MB\n{extra}\n"),
+        );
+        self.restart();
+    }
+
     fn launch(&mut self) -> Result<(), String> {
         let mut command = Command::new(&self.binary);
         command

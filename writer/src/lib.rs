@@ -332,6 +332,7 @@ fn refused(raw: RawMessage, reason: DeadReason, error: String) -> DeadLetter {
         reason,
         error,
         source_seq: None,
+        whole_size: None,
     }
 }
 
