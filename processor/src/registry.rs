@@ -4,6 +4,10 @@
 //! device or tag not seen yet, or a tag whose type changes. Creation is race-free across
 //! processor instances (`INSERT … ON CONFLICT`), and a type change is a compare-and-set, so two
 //! instances seeing different types converge on the same rule ([`DataType::merge`]).
+//!
+//! Devices and tags are cached up to [`CACHE_BYTES`], weighed by their codes: past it the cache
+//! starts over, and what it forgot is asked of the database again (the same upserts, which
+//! return the same ids and the stored types).
 
 use chrono::{DateTime, Utc};
 use dataviz_core::db::DbError;
@@ -52,8 +56,22 @@ pub struct Resolved {
     pub tag_ids: Vec<i64>,
 }
 
+/// What the devices and tags kept in the cache may weigh: each entry its code's bytes plus
+/// [`ENTRY_BYTES`]. Codes are at most 255 bytes; devices named without end (by a device
+/// generating codes, or many thousands of tags) must not take the processor's memory with them.
+pub const CACHE_BYTES: usize = 64 * 1024 * 1024;
+
+/// The weight of a cached device or tag beside its code: the rest of its key, its value, the
+/// map's own share.
+const ENTRY_BYTES: usize = 64;
+
 #[derive(Default)]
 struct Cache {
+    /// The most `devices` and `tags` may weigh ([`CACHE_BYTES`] but in tests).
+    limit: usize,
+    /// What `devices` and `tags` weigh, counted at each insertion (an overwrite counts again:
+    /// the cache starts over a little early, never late).
+    weight: usize,
     gateways: HashMap<i32, bool>,
     unknown_gateways: HashMap<i32, Instant>,
     devices: HashMap<(i32, String), i64>,
@@ -67,6 +85,34 @@ struct Cache {
 const UNKNOWN_GATEWAYS_KEPT: usize = 10_000;
 
 impl Cache {
+    /// Makes room for an entry with a code of `code_len` bytes: past the limit, the devices and
+    /// tags are forgotten.
+    fn weigh(&mut self, code_len: usize) {
+        let entry = code_len + ENTRY_BYTES;
+        if self.weight + entry > self.limit {
+            tracing::info!(
+                devices = self.devices.len(),
+                tags = self.tags.len(),
+                bytes = self.weight,
+                "registry cache full: starting over (what it forgets is read again when needed)"
+            );
+            self.devices.clear();
+            self.tags.clear();
+            self.weight = 0;
+        }
+        self.weight += entry;
+    }
+
+    fn keep_device(&mut self, gateway_id: i32, code: &str, id: i64) {
+        self.weigh(code.len());
+        self.devices.insert((gateway_id, code.to_owned()), id);
+    }
+
+    fn keep_tag(&mut self, device_id: i64, code: &str, tag: (i64, DataType)) {
+        self.weigh(code.len());
+        self.tags.insert((device_id, code.to_owned()), tag);
+    }
+
     /// Remembers that `gateway_id` does not exist, for [`UNKNOWN_GATEWAY_TTL`].
     fn unknown_gateway(&mut self, gateway_id: i32) {
         if self.unknown_gateways.len() >= UNKNOWN_GATEWAYS_KEPT {
@@ -89,10 +135,23 @@ pub struct Registry {
 
 impl Registry {
     pub fn new(pool: Pool) -> Registry {
+        Registry::with_cache_bytes(pool, CACHE_BYTES)
+    }
+
+    /// A registry whose devices and tags cache weighs at most `limit` bytes.
+    pub fn with_cache_bytes(pool: Pool, limit: usize) -> Registry {
         Registry {
             pool,
-            cache: Mutex::new(Cache::default()),
+            cache: Mutex::new(Cache {
+                limit,
+                ..Cache::default()
+            }),
         }
+    }
+
+    /// What the cached devices and tags weigh now (see [`CACHE_BYTES`]).
+    pub fn cache_bytes(&self) -> usize {
+        self.cache().weight
     }
 
     fn cache(&self) -> std::sync::MutexGuard<'_, Cache> {
@@ -195,9 +254,7 @@ impl Registry {
             Err(e) => return Err(e.into()),
         };
         tracing::info!(target: dataviz_core::MQTT_LOG_TARGET, gateway_id, device = code, device_id = id, "device registered");
-        self.cache()
-            .devices
-            .insert((gateway_id, code.to_owned()), id);
+        self.cache().keep_device(gateway_id, code, id);
         Ok(id)
     }
 
@@ -293,9 +350,7 @@ impl Registry {
                     retype.push((*id, *current, wanted, code.clone()));
                     *current = wanted;
                 }
-                cache
-                    .tags
-                    .insert((device_id, code.clone()), (*id, *current));
+                cache.keep_tag(device_id, code, (*id, *current));
             }
             drop(cache);
             tracing::info!(target: dataviz_core::MQTT_LOG_TARGET, device_id, tags = ?codes, "tags registered");
@@ -343,9 +398,7 @@ impl Registry {
             }
             to = merged;
         }
-        self.cache()
-            .tags
-            .insert((device_id, code.to_owned()), (tag_id, to));
+        self.cache().keep_tag(device_id, code, (tag_id, to));
         Ok(())
     }
 

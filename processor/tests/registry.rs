@@ -85,3 +85,54 @@ async fn a_flood_of_made_up_gateways_keeps_the_cache_bounded() {
     let kept = registry.unknown_gateways_kept();
     assert!(kept <= 10_000, "{kept} unknown gateways remembered");
 }
+
+/// The devices and tags cache is bounded by bytes: 300 devices with codes of 200 bytes and
+/// three tags each weigh far more than the 32 KiB allowed here; the cache stays within it, and
+/// what it forgot resolves again to the same ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cache_of_devices_and_tags_is_bounded_by_bytes() {
+    let db = TestDb::create().await;
+    dataviz_core::db::migrate(&mut db.connect().await)
+        .await
+        .unwrap();
+    db.connect()
+        .await
+        .execute("INSERT INTO gateway (id, name) VALUES (1, 'g')", &[])
+        .await
+        .unwrap();
+    let limit = 32 * 1024;
+    let registry = Registry::with_cache_bytes(dataviz_core::db::pool(db.url(), 2).unwrap(), limit);
+    let readings: Vec<(String, Value)> = (0..3)
+        .map(|t| (format!("tag-{t}-{}", "t".repeat(150)), Value::Integer(t)))
+        .collect();
+    let code = |d: usize| format!("{d:04}-{}", "d".repeat(195));
+    let mut first = Vec::new();
+    for d in 0..300 {
+        let resolved = registry
+            .resolve(1, &code(d), &readings, Utc::now())
+            .await
+            .unwrap();
+        assert!(
+            registry.cache_bytes() <= limit,
+            "{} bytes",
+            registry.cache_bytes()
+        );
+        first.push(resolved);
+    }
+    for (d, resolved) in first.iter().enumerate() {
+        let again = registry
+            .resolve(1, &code(d), &readings, Utc::now())
+            .await
+            .unwrap();
+        assert_eq!(&again, resolved, "device {d} resolves to the same ids");
+        assert!(registry.cache_bytes() <= limit);
+    }
+    let rows: i64 = db
+        .connect()
+        .await
+        .query_one("SELECT count(*) FROM device", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 300, "nothing registered twice");
+}
