@@ -208,13 +208,41 @@ pub async fn handle<S: Stage>(
 /// dependency that is back is found within this.
 const MAX_PAUSE: Duration = Duration::from_secs(5);
 
-/// The bytes one pull asks for at most, beside `batch_size` messages: what bounds a stage's
-/// memory when messages are large (500 messages of 1 MiB would be half a gigabyte). Never below
-/// twice the largest message the server takes (`max_payload`), with room for its subject and
-/// headers: the server refuses a pull whose limit is under the size of the next message, so a
-/// smaller limit would stop the consumer at the first large one.
+/// The payload bytes one pull asks for, and one batch holds, at most, beside `batch_size`
+/// messages: what bounds a stage's memory when messages are large (500 messages of 250 KiB are
+/// 122 MiB, and a stage holds each in several forms while it works). Never below the largest
+/// message the server takes (`max_payload`), with room for its subject: the server refuses a
+/// pull whose limit is under the size of the next message, so a smaller limit would stop the
+/// consumer at the first large one.
 pub fn fetch_bytes(max_payload: usize) -> usize {
-    (2 * max_payload + 64 * 1024).max(8 * 1024 * 1024)
+    (max_payload + 64 * 1024).max(1024 * 1024)
+}
+
+/// The next batch of `messages`: waits for one, then takes what has arrived, without waiting,
+/// up to `batch_size` messages and `max_bytes` of payload (the message that reaches it is the
+/// last).
+async fn next_batch<S, E>(
+    messages: &mut S,
+    batch_size: usize,
+    max_bytes: usize,
+) -> Option<Vec<Result<jetstream::Message, E>>>
+where
+    S: futures::Stream<Item = Result<jetstream::Message, E>> + Unpin,
+{
+    let size = |item: &Result<jetstream::Message, E>| item.as_ref().map_or(0, |m| m.payload.len());
+    let first = messages.next().await?;
+    let mut bytes = size(&first);
+    let mut batch = vec![first];
+    while batch.len() < batch_size && bytes < max_bytes {
+        match messages.next().now_or_never() {
+            Some(Some(item)) => {
+                bytes += size(&item);
+                batch.push(item);
+            }
+            _ => break,
+        }
+    }
+    Some(batch)
 }
 
 /// Pulls from `consumer` on `stream` and hands each batch to `stage` until `shutdown`, settling
@@ -249,14 +277,14 @@ pub async fn run<S: Stage>(
                 .expires(Duration::from_secs(10))
                 .messages()
                 .await?;
-            Ok::<_, async_nats::Error>(messages)
+            Ok::<_, async_nats::Error>((messages, max_bytes))
         };
         let messages = tokio::select! {
             _ = shutdown.cancelled() => break,
             messages = messages => messages,
         };
-        let mut chunks = match messages {
-            Ok(messages) => messages.ready_chunks(batch_size),
+        let (mut messages, max_bytes) = match messages {
+            Ok(opened) => opened,
             Err(e) => {
                 let wait = backoff.next_delay();
                 tracing::warn!(stream, consumer = %name, error = %e, retry_in = ?wait, "cannot consume; retrying");
@@ -270,7 +298,7 @@ pub async fn run<S: Stage>(
             let chunk = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                chunk = chunks.next() => chunk,
+                chunk = next_batch(&mut messages, batch_size, max_bytes) => chunk,
             };
             let Some(chunk) = chunk else { break };
             let mut batch = Vec::with_capacity(chunk.len());
@@ -310,8 +338,8 @@ pub async fn run<S: Stage>(
         }
         if shutdown.is_cancelled() {
             let mut handed_back = 0;
-            while let Some(Some(chunk)) = chunks.next().now_or_never() {
-                for message in chunk.into_iter().flatten() {
+            while let Some(Some(message)) = messages.next().now_or_never() {
+                if let Ok(message) = message {
                     let _ = message.ack_with(AckKind::Nak(None)).await;
                     handed_back += 1;
                 }
