@@ -304,18 +304,14 @@ async fn large_payloads(
             .publish(format!("gateways/1/large-{:02}", seq % 10), payload)
             .await?;
     }
-    publisher
-        .wait_acked(Duration::from_secs(600))
-        .await
-        .map_err(anyhow::Error::msg)?;
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while ((count(client).await? - before) as u64) < args.large_messages {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the large payloads were not all stored in 10 minutes"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_stored(
+        &mut publisher,
+        client,
+        before,
+        args.large_messages,
+        "memory",
+    )
+    .await?;
     let elapsed = start.elapsed();
     wait_publisher_drained(nats).await?;
     Ok(Large {
@@ -616,6 +612,23 @@ async fn pipeline(
             )
             .await?;
     }
+    wait_stored(&mut publisher, client, 0, args.messages, "pipeline").await?;
+    let elapsed = start.elapsed();
+    Ok((
+        rate(args.messages, elapsed),
+        rate(args.messages * args.tags, elapsed),
+    ))
+}
+
+/// Waits until the broker acknowledged what `publisher` sent, then until `ingested_message`
+/// holds `messages` more rows than `before`, saying how far it is every 5 s; at most 10 minutes.
+async fn wait_stored(
+    publisher: &mut Publisher,
+    client: &tokio_postgres::Client,
+    before: i64,
+    messages: u64,
+    phase: &str,
+) -> anyhow::Result<()> {
     publisher
         .wait_acked(Duration::from_secs(600))
         .await
@@ -623,26 +636,20 @@ async fn pipeline(
     let deadline = Instant::now() + Duration::from_secs(600);
     let mut last = Instant::now();
     loop {
-        let stored = count(client).await?;
-        if stored as u64 >= args.messages {
-            break;
+        let stored = u64::try_from(count(client).await? - before).unwrap_or_default();
+        if stored >= messages {
+            return Ok(());
         }
         anyhow::ensure!(
             Instant::now() < deadline,
-            "only {stored} of {} messages stored after 10 minutes",
-            args.messages
+            "only {stored} of {messages} messages stored after 10 minutes"
         );
         if last.elapsed() > Duration::from_secs(5) {
-            eprintln!("pipeline: {stored} of {} messages stored", args.messages);
+            eprintln!("{phase}: {stored} of {messages} messages stored");
             last = Instant::now();
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let elapsed = start.elapsed();
-    Ok((
-        rate(args.messages, elapsed),
-        rate(args.messages * args.tags, elapsed),
-    ))
 }
 
 /// Waits until the publisher has acknowledged everything in LIVE.

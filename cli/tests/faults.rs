@@ -471,6 +471,19 @@ async fn readings_stream_at_its_size_limit_pushes_back_and_loses_nothing() {
 }
 
 /// The state of a stream: (messages, bytes).
+/// Waits (10 s at most) until READINGS holds nothing: it keeps only what the writer has not
+/// taken.
+async fn readings_emptied(stack: &Stack) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stream_state(stack, "READINGS").await.0 > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "READINGS kept what the writer took"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn stream_state(stack: &Stack, stream: &str) -> (u64, u64) {
     let js = async_nats::jetstream::new(async_nats::connect(stack.nats.url()).await.unwrap());
     let state = js
@@ -519,14 +532,7 @@ async fn a_hub_down_the_whole_run_holds_no_reading_back() {
     mqtt.wait_acked(Duration::from_secs(120)).await;
     assert_every_numbered_message_once(&stack.db, RUN, Duration::from_secs(180)).await;
     // READINGS keeps only what the writer has not taken; LIVE stays within its limit.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while stream_state(&stack, "READINGS").await.0 > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "READINGS kept what the writer took"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    readings_emptied(&stack).await;
     let (messages, bytes) = stream_state(&stack, "LIVE").await;
     assert!(
         messages > 0,
@@ -574,14 +580,7 @@ async fn without_a_publisher_readings_stays_bounded() {
     }
     mqtt.wait_acked(Duration::from_secs(60)).await;
     assert_every_row_once(&stack, Duration::from_secs(120)).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while stream_state(&stack, "READINGS").await.0 > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "READINGS kept what the writer took"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    readings_emptied(&stack).await;
     let (_, bytes) = stream_state(&stack, "LIVE").await;
     assert!(
         bytes <= 1024 * 1024,
