@@ -86,7 +86,8 @@ pub fn new_live_id() -> String {
 /// The live-values script: reads `data-hub`, `data-topic`, `data-token`, `data-ttl` and
 /// `data-token-url` from `#live`, and updates the rows
 /// `tr[data-tag]` of the tags table. Updates are the publisher's JSON:
-/// `{"time": ..., "readings": [{"tag": code, "type": ..., "value": ...}]}`. After a failed
+/// `{"time": ..., "readings": [{"tag": code, "type": ..., "value": ...}]}`; an update older than
+/// the time a row shows is not applied. After a failed
 /// connection, the rows are read again from the page itself (`window.location`), keeping the
 /// newer of the two times for each tag.
 pub const SCRIPT: &str = r#"(function () {
@@ -162,6 +163,8 @@ pub const SCRIPT: &str = r#"(function () {
       if (code === undefined) code = reading.code;
       var row = document.querySelector('tr[data-tag="' + CSS.escape(String(code)) + '"]');
       if (!row) return;
+      // An older update (redelivered after an outage, or replayed) never hides a newer value.
+      if (shown && shown < row.querySelector('.time').textContent) return;
       var value = reading.value;
       row.querySelector('.value').textContent =
         (value !== null && typeof value === 'object') ? JSON.stringify(value) : String(value);

@@ -1,9 +1,10 @@
 //! The admin site end to end in a real headless Chromium, driven over WebDriver (chromedriver):
 //! log in, create a gateway with the form, publish MQTT messages for it, see the device and its
 //! tags appear, then see a value change live on the open page (through the Mercure hub of
-//! `dataviz all`), without a reload. Then the page's stream fails (`dataviz all` stopped) while a
-//! value is stored that no hub ever sends: when the stream is back, the page shows it, read
-//! from the database, still without a reload.
+//! `dataviz all`), without a reload; an older reading arriving later does not replace it.
+//! Then the page's stream fails (`dataviz all` stopped) while a value is stored that no hub
+//! ever sends: when the stream is back, the page shows it, read from the database, still
+//! without a reload.
 //!
 //! Needs Debian's `chromium` and `chromium-driver` (installed by scripts/setup); the paths can
 //! be overridden with `DATAVIZ_CHROMIUM` and `DATAVIZ_CHROMEDRIVER`. On failure a screenshot of
@@ -267,6 +268,25 @@ async fn scenario(
     ensure!(
         text_of(browser, &row("DI.0")).await? == "true",
         "a tag not in the update changed"
+    );
+
+    // An older reading that arrives later (a device's late resend, a replay) does not hide the
+    // newer value; the newer update behind it for another tag shows it went through.
+    mqtt.publish(
+        &topic,
+        r#"{"d": [{"tag": "AI.0", "value": 11.0}], "ts": "2020-01-01T00:00:00Z"}"#,
+    )
+    .await;
+    mqtt.publish(&topic, r#"{"d": [{"tag": "DI.0", "value": false}]}"#)
+        .await;
+    mqtt.wait_acked(Duration::from_secs(10)).await;
+    eventually("the live value false", Duration::from_secs(30), || async {
+        Ok((text_of(browser, &row("DI.0")).await? == "false").then_some(()))
+    })
+    .await?;
+    ensure!(
+        text_of(browser, &row("AI.0")).await? == "77.25",
+        "an older reading replaced the newer value"
     );
 
     // What the stream missed is read from the database when it is back.
