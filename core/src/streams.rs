@@ -85,8 +85,10 @@ pub async fn publish_stored(
 /// deduplication id; once READINGS stored it, hands a copy to LIVE for the live updates.
 ///
 /// The copy is sent without waiting for LIVE's acknowledgement: LIVE is best effort and never
-/// pushes back (it drops its oldest), and a copy lost with the connection comes again with the
-/// redelivery of the input. LIVE deduplicates on the same id within its window.
+/// pushes back (it drops its oldest). A copy lost with the connection is lost to the live path
+/// only (a page reads the database when its stream comes back), unless the input comes again
+/// (unacknowledged when the connection died): then so does the copy, which LIVE deduplicates on
+/// the same id within its window.
 pub async fn publish_readings(
     js: &jetstream::Context,
     message: &crate::message::ReadingsMessage,
