@@ -100,6 +100,25 @@ async fn text_of(browser: &Client, css: &str) -> anyhow::Result<String> {
 }
 
 /// The scenario; any error is reported with a screenshot by the caller.
+/// Whether the page's live status (`#live`) has the class `state` (`on` or `off`).
+async fn live_is(browser: &Client, state: &str) -> anyhow::Result<bool> {
+    let class = browser
+        .find(Locator::Id("live"))
+        .await?
+        .attr("class")
+        .await?
+        .unwrap_or_default();
+    Ok(class.split_whitespace().any(|c| c == state))
+}
+
+/// Whether the marker the scenario sets on the page is still there: no reload since.
+async fn not_reloaded(browser: &Client) -> anyhow::Result<bool> {
+    let marker = browser
+        .execute("return window.__not_reloaded === true;", vec![])
+        .await?;
+    Ok(marker == serde_json::Value::Bool(true))
+}
+
 async fn scenario(
     browser: &Client,
     stack: &Stack,
@@ -239,13 +258,7 @@ async fn scenario(
 
     // The page subscribes to the hub; a marker tells a reload apart from a live update.
     eventually("the live subscription", Duration::from_secs(20), || async {
-        let class = browser
-            .find(Locator::Id("live"))
-            .await?
-            .attr("class")
-            .await?
-            .unwrap_or_default();
-        Ok(class.split_whitespace().any(|c| c == "on").then_some(()))
+        Ok(live_is(browser, "on").await?.then_some(()))
     })
     .await?;
     browser
@@ -258,11 +271,8 @@ async fn scenario(
         Ok((text_of(browser, &row("AI.0")).await? == "77.25").then_some(()))
     })
     .await?;
-    let marker = browser
-        .execute("return window.__not_reloaded === true;", vec![])
-        .await?;
     ensure!(
-        marker == serde_json::Value::Bool(true),
+        not_reloaded(browser).await?,
         "the page was reloaded: the value did not come live"
     );
     ensure!(
@@ -290,21 +300,11 @@ async fn scenario(
     );
 
     // What the stream missed is read from the database when it is back.
-    let live_class = || async {
-        Ok::<_, anyhow::Error>(
-            browser
-                .find(Locator::Id("live"))
-                .await?
-                .attr("class")
-                .await?
-                .unwrap_or_default(),
-        )
-    };
     all.kill();
     eventually(
         "the stream seen failing",
         Duration::from_secs(30),
-        || async { Ok(live_class().await?.contains("off").then_some(())) },
+        || async { Ok(live_is(browser, "off").await?.then_some(())) },
     )
     .await?;
     let stored = stack
@@ -327,16 +327,10 @@ async fn scenario(
     )
     .await?;
     ensure!(
-        browser
-            .execute("return window.__not_reloaded === true;", vec![])
-            .await?
-            == serde_json::Value::Bool(true),
+        not_reloaded(browser).await?,
         "the page was reloaded: the missed value was not read at reconnection"
     );
-    ensure!(
-        live_class().await?.contains("on"),
-        "the stream is not back on"
-    );
+    ensure!(live_is(browser, "on").await?, "the stream is not back on");
     Ok(())
 }
 

@@ -24,6 +24,20 @@ fn dataviz(stack: &Stack, args: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
+/// `dataviz dlq list <filter>`, again until its output contains `expected` (20 s at most);
+/// the last output. Until `all` has created the streams, the command says DEAD does not exist.
+async fn dlq_list_until(stack: &Stack, filter: &[&str], expected: &str) -> String {
+    let args: Vec<&str> = ["dlq", "list"].iter().chain(filter).copied().collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (ok, out) = dataviz(stack, &args);
+        if ok && out.contains(expected) || Instant::now() > deadline {
+            return out;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
 fn reading(i: i64) -> String {
     format!(
         r#"{{"d": [{{"tag": "seq", "value": {i}}}, {{"tag": "AI.0", "value": 1.5}}], "ts": "2024-01-01T00:00:{:02}.{:03}Z"}}"#,
@@ -82,15 +96,7 @@ async fn a_dead_letter_requeued_once_its_gateway_exists_is_ingested() {
     mqtt.publish("gateways/6/other", reading(9)).await;
     mqtt.wait_acked(Duration::from_secs(10)).await;
 
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let listed = loop {
-        // Until `all` has created the streams, the command says DEAD does not exist.
-        let (ok, out) = dataviz(&stack, &["dlq", "list", "--gateway", "5"]);
-        if ok && out.contains("3 dead letter(s)") || Instant::now() > deadline {
-            break out;
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    };
+    let listed = dlq_list_until(&stack, &["--gateway", "5"], "3 dead letter(s)").await;
     assert!(
         listed.contains("unknown_gateway") && listed.contains("gateways/5/early-device"),
         "{listed}"
@@ -361,14 +367,7 @@ async fn a_letter_the_bridge_makes_keeps_the_original_whole_and_requeues_into_ro
     mqtt.publish("gateways/8/large", payload.as_str()).await;
     mqtt.wait_acked(Duration::from_secs(10)).await;
 
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let listed = loop {
-        let (ok, out) = dataviz(&stack, &["dlq", "list", "--reason", "oversized"]);
-        if ok && out.contains("1 dead letter(s)") || Instant::now() > deadline {
-            break out;
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    };
+    let listed = dlq_list_until(&stack, &["--reason", "oversized"], "1 dead letter(s)").await;
     assert!(
         listed.contains("bridge") && listed.contains(&payload.len().to_string()),
         "the letter, with the whole payload's size: {listed}"

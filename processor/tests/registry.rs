@@ -8,10 +8,15 @@ use dataviz_testkit::TestDb;
 use std::time::Duration;
 
 async fn registry(db: &TestDb) -> Registry {
+    registry_within(db, dataviz_processor::registry::CACHE_BYTES).await
+}
+
+/// A registry on a migrated `db` whose devices and tags cache weighs at most `limit` bytes.
+async fn registry_within(db: &TestDb, limit: usize) -> Registry {
     dataviz_core::db::migrate(&mut db.connect().await)
         .await
         .unwrap();
-    Registry::new(dataviz_core::db::pool(db.url(), 2).unwrap())
+    Registry::with_cache_bytes(dataviz_core::db::pool(db.url(), 2).unwrap(), limit)
 }
 
 fn readings() -> Vec<(String, Value)> {
@@ -92,16 +97,13 @@ async fn a_flood_of_made_up_gateways_keeps_the_cache_bounded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cache_of_devices_and_tags_is_bounded_by_bytes() {
     let db = TestDb::create().await;
-    dataviz_core::db::migrate(&mut db.connect().await)
-        .await
-        .unwrap();
+    let limit = 32 * 1024;
+    let registry = registry_within(&db, limit).await;
     db.connect()
         .await
         .execute("INSERT INTO gateway (id, name) VALUES (1, 'g')", &[])
         .await
         .unwrap();
-    let limit = 32 * 1024;
-    let registry = Registry::with_cache_bytes(dataviz_core::db::pool(db.url(), 2).unwrap(), limit);
     let readings: Vec<(String, Value)> = (0..3)
         .map(|t| (format!("tag-{t}-{}", "t".repeat(150)), Value::Integer(t)))
         .collect();

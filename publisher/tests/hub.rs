@@ -114,17 +114,7 @@ async fn store(js: &async_nats::jetstream::Context, units: &[MessageReadings]) -
         }
     }
     let deadline = Instant::now() + Duration::from_secs(10);
-    while js
-        .get_stream(LIVE_STREAM)
-        .await
-        .unwrap()
-        .get_info()
-        .await
-        .unwrap()
-        .state
-        .last_sequence
-        < before + stored
-    {
+    while live.get_info().await.unwrap().state.last_sequence < before + stored {
         assert!(
             std::time::Instant::now() < deadline,
             "LIVE did not receive the copies"
