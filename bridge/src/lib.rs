@@ -8,9 +8,12 @@
 //! # How nothing is stored twice
 //! A redelivered MQTT message carries the same packet id, topic and payload; the bridge derives
 //! the JetStream deduplication id (`Nats-Msg-Id`) from them, so RAW keeps one copy within its
-//! duplicate window (`RAW_DUPLICATE_WINDOW`). A first delivery (no DUP flag) that JetStream
-//! calls a duplicate can only be a different message that reused a packet id with the same
-//! content; it is stored again under a unique id.
+//! duplicate window (`RAW_DUPLICATE_WINDOW`). A redelivery (DUP flag) that JetStream calls a
+//! duplicate is taken as stored once RAW shows the same topic and payload at the sequence the
+//! ack names. A first delivery (no DUP flag) that JetStream calls a duplicate can only be a
+//! different message that reused a packet id with the same content; it is stored again under a
+//! unique id. Copies past the window reach RAW twice; the writer recognises those that carry
+//! `ts` by their content (`dataviz_core::identity`).
 //!
 //! Retained messages delivered on subscribe are old values the bridge saw live (its session
 //! persists while it is away); they are acknowledged and skipped.
@@ -331,10 +334,16 @@ impl RawStore {
             let acked = streams::publish_stored(js, subject, headers, payload).await;
             match acked {
                 Ok(ack)
-                    if ack.duplicate && !publish.dup && salted.is_none() && dedup_id.is_some() =>
+                    if ack.duplicate
+                        && salted.is_none()
+                        && dedup_id.is_some()
+                        && !(publish.dup && self.holds(ack.sequence, &received.raw).await) =>
                 {
-                    // A first delivery cannot be a redelivery: another message reused this packet
-                    // id with the same content inside the duplicate window. Store it under its own id.
+                    // Not a redelivery of what RAW holds under this id: a first delivery (another
+                    // message reused the packet id with the same content inside the duplicate
+                    // window), or a copy whose content differs from the stored one (a hash
+                    // collision), or one RAW cannot show. Store it under its own id: a copy
+                    // too many is caught downstream when it has `ts`, a lost message never.
                     salted = Some(format!(
                         "{}:{}",
                         dedup_id.as_deref().unwrap_or_default(),
@@ -355,6 +364,28 @@ impl RawStore {
                         _ = tokio::time::sleep(wait) => {}
                     }
                 }
+            }
+        }
+    }
+}
+
+impl RawStore {
+    /// Whether RAW holds at `seq` a message with the topic and payload of `raw`: a redelivery
+    /// that JetStream calls a duplicate is taken as stored only then.
+    async fn holds(&self, seq: u64, raw: &RawMessage) -> bool {
+        let stored = match self.js.get_stream_no_info(streams::RAW_STREAM).await {
+            Ok(stream) => stream.get_raw_message(seq).await,
+            Err(e) => {
+                tracing::warn!(error = %e, seq, "could not read RAW to check a duplicate; storing the message again");
+                return false;
+            }
+        };
+        match stored {
+            Ok(stored) => RawMessage::from_parts(Some(&stored.headers), stored.payload)
+                .is_ok_and(|held| held.topic == raw.topic && held.payload == raw.payload),
+            Err(e) => {
+                tracing::warn!(error = %e, seq, "could not read RAW to check a duplicate; storing the message again");
+                false
             }
         }
     }

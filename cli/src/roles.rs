@@ -235,12 +235,10 @@ impl Role {
         js: async_nats::jetstream::Context,
         pool: deadpool_postgres::Pool,
     ) -> impl Future<Output = anyhow::Result<()>> + use<> {
-        // Message ids outlive RAW by a day: until then a replay could bring a message back.
-        let ids = settings.raw_retention + std::time::Duration::from_secs(86_400);
         tokio::spawn(retention::prune_loop(
             pool.clone(),
+            js.clone(),
             retention.readings_retention,
-            ids,
             config.retention_check_every,
             self.shutdown.clone(),
         ));

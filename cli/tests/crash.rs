@@ -2,7 +2,10 @@
 
 mod common;
 
-use common::{Publisher, Stack, assert_every_numbered_message_once, numbered_reading};
+use common::{
+    Publisher, Stack, assert_every_numbered_message_once, numbered_reading, publish_numbered_burst,
+    stream_count,
+};
 use std::time::Duration;
 
 const MESSAGES: i64 = 10_000;
@@ -40,4 +43,39 @@ async fn sigkill_of_every_role_mid_run_loses_nothing_and_stores_nothing_twice() 
     for role in roles {
         assert!(role.is_running(), "{} still running", role.role);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bridge_away_longer_than_the_duplicate_window_stores_every_reading_once() {
+    const MESSAGES: i64 = 20_000;
+    let stack = Stack::start().await;
+    stack.create_gateway(1).await;
+    // RAW forgets a packet after 2 s; the bridge stays away 3 s, twice. What it had stored but
+    // not yet acknowledged comes back from the broker as a new RAW message each time: only the
+    // readings' identity (their `ts` and content) can tell the copies.
+    let env = [("RAW_DUPLICATE_WINDOW", "2s"), ("ACK_WAIT", "2s")];
+    let mut bridge = stack.spawn("bridge", &env);
+    let _processor = stack.spawn("processor", &env);
+    let _writer = stack.spawn("writer", &env);
+    let mut mqtt = Publisher::connect(stack.mosquitto.port()).await;
+    for burst in 0..MESSAGES / BURST {
+        publish_numbered_burst(&mut mqtt, burst, BURST).await;
+        if burst == 5 || burst == 12 {
+            // Mid-burst: the bridge holds messages stored in RAW but not yet acknowledged.
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            bridge.kill();
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            bridge.start_again();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    mqtt.wait_acked(Duration::from_secs(60)).await;
+
+    assert_every_numbered_message_once(&stack.db, MESSAGES, Duration::from_secs(180)).await;
+    let raw = stream_count(&stack.nats.url(), "RAW").await;
+    eprintln!("RAW holds {raw} messages for {MESSAGES} sent");
+    assert!(
+        raw > MESSAGES as u64,
+        "no copy reached RAW past its window: the test did not exercise the case"
+    );
 }

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Publisher, Stack, http_get};
+use common::{Publisher, Stack, http_get, wait_drained};
 use dataviz_testkit::free_port;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -46,31 +46,79 @@ fn reading(i: i64) -> String {
     )
 }
 
+/// A reading without `ts`: its time is when it was received, so identical ones are distinct.
+fn untimed(i: i64) -> String {
+    format!(r#"{{"d": [{{"tag": "untimed", "value": {}}}]}}"#, i % 3)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replay_of_an_ingested_range_writes_nothing_new() {
+async fn a_range_replayed_twice_a_day_apart_writes_nothing_new() {
     let stack = Stack::start().await;
     stack.create_gateway(1).await;
-    let _all = stack.spawn("all", &[]);
+    // Pruning at once: the ids a day old must survive it.
+    let mut all = stack.spawn("all", &[("RETENTION_CHECK_EVERY", "1s")]);
     let mut mqtt = Publisher::connect(stack.mosquitto.port()).await;
+    for i in 0..500 {
+        mqtt.publish(&format!("gateways/1/dev-{}", i % 5), reading(i))
+            .await;
+        if i % 5 == 0 {
+            mqtt.publish("gateways/1/untimed", untimed(i)).await;
+        }
+    }
+    mqtt.wait_acked(Duration::from_secs(20)).await;
+    let rows = 1000 + 100;
+    stack
+        .wait_for_count(
+            "SELECT count(*) FROM tag_reading",
+            rows,
+            Duration::from_secs(60),
+        )
+        .await;
+
+    for day in 0..2 {
+        let (ok, out) = dataviz(&stack, &["replay", "--since", "1h"]);
+        assert!(ok, "day {day}: {out}");
+        assert!(
+            out.contains("replayed 600 raw messages"),
+            "day {day}: {out}"
+        );
+        assert!(
+            out.contains("600 already stored, 0 new (0 rows)"),
+            "day {day}: {out}"
+        );
+        wait_drained(&stack.nats.url()).await;
+        assert_eq!(stack.count("SELECT count(*) FROM tag_reading").await, rows);
+        // A day passes for the database (RAW's own clock cannot be moved), and the writer
+        // starts again, pruning what it no longer needs within its first second.
+        stack
+            .db
+            .connect()
+            .await
+            .execute(
+                "UPDATE ingested_message SET ingested_at = ingested_at - interval '1 day'",
+                &[],
+            )
+            .await
+            .unwrap();
+        all.kill();
+        all = stack.spawn("all", &[("RETENTION_CHECK_EVERY", "1s")]);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(
+            stack.count("SELECT count(*) FROM ingested_message").await,
+            600,
+            "day {day}: ids kept"
+        );
+    }
+
+    // The devices send the messages with `ts` again (new packets, new raw messages): their
+    // content names them, nothing new is stored.
     for i in 0..500 {
         mqtt.publish(&format!("gateways/1/dev-{}", i % 5), reading(i))
             .await;
     }
     mqtt.wait_acked(Duration::from_secs(20)).await;
-    stack
-        .wait_for_count(
-            "SELECT count(*) FROM tag_reading",
-            1000,
-            Duration::from_secs(60),
-        )
-        .await;
-
-    let (ok, out) = dataviz(&stack, &["replay", "--since", "1h"]);
-    assert!(ok, "{out}");
-    assert!(out.contains("replayed 500 raw messages"), "{out}");
-    assert!(out.contains("500 already stored, 0 new (0 rows)"), "{out}");
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(stack.count("SELECT count(*) FROM tag_reading").await, 1000);
+    wait_drained(&stack.nats.url()).await;
+    assert_eq!(stack.count("SELECT count(*) FROM tag_reading").await, rows);
 
     // One device, dry run: reads, creates and publishes nothing.
     let (ok, out) = dataviz(
@@ -79,24 +127,25 @@ async fn a_replay_of_an_ingested_range_writes_nothing_new() {
     );
     assert!(ok, "{out}");
     assert!(
-        out.contains("dry run: 500 raw messages read, 400 skipped"),
+        out.contains("dry run: 1100 raw messages read, 900 skipped"),
         "{out}"
     );
-    assert!(out.contains("100  would be processed"), "{out}");
+    // The device's first messages and their copies: a dry run does not look at storage.
+    assert!(out.contains("200  would be processed"), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dead_letter_requeued_once_its_gateway_exists_is_ingested() {
+async fn a_dead_letter_requeued_once_its_gateway_exists_is_ingested_once() {
     let stack = Stack::start().await;
     let _all = stack.spawn("all", &[]);
     let mut mqtt = Publisher::connect(stack.mosquitto.port()).await;
-    for i in 0..3 {
+    for i in 0..4 {
         mqtt.publish("gateways/5/early-device", reading(i)).await;
     }
     mqtt.publish("gateways/6/other", reading(9)).await;
     mqtt.wait_acked(Duration::from_secs(10)).await;
 
-    let listed = dlq_list_until(&stack, &["--gateway", "5"], "3 dead letter(s)").await;
+    let listed = dlq_list_until(&stack, &["--gateway", "5"], "4 dead letter(s)").await;
     assert!(
         listed.contains("unknown_gateway") && listed.contains("gateways/5/early-device"),
         "{listed}"
@@ -116,6 +165,17 @@ async fn a_dead_letter_requeued_once_its_gateway_exists_is_ingested() {
     stack.create_gateway(5).await;
     // The processor believes "unknown gateway" for a second before asking again.
     tokio::time::sleep(Duration::from_millis(1100)).await;
+    // The device sends its last message again, and this copy is stored: the letter's readings
+    // are stored after all, and its re-queue must add nothing.
+    mqtt.publish("gateways/5/early-device", reading(3)).await;
+    mqtt.wait_acked(Duration::from_secs(10)).await;
+    stack
+        .wait_for_count(
+            "SELECT count(*) FROM tag_reading",
+            2,
+            Duration::from_secs(30),
+        )
+        .await;
     let (ok, out) = dataviz(
         &stack,
         &[
@@ -128,14 +188,20 @@ async fn a_dead_letter_requeued_once_its_gateway_exists_is_ingested() {
             "5",
         ],
     );
-    assert!(ok && out.contains("re-queued 3 dead letter(s)"), "{out}");
+    assert!(ok && out.contains("re-queued 4 dead letter(s)"), "{out}");
     stack
         .wait_for_count(
             "SELECT count(*) FROM tag_reading",
-            6,
+            8,
             Duration::from_secs(30),
         )
         .await;
+    wait_drained(&stack.nats.url()).await;
+    assert_eq!(
+        stack.count("SELECT count(*) FROM tag_reading").await,
+        8,
+        "four messages of two readings, each once"
+    );
     let (ok, out) = dataviz(&stack, &["dlq", "list"]);
     assert!(
         ok && out.contains("1 dead letter(s)") && out.contains("gateways/6/other"),
@@ -433,5 +499,56 @@ async fn a_letter_the_bridge_makes_keeps_the_original_whole_and_requeues_into_ro
     assert!(
         whole.is_err(),
         "the whole payload is removed with its letter"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_ids_are_kept_while_a_copy_can_come_back_and_pruned_from_the_first_minute() {
+    let stack = Stack::start().await;
+    let db = stack.db.connect().await;
+    // A busy table, and two ids on either side of the horizon: RAW keeps 2 days, DEAD 3, so
+    // ids are kept 4 days (the longer of the two, plus a day).
+    db.batch_execute(
+        "INSERT INTO ingested_message (id) SELECT gen_random_uuid() FROM generate_series(1, 100000);
+         INSERT INTO ingested_message (id, ingested_at) VALUES
+             (gen_random_uuid(), now() - interval '4 days' + interval '1 hour'),
+             (gen_random_uuid(), now() - interval '4 days' - interval '1 hour');
+         ANALYZE ingested_message",
+    )
+    .await
+    .unwrap();
+    let plan: Vec<String> = db
+        .query(
+            "EXPLAIN SELECT id FROM ingested_message
+             WHERE ingested_at < now() - '4 days'::text::interval LIMIT 10000",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert!(
+        plan.iter()
+            .any(|line| line.contains("ingested_message_ingested_at_idx")),
+        "the prune finds old ids by index: {plan:#?}"
+    );
+
+    // The default RETENTION_CHECK_EVERY (an hour): the first pass comes within the first minute.
+    let started = Instant::now();
+    let _all = stack.spawn("all", &[("RAW_RETENTION", "2d"), ("DEAD_RETENTION", "3d")]);
+    while stack.count("SELECT count(*) FROM ingested_message").await != 100_001 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the id past the horizon is still there after a minute"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(
+        stack
+            .count("SELECT count(*) FROM ingested_message WHERE ingested_at < now() - interval '3 days'")
+            .await,
+        1,
+        "the id inside the horizon is kept"
     );
 }

@@ -79,6 +79,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "users",
         sql: Sql::Both(include_str!("../../migrations/0003_users.sql")),
     },
+    Migration {
+        version: 4,
+        name: "ingested_at",
+        sql: Sql::Both(include_str!("../../migrations/0004_ingested_at.sql")),
+    },
 ];
 
 /// An arbitrary constant naming the migration lock among the database's advisory locks.

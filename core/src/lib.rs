@@ -18,7 +18,7 @@
 //! - [`retry`]: backoff delays for transient failures.
 //! - [`shutdown`]: the signal every long-running loop takes as an input.
 
-pub use dataviz_model::{payload, topic, value};
+pub use dataviz_model::{identity, payload, topic, value};
 
 pub mod config;
 pub mod consume;

@@ -21,7 +21,8 @@ use uuid::Uuid;
 
 /// JetStream's deduplication header.
 pub const HEADER_MSG_ID: &str = "Nats-Msg-Id";
-/// The raw message's id, a UUIDv7 given by the bridge; it names the message in every stage.
+/// The raw message's id, a UUIDv7 given by the bridge at receipt; it names the RAW message in
+/// every stage (its readings' id may be derived from its content: [`crate::identity`]).
 pub const HEADER_ID: &str = "Dataviz-Id";
 /// The MQTT topic, percent-encoded (MQTT topics may hold any UTF-8; NATS headers may not).
 pub const HEADER_TOPIC: &str = "Dataviz-Topic";
@@ -68,6 +69,23 @@ impl RawMessage {
             received_at: Utc::now(),
             payload,
         }
+    }
+
+    /// The id its readings are stored under ([`crate::identity::readings_id`]), when its topic
+    /// and payload can be read (whatever their size).
+    pub fn readings_id(&self) -> Option<Uuid> {
+        let topic = crate::topic::parse(&self.topic).ok()?;
+        let limits = crate::payload::PayloadLimits {
+            max_bytes: usize::MAX,
+            max_readings: usize::MAX,
+        };
+        let payload = crate::payload::parse(&self.payload, &limits).ok()?;
+        Some(crate::identity::readings_id(
+            self.id,
+            topic.gateway_id,
+            topic.device_code,
+            &payload,
+        ))
     }
 
     /// The RAW subject: per gateway when the topic names one, so that a replay can read one

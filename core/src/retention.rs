@@ -1,6 +1,6 @@
 //! Retention: how long readings and message ids are kept, as TimescaleDB policies
 //! ([`apply_retention`], at migration) or by deleting old rows ([`prune_loop`], in the writer
-//! role).
+//! role). Message ids are kept as long as RAW and DEAD keep messages ([`ids_horizon`]).
 
 use anyhow::Context as _;
 use deadpool_postgres::Pool;
@@ -113,11 +113,12 @@ pub async fn apply_retention(
 
 /// Deletes what retention no longer keeps, in slices so that no transaction runs long: readings
 /// older than `readings` on plain PostgreSQL (TimescaleDB drops chunks itself), and the ids of
-/// ingested messages older than `ids` (past it, no replay can bring them back). Rows deleted.
+/// messages ingested longer than `ids` ago (past it, no copy can come back; `None`: kept).
+/// Rows deleted.
 pub async fn prune(
     client: &tokio_postgres::Client,
     readings: Period,
-    ids: Duration,
+    ids: Option<Duration>,
 ) -> anyhow::Result<u64> {
     let timescale = client
         .query_opt(
@@ -143,7 +144,8 @@ pub async fn prune(
             }
         }
     }
-    loop {
+    while let Some(ids) = ids {
+        // The index on ingested_at finds the old ids; the primary key deletes them.
         let n = client
             .execute(
                 "DELETE FROM ingested_message WHERE id = ANY (ARRAY(
@@ -163,23 +165,58 @@ pub async fn prune(
 /// An arbitrary constant naming the retention lock: one writer prunes at a time.
 const PRUNE_LOCK: i64 = 0x6461_7461_7669_7a01;
 
-/// Deletes what retention no longer keeps every `every`, until `shutdown`
-/// ([`prune`]); one process at a time, under an advisory lock.
+/// How soon after a writer starts it prunes first: a writer restarted often still prunes, and
+/// the index on `ingested_at` keeps a pass cheap however often it runs.
+pub const FIRST_PRUNE_AFTER: Duration = Duration::from_secs(15);
+
+/// A copy on its way when its original leaves RAW or DEAD: ids are kept this much longer.
+const IDS_MARGIN: Duration = Duration::from_secs(86_400);
+
+/// How long message ids are kept: as long as a copy of a message can come back, that is as long
+/// as RAW (a replay) and DEAD (a re-queue) keep messages, plus [`IDS_MARGIN`]. Read from the
+/// streams as they are, so that every writer uses the one setting the streams were made with,
+/// whatever its own environment says. `None`: for ever (a stream without an age limit).
+pub async fn ids_horizon(js: &async_nats::jetstream::Context) -> anyhow::Result<Option<Duration>> {
+    let mut longest = Duration::ZERO;
+    for name in [crate::streams::RAW_STREAM, crate::streams::DEAD_STREAM] {
+        let mut stream = js
+            .get_stream(name)
+            .await
+            .with_context(|| format!("reading the settings of stream {name}"))?;
+        let max_age = stream.info().await?.config.max_age;
+        if max_age.is_zero() {
+            return Ok(None);
+        }
+        longest = longest.max(max_age);
+    }
+    Ok(Some(longest + IDS_MARGIN))
+}
+
+/// Deletes what retention no longer keeps ([`prune`]) [`FIRST_PRUNE_AFTER`] after start, then
+/// every `every`, until `shutdown`; one process at a time, under an advisory lock. Message ids
+/// are kept for [`ids_horizon`].
 pub async fn prune_loop(
     pool: Pool,
+    js: async_nats::jetstream::Context,
     readings: Period,
-    ids: std::time::Duration,
-    every: std::time::Duration,
+    every: Duration,
     shutdown: crate::shutdown::Shutdown,
 ) {
-    // The first pass one period after start, not at once: restarts do not prune each time.
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    let start = tokio::time::Instant::now() + FIRST_PRUNE_AFTER.min(every);
+    let mut tick = tokio::time::interval_at(start, every);
+    let mut told = None;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => {}
         }
         let pruned = async {
+            let ids = ids_horizon(&js).await?;
+            if told != Some(ids) {
+                let kept = ids.map_or("for ever".to_owned(), |d| humantime::format_duration(d).to_string());
+                tracing::info!(kept = %kept, "retention: message ids kept as long as RAW or DEAD keeps a message, plus a day");
+                told = Some(ids);
+            }
             let client = pool.get().await?;
             let locked: bool = client
                 .query_one("SELECT pg_try_advisory_lock($1)", &[&PRUNE_LOCK])

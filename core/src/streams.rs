@@ -111,8 +111,8 @@ pub async fn publish_readings(
     Ok(stored)
 }
 
-/// The raw message `id` as RAW stored it at `seq`, if RAW still holds it: the original topic
-/// and payload of a unit a later stage refuses.
+/// The raw message whose readings have the id `id` ([`crate::identity`]), as RAW stored it at
+/// `seq`, if RAW still holds it: the original topic and payload of a unit a later stage refuses.
 pub async fn raw_original(
     js: &jetstream::Context,
     seq: u64,
@@ -127,7 +127,7 @@ pub async fn raw_original(
         .ok()?;
     crate::message::RawMessage::from_parts(Some(&stored.headers), stored.payload)
         .ok()
-        .filter(|raw| raw.id == id)
+        .filter(|raw| raw.id == id || raw.readings_id() == Some(id))
 }
 
 /// Stream settings, from the environment.
@@ -139,7 +139,8 @@ pub struct StreamSettings {
     /// Largest size of RAW in bytes (-1: no limit but the disk). Full means backpressure.
     #[arg(long, env = "RAW_MAX_BYTES", value_name = "RAW_MAX_BYTES", default_value_t = -1, allow_negative_numbers = true)]
     pub raw_max_bytes: i64,
-    /// Window in which the bridge's redeliveries of one MQTT message are stored once.
+    /// Window in which the broker's redeliveries of one MQTT message are stored once in RAW: for
+    /// a message without `ts`, the only window in which a copy is recognised.
     #[arg(long, env = "RAW_DUPLICATE_WINDOW", value_name = "RAW_DUPLICATE_WINDOW", default_value = "30s", value_parser = humantime::parse_duration)]
     pub raw_duplicate_window: Duration,
     /// Largest size of READINGS in bytes (-1: no limit but the disk). Full means backpressure.

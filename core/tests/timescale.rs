@@ -581,7 +581,7 @@ async fn timescale_flavour_on_real_timescaledb() {
     let pruned = retention::prune(
         &client,
         configured.readings_retention,
-        Duration::from_secs(8 * 86_400),
+        Some(Duration::from_secs(8 * 86_400)),
     )
     .await
     .unwrap();

@@ -5,11 +5,13 @@
 //! - [`value`]: reading values, the PostgreSQL data types they map to, and how a tag's type
 //!   changes when its values do.
 //! - [`readings`]: the typed readings of a message and their packing on READINGS.
+//! - [`identity`]: which copies are the same message, the id its readings are stored under.
 //! - [`reason`]: why a message goes to DEAD, one name each.
 //!
 //! The fuzz targets and the parsers need this and nothing else; `dataviz-core` adds the
 //! runtime (NATS, PostgreSQL, the ops server) and re-exports it.
 
+pub mod identity;
 pub mod payload;
 pub mod readings;
 pub mod reason;

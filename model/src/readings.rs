@@ -11,7 +11,8 @@ use uuid::Uuid;
 /// the publisher sends. Serialized as JSON on READINGS.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MessageReadings {
-    /// The raw message's id: the writer stores each id once, whatever the redeliveries.
+    /// The message's id ([`crate::identity::readings_id`]): the writer stores each id once,
+    /// whatever the copies.
     pub id: Uuid,
     pub gateway_id: i32,
     pub device_id: i64,

@@ -2,7 +2,8 @@
 //!
 //! For each raw message: parse the topic and payload ([`dataviz_core::topic`],
 //! [`dataviz_core::payload`]), find or create the device and its tags ([`registry`]), and make
-//! one [`MessageReadings`] under the raw message's id. The units of a fetch of raw
+//! one [`MessageReadings`] under the message's id ([`dataviz_core::identity`]: derived from
+//! the message when it has `ts`, else the raw message's id). The units of a fetch of raw
 //! messages go to READINGS packed, one message per gateway ([`ReadingsMessage`]). A raw message
 //! is acknowledged only once READINGS (or DEAD) stored its result.
 //!
@@ -18,6 +19,7 @@ use chrono::{DateTime, Utc};
 use dataviz_core::{
     consume::{self, Failure, Settle, Stage, Transient},
     db::ErrorKind,
+    identity,
     message::{DeadLetter, DeadReason, MessageReadings, RawMessage, ReadingsMessage, TagReading},
     ops::{Progress, metric},
     payload::{self, Payload, PayloadLimits},
@@ -304,7 +306,7 @@ pub fn unit(
     let time: DateTime<Utc> = payload.ts.unwrap_or(raw.received_at);
     MessageReadings {
         raw_seq: None,
-        id: raw.id,
+        id: identity::readings_id(raw.id, gateway_id, &device_code, &payload),
         gateway_id,
         device_id: resolved.device_id,
         device_code,
@@ -420,9 +422,9 @@ mod tests {
         let with_ts = payload(
             r#"{"d":[{"tag":"a","value":1},{"tag":"b","value":true}],"ts":"2017-12-22T08:05:20+0000"}"#,
         );
-        let b = unit(&raw, 1, "d".into(), with_ts, resolved.clone());
+        let b = unit(&raw, 1, "d".into(), with_ts.clone(), resolved.clone());
         assert_eq!(b.time.to_rfc3339(), "2017-12-22T08:05:20+00:00");
-        assert_eq!(b.id, raw.id);
+        assert_eq!(b.id, identity::readings_id(raw.id, 1, "d", &with_ts));
         assert_eq!(
             b.readings[1],
             TagReading {
@@ -432,10 +434,8 @@ mod tests {
             }
         );
         let without = payload(r#"{"d":[{"tag":"a","value":1},{"tag":"b","value":true}]}"#);
-        assert_eq!(
-            unit(&raw, 1, "d".into(), without, resolved).time,
-            raw.received_at
-        );
+        let b = unit(&raw, 1, "d".into(), without, resolved);
+        assert_eq!((b.time, b.id), (raw.received_at, raw.id));
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! The writer: READINGS → `tag_reading`.
 //!
 //! The units of each fetch of READINGS messages (a unit: one raw message's readings,
-//! [`MessageReadings`]) are written in one transaction: their ids (the raw messages' ids) go
-//! into `ingested_message` (ids already there are skipped: a redelivery or a replay), and the rows of the new ones are streamed with binary COPY, the
-//! fastest path PostgreSQL offers. The messages are acknowledged after the commit; a crash
+//! [`MessageReadings`]) are written in one transaction: their ids (the messages' identities,
+//! [`dataviz_core::identity`]) go into `ingested_message` (ids already there are skipped: a
+//! redelivery, a replay, a copy), and the rows of the new ones are streamed with binary COPY,
+//! the fastest path PostgreSQL offers. The messages are acknowledged after the commit; a crash
 //! before that means a redelivery, which the ids absorb, so a unit stored once or five times,
 //! packed alike or not, leaves the same rows.
 //!
@@ -41,7 +42,8 @@ pub struct WriterConfig {
         default_value_t = 16
     )]
     pub writer_batch_size: usize,
-    /// How often old readings (plain PostgreSQL) and old message ids are deleted.
+    /// How often old readings (plain PostgreSQL) and old message ids are deleted, the first
+    /// time 15 s after start. Ids are kept as long as RAW or DEAD keeps messages, plus a day.
     #[arg(long, env = "RETENTION_CHECK_EVERY", value_name = "RETENTION_CHECK_EVERY", default_value = "1h", value_parser = humantime::parse_duration)]
     pub retention_check_every: std::time::Duration,
 }

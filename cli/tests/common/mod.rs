@@ -267,6 +267,56 @@ pub async fn stream_messages(nats_url: &str, stream: &str) -> Vec<async_nats::je
     out
 }
 
+/// How many messages a stream holds.
+pub async fn stream_count(nats_url: &str, stream: &str) -> u64 {
+    let client = async_nats::connect(nats_url).await.expect("NATS");
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js.get_stream(stream).await.expect("stream exists");
+    stream.info().await.expect("stream info").state.messages
+}
+
+/// Waits (60 s at most) until the processor and the writer have settled everything RAW and
+/// READINGS hold: what was published before is written, or refused, for good.
+pub async fn wait_drained(nats_url: &str) {
+    let client = async_nats::connect(nats_url).await.expect("NATS");
+    let js = async_nats::jetstream::new(client);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut settled_twice = 0;
+    loop {
+        let mut busy = false;
+        for (stream, consumer) in [
+            (
+                dataviz_core::streams::RAW_STREAM,
+                dataviz_core::streams::PROCESSOR_CONSUMER,
+            ),
+            (
+                dataviz_core::streams::READINGS_STREAM,
+                dataviz_core::streams::WRITER_CONSUMER,
+            ),
+        ] {
+            let mut consumer: async_nats::jetstream::consumer::PullConsumer = js
+                .get_stream(stream)
+                .await
+                .expect("stream exists")
+                .get_consumer(consumer)
+                .await
+                .expect("consumer exists");
+            let info = consumer.info().await.expect("consumer info");
+            busy |= info.num_pending > 0 || info.num_ack_pending > 0;
+        }
+        // Twice in a row: the processor may be between acking RAW and READINGS storing.
+        settled_twice = if busy { 0 } else { settled_twice + 1 };
+        if settled_twice == 2 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the pipeline did not settle within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 /// Starts `dataviz <role>` with exactly `env` plus `extra`: for tests that build their own
 /// environment (e.g. against a NATS cluster instead of a [`Stack`]).
 pub fn spawn_role(role: &str, env: Vec<(String, String)>, extra: &[(&str, &str)]) -> Role {
