@@ -114,6 +114,71 @@ pub async fn run(
     events.and(stored)
 }
 
+/// Makes sure the bridge's persistent session exists on the broker, subscribed to its topics.
+///
+/// A broker may keep a QoS 1 message only for the sessions that exist when it arrives
+/// (nats-server's MQTT listener does: its message stream has interest retention), so what
+/// devices publish before the bridge first subscribed would be acknowledged and dropped. This
+/// connects as the bridge (a running bridge is disconnected and reconnects at once), subscribes
+/// and disconnects without acknowledging anything: a message it is handed stays the bridge's,
+/// sent again when the bridge is back. Says whether the session was there already.
+pub async fn open_session(config: &BridgeConfig, within: Duration) -> anyhow::Result<bool> {
+    let mut options = config.mqtt.options(&config.mqtt_client_id)?;
+    options.set_clean_session(false);
+    options.set_manual_acks(true);
+    let (client, mut eventloop) = AsyncClient::new(options, 16);
+    let broker = format!("{}:{}", config.mqtt.mqtt_host, config.mqtt.mqtt_port);
+    let handshake = async {
+        let mut present = None;
+        loop {
+            match eventloop.poll().await? {
+                Event::Incoming(Packet::ConnAck(ack)) => {
+                    present = Some(ack.session_present);
+                    let filters = config
+                        .mqtt_topics
+                        .0
+                        .iter()
+                        .map(|t| rumqttc::SubscribeFilter::new(t.clone(), config.qos()));
+                    client.try_subscribe_many(filters)?;
+                }
+                Event::Incoming(Packet::SubAck(ack)) => {
+                    let refused = ack
+                        .return_codes
+                        .iter()
+                        .any(|code| matches!(code, rumqttc::SubscribeReasonCode::Failure));
+                    anyhow::ensure!(
+                        !refused,
+                        "the broker refused the subscription to {:?} (check the bridge user's rights)",
+                        config.mqtt_topics.0
+                    );
+                    return Ok(present.unwrap_or(false));
+                }
+                _ => {}
+            }
+        }
+    };
+    let present = tokio::time::timeout(within, handshake)
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!("no answer from the MQTT broker at {broker} within {within:?}")
+        })?
+        .map_err(|e: anyhow::Error| {
+            e.context(format!(
+                "opening the bridge's session on the MQTT broker at {broker}"
+            ))
+        })?;
+    let _ = client.try_disconnect();
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Ok(event) = eventloop.poll().await {
+            if let Event::Outgoing(rumqttc::Outgoing::Disconnect) = event {
+                break;
+            }
+        }
+    })
+    .await;
+    Ok(present)
+}
+
 async fn event_loop(
     mut eventloop: rumqttc::EventLoop,
     client: AsyncClient,

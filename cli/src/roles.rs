@@ -122,6 +122,13 @@ pub struct MigrateArgs {
     pub database: DatabaseConfig,
     #[command(flatten)]
     pub retention: RetentionConfig,
+    /// The bridge's broker and session, which `migrate` makes sure of.
+    #[command(flatten)]
+    pub bridge: BridgeConfig,
+    /// Do not make the bridge's MQTT session (the bridge makes it when it first connects; a
+    /// broker that keeps messages only for existing sessions drops what comes before).
+    #[arg(long)]
+    pub no_mqtt_session: bool,
 }
 
 /// What every long-running role starts with: the shutdown signal and the health server.
@@ -299,6 +306,28 @@ pub async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
             report.applied.join(", ")
         );
     }
+    if args.no_mqtt_session {
+        return Ok(());
+    }
+    let broker = format!(
+        "{}:{}",
+        args.bridge.mqtt.mqtt_host, args.bridge.mqtt.mqtt_port
+    );
+    let present = dataviz_bridge::open_session(&args.bridge, std::time::Duration::from_secs(15))
+        .await
+        .with_context(|| {
+            format!(
+                "making the bridge's MQTT session on {broker}, so that the broker keeps what \
+                 devices publish before the bridge runs (start the broker, or pass \
+                 --no-mqtt-session)"
+            )
+        })?;
+    println!(
+        "MQTT: the bridge's session ({}) on {broker} {}, subscribed to {}.",
+        args.bridge.mqtt_client_id,
+        if present { "exists" } else { "made" },
+        args.bridge.mqtt_topics.0.join(", ")
+    );
     Ok(())
 }
 
@@ -360,9 +389,13 @@ pub async fn hub(args: HubArgs) -> anyhow::Result<()> {
 
 /// Every role in one process; the database is migrated first.
 pub async fn all(args: AllArgs) -> anyhow::Result<()> {
+    // The bridge of this process makes its session as soon as the broker answers: `all` starts
+    // with the broker down, and waits for it, as the bridge role does.
     migrate(MigrateArgs {
         database: args.database.clone(),
         retention: args.retention.clone(),
+        bridge: args.bridge.clone(),
+        no_mqtt_session: true,
     })
     .await?;
     let role = Role::start(&args.ops, 9100).await?;

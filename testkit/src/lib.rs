@@ -8,6 +8,8 @@
 //!   its own temporary store directory. The binary comes from `DATAVIZ_NATS_SERVER`, else the
 //!   workspace's `.local/venv/bin/nats-server` (installed by `scripts/setup`), else `PATH`.
 //!   Debian's 2.9 is refused: it silently ignores stream and consumer settings we rely on.
+//!   [`NatsServer::start_broker`] runs the project's own config instead (`nats/`): JetStream,
+//!   the MQTT listener the devices publish to, and its two accounts with their users.
 //! - [`NatsCluster`]: three such servers routed into one JetStream cluster on loopback, each
 //!   node killable and restartable on its own: for replicated (R3) streams and node failures.
 //! - [`Mosquitto`]: Debian's `/usr/sbin/mosquitto` running the project's own
@@ -47,7 +49,7 @@ pub use cluster::{CLUSTER_SIZE, NatsCluster};
 pub use db::TestDb;
 pub use mosquitto::Mosquitto;
 pub use mqtt::Publisher;
-pub use nats::NatsServer;
+pub use nats::{BRIDGE_PASSWORD, DeviceUser, NatsServer};
 pub use net::{free_port, wait_for_port};
 pub use postgres::{PostgresConfig, PostgresServer};
 

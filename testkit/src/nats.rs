@@ -22,6 +22,25 @@ pub struct NatsServer {
     port: u16,
     dir: TempDir,
     process: ServerProcess,
+    /// Set when it runs the project's config as the MQTT broker ([`Self::start_broker`]).
+    broker: Option<Broker>,
+}
+
+/// The MQTT side of a [`NatsServer::start_broker`].
+struct Broker {
+    mqtt_port: u16,
+}
+
+/// The bridge's MQTT password on a [`NatsServer::start_broker`].
+pub const BRIDGE_PASSWORD: &str = "bridge-password";
+
+/// An MQTT user of a [`NatsServer::start_broker`], in the account of the devices.
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceUser<'a> {
+    pub name: &'a str,
+    pub password: &'a str,
+    /// The gateway it publishes for (`gateways/<id>/+`), or every gateway (a simulator).
+    pub gateway: Option<i32>,
 }
 
 impl NatsServer {
@@ -51,12 +70,70 @@ impl NatsServer {
             port: 0,
             dir,
             process,
+            broker: None,
         };
         three_tries("nats-server did not start", || {
             server.port = free_port();
             server.launch()
         });
         server
+    }
+
+    /// The project's own server: `nats/nats-server.conf` and `nats/accounts.conf` as they are
+    /// (JetStream, the MQTT listener, the two accounts), with only the addresses, ports and
+    /// store directory rewritten for the test. The bridge's MQTT user is `dataviz-bridge` with
+    /// [`BRIDGE_PASSWORD`]; `devices` are the MQTT users of the devices' account. NATS clients
+    /// connect without credentials, as the Dataviz roles do.
+    pub fn start_broker(devices: &[DeviceUser]) -> Self {
+        let binary = nats_binary().to_path_buf();
+        let dir = tempfile::Builder::new()
+            .prefix("dataviz-nats-broker-")
+            .tempdir()
+            .expect("create temp dir");
+        let root = crate::workspace_root().join("nats");
+        let read = |name: &str| {
+            std::fs::read_to_string(root.join(name))
+                .unwrap_or_else(|e| panic!("read nats/{name}: {e}"))
+        };
+        write_file(&dir.path().join("accounts.conf"), &read("accounts.conf"));
+        std::fs::create_dir(dir.path().join("auth")).expect("create auth dir");
+        write_file(
+            &dir.path().join("auth/devices.conf"),
+            &devices_conf(devices),
+        );
+        let process = ServerProcess::new("nats-server", dir.path().join("nats-server.log"));
+        let mut server = Self {
+            binary,
+            port: 0,
+            dir,
+            process,
+            broker: Some(Broker { mqtt_port: 0 }),
+        };
+        let project = read("nats-server.conf");
+        three_tries("nats-server (MQTT broker) did not start", || {
+            server.port = free_port();
+            let mqtt_port = free_port();
+            server.broker = Some(Broker { mqtt_port });
+            write_file(
+                &server.dir.path().join("nats-server.conf"),
+                &broker_config(&project, mqtt_port, &server.store_dir()),
+            );
+            server.launch()?;
+            if crate::net::wait_for_port(mqtt_port, Duration::from_secs(10)) {
+                return Ok(());
+            }
+            server.process.kill();
+            Err(format!("no MQTT listener on port {mqtt_port}"))
+        });
+        server
+    }
+
+    /// The MQTT listener's port, when the server is [`start_broker`](Self::start_broker)'s.
+    pub fn mqtt_port(&self) -> u16 {
+        self.broker
+            .as_ref()
+            .expect("a NatsServer::start_broker has an MQTT listener")
+            .mqtt_port
     }
 
     /// `nats://127.0.0.1:PORT`
@@ -124,19 +201,49 @@ impl NatsServer {
         command
             .arg("-c")
             .arg(self.dir.path().join("nats-server.conf"))
-            .args([
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-js",
-                "-sd",
-            ])
-            .arg(self.store_dir());
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js"]);
+        match &self.broker {
+            // The project's config sets store_dir (rewritten): -sd would be refused.
+            Some(_) => command.env("MQTT_BRIDGE_PASSWORD", BRIDGE_PASSWORD),
+            None => command.arg("-sd").arg(self.store_dir()),
+        };
         let port = self.port;
         // Ready when it sends its INFO line: JetStream has recovered its streams by then.
         self.process.spawn(command, || info_line(port).is_some())
     }
+}
+
+/// `nats/nats-server.conf` with the store directory and the MQTT listener moved for a test, and
+/// no monitoring port (tests run side by side); the client port is given on the command line.
+fn broker_config(project: &str, mqtt_port: u16, store: &Path) -> String {
+    project
+        .lines()
+        .filter(|line| !line.trim_start().starts_with("http_port:"))
+        .map(|line| match line.trim_start() {
+            l if l.starts_with("store_dir:") => format!("  store_dir: \"{}\"\n", store.display()),
+            l if l.starts_with("listen:") => format!("  listen: \"127.0.0.1:{mqtt_port}\"\n"),
+            _ => format!("{line}\n"),
+        })
+        .collect()
+}
+
+/// `auth/devices.conf`: the devices' users, each publishing for its gateway only (permissions
+/// apply to the subject as mapped in nats/accounts.conf) and reading nothing.
+pub(crate) fn devices_conf(devices: &[DeviceUser]) -> String {
+    let mut conf = String::from("users: [\n");
+    for device in devices {
+        let subject = match device.gateway {
+            Some(id) => format!("in.gateways.{id}.*"),
+            None => "in.gateways.>".to_owned(),
+        };
+        conf.push_str(&format!(
+            "  {{ user: \"{}\", password: \"{}\", allowed_connection_types: [\"MQTT\"], \
+             permissions: {{ publish: {{ allow: [\"{subject}\"] }}, subscribe: {{ deny: \">\" }} }} }}\n",
+            device.name, device.password
+        ));
+    }
+    conf.push_str("]\n");
+    conf
 }
 
 impl Drop for NatsServer {

@@ -65,25 +65,7 @@ impl Stack {
 
     /// The environment of a `dataviz` process pointed at this stack.
     pub fn env(&self) -> Vec<(String, String)> {
-        [
-            ("NATS_URL", self.nats.url()),
-            ("MQTT_HOST", "127.0.0.1".to_owned()),
-            ("MQTT_PORT", self.mosquitto.port().to_string()),
-            ("DATABASE_URL", self.db.url().to_owned()),
-            ("LOG_DIR", self.log_dir.path().display().to_string()),
-            ("RUST_LOG", "info".to_owned()),
-            ("APP_ENV", "prod".to_owned()),
-            ("LOG_FORMAT", "text".to_owned()),
-            // Several roles per test: each serves /healthz and /metrics on a port of its own.
-            ("HTTP_ADDR", "127.0.0.1:0".to_owned()),
-            ("APP_ADDR", "127.0.0.1:0".to_owned()),
-            // Tests replay dated payloads (the original's example is from 2017): retention is
-            // tested on its own, with this set.
-            ("READINGS_RETENTION", "off".to_owned()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
-        .collect()
+        role_env(&self.nats, self.mosquitto.port(), &self.db, &self.log_dir)
     }
 
     /// Starts `dataviz <role>` with this stack's environment plus `extra`.
@@ -111,6 +93,35 @@ impl Stack {
     pub async fn wait_for_count(&self, sql: &str, expected: i64, timeout: Duration) {
         wait_for_count_on(&self.db, sql, expected, timeout).await
     }
+}
+
+/// The environment of a `dataviz` process on these servers, the broker's MQTT listener on
+/// `mqtt_port`.
+pub fn role_env(
+    nats: &NatsServer,
+    mqtt_port: u16,
+    db: &TestDb,
+    log_dir: &tempfile::TempDir,
+) -> Vec<(String, String)> {
+    [
+        ("NATS_URL", nats.url()),
+        ("MQTT_HOST", "127.0.0.1".to_owned()),
+        ("MQTT_PORT", mqtt_port.to_string()),
+        ("DATABASE_URL", db.url().to_owned()),
+        ("LOG_DIR", log_dir.path().display().to_string()),
+        ("RUST_LOG", "info".to_owned()),
+        ("APP_ENV", "prod".to_owned()),
+        ("LOG_FORMAT", "text".to_owned()),
+        // Several roles per test: each serves /healthz and /metrics on a port of its own.
+        ("HTTP_ADDR", "127.0.0.1:0".to_owned()),
+        ("APP_ADDR", "127.0.0.1:0".to_owned()),
+        // Tests replay dated payloads (the original's example is from 2017): retention is
+        // tested on its own, with this set.
+        ("READINGS_RETENTION", "off".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
 }
 
 /// A `dataviz` process; killed when dropped.

@@ -1,0 +1,188 @@
+//! The default broker: nats-server's own MQTT listener, running the project's config
+//! (`nats/`), as `scripts/start` and compose.yaml run it. A device independent of Dataviz
+//! (paho-mqtt, `tests/devices/resending_device.py`) publishes; the broker is SIGKILLed under it;
+//! what it acknowledged is stored, each reading once. And its catch: it keeps a message only for
+//! the sessions that exist, so `dataviz migrate` makes the bridge's.
+
+mod common;
+
+use common::{Role, assert_every_numbered_message_once, count_on, role_env, spawn_role};
+use dataviz_testkit::{BRIDGE_PASSWORD, DeviceUser, NatsServer, TestDb};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const DEVICE: DeviceUser = DeviceUser {
+    name: "gateway-1",
+    password: "device-password",
+    gateway: Some(1),
+};
+
+/// The project's broker, a migrated database with gateway 1, and the roles' environment (the
+/// bridge's MQTT user and password).
+struct BrokerStack {
+    nats: NatsServer,
+    db: TestDb,
+    log_dir: tempfile::TempDir,
+}
+
+impl BrokerStack {
+    async fn start() -> BrokerStack {
+        let nats = NatsServer::start_broker(&[DEVICE]);
+        let db = TestDb::create().await;
+        let stack = BrokerStack {
+            nats,
+            db,
+            log_dir: tempfile::tempdir().expect("temp dir"),
+        };
+        let (ok, out) = stack.dataviz(&["migrate"]);
+        assert!(ok, "{out}");
+        assert!(
+            out.contains("MQTT: the bridge's session (dataviz-bridge)") && out.contains("made"),
+            "{out}"
+        );
+        let (ok, out) = stack.dataviz(&["migrate"]);
+        assert!(
+            ok && out.contains("exists"),
+            "a second migrate finds it: {out}"
+        );
+        stack
+            .db
+            .connect()
+            .await
+            .execute("INSERT INTO gateway (id, name) VALUES (1, 'one')", &[])
+            .await
+            .expect("gateway inserted");
+        stack
+    }
+
+    fn env(&self) -> Vec<(String, String)> {
+        let mut env = role_env(&self.nats, self.nats.mqtt_port(), &self.db, &self.log_dir);
+        env.push(("MQTT_USERNAME".into(), "dataviz-bridge".into()));
+        env.push(("MQTT_PASSWORD".into(), BRIDGE_PASSWORD.into()));
+        env
+    }
+
+    fn spawn(&self, role: &str, extra: &[(&str, &str)]) -> Role {
+        spawn_role(role, self.env(), extra)
+    }
+
+    /// Runs `dataviz ARGS` to its end: success, and what it printed.
+    fn dataviz(&self, args: &[&str]) -> (bool, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_dataviz"))
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .envs(self.env())
+            .output()
+            .expect("dataviz runs");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    }
+}
+
+/// Starts the paho device: `messages` numbered readings at `rate` a second for gateway 1.
+fn resending_device(
+    port: u16,
+    messages: i64,
+    rate: u32,
+    acked: &std::path::Path,
+) -> std::process::Child {
+    let python = dataviz_testkit::workspace_root().join(".local/venv/bin/python");
+    assert!(
+        python.is_file(),
+        "{} not found: run scripts/setup (it installs paho-mqtt there)",
+        python.display()
+    );
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/devices/resending_device.py"
+    );
+    Command::new(python)
+        .arg(script)
+        .args(["--port", &port.to_string()])
+        .args(["--user", DEVICE.name, "--password", DEVICE.password])
+        .args(["--gateway", "1"])
+        .args(["--messages", &messages.to_string()])
+        .args(["--rate", &rate.to_string()])
+        .arg("--acked")
+        .arg(acked)
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("python runs")
+}
+
+/// Waits for the device to end (within `timeout`); the numbers the broker acknowledged.
+async fn acknowledged(
+    device: &mut std::process::Child,
+    acked: &std::path::Path,
+    timeout: Duration,
+) -> Vec<i64> {
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = device.try_wait().expect("device status") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = device.kill();
+            panic!("the device did not finish within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let numbers: Vec<i64> = std::fs::read_to_string(acked)
+        .expect("the device wrote what was acknowledged")
+        .lines()
+        .map(|line| line.parse().expect("a number"))
+        .collect();
+    assert!(
+        status.success(),
+        "the device: {status}, {} acknowledged",
+        numbers.len()
+    );
+    numbers
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_broker_sigkilled_twice_loses_no_acknowledged_message_and_stores_none_twice() {
+    const MESSAGES: i64 = 20_000;
+    let mut stack = BrokerStack::start().await;
+    let _all = stack.spawn("all", &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let acked = dir.path().join("acked");
+    // 1,000 a second for 20 s; the broker (JetStream too) dies at 5 s and at 12 s.
+    let mut device = resending_device(stack.nats.mqtt_port(), MESSAGES, 1_000, &acked);
+    for at in [5, 7] {
+        tokio::time::sleep(Duration::from_secs(at)).await;
+        stack.nats.kill();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        stack.nats.restart();
+    }
+    let numbers = acknowledged(&mut device, &acked, Duration::from_secs(240)).await;
+    assert_eq!(
+        numbers.len() as i64,
+        MESSAGES,
+        "the device got every PUBACK"
+    );
+    assert_every_numbered_message_once(&stack.db, MESSAGES, Duration::from_secs(180)).await;
+    let log = stack.nats.log();
+    assert!(
+        log.matches("Starting nats-server").count() >= 3,
+        "the broker started three times: {}",
+        &log[log.len().saturating_sub(2000)..]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_devices_publish_before_the_bridge_first_runs_is_kept_for_it() {
+    let stack = BrokerStack::start().await;
+    // `migrate` made the session; no bridge has run yet.
+    let dir = tempfile::tempdir().unwrap();
+    let acked = dir.path().join("acked");
+    let mut device = resending_device(stack.nats.mqtt_port(), 500, 500, &acked);
+    let numbers = acknowledged(&mut device, &acked, Duration::from_secs(60)).await;
+    assert_eq!(numbers.len(), 500);
+    let _bridge = stack.spawn("all", &[]);
+    assert_every_numbered_message_once(&stack.db, 500, Duration::from_secs(60)).await;
+    assert_eq!(count_on(&stack.db, "SELECT count(*) FROM device").await, 20);
+}
