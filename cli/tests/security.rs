@@ -1022,3 +1022,123 @@ async fn the_broker_refuses_anonymous_clients_and_confines_each_gateway() {
         all.log()
     );
 }
+
+/// The default broker as the project configures it (nats/nats-server.conf and accounts.conf as
+/// they are): an anonymous MQTT client is refused while the roles' anonymous NATS connection
+/// works; a gateway publishes under its own id only and reads nothing; and a gateway that
+/// connects under the bridge's client id, with a clean session, neither disconnects the bridge
+/// nor wipes the messages queued for it (the devices' account holds no session of the bridge).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_broker_refuses_anonymous_clients_and_confines_each_gateway() {
+    use dataviz_testkit::{BRIDGE_PASSWORD, DeviceUser};
+    let gateway_user = |id: i32, password| DeviceUser {
+        name: if id == 7 { "7" } else { "8" },
+        password,
+        gateway: Some(id),
+    };
+    let broker = NatsServer::start_broker(&[
+        gateway_user(7, "gateway-7-password"),
+        gateway_user(8, "gateway-8-password"),
+    ]);
+    let stack = Stack::start().await;
+    stack.create_gateway(7).await;
+    stack.create_gateway(8).await;
+    let port = broker.mqtt_port();
+    let client = |id: &str, user: &str, password: &str| {
+        let mut options = MqttOptions::new(id, "127.0.0.1", port);
+        options.set_credentials(user, password);
+        options
+    };
+    let refused = broker_answer(MqttOptions::new("anonymous-device", "127.0.0.1", port)).await;
+    assert!(refused.is_err(), "anonymous MQTT client accepted: {refused:?}");
+    let wrong = broker_answer(client("d", "7", "not-the-password")).await;
+    assert!(wrong.is_err(), "{wrong:?}");
+    let roles_user = async_nats::connect(broker.url()).await;
+    assert!(roles_user.is_ok(), "the roles connect without credentials");
+
+    // The roles on this broker (NATS and MQTT), the bridge with its own user.
+    let mut bridge = client("dataviz-bridge", "dataviz-bridge", BRIDGE_PASSWORD);
+    bridge.set_clean_session(false);
+    mqtt_exchange(bridge, Some("gateways/+/+"), None).await;
+    let ops = free_port();
+    let ops_addr = format!("127.0.0.1:{ops}");
+    let (nats_url, mqtt_port) = (broker.url(), port.to_string());
+    let role = || {
+        spawn_logged(
+            "all",
+            &stack.env(),
+            &[
+                ("NATS_URL", &nats_url),
+                ("MQTT_PORT", &mqtt_port),
+                ("MQTT_USERNAME", "dataviz-bridge"),
+                ("MQTT_PASSWORD", BRIDGE_PASSWORD),
+                ("HTTP_ADDR", &ops_addr),
+            ],
+        )
+    };
+    let mut all = role();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !matches!(common::http_get(ops, "/readyz").await, Some((200, _))) {
+        assert!(Instant::now() < deadline, "not ready:\n{}", all.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A gateway's own topic is carried; another gateway's is dropped (acknowledged, never
+    // delivered, as with Mosquitto).
+    let seven = || client("plc-line-7", "7", "gateway-7-password");
+    mqtt_exchange(seven(), None, Some(("gateways/8/forged", MESSAGE))).await;
+    mqtt_exchange(seven(), None, Some(("gateways/7/plc-1", MESSAGE))).await;
+    stack.wait_for_count(ROWS, 1, Duration::from_secs(20)).await;
+    let eight = || client("plc-line-8", "8", "gateway-8-password");
+    mqtt_exchange(eight(), None, Some(("gateways/8/plc-2", MESSAGE))).await;
+    stack.wait_for_count(ROWS, 2, Duration::from_secs(20)).await;
+    assert_eq!(
+        stack
+            .count("SELECT count(*) FROM device WHERE code = 'forged'")
+            .await,
+        0,
+        "gateway 7 published for gateway 8"
+    );
+
+    // A gateway reads nothing: the subscription is refused.
+    let (listener, mut events) = AsyncClient::new(seven(), 10);
+    listener
+        .subscribe("gateways/#", QoS::AtLeastOnce)
+        .await
+        .expect("subscribe queued");
+    let suback = loop {
+        match tokio::time::timeout(Duration::from_secs(10), events.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::SubAck(ack)))) => break ack,
+            Ok(Ok(_)) => {}
+            other => panic!("no SUBACK: {other:?}"),
+        }
+    };
+    assert!(
+        suback
+            .return_codes
+            .iter()
+            .all(|code| matches!(code, rumqttc::SubscribeReasonCode::Failure)),
+        "gateway 7 may read: {suback:?}"
+    );
+    listener.disconnect().await.ok();
+    let _ = tokio::time::timeout(Duration::from_secs(1), events.poll()).await;
+
+    // The bridge away, a message queued for it; gateway 7 takes the bridge's client id with a
+    // clean session (on one account, that would wipe the bridge's session and its queue).
+    all.kill();
+    mqtt_exchange(seven(), None, Some(("gateways/7/plc-3", MESSAGE))).await;
+    let impostor = client("dataviz-bridge", "7", "gateway-7-password");
+    broker_answer(impostor).await.expect("gateway 7 connects");
+    let all = role();
+    stack.wait_for_count(ROWS, 3, Duration::from_secs(30)).await;
+    // And while the bridge is connected: it stays connected.
+    let impostor = client("dataviz-bridge", "7", "gateway-7-password");
+    broker_answer(impostor).await.expect("gateway 7 connects");
+    mqtt_exchange(seven(), None, Some(("gateways/7/plc-4", MESSAGE))).await;
+    stack.wait_for_count(ROWS, 4, Duration::from_secs(20)).await;
+    assert!(
+        !all.log().contains("MQTT connection lost"),
+        "the bridge was disconnected:\n{}",
+        all.log()
+    );
+}
