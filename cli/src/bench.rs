@@ -1,26 +1,32 @@
 //! `dataviz bench`: the pipeline's throughput, latency and memory, beside the machine's limits
 //! measured in the same run.
 //!
-//! It starts its own servers (a nats-server and a Mosquitto on free ports, a scratch database
-//! on the PostgreSQL of `DATABASE_URL`), then measures, in order:
+//! It starts its own servers (a nats-server running the project's config, which is also the
+//! devices' MQTT broker; a Mosquitto and a plain nats-server beside it; all on free ports) and a
+//! scratch database on the PostgreSQL of `DATABASE_URL`, then measures, in order:
 //!
-//! 1. the limits: Mosquitto alone (one QoS 1 publisher to one subscriber), JetStream publishing
+//! 1. the limits: each broker alone (one QoS 1 publisher to one subscriber: Mosquitto, and
+//!    nats-server's MQTT listener from a device's account to the bridge's), JetStream publishing
 //!    alone (acks pipelined), PostgreSQL binary COPY alone into a table shaped like
 //!    `tag_reading`, all with the same messages and rows the pipeline gets; and beside COPY
 //!    alone, the writer's own transactions on those rows;
-//! 2. sustained throughput: `dataviz all` (a child process) fed as fast as Mosquitto takes
-//!    messages, until every reading is committed;
-//! 3. latency at a fixed rate: MQTT publish → row committed and → Mercure event, p50 and p99;
+//! 2. sustained throughput, once per broker: `dataviz all` (a child process) fed as fast as the
+//!    broker takes messages, until every reading is committed; with nats-server (the default)
+//!    it is both broker and JetStream, with Mosquitto the plain nats-server holds the streams;
+//! 3. latency at a fixed rate, on the default broker: MQTT publish → row committed and →
+//!    Mercure event, p50 and p99;
 //! 4. peak memory (VmHWM) of each process;
 //! 5. peak memory of a second `dataviz all` fed payloads of 250 KiB (just under the processor's
-//!    default limit), beside the volume it carried: what bounds memory is bytes, not counts.
+//!    default limit), beside the volume it carried: what bounds memory is bytes, not counts;
+//! 6. what RAW's duplicate window costs nats-server: its memory once a stream holds
+//!    `--dedup-messages` deduplication ids in its window, beside the same messages without ids.
 //!
 //! Figures are printed with their ratio to the limit they stand beside: on a shared machine the
 //! ratios are what compares from one run to the next.
 
 use anyhow::Context as _;
 use bytes::Bytes;
-use dataviz_testkit::{Mosquitto, NatsServer, Publisher, TestDb};
+use dataviz_testkit::{BRIDGE_PASSWORD, DeviceUser, Mosquitto, NatsServer, Publisher, TestDb};
 use futures::{StreamExt, stream::FuturesUnordered};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use std::process::{Child, Command, Stdio};
@@ -44,6 +50,9 @@ pub struct BenchArgs {
     /// Messages of the large-payload run (250 KiB each).
     #[arg(long, default_value_t = 1_000)]
     large_messages: u64,
+    /// Messages of the duplicate-window run (each with its own deduplication id).
+    #[arg(long, default_value_t = 200_000)]
+    dedup_messages: u64,
     /// Rate of the latency run, messages per second.
     #[arg(long, default_value_t = 1_000)]
     latency_rate: u64,
@@ -93,15 +102,65 @@ fn rate(count: u64, elapsed: Duration) -> f64 {
 
 /// Peak resident memory of a process, in MiB.
 fn peak_rss_mib(pid: u32) -> Option<f64> {
+    proc_status_mib(pid, "VmHWM:")
+}
+
+/// A memory figure of `/proc/<pid>/status` (`VmHWM:`, `VmRSS:`), in MiB.
+fn proc_status_mib(pid: u32, field: &str) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kb: f64 = status
         .lines()
-        .find(|l| l.starts_with("VmHWM:"))?
+        .find(|l| l.starts_with(field))?
         .split_whitespace()
         .nth(1)?
         .parse()
         .ok()?;
     Some(kb / 1024.0)
+}
+
+/// An MQTT broker the pipeline runs on: where devices and the bridge connect, with what
+/// credentials, and the JetStream server the roles use beside it.
+struct Broker<'a> {
+    name: &'static str,
+    mqtt_port: u16,
+    /// A device's user (every gateway), when the broker refuses anonymous clients.
+    device: Option<(&'static str, &'static str)>,
+    /// The bridge's user.
+    bridge: Option<(&'static str, &'static str)>,
+    nats: &'a NatsServer,
+}
+
+/// The device user of the bench's nats-server.
+const BENCH_DEVICE: DeviceUser = DeviceUser {
+    name: "bench-device",
+    password: "bench-device-password",
+    gateway: None,
+};
+
+impl Broker<'_> {
+    /// A device connected to this broker as `client_id`.
+    fn publisher(&self, client_id: &str) -> Publisher {
+        match self.device {
+            Some((user, password)) => {
+                Publisher::connect_as(self.mqtt_port, client_id, user, password)
+            }
+            None => Publisher::connect(self.mqtt_port, client_id),
+        }
+    }
+
+    /// The environment of a `dataviz` process on this broker.
+    fn env(&self) -> Vec<(&'static str, String)> {
+        let mut env = vec![
+            ("NATS_URL", self.nats.url()),
+            ("MQTT_HOST", "127.0.0.1".to_owned()),
+            ("MQTT_PORT", self.mqtt_port.to_string()),
+        ];
+        if let Some((user, password)) = self.bridge {
+            env.push(("MQTT_USERNAME", user.to_owned()));
+            env.push(("MQTT_PASSWORD", password.to_owned()));
+        }
+        env
+    }
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -110,8 +169,23 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "--messages, --devices and --tags must be at least 1"
     );
     let db = TestDb::create_on(args.database_url.clone()).await;
-    let nats = NatsServer::start();
+    let broker_nats = NatsServer::start_broker(&[BENCH_DEVICE]);
+    let plain_nats = NatsServer::start();
     let mosquitto = Mosquitto::start();
+    let default = Broker {
+        name: "nats-server",
+        mqtt_port: broker_nats.mqtt_port(),
+        device: Some((BENCH_DEVICE.name, BENCH_DEVICE.password)),
+        bridge: Some(("dataviz-bridge", BRIDGE_PASSWORD)),
+        nats: &broker_nats,
+    };
+    let other = Broker {
+        name: "Mosquitto",
+        mqtt_port: mosquitto.port(),
+        device: None,
+        bridge: None,
+        nats: &plain_nats,
+    };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
         "dataviz bench: {} messages × {} readings, {} devices; {cores} cores; nats-server, Mosquitto and PostgreSQL on this machine\n",
@@ -122,48 +196,59 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     dataviz_core::db::migrate(&mut client).await?;
 
     // 1. The limits, and the writer alone beside COPY alone.
-    let mqtt_alone = mosquitto_alone(&mosquitto, &args).await?;
-    let js_alone = jetstream_alone(&nats, &args).await?;
+    let nats_mqtt_alone = broker_alone(&default, &args).await?;
+    let mosquitto_alone = broker_alone(&other, &args).await?;
+    let js_alone = jetstream_alone(&plain_nats, &args).await?;
     let (copy_alone, writer_alone) = copy_and_writer_alone(&db, &args).await?;
 
-    // 2. The pipeline, flat out.
+    // 2. The pipeline, flat out, on each broker: Mosquitto first, then the default, which
+    // stays up for the latency and memory runs.
     client
         .execute("INSERT INTO gateway (id, name) VALUES (1, 'bench')", &[])
         .await?;
     let log_dir = tempfile::tempdir()?;
+    let (mosquitto_msgs, mosquitto_readings, mem_mosquitto_all) = {
+        let app_addr = format!("127.0.0.1:{}", dataviz_testkit::free_port());
+        let all = KillOnDrop(start_all(&other, &db, &app_addr, log_dir.path())?);
+        started().await;
+        let (msgs, readings) = pipeline(&other, &client, &args).await?;
+        (msgs, readings, peak_rss_mib(all.0.id()))
+    };
     let app_addr = format!("127.0.0.1:{}", dataviz_testkit::free_port());
-    let all = KillOnDrop(spawn_all(
-        &nats,
-        &mosquitto,
-        &db,
-        &app_addr,
-        log_dir.path(),
-    )?);
-    wait_ready(&client).await?;
+    let all = KillOnDrop(start_all(&default, &db, &app_addr, log_dir.path())?);
+    started().await;
     let hub = format!("http://{app_addr}{}", dataviz_mercure::HUB_PATH);
-    let (pipeline_msgs, pipeline_readings) = pipeline(&mosquitto, &client, &args).await?;
+    let (pipeline_msgs, pipeline_readings) = pipeline(&default, &client, &args).await?;
 
     // The publisher's backlog (updates for the hub) drains before the latency run.
-    wait_publisher_drained(&nats).await?;
+    wait_publisher_drained(&broker_nats).await?;
 
     // 3. Latency at a fixed rate.
-    let latency = latency(&mosquitto, &client, &hub, &args).await?;
+    let latency = latency(&default, &client, &hub, &args).await?;
 
     // 4. Memory.
     let mem_all = peak_rss_mib(all.0.id());
-    let mem_nats = nats.pid().and_then(peak_rss_mib);
+    let mem_nats = broker_nats.pid().and_then(peak_rss_mib);
     let mem_mqtt = mosquitto.pid().and_then(peak_rss_mib);
     drop(all);
 
     // 5. Memory under large payloads, in a `dataviz all` of its own.
-    let large = large_payloads(&nats, &mosquitto, &db, &client, log_dir.path(), &args).await?;
+    let large = large_payloads(&default, &db, &client, log_dir.path(), &args).await?;
+
+    // 6. The duplicate window's memory.
+    let id_bytes = dedup_window_bytes(&args).await?;
 
     println!("\n{:<58} {:>14} {:>10}", "measure", "figure", "ratio");
     let line =
         |what: &str, figure: String, ratio: String| println!("{what:<58} {figure:>14} {ratio:>10}");
     line(
+        "nats-server MQTT alone, QoS 1, 1 device → the bridge's user",
+        format!("{nats_mqtt_alone:.0} msg/s"),
+        "1.00".into(),
+    );
+    line(
         "Mosquitto alone, QoS 1, 1 publisher → 1 subscriber",
-        format!("{mqtt_alone:.0} msg/s"),
+        format!("{mosquitto_alone:.0} msg/s"),
         "1.00".into(),
     );
     line(
@@ -182,14 +267,29 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         format!("{:.2}", writer_alone / copy_alone),
     );
     line(
-        "pipeline: MQTT → tag_reading, messages (vs Mosquitto alone)",
+        "pipeline on nats-server: messages (vs nats-server MQTT alone)",
         format!("{pipeline_msgs:.0} msg/s"),
-        format!("{:.2}", pipeline_msgs / mqtt_alone),
+        format!("{:.2}", pipeline_msgs / nats_mqtt_alone),
     );
     line(
-        "pipeline: readings committed (vs COPY alone)",
+        "pipeline on nats-server: readings committed (vs COPY alone)",
         format!("{pipeline_readings:.0} rows/s"),
         format!("{:.2}", pipeline_readings / copy_alone),
+    );
+    line(
+        "pipeline on Mosquitto: messages (vs Mosquitto alone)",
+        format!("{mosquitto_msgs:.0} msg/s"),
+        format!("{:.2}", mosquitto_msgs / mosquitto_alone),
+    );
+    line(
+        "pipeline on Mosquitto: readings committed (vs COPY alone)",
+        format!("{mosquitto_readings:.0} rows/s"),
+        format!("{:.2}", mosquitto_readings / copy_alone),
+    );
+    line(
+        "pipeline on nats-server vs on Mosquitto, messages",
+        String::new(),
+        format!("{:.2}", pipeline_msgs / mosquitto_msgs),
     );
     line(
         &format!(
@@ -224,8 +324,21 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         String::new(),
     );
     let mib = |m: Option<f64>| m.map_or("n/a".to_owned(), |m| format!("{m:.0} MiB"));
-    line("peak memory: dataviz all", mib(mem_all), String::new());
-    line("peak memory: nats-server", mib(mem_nats), String::new());
+    line(
+        "peak memory: dataviz all (nats-server)",
+        mib(mem_all),
+        String::new(),
+    );
+    line(
+        "peak memory: dataviz all (Mosquitto)",
+        mib(mem_mosquitto_all),
+        String::new(),
+    );
+    line(
+        "peak memory: nats-server (broker and JetStream)",
+        mib(mem_nats),
+        String::new(),
+    );
     line("peak memory: mosquitto", mib(mem_mqtt), String::new());
     line(
         &format!(
@@ -245,7 +358,74 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         ),
         String::new(),
     );
+    line(
+        "nats-server memory per id in a duplicate window",
+        format!("{id_bytes:.0} bytes"),
+        String::new(),
+    );
+    line(
+        "  RAW_DUPLICATE_WINDOW 2m at 1,000 msg/s (120,000 ids)",
+        format!("{:.1} MiB", id_bytes * 120_000.0 / (1024.0 * 1024.0)),
+        String::new(),
+    );
     Ok(())
+}
+
+/// What one deduplication id held in a stream's duplicate window costs nats-server, in bytes:
+/// the growth of its resident memory while a stream with a one-hour window takes
+/// `--dedup-messages` messages each with its own `Nats-Msg-Id`, less the growth for the same
+/// messages without ids, each on a fresh server.
+async fn dedup_window_bytes(args: &BenchArgs) -> anyhow::Result<f64> {
+    eprintln!(
+        "duplicate window: {} messages with ids, then without…",
+        args.dedup_messages
+    );
+    let mut growth = [0.0; 2];
+    for (with_ids, growth) in [true, false].into_iter().zip(&mut growth) {
+        let nats = NatsServer::start();
+        let pid = nats.pid().context("nats-server's pid")?;
+        let js = dataviz_core::config::jetstream(async_nats::connect(nats.url()).await?);
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: "DEDUP".into(),
+            subjects: vec!["dedup.>".into()],
+            storage: async_nats::jetstream::stream::StorageType::File,
+            duplicate_window: Duration::from_secs(3600),
+            ..Default::default()
+        })
+        .await?;
+        let before = rss_mib(pid).context("nats-server's memory")?;
+        let mut in_flight = FuturesUnordered::new();
+        for seq in 0..args.dedup_messages {
+            let mut headers = async_nats::HeaderMap::new();
+            if with_ids {
+                // As long as the bridge's: client id, packet id and a 64-bit hash.
+                let id = format!("dataviz-bridge:{}:{seq:016x}", seq % 65_535);
+                headers.insert(dataviz_core::message::HEADER_MSG_ID, id.as_str());
+            }
+            let ack = js
+                .publish_with_headers(
+                    format!("dedup.{}", seq % 100),
+                    headers,
+                    Bytes::from_static(b"{}"),
+                )
+                .await?;
+            in_flight.push(ack.into_future());
+            if in_flight.len() >= 4096 {
+                in_flight.next().await.transpose()?;
+            }
+        }
+        while let Some(ack) = in_flight.next().await {
+            ack?;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        *growth = rss_mib(pid).context("nats-server's memory")? - before;
+    }
+    Ok((growth[0] - growth[1]).max(0.0) * 1024.0 * 1024.0 / args.dedup_messages as f64)
+}
+
+/// Resident memory of a process now, in MiB.
+fn rss_mib(pid: u32) -> Option<f64> {
+    proc_status_mib(pid, "VmRSS:")
 }
 
 /// A payload of 250 KiB: 100 text readings of 2,540 characters each.
@@ -274,12 +454,11 @@ struct Large {
     elapsed: Duration,
 }
 
-/// A fresh `dataviz all` fed `--large-messages` payloads of 250 KiB as fast as Mosquitto takes
+/// A fresh `dataviz all` fed `--large-messages` payloads of 250 KiB as fast as the broker takes
 /// them, until every one is stored and the publisher has posted what LIVE holds; its peak
 /// resident memory then.
 async fn large_payloads(
-    nats: &NatsServer,
-    mosquitto: &Mosquitto,
+    broker: &Broker<'_>,
     db: &TestDb,
     client: &tokio_postgres::Client,
     log_dir: &std::path::Path,
@@ -290,10 +469,10 @@ async fn large_payloads(
         args.large_messages
     );
     let app_addr = format!("127.0.0.1:{}", dataviz_testkit::free_port());
-    let all = KillOnDrop(spawn_all(nats, mosquitto, db, &app_addr, log_dir)?);
-    wait_ready(client).await?;
+    let all = KillOnDrop(start_all(broker, db, &app_addr, log_dir)?);
+    started().await;
     let before = count(client).await?;
-    let mut publisher = Publisher::connect(mosquitto.port(), "bench-large");
+    let mut publisher = broker.publisher("bench-large");
     let now = chrono::Utc::now() - chrono::Duration::hours(2);
     let mut bytes = 0;
     let start = Instant::now();
@@ -313,7 +492,7 @@ async fn large_payloads(
     )
     .await?;
     let elapsed = start.elapsed();
-    wait_publisher_drained(nats).await?;
+    wait_publisher_drained(broker.nats).await?;
     Ok(Large {
         peak_mib: peak_rss_mib(all.0.id()),
         volume_mib: bytes as f64 / (1024.0 * 1024.0),
@@ -321,12 +500,18 @@ async fn large_payloads(
     })
 }
 
-async fn mosquitto_alone(mosquitto: &Mosquitto, args: &BenchArgs) -> anyhow::Result<f64> {
-    eprintln!("limits: Mosquitto alone…");
-    let mut options = MqttOptions::new("bench-subscriber", "127.0.0.1", mosquitto.port());
+/// One QoS 1 publisher to one subscriber through `broker` (the device's user to the bridge's,
+/// when it has users), nothing else: what the broker carries alone.
+async fn broker_alone(broker: &Broker<'_>, args: &BenchArgs) -> anyhow::Result<f64> {
+    eprintln!("limits: {} alone…", broker.name);
+    let mut options = MqttOptions::new("bench-subscriber", "127.0.0.1", broker.mqtt_port);
     options.set_max_packet_size(1 << 20, 1 << 20);
+    if let Some((user, password)) = broker.bridge {
+        options.set_credentials(user, password);
+    }
     let (sub, mut events) = AsyncClient::new(options, 1000);
-    sub.subscribe("limits/#", QoS::AtLeastOnce).await?;
+    // Under gateways/, which the bridge's user may read; no gateway 0 exists.
+    sub.subscribe("gateways/0/#", QoS::AtLeastOnce).await?;
     loop {
         if let Event::Incoming(Packet::SubAck(_)) = events.poll().await? {
             break;
@@ -341,13 +526,13 @@ async fn mosquitto_alone(mosquitto: &Mosquitto, args: &BenchArgs) -> anyhow::Res
             }
         }
     });
-    let mut publisher = Publisher::connect(mosquitto.port(), "bench-limits");
+    let mut publisher = broker.publisher("bench-limits");
     let now = chrono::Utc::now();
     let start = Instant::now();
     for seq in 0..args.messages {
         publisher
             .publish(
-                format!("limits/{}", seq % args.devices),
+                format!("gateways/0/limits-{}", seq % args.devices),
                 payload(seq, args.tags, now),
             )
             .await?;
@@ -535,50 +720,50 @@ impl Drop for KillOnDrop {
 /// The key `dataviz all` signs subscribers' tokens with, in the bench.
 const SUBSCRIBER_KEY: &str = "dataviz-bench-subscriber-key";
 
-fn spawn_all(
-    nats: &NatsServer,
-    mosquitto: &Mosquitto,
+/// Starts `dataviz all` on `broker`, after `dataviz migrate` made the bridge's session there
+/// (the default broker keeps messages only for existing sessions); its log goes to `log_dir`.
+fn start_all(
+    broker: &Broker<'_>,
     db: &TestDb,
     app_addr: &str,
     log_dir: &std::path::Path,
 ) -> anyhow::Result<Child> {
-    Command::new(std::env::current_exe()?)
-        .arg("all")
-        .env("APP_ADDR", app_addr)
-        .env("MERCURE_PUBLISHER_JWT_KEY", "dataviz-bench-publisher-key")
-        .env("MERCURE_SUBSCRIBER_JWT_KEY", SUBSCRIBER_KEY)
-        .env("NATS_URL", nats.url())
-        .env("MQTT_HOST", "127.0.0.1")
-        .env("MQTT_PORT", mosquitto.port().to_string())
-        .env("DATABASE_URL", db.url())
-        .env("HTTP_ADDR", "127.0.0.1:0")
-        .env("APP_ENV", "prod")
-        .env("RUST_LOG", "warn")
-        .env("LOG_DIR", log_dir)
-        .stdin(Stdio::null())
+    let command = |role: &str| -> anyhow::Result<Command> {
+        let mut command = Command::new(std::env::current_exe()?);
+        command
+            .arg(role)
+            .envs(broker.env())
+            .env("APP_ADDR", app_addr)
+            .env("MERCURE_PUBLISHER_JWT_KEY", "dataviz-bench-publisher-key")
+            .env("MERCURE_SUBSCRIBER_JWT_KEY", SUBSCRIBER_KEY)
+            .env("DATABASE_URL", db.url())
+            .env("HTTP_ADDR", "127.0.0.1:0")
+            .env("APP_ENV", "prod")
+            .env("RUST_LOG", "warn")
+            .env("LOG_DIR", log_dir)
+            .stdin(Stdio::null());
+        Ok(command)
+    };
+    let migrated = command("migrate")?
+        .output()
+        .context("running dataviz migrate")?;
+    anyhow::ensure!(
+        migrated.status.success(),
+        "dataviz migrate on {}: {}",
+        broker.name,
+        String::from_utf8_lossy(&migrated.stderr)
+    );
+    command("all")?
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log_dir.join("dataviz-all.log"))?)
         .spawn()
         .context("starting dataviz all")
 }
 
-/// Waits until the pipeline answers: a message published until one row appears.
-async fn wait_ready(client: &tokio_postgres::Client) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while client
-        .query_opt("SELECT 1 FROM schema_migration LIMIT 1", &[])
-        .await
-        .is_err()
-    {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "dataviz all did not migrate within 30 s"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    // The bridge subscribes a moment after start.
+/// Gives a `dataviz all` just started the moment it takes to connect and subscribe, so that a
+/// throughput run does not time its start (the broker would hold the messages meanwhile).
+async fn started() {
     tokio::time::sleep(Duration::from_secs(2)).await;
-    Ok(())
 }
 
 async fn count(client: &tokio_postgres::Client) -> anyhow::Result<i64> {
@@ -589,15 +774,16 @@ async fn count(client: &tokio_postgres::Client) -> anyhow::Result<i64> {
 }
 
 async fn pipeline(
-    mosquitto: &Mosquitto,
+    broker: &Broker<'_>,
     client: &tokio_postgres::Client,
     args: &BenchArgs,
 ) -> anyhow::Result<(f64, f64)> {
     eprintln!(
-        "pipeline: {} messages as fast as Mosquitto takes them…",
-        args.messages
+        "pipeline: {} messages as fast as {} takes them…",
+        args.messages, broker.name
     );
-    let mut publisher = Publisher::connect(mosquitto.port(), "bench-pipeline");
+    let before = count(client).await?;
+    let mut publisher = broker.publisher("bench-pipeline");
     let now = chrono::Utc::now() - chrono::Duration::hours(1);
     let start = Instant::now();
     for seq in 0..args.messages {
@@ -612,7 +798,7 @@ async fn pipeline(
             )
             .await?;
     }
-    wait_stored(&mut publisher, client, 0, args.messages, "pipeline").await?;
+    wait_stored(&mut publisher, client, before, args.messages, "pipeline").await?;
     let elapsed = start.elapsed();
     Ok((
         rate(args.messages, elapsed),
@@ -683,7 +869,7 @@ async fn wait_publisher_drained(nats: &NatsServer) -> anyhow::Result<()> {
 /// `(tag_id, time desc)` index every 2 ms and dates each number when its row appears, and a
 /// subscriber holding a JWT dates each number when its event arrives.
 async fn latency(
-    mosquitto: &Mosquitto,
+    broker: &Broker<'_>,
     client: &tokio_postgres::Client,
     hub: &str,
     args: &BenchArgs,
@@ -692,7 +878,7 @@ async fn latency(
         "latency: {} msg/s for {:?}…",
         args.latency_rate, args.latency_for
     );
-    let mut publisher = Publisher::connect(mosquitto.port(), "bench-latency");
+    let mut publisher = broker.publisher("bench-latency");
     let total = (args.latency_rate as f64 * args.latency_for.as_secs_f64()).max(1.0) as usize;
     let message = |seq: usize, at: chrono::DateTime<chrono::Utc>| {
         format!(

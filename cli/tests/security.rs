@@ -1023,11 +1023,11 @@ async fn the_broker_refuses_anonymous_clients_and_confines_each_gateway() {
     );
 }
 
-/// The default broker as the project configures it (nats/nats-server.conf and accounts.conf as
-/// they are): an anonymous MQTT client is refused while the roles' anonymous NATS connection
-/// works; a gateway publishes under its own id only and reads nothing; and a gateway that
-/// connects under the bridge's client id, with a clean session, neither disconnects the bridge
-/// nor wipes the messages queued for it (the devices' account holds no session of the bridge).
+/// The default broker as the project configures it (nats/nats-server.conf, auth.conf and
+/// users.conf as they are): an anonymous MQTT client is refused while the roles' anonymous NATS
+/// connection works; a gateway publishes under its own id only and reads nothing; and a gateway
+/// that connects under the bridge's usual client id, with a clean session, neither disconnects
+/// the bridge nor wipes the messages queued for it, the bridge's id being a secret of its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_default_broker_refuses_anonymous_clients_and_confines_each_gateway() {
     use dataviz_testkit::{BRIDGE_PASSWORD, DeviceUser};
@@ -1050,14 +1050,19 @@ async fn the_default_broker_refuses_anonymous_clients_and_confines_each_gateway(
         options
     };
     let refused = broker_answer(MqttOptions::new("anonymous-device", "127.0.0.1", port)).await;
-    assert!(refused.is_err(), "anonymous MQTT client accepted: {refused:?}");
+    assert!(
+        refused.is_err(),
+        "anonymous MQTT client accepted: {refused:?}"
+    );
     let wrong = broker_answer(client("d", "7", "not-the-password")).await;
     assert!(wrong.is_err(), "{wrong:?}");
     let roles_user = async_nats::connect(broker.url()).await;
     assert!(roles_user.is_ok(), "the roles connect without credentials");
 
-    // The roles on this broker (NATS and MQTT), the bridge with its own user.
-    let mut bridge = client("dataviz-bridge", "dataviz-bridge", BRIDGE_PASSWORD);
+    // The roles on this broker (NATS and MQTT), the bridge with its own user and a client id
+    // as scripts/services makes it.
+    const BRIDGE_ID: &str = "dataviz-bridge-5f0c2a9e41d7b386";
+    let mut bridge = client(BRIDGE_ID, "dataviz-bridge", BRIDGE_PASSWORD);
     bridge.set_clean_session(false);
     mqtt_exchange(bridge, Some("gateways/+/+"), None).await;
     let ops = free_port();
@@ -1072,6 +1077,7 @@ async fn the_default_broker_refuses_anonymous_clients_and_confines_each_gateway(
                 ("MQTT_PORT", &mqtt_port),
                 ("MQTT_USERNAME", "dataviz-bridge"),
                 ("MQTT_PASSWORD", BRIDGE_PASSWORD),
+                ("MQTT_CLIENT_ID", BRIDGE_ID),
                 ("HTTP_ADDR", &ops_addr),
             ],
         )
@@ -1123,8 +1129,8 @@ async fn the_default_broker_refuses_anonymous_clients_and_confines_each_gateway(
     listener.disconnect().await.ok();
     let _ = tokio::time::timeout(Duration::from_secs(1), events.poll()).await;
 
-    // The bridge away, a message queued for it; gateway 7 takes the bridge's client id with a
-    // clean session (on one account, that would wipe the bridge's session and its queue).
+    // The bridge away, a message queued for it; gateway 7 takes the bridge's usual client id
+    // with a clean session (had the bridge that id, this would wipe its session and queue).
     all.kill();
     mqtt_exchange(seven(), None, Some(("gateways/7/plc-3", MESSAGE))).await;
     let impostor = client("dataviz-bridge", "7", "gateway-7-password");

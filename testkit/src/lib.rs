@@ -9,7 +9,7 @@
 //!   workspace's `.local/venv/bin/nats-server` (installed by `scripts/setup`), else `PATH`.
 //!   Debian's 2.9 is refused: it silently ignores stream and consumer settings we rely on.
 //!   [`NatsServer::start_broker`] runs the project's own config instead (`nats/`): JetStream,
-//!   the MQTT listener the devices publish to, and its two accounts with their users.
+//!   the MQTT listener the devices publish to, and its users.
 //! - [`NatsCluster`]: three such servers routed into one JetStream cluster on loopback, each
 //!   node killable and restartable on its own: for replicated (R3) streams and node failures.
 //! - [`Mosquitto`]: Debian's `/usr/sbin/mosquitto` running the project's own

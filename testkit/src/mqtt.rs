@@ -25,9 +25,26 @@ impl Publisher {
         Self::start(port, client_id, false)
     }
 
+    /// Connects as `client_id` with a user and password (clean session).
+    pub fn connect_as(port: u16, client_id: &str, user: &str, password: &str) -> Publisher {
+        Self::start_with(port, client_id, true, Some((user, password)))
+    }
+
     fn start(port: u16, client_id: &str, clean_session: bool) -> Publisher {
+        Self::start_with(port, client_id, clean_session, None)
+    }
+
+    fn start_with(
+        port: u16,
+        client_id: &str,
+        clean_session: bool,
+        credentials: Option<(&str, &str)>,
+    ) -> Publisher {
         let mut options = MqttOptions::new(client_id, "127.0.0.1", port);
         options.set_clean_session(clean_session);
+        if let Some((user, password)) = credentials {
+            options.set_credentials(user, password);
+        }
         options.set_inflight(1000);
         options.set_max_packet_size(8 << 20, 8 << 20);
         let (client, mut eventloop) = AsyncClient::new(options, 4096);

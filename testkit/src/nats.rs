@@ -34,7 +34,7 @@ struct Broker {
 /// The bridge's MQTT password on a [`NatsServer::start_broker`].
 pub const BRIDGE_PASSWORD: &str = "bridge-password";
 
-/// An MQTT user of a [`NatsServer::start_broker`], in the account of the devices.
+/// A device's MQTT user on a [`NatsServer::start_broker`].
 #[derive(Debug, Clone, Copy)]
 pub struct DeviceUser<'a> {
     pub name: &'a str,
@@ -79,11 +79,11 @@ impl NatsServer {
         server
     }
 
-    /// The project's own server: `nats/nats-server.conf` and `nats/accounts.conf` as they are
-    /// (JetStream, the MQTT listener, the two accounts), with only the addresses, ports and
-    /// store directory rewritten for the test. The bridge's MQTT user is `dataviz-bridge` with
-    /// [`BRIDGE_PASSWORD`]; `devices` are the MQTT users of the devices' account. NATS clients
-    /// connect without credentials, as the Dataviz roles do.
+    /// The project's own server: `nats/nats-server.conf`, `auth.conf` and `users.conf` as they
+    /// are (JetStream, the MQTT listener, the users), with only the addresses, ports and store
+    /// directory rewritten for the test. The bridge's MQTT user is `dataviz-bridge` with
+    /// [`BRIDGE_PASSWORD`]; `devices` are added as the devices' users. NATS clients connect
+    /// without credentials, as the Dataviz roles do.
     pub fn start_broker(devices: &[DeviceUser]) -> Self {
         let binary = nats_binary().to_path_buf();
         let dir = tempfile::Builder::new()
@@ -95,11 +95,11 @@ impl NatsServer {
             std::fs::read_to_string(root.join(name))
                 .unwrap_or_else(|e| panic!("read nats/{name}: {e}"))
         };
-        write_file(&dir.path().join("accounts.conf"), &read("accounts.conf"));
+        write_file(&dir.path().join("auth.conf"), &read("auth.conf"));
         std::fs::create_dir(dir.path().join("auth")).expect("create auth dir");
         write_file(
-            &dir.path().join("auth/devices.conf"),
-            &devices_conf(devices),
+            &dir.path().join("auth/users.conf"),
+            &users_conf(&read("users.conf"), devices),
         );
         let process = ServerProcess::new("nats-server", dir.path().join("nats-server.log"));
         let mut server = Self {
@@ -227,14 +227,17 @@ fn broker_config(project: &str, mqtt_port: u16, store: &Path) -> String {
         .collect()
 }
 
-/// `auth/devices.conf`: the devices' users, each publishing for its gateway only (permissions
-/// apply to the subject as mapped in nats/accounts.conf) and reading nothing.
-pub(crate) fn devices_conf(devices: &[DeviceUser]) -> String {
-    let mut conf = String::from("users: [\n");
+/// `auth/users.conf`: `nats/users.conf` with the devices' users added before its closing
+/// bracket, each publishing for its gateway only and reading nothing.
+pub(crate) fn users_conf(template: &str, devices: &[DeviceUser]) -> String {
+    let end = template
+        .rfind(']')
+        .expect("nats/users.conf ends its users list with ]");
+    let mut conf = template[..end].to_owned();
     for device in devices {
         let subject = match device.gateway {
-            Some(id) => format!("in.gateways.{id}.*"),
-            None => "in.gateways.>".to_owned(),
+            Some(id) => format!("gateways.{id}.*"),
+            None => "gateways.>".to_owned(),
         };
         conf.push_str(&format!(
             "  {{ user: \"{}\", password: \"{}\", allowed_connection_types: [\"MQTT\"], \
@@ -242,7 +245,7 @@ pub(crate) fn devices_conf(devices: &[DeviceUser]) -> String {
             device.name, device.password
         ));
     }
-    conf.push_str("]\n");
+    conf.push_str(&template[end..]);
     conf
 }
 
