@@ -213,7 +213,10 @@ pub async fn prune_loop(
         let pruned = async {
             let ids = ids_horizon(&js).await?;
             if told != Some(ids) {
-                let kept = ids.map_or("for ever".to_owned(), |d| humantime::format_duration(d).to_string());
+                let kept = ids.map_or("for ever".to_owned(), |d| match d.as_secs() {
+                    s if s % 86_400 == 0 => format!("{} days", s / 86_400),
+                    _ => humantime::format_duration(d).to_string(),
+                });
                 tracing::info!(kept = %kept, "retention: message ids kept as long as RAW or DEAD keeps a message, plus a day");
                 told = Some(ids);
             }
