@@ -432,9 +432,7 @@ impl RawStore {
             }
         }
     }
-}
 
-impl RawStore {
     /// Whether RAW holds at `seq` a message with the topic and payload of `raw`: a redelivery
     /// that JetStream calls a duplicate is taken as stored only then.
     async fn holds(&self, seq: u64, raw: &RawMessage) -> bool {

@@ -6,7 +6,9 @@
 
 mod common;
 
-use common::{Role, assert_every_numbered_message_once, count_on, role_env, spawn_role};
+use common::{
+    Role, assert_every_numbered_message_once, count_on, role_env, spawn_logged, spawn_role,
+};
 use dataviz_testkit::{BRIDGE_PASSWORD, DeviceUser, NatsServer, TestDb};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -191,4 +193,90 @@ async fn what_devices_publish_before_the_bridge_first_runs_is_kept_for_it() {
     let _bridge = stack.spawn("all", &[]);
     assert_every_numbered_message_once(&stack.db, 500, Duration::from_secs(60)).await;
     assert_eq!(count_on(&stack.db, "SELECT count(*) FROM device").await, 20);
+}
+
+/// Readings without `ts` are told apart only by the bridge's deduplication id (client id, packet
+/// id, content) within RAW's duplicate window. nats-server sends what the bridge had not
+/// acknowledged again after its `ack_wait` (20 s in nats/nats-server.conf), under the same packet
+/// id: within the window (30 s), so a bridge killed mid-stream and back at once stores each
+/// reading once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readings_without_ts_held_by_a_killed_bridge_are_stored_once() {
+    const MESSAGES: i64 = 20_000;
+    let stack = BrokerStack::start().await;
+    // The mqtt channel at debug: each message received, with its DUP flag.
+    let bridge_env = [("RUST_LOG", "info,mqtt=debug"), ("LOG_FORMAT", "text")];
+    let mut bridge = spawn_logged("bridge", &stack.env(), &bridge_env);
+    let _processor = stack.spawn("processor", &[]);
+    let _writer = stack.spawn("writer", &[]);
+    let mut device = dataviz_testkit::Publisher::connect_as(
+        stack.nats.mqtt_port(),
+        "untimed-device",
+        DEVICE.name,
+        DEVICE.password,
+    );
+    let untimed = |i: i64| format!(r#"{{"d": [{{"tag": "seq", "value": {i}}}]}}"#);
+    for i in 0..MESSAGES {
+        device
+            .publish(format!("gateways/1/dev-{}", i % 10), untimed(i))
+            .await
+            .expect("published");
+    }
+    // Mid-stream: the bridge holds messages received, some stored in RAW, not yet acknowledged.
+    while common::stream_count(&stack.nats.url(), "RAW").await < MESSAGES as u64 / 4 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    bridge.kill();
+    bridge = spawn_logged("bridge", &stack.env(), &bridge_env);
+    device
+        .wait_acked(Duration::from_secs(30))
+        .await
+        .expect("acknowledged");
+    let seq =
+        "SELECT count(*) FROM tag_reading r JOIN tag t ON t.id = r.tag_id WHERE t.code = 'seq'";
+    common::wait_for_count_on(&stack.db, seq, MESSAGES, Duration::from_secs(120)).await;
+    // What the broker sends again comes after its ack_wait: give it the time, then count.
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    common::wait_drained(&stack.nats.url()).await;
+    assert_eq!(
+        count_on(&stack.db, seq).await,
+        MESSAGES,
+        "each reading once"
+    );
+    let resent = without_ansi(&bridge.log())
+        .lines()
+        .filter(|line| line.contains("message received") && line.contains("dup=true"))
+        .count();
+    eprintln!("the broker sent {resent} messages again to the new bridge");
+    assert!(
+        resent > 0,
+        "nothing was sent again: the test did not exercise the case"
+    );
+    assert_eq!(
+        count_on(
+            &stack.db,
+            "SELECT count(DISTINCT value_num)::bigint FROM tag_reading"
+        )
+        .await,
+        MESSAGES
+    );
+}
+
+/// A log without its terminal colours.
+fn without_ansi(log: &str) -> String {
+    let mut out = String::with_capacity(log.len());
+    let mut chars = log.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // ESC [ parameters letter
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
