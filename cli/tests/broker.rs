@@ -6,82 +6,9 @@
 
 mod common;
 
-use common::{
-    Role, assert_every_numbered_message_once, count_on, role_env, spawn_logged, spawn_role,
-};
-use dataviz_testkit::{BRIDGE_PASSWORD, DeviceUser, NatsServer, TestDb};
+use common::{BrokerStack, DEVICE, assert_every_numbered_message_once, count_on, spawn_logged};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-const DEVICE: DeviceUser = DeviceUser {
-    name: "gateway-1",
-    password: "device-password",
-    gateway: Some(1),
-};
-
-/// The project's broker, a migrated database with gateway 1, and the roles' environment (the
-/// bridge's MQTT user and password).
-struct BrokerStack {
-    nats: NatsServer,
-    db: TestDb,
-    log_dir: tempfile::TempDir,
-}
-
-impl BrokerStack {
-    async fn start() -> BrokerStack {
-        let nats = NatsServer::start_broker(&[DEVICE]);
-        let db = TestDb::create().await;
-        let stack = BrokerStack {
-            nats,
-            db,
-            log_dir: tempfile::tempdir().expect("temp dir"),
-        };
-        let (ok, out) = stack.dataviz(&["migrate"]);
-        assert!(ok, "{out}");
-        assert!(
-            out.contains("MQTT: the bridge's session (dataviz-bridge)") && out.contains("made"),
-            "{out}"
-        );
-        let (ok, out) = stack.dataviz(&["migrate"]);
-        assert!(
-            ok && out.contains("exists"),
-            "a second migrate finds it: {out}"
-        );
-        stack
-            .db
-            .connect()
-            .await
-            .execute("INSERT INTO gateway (id, name) VALUES (1, 'one')", &[])
-            .await
-            .expect("gateway inserted");
-        stack
-    }
-
-    fn env(&self) -> Vec<(String, String)> {
-        let mut env = role_env(&self.nats, self.nats.mqtt_port(), &self.db, &self.log_dir);
-        env.push(("MQTT_USERNAME".into(), "dataviz-bridge".into()));
-        env.push(("MQTT_PASSWORD".into(), BRIDGE_PASSWORD.into()));
-        env
-    }
-
-    fn spawn(&self, role: &str, extra: &[(&str, &str)]) -> Role {
-        spawn_role(role, self.env(), extra)
-    }
-
-    /// Runs `dataviz ARGS` to its end: success, and what it printed.
-    fn dataviz(&self, args: &[&str]) -> (bool, String) {
-        let out = Command::new(env!("CARGO_BIN_EXE_dataviz"))
-            .args(args)
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .envs(self.env())
-            .output()
-            .expect("dataviz runs");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned()
-            + &String::from_utf8_lossy(&out.stderr);
-        (out.status.success(), text)
-    }
-}
 
 /// Starts the paho device: `messages` numbered readings at `rate` a second for gateway 1.
 fn resending_device(

@@ -1,10 +1,11 @@
-//! SIGKILL of every role in the middle of a run: nothing lost, nothing stored twice.
+//! SIGKILL of every role in the middle of a run, on the default broker and on Mosquitto: nothing
+//! lost, nothing stored twice. And a bridge away longer than RAW's duplicate window.
 
 mod common;
 
 use common::{
-    Publisher, Stack, assert_every_numbered_message_once, numbered_reading, publish_numbered_burst,
-    stream_count,
+    BrokerStack, Publisher, Role, Stack, assert_every_numbered_message_once, count_on,
+    numbered_reading, publish_numbered_burst, stream_count,
 };
 use std::time::Duration;
 
@@ -13,17 +14,32 @@ const BURST: i64 = 1_000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_of_every_role_mid_run_loses_nothing_and_stores_nothing_twice() {
+    let stack = BrokerStack::start().await;
+    let mqtt = stack.publisher();
+    every_role_killed_twice(|role, env| stack.spawn(role, env), mqtt, &stack.db).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_every_role_mid_run_on_mosquitto_loses_nothing_and_stores_nothing_twice() {
     let stack = Stack::start().await;
     stack.create_gateway(1).await;
+    let mqtt = Publisher::connect(stack.mosquitto.port()).await;
+    every_role_killed_twice(|role, env| stack.spawn(role, env), mqtt, &stack.db).await;
+}
+
+/// Bursts of messages; after each of the first six, one role is killed while it holds part of
+/// the burst, and started again: bridge, processor, writer, twice over. Every message is then
+/// stored, each reading once, and every role runs.
+async fn every_role_killed_twice(
+    spawn: impl Fn(&str, &[(&str, &str)]) -> Role,
+    mut mqtt: Publisher,
+    db: &dataviz_testkit::TestDb,
+) {
     // A short ack wait, so that what a killed role held comes back within the test.
     let env = [("ACK_WAIT", "2s"), ("WORKER_COUNT", "2")];
-    let mut bridge = stack.spawn("bridge", &env);
-    let mut processor = stack.spawn("processor", &env);
-    let mut writer = stack.spawn("writer", &env);
-    let mut mqtt = Publisher::connect(stack.mosquitto.port()).await;
-
-    // Bursts of messages; after each of the first six, one role is killed while it holds
-    // part of the burst, and started again: bridge, processor, writer, twice over.
+    let mut bridge = spawn("bridge", &env);
+    let mut processor = spawn("processor", &env);
+    let mut writer = spawn("writer", &env);
     let roles = [&mut bridge, &mut processor, &mut writer];
     for burst in 0..MESSAGES / BURST {
         for i in burst * BURST..(burst + 1) * BURST {
@@ -38,8 +54,8 @@ async fn sigkill_of_every_role_mid_run_loses_nothing_and_stores_nothing_twice() 
     }
     mqtt.wait_acked(Duration::from_secs(60)).await;
 
-    assert_every_numbered_message_once(&stack.db, MESSAGES, Duration::from_secs(180)).await;
-    assert_eq!(stack.count("SELECT count(*) FROM device").await, 20);
+    assert_every_numbered_message_once(db, MESSAGES, Duration::from_secs(180)).await;
+    assert_eq!(count_on(db, "SELECT count(*) FROM device").await, 20);
     for role in roles {
         assert!(role.is_running(), "{} still running", role.role);
     }

@@ -3,7 +3,7 @@
 
 #![allow(dead_code)]
 
-use dataviz_testkit::{Mosquitto, NatsServer, TestDb};
+use dataviz_testkit::{BRIDGE_PASSWORD, DeviceUser, Mosquitto, NatsServer, TestDb};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -122,6 +122,88 @@ pub fn role_env(
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
     .collect()
+}
+
+/// The device user of a [`BrokerStack`]: it publishes for gateway 1.
+pub const DEVICE: DeviceUser = DeviceUser {
+    name: "gateway-1",
+    password: "device-password",
+    gateway: Some(1),
+};
+
+/// The project's broker, a migrated database with gateway 1, and the roles' environment (the
+/// bridge's MQTT user and password).
+pub struct BrokerStack {
+    pub nats: NatsServer,
+    pub db: TestDb,
+    log_dir: tempfile::TempDir,
+}
+
+impl BrokerStack {
+    pub async fn start() -> BrokerStack {
+        let nats = NatsServer::start_broker(&[DEVICE]);
+        let db = TestDb::create().await;
+        let stack = BrokerStack {
+            nats,
+            db,
+            log_dir: tempfile::tempdir().expect("temp dir"),
+        };
+        let (ok, out) = stack.dataviz(&["migrate"]);
+        assert!(ok, "{out}");
+        assert!(
+            out.contains("MQTT: the bridge's session (dataviz-bridge)") && out.contains("made"),
+            "{out}"
+        );
+        let (ok, out) = stack.dataviz(&["migrate"]);
+        assert!(
+            ok && out.contains("exists"),
+            "a second migrate finds it: {out}"
+        );
+        stack
+            .db
+            .connect()
+            .await
+            .execute("INSERT INTO gateway (id, name) VALUES (1, 'one')", &[])
+            .await
+            .expect("gateway inserted");
+        stack
+    }
+
+    pub fn env(&self) -> Vec<(String, String)> {
+        let mut env = role_env(&self.nats, self.nats.mqtt_port(), &self.db, &self.log_dir);
+        env.push(("MQTT_USERNAME".into(), "dataviz-bridge".into()));
+        env.push(("MQTT_PASSWORD".into(), BRIDGE_PASSWORD.into()));
+        env
+    }
+
+    pub fn spawn(&self, role: &str, extra: &[(&str, &str)]) -> Role {
+        spawn_role(role, self.env(), extra)
+    }
+
+    /// A device publishing for gateway 1 (testkit's, on rumqttc).
+    pub fn publisher(&self) -> Publisher {
+        let id = format!("test-publisher-{}", uuid::Uuid::now_v7().simple());
+        Publisher(dataviz_testkit::Publisher::connect_as(
+            self.nats.mqtt_port(),
+            &id,
+            DEVICE.name,
+            DEVICE.password,
+        ))
+    }
+
+    /// Runs `dataviz ARGS` to its end: success, and what it printed.
+    pub fn dataviz(&self, args: &[&str]) -> (bool, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_dataviz"))
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .envs(self.env())
+            .output()
+            .expect("dataviz runs");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    }
 }
 
 /// A `dataviz` process; killed when dropped.
