@@ -187,7 +187,12 @@ async fn timescale_flavour_on_real_timescaledb() {
     assert_eq!(report.flavor, Flavor::Timescale);
     assert_eq!(
         report.applied,
-        ["0001_registry", "0002_tag_reading", "0003_users"]
+        [
+            "0001_registry",
+            "0002_tag_reading",
+            "0003_users",
+            "0004_ingested_at"
+        ]
     );
     assert_eq!(report.already, 0);
     let again = db::migrate(&mut client).await.expect("migrating again");
@@ -197,7 +202,7 @@ async fn timescale_flavour_on_real_timescaledb() {
         "applied again: {:?}",
         again.applied
     );
-    assert_eq!(again.already, 3);
+    assert_eq!(again.already, 4);
     db::check_migrated(&client).await.unwrap();
     let flavors: Vec<Option<String>> = client
         .query("SELECT flavor FROM schema_migration ORDER BY version", &[])
@@ -206,7 +211,7 @@ async fn timescale_flavour_on_real_timescaledb() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(flavors, [None, Some("timescale".to_owned()), None]);
+    assert_eq!(flavors, [None, Some("timescale".to_owned()), None, None]);
 
     let described = db::describe(&client).await.unwrap();
     assert!(
