@@ -398,6 +398,10 @@ pub async fn all(args: AllArgs) -> anyhow::Result<()> {
         no_mqtt_session: true,
     })
     .await?;
+    // Bound before the ops server answers: once /readyz says ready, the site takes connections.
+    let listener = tokio::net::TcpListener::bind(args.app.app_addr)
+        .await
+        .with_context(|| format!("APP_ADDR {}: cannot listen", args.app.app_addr))?;
     let role = Role::start(&args.ops, 9100).await?;
     let (client, js) = role.jetstream(&args.nats, &args.streams, "all").await?;
     streams::ensure_publisher(&js, &args.streams).await?;
@@ -424,9 +428,6 @@ pub async fn all(args: AllArgs) -> anyhow::Result<()> {
         Some(live),
     ))
     .merge(hub.router());
-    let listener = tokio::net::TcpListener::bind(args.app.app_addr)
-        .await
-        .with_context(|| format!("APP_ADDR {}: cannot listen", args.app.app_addr))?;
     let bound = listener.local_addr()?;
     let local = match bound.ip() {
         ip if ip.is_unspecified() => SocketAddr::from(([127, 0, 0, 1], bound.port())),

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Publisher, Stack, http_get, numbered_reading};
+use common::{Publisher, Stack, http_get, numbered_reading, wait_for_site};
 use dataviz_mercure::jwt::{Claims, sign};
 use dataviz_mercure::subscriber::{EventStream, SubscribeRequest};
 use dataviz_mercure::{JwtKey, MercurePublisher, Update};
@@ -107,6 +107,8 @@ async fn subscribers_replaying_the_history_with_a_thousand_templates_hold_up_not
         assert!(Instant::now() < deadline, "dataviz all never got ready");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Readiness is the pipeline's; the site and its hub may bind their port a moment later.
+    wait_for_site(port).await;
     let hub = format!("http://{addr}/.well-known/mercure");
 
     // A full history, each update on a topic of its own.
