@@ -266,26 +266,31 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         format!("{writer_alone:.0} rows/s"),
         format!("{:.2}", writer_alone / copy_alone),
     );
-    line(
-        "pipeline on nats-server: messages (vs nats-server MQTT alone)",
-        format!("{pipeline_msgs:.0} msg/s"),
-        format!("{:.2}", pipeline_msgs / nats_mqtt_alone),
-    );
-    line(
-        "pipeline on nats-server: readings committed (vs COPY alone)",
-        format!("{pipeline_readings:.0} rows/s"),
-        format!("{:.2}", pipeline_readings / copy_alone),
-    );
-    line(
-        "pipeline on Mosquitto: messages (vs Mosquitto alone)",
-        format!("{mosquitto_msgs:.0} msg/s"),
-        format!("{:.2}", mosquitto_msgs / mosquitto_alone),
-    );
-    line(
-        "pipeline on Mosquitto: readings committed (vs COPY alone)",
-        format!("{mosquitto_readings:.0} rows/s"),
-        format!("{:.2}", mosquitto_readings / copy_alone),
-    );
+    for (broker, msgs, readings, alone) in [
+        (
+            "nats-server",
+            pipeline_msgs,
+            pipeline_readings,
+            nats_mqtt_alone,
+        ),
+        (
+            "Mosquitto",
+            mosquitto_msgs,
+            mosquitto_readings,
+            mosquitto_alone,
+        ),
+    ] {
+        line(
+            &format!("pipeline on {broker}: messages (vs {broker} alone)"),
+            format!("{msgs:.0} msg/s"),
+            format!("{:.2}", msgs / alone),
+        );
+        line(
+            &format!("pipeline on {broker}: readings committed (vs COPY alone)"),
+            format!("{readings:.0} rows/s"),
+            format!("{:.2}", readings / copy_alone),
+        );
+    }
     line(
         "pipeline on nats-server vs on Mosquitto, messages",
         String::new(),

@@ -5,23 +5,10 @@ mod common;
 
 use common::{Publisher, Stack, http_get, wait_drained};
 use dataviz_testkit::free_port;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 fn dataviz(stack: &Stack, args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_dataviz"))
-        .args(args)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .envs(stack.env())
-        .output()
-        .expect("dataviz runs");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    common::run_dataviz(stack.env(), args)
 }
 
 /// `dataviz dlq list <filter>`, again until its output contains `expected` (20 s at most);

@@ -64,14 +64,7 @@ impl NatsServer {
             &dir.path().join("nats-server.conf"),
             &format!("max_payload: 4MB\n{extra}\n"),
         );
-        let process = ServerProcess::new("nats-server", dir.path().join("nats-server.log"));
-        let mut server = Self {
-            binary,
-            port: 0,
-            dir,
-            process,
-            broker: None,
-        };
+        let mut server = Self::in_dir(binary, dir, None);
         three_tries("nats-server did not start", || {
             server.port = free_port();
             server.launch()
@@ -101,14 +94,7 @@ impl NatsServer {
             &dir.path().join("auth/users.conf"),
             &users_conf(&read("users.conf"), devices),
         );
-        let process = ServerProcess::new("nats-server", dir.path().join("nats-server.log"));
-        let mut server = Self {
-            binary,
-            port: 0,
-            dir,
-            process,
-            broker: Some(Broker { mqtt_port: 0 }),
-        };
+        let mut server = Self::in_dir(binary, dir, Some(Broker { mqtt_port: 0 }));
         let project = read("nats-server.conf");
         three_tries("nats-server (MQTT broker) did not start", || {
             server.port = free_port();
@@ -126,6 +112,18 @@ impl NatsServer {
             Err(format!("no MQTT listener on port {mqtt_port}"))
         });
         server
+    }
+
+    /// A server not yet started, keeping its files and log in `dir`.
+    fn in_dir(binary: PathBuf, dir: TempDir, broker: Option<Broker>) -> Self {
+        let process = ServerProcess::new("nats-server", dir.path().join("nats-server.log"));
+        Self {
+            binary,
+            port: 0,
+            dir,
+            process,
+            broker,
+        }
     }
 
     /// The MQTT listener's port, when the server is [`start_broker`](Self::start_broker)'s.

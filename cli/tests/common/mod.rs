@@ -193,17 +193,22 @@ impl BrokerStack {
 
     /// Runs `dataviz ARGS` to its end: success, and what it printed.
     pub fn dataviz(&self, args: &[&str]) -> (bool, String) {
-        let out = Command::new(env!("CARGO_BIN_EXE_dataviz"))
-            .args(args)
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .envs(self.env())
-            .output()
-            .expect("dataviz runs");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned()
-            + &String::from_utf8_lossy(&out.stderr);
-        (out.status.success(), text)
+        run_dataviz(self.env(), args)
     }
+}
+
+/// Runs `dataviz ARGS` to its end with exactly `env` (and `PATH`): success, and what it printed.
+pub fn run_dataviz(env: Vec<(String, String)>, args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_dataviz"))
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .envs(env)
+        .output()
+        .expect("dataviz runs");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
 }
 
 /// A `dataviz` process; killed when dropped.
