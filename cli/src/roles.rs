@@ -12,7 +12,7 @@ use dataviz_core::{
     shutdown::{self, Shutdown},
     streams::{self, StreamSettings},
 };
-use dataviz_mercure::{Hub, HubConfig, MercureKeysConfig, MercurePublisher, UpdateSink};
+use dataviz_mercure::{Hub, HubConfig, MercureKeysConfig, MercurePublisher, Transport, UpdateSink};
 use dataviz_processor::ProcessorConfig;
 use dataviz_publisher::PublisherConfig;
 use dataviz_writer::WriterConfig;
@@ -62,6 +62,9 @@ pub struct PublisherArgs {
 pub struct HubArgs {
     #[command(flatten)]
     hub: HubConfig,
+    /// The NATS server of the `jetstream` transport (MERCURE_TRANSPORT).
+    #[command(flatten)]
+    nats: NatsConfig,
     /// Address the hub listens on (it serves /.well-known/mercure).
     #[arg(
         long,
@@ -278,7 +281,12 @@ impl Role {
 }
 
 /// The hub's settings with a key: a random development key, said loudly, when none is set.
-fn hub_with_keys(mut config: HubConfig) -> anyhow::Result<(Hub, dataviz_mercure::MercureKeys)> {
+/// The hub of a role: keys (generated for development when none is set), and on the
+/// `jetstream` transport its stream on `js`, the history read back.
+async fn start_hub(
+    mut config: HubConfig,
+    js: Option<async_nats::jetstream::Context>,
+) -> anyhow::Result<(Hub, dataviz_mercure::MercureKeys)> {
     if config.keys.generate_development_keys() {
         tracing::warn!(
             "no MERCURE_PUBLISHER_JWT_KEY (or MERCURE_JWT_SECRET): the hub uses a random key made \
@@ -286,7 +294,17 @@ fn hub_with_keys(mut config: HubConfig) -> anyhow::Result<(Hub, dataviz_mercure:
         );
     }
     let keys = config.keys.keys()?;
-    Ok((Hub::new(&config)?, keys))
+    let hub = match (config.mercure_transport, js) {
+        (Transport::Local, _) => Hub::new(&config)?,
+        (Transport::Jetstream, Some(js)) => Hub::with_jetstream(&config, js).await?,
+        (Transport::Jetstream, None) => unreachable!("the caller connects to NATS first"),
+    };
+    tracing::info!(
+        transport = ?config.mercure_transport,
+        stream = config.mercure_stream,
+        "Mercure hub ready"
+    );
+    Ok((hub, keys))
 }
 
 pub async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
@@ -378,7 +396,18 @@ pub async fn publisher(args: PublisherArgs) -> anyhow::Result<()> {
 
 pub async fn hub(args: HubArgs) -> anyhow::Result<()> {
     let role = Role::start(&args.ops, 9105).await?;
-    let (hub, _) = hub_with_keys(args.hub)?;
+    let js = match args.hub.mercure_transport {
+        Transport::Local => None,
+        Transport::Jetstream => {
+            let client = args.nats.connect("hub").await?;
+            let info = client.server_info();
+            tracing::info!(server = %info.server_name, version = %info.version, url = %args.nats.nats_url, "connected to NATS");
+            streams::check_server_version(&info.version)?;
+            role.ops.set_nats(client.clone());
+            Some(dataviz_core::config::jetstream(client))
+        }
+    };
+    let (hub, _) = start_hub(args.hub, js).await?;
     let listener = tokio::net::TcpListener::bind(args.mercure_addr)
         .await
         .with_context(|| format!("MERCURE_ADDR {}: cannot listen", args.mercure_addr))?;
@@ -409,7 +438,7 @@ pub async fn all(args: AllArgs) -> anyhow::Result<()> {
 
     // The admin site and the embedded Mercure hub share one listener, so that the site's
     // subscriber cookie reaches the hub; the publisher hands its updates to that hub.
-    let (hub, keys) = hub_with_keys(args.hub)?;
+    let (hub, keys) = start_hub(args.hub, Some(js.clone())).await?;
     let live = LiveConfig {
         hub_url: args
             .app

@@ -6,6 +6,7 @@
 //! [`PublishError::Refused`]: retrying the same request cannot help until someone changes the
 //! configuration or the update.
 
+use crate::hub::PublishRefused;
 use crate::jwt::{self, Claims, JwtKey};
 use crate::update::Update;
 use reqwest::{StatusCode, Url};
@@ -150,14 +151,17 @@ pub enum UpdateSink {
 }
 
 impl UpdateSink {
-    /// Publishes `update`; returns its id. The embedded hub refuses only an invalid update,
-    /// as a hub over HTTP would with a 400.
+    /// Publishes `update`; returns its id. The embedded hub refuses an invalid update, as a hub
+    /// over HTTP would with a 400, and is unavailable while its stream does not take updates.
     pub async fn publish(&self, update: Update) -> Result<String, PublishError> {
         match self {
             UpdateSink::Http(publisher) => publisher.publish(&update).await,
-            UpdateSink::Embedded(hub) => hub.publish(update).map_err(|e| PublishError::Refused {
-                status: StatusCode::BAD_REQUEST,
-                body: e.to_string(),
+            UpdateSink::Embedded(hub) => hub.publish(update).await.map_err(|e| match e {
+                PublishRefused::Invalid(e) => PublishError::Refused {
+                    status: StatusCode::BAD_REQUEST,
+                    body: e.to_string(),
+                },
+                PublishRefused::Unavailable(e) => PublishError::Unavailable(e),
             }),
         }
     }

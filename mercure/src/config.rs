@@ -152,8 +152,9 @@ pub struct HubConfig {
         default_value = ""
     )]
     pub mercure_publish_origins: String,
-    /// Updates kept in memory for reconnecting subscribers (`Last-Event-ID`); 0: none. The
-    /// history starts empty at each start of the hub.
+    /// Updates kept for reconnecting subscribers (`Last-Event-ID`); 0: none. With the
+    /// `jetstream` transport they are the stream's limit, and every hub keeps a copy in memory
+    /// (read back at start); with `local`, the history starts empty at each start of the hub.
     #[arg(
         long,
         env = "MERCURE_HISTORY_SIZE",
@@ -173,6 +174,47 @@ pub struct HubConfig {
     /// Interval of the heartbeat comment sent to idle subscribers; 0s: none.
     #[arg(long, env = "MERCURE_HEARTBEAT", value_name = "MERCURE_HEARTBEAT", default_value = HubConfig::DEFAULT_HEARTBEAT, value_parser = humantime::parse_duration)]
     pub mercure_heartbeat: Duration,
+    /// How updates travel: `jetstream` (a stream on NATS_URL: the history survives restarts,
+    /// and any number of hubs serve the same updates) or `local` (in this process's memory
+    /// only: one hub, history lost at each stop).
+    #[arg(
+        long,
+        env = "MERCURE_TRANSPORT",
+        value_name = "MERCURE_TRANSPORT",
+        value_enum,
+        default_value_t = Transport::Jetstream
+    )]
+    pub mercure_transport: Transport,
+    /// The JetStream stream of updates (`jetstream` transport); hubs naming the same stream
+    /// serve the same updates.
+    #[arg(
+        long,
+        env = "MERCURE_STREAM",
+        value_name = "MERCURE_STREAM",
+        default_value = HubConfig::DEFAULT_STREAM
+    )]
+    pub mercure_stream: String,
+    /// Age past which the stream drops an update (`jetstream` transport), beside the count and
+    /// byte limits above; 0s: no age limit.
+    #[arg(long, env = "MERCURE_HISTORY_MAX_AGE", value_name = "MERCURE_HISTORY_MAX_AGE", default_value = HubConfig::DEFAULT_HISTORY_MAX_AGE, value_parser = humantime::parse_duration)]
+    pub mercure_history_max_age: Duration,
+    /// Replicas of the stream on a NATS cluster (1 to 5).
+    #[arg(
+        long,
+        env = "MERCURE_STREAM_REPLICAS",
+        value_name = "MERCURE_STREAM_REPLICAS",
+        default_value_t = 1
+    )]
+    pub mercure_stream_replicas: usize,
+}
+
+/// How updates travel between publishers, hubs and subscribers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Transport {
+    /// Through a JetStream stream: durable, shared by every hub naming it.
+    Jetstream,
+    /// In this process's memory.
+    Local,
 }
 
 impl Default for HubConfig {
@@ -189,6 +231,11 @@ impl Default for HubConfig {
             mercure_history_bytes: HubConfig::DEFAULT_HISTORY_BYTES,
             mercure_heartbeat: humantime::parse_duration(HubConfig::DEFAULT_HEARTBEAT)
                 .expect("a valid duration"),
+            mercure_transport: Transport::Jetstream,
+            mercure_stream: HubConfig::DEFAULT_STREAM.to_owned(),
+            mercure_history_max_age: humantime::parse_duration(HubConfig::DEFAULT_HISTORY_MAX_AGE)
+                .expect("a valid duration"),
+            mercure_stream_replicas: 1,
         }
     }
 }
@@ -199,6 +246,8 @@ impl HubConfig {
     pub const DEFAULT_HISTORY_SIZE: usize = 10_000;
     pub const DEFAULT_HISTORY_BYTES: usize = 64 * 1024 * 1024;
     pub const DEFAULT_HEARTBEAT: &'static str = "40s";
+    pub const DEFAULT_STREAM: &'static str = "MERCURE";
+    pub const DEFAULT_HISTORY_MAX_AGE: &'static str = "24h";
 
     /// The defaults with a random key (publisher and subscriber alike): for a quick start with
     /// no setting, and for tests. Whoever calls this logs a warning that the key is generated.

@@ -1,8 +1,16 @@
 //! The embeddable hub: an `axum::Router` serving [`HUB_PATH`], publish (POST) and subscribe
 //! (GET, server-sent events), with the behaviour of the reference hub's 0.x releases.
 //!
+//! # Transports
+//! - `jetstream` (the default of `dataviz hub` and `dataviz all`): a published update is
+//!   stored in a JetStream stream before the publisher gets its answer, and every hub following
+//!   that stream applies it, in the stream's order (module `transport`). A hub killed after
+//!   answering loses nothing; a restarted hub reads the history back before it serves; any
+//!   number of hubs serve the same updates with the same ids.
+//! - `local`: the update is applied in this process only (one hub; history lost at a stop).
+//!
 //! # Delivery
-//! Every accepted update goes into a bounded in-memory history and onto a broadcast channel,
+//! Every applied update goes into a bounded in-memory history and onto a broadcast channel,
 //! both under one lock, so a subscriber that takes its history snapshot and its channel
 //! receiver under the same lock sees every update exactly once, history first. A subscriber
 //! too slow to keep up with the channel ([`CHANNEL_CAPACITY`] updates behind) is disconnected;
@@ -27,7 +35,9 @@
 //! # Repeated ids
 //! An update whose id is still in the history is not dispatched again; the publish request
 //! answers its id as for a new one. This makes a publisher's redelivery (same id) invisible
-//! to subscribers. (An addition to the reference hub, which dispatches it again.)
+//! to subscribers. (An addition to the reference hub, which dispatches it again.) On the
+//! `jetstream` transport the stream's duplicate window (2 minutes, at most the age limit)
+//! also catches a copy racing the first one, or published to another hub.
 //!
 //! # Authorization
 //! The JWT comes from the `Authorization: Bearer` header, else the `authorization` query
@@ -40,7 +50,9 @@ use crate::config::HubConfig;
 use crate::config::KeyError;
 use crate::jwt::{self, Claims, JwtKey};
 use crate::selector::{MAX_TEMPLATE_LENGTH, SelectorSet, TopicMemo, TopicSelectorStore};
+use crate::transport;
 use crate::update::{Update, UpdateError};
+use async_nats::jetstream::{self, context::PublishErrorKind};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{RawQuery, State};
@@ -74,6 +86,8 @@ pub const REPLAY_CONCURRENCY: usize = 1;
 const INLINE_TEMPLATES: usize = 16;
 /// Seconds a subscriber refused for lack of room is told to wait.
 const RETRY_AFTER_SECONDS: &str = "10";
+/// Seconds a publisher is told to wait when the stream did not take its update.
+const UNAVAILABLE_RETRY_AFTER_SECONDS: &str = "1";
 
 /// The hub. Cheap to clone; every clone is the same hub.
 #[derive(Clone)]
@@ -106,6 +120,10 @@ struct HubInner {
     replays: Arc<Semaphore>,
     /// History and channel, changed together (see the module doc).
     log: Mutex<Log>,
+    /// The sequence of the last update applied to `log`, for publishers waiting for theirs.
+    applied: tokio::sync::watch::Sender<u64>,
+    /// The stream updates go through; `None` on the `local` transport.
+    transport: Option<transport::Transport>,
     /// Fired by [`Hub::close`]: every subscription ends, so that a server can stop.
     closed: CancellationToken,
     /// Revoked token ids, each until the expiry of the tokens it names.
@@ -115,15 +133,92 @@ struct HubInner {
 }
 
 struct Log {
-    history: VecDeque<Arc<Update>>,
+    /// The updates kept, with their sequence (the stream's, or a counter of this process's).
+    history: VecDeque<(u64, Arc<Update>)>,
     /// The bytes of `history` ([`Update::weight`]).
     bytes: usize,
-    /// The position of `history[0]` since the hub started; positions never repeat.
-    first: u64,
-    /// The ids in `history` and their positions: repeated updates are skipped, and a
+    /// The ids in `history` and their sequences: repeated updates are skipped, and a
     /// `Last-Event-ID` is found without a scan.
     ids: HashMap<String, u64>,
+    /// The sequence of the last update applied; sequences only grow.
+    applied: u64,
     sender: broadcast::Sender<Arc<Update>>,
+}
+
+impl HubInner {
+    fn new(config: &HubConfig, transport: Option<transport::Transport>) -> Result<Self, KeyError> {
+        let keys = config.keys.keys()?;
+        Ok(HubInner {
+            publisher_key: keys.publisher,
+            subscriber_key: keys.subscriber,
+            anonymous: config.mercure_anonymous,
+            heartbeat: config.heartbeat(),
+            cors_origins: config.cors_origins(),
+            publish_origins: config.publish_origins(),
+            history_size: config.mercure_history_size,
+            history_bytes: config.mercure_history_bytes,
+            max_topics: config.mercure_max_topics,
+            max_subscribers: config.mercure_max_subscribers,
+            selectors: TopicSelectorStore::new(config.mercure_template_cache_size),
+            subscribers: Arc::new(Semaphore::new(config.mercure_max_subscribers)),
+            replays: Arc::new(Semaphore::new(REPLAY_CONCURRENCY)),
+            log: Mutex::new(Log {
+                history: VecDeque::new(),
+                bytes: 0,
+                ids: HashMap::new(),
+                applied: 0,
+                sender: broadcast::channel(CHANNEL_CAPACITY).0,
+            }),
+            applied: tokio::sync::watch::Sender::new(0),
+            transport,
+            closed: CancellationToken::new(),
+            revoked: Mutex::new(HashMap::new()),
+            revocations: tokio::sync::watch::Sender::new(0),
+        })
+    }
+
+    fn log(&self) -> std::sync::MutexGuard<'_, Log> {
+        self.log.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The history's limits: updates and bytes.
+    fn limits(&self) -> (usize, usize) {
+        (self.history_size, self.history_bytes)
+    }
+
+    /// Applies what the stream delivers, in its order, until the hub closes or is dropped.
+    fn follow(self: &Arc<Self>) {
+        let Some(transport) = &self.transport else {
+            return;
+        };
+        let hub = Arc::downgrade(self);
+        let closed = self.closed.clone();
+        let transport = transport.clone();
+        tokio::spawn(async move {
+            let apply = |sequence: u64, update: Option<Update>| {
+                // Gone: nobody to deliver to any more.
+                let Some(hub) = hub.upgrade() else {
+                    return false;
+                };
+                let mut log = hub.log();
+                match update {
+                    Some(update) => {
+                        log.apply(sequence, Arc::new(update), hub.limits());
+                    }
+                    None => log.applied = log.applied.max(sequence),
+                }
+                drop(log);
+                hub.applied.send_replace(sequence);
+                true
+            };
+            let from =
+                |hub: &std::sync::Weak<HubInner>| hub.upgrade().map(|hub| hub.log().applied + 1);
+            tokio::select! {
+                _ = transport.follow(|| from(&hub), apply) => {}
+                _ = closed.cancelled() => {}
+            }
+        });
+    }
 }
 
 impl Log {
@@ -132,47 +227,119 @@ impl Log {
     fn after(&self, asked: Option<&str>) -> Option<Vec<Arc<Update>>> {
         let from = match asked {
             None => 0,
-            Some(id) => (*self.ids.get(id)? - self.first + 1) as usize,
+            Some(id) => {
+                let sequence = *self.ids.get(id)?;
+                self.history.partition_point(|(s, _)| *s <= sequence)
+            }
         };
-        Some(self.history.range(from..).cloned().collect())
+        Some(self.history.range(from..).map(|(_, u)| u.clone()).collect())
+    }
+
+    /// Keeps and dispatches the update of `sequence`, unless that sequence was applied already
+    /// (a consumer's redelivery) or its id is still in the history (a publisher's). Returns
+    /// whether it was dispatched.
+    fn apply(&mut self, sequence: u64, update: Arc<Update>, limits: (usize, usize)) -> bool {
+        if sequence <= self.applied {
+            return false;
+        }
+        self.applied = sequence;
+        let id = update.id.as_deref().unwrap_or_default();
+        if self.ids.contains_key(id) {
+            tracing::debug!(id, "update already dispatched; not sent again");
+            return false;
+        }
+        let (size, max_bytes) = limits;
+        if size > 0 {
+            let weight = update.weight();
+            // The oldest go until the new one fits, by count and by bytes.
+            while !self.history.is_empty()
+                && (self.history.len() >= size || self.bytes + weight > max_bytes)
+                && let Some((_, old)) = self.history.pop_front()
+            {
+                // The same id may be in the history twice only if applied twice: never.
+                self.ids.remove(old.id.as_deref().unwrap_or_default());
+                self.bytes -= old.weight();
+            }
+            self.ids.insert(id.to_owned(), sequence);
+            self.bytes += weight;
+            self.history.push_back((sequence, update.clone()));
+        }
+        // No receiver is not an error: nobody is subscribed.
+        let _ = self.sender.send(update);
+        true
     }
 }
 
-/// Why an in-process publish was refused.
+/// Why a publish was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(transparent)]
-pub struct PublishRefused(#[from] pub UpdateError);
+pub enum PublishRefused {
+    /// The update itself is wrong: sending it again cannot help.
+    #[error(transparent)]
+    Invalid(#[from] UpdateError),
+    /// The stream did not take it (NATS unreachable, JetStream not answering): retry later.
+    #[error("the hub's stream did not take the update: {0}")]
+    Unavailable(String),
+}
+
+/// Why a hub could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Keys(#[from] KeyError),
+    #[error("MERCURE_STREAM {stream:?}: {problem}")]
+    Stream { stream: String, problem: String },
+}
 
 impl Hub {
+    /// A hub with the `local` transport: updates live in this process's memory only.
     pub fn new(config: &HubConfig) -> Result<Hub, KeyError> {
-        let keys = config.keys.keys()?;
         Ok(Hub {
-            inner: Arc::new(HubInner {
-                publisher_key: keys.publisher,
-                subscriber_key: keys.subscriber,
-                anonymous: config.mercure_anonymous,
-                heartbeat: config.heartbeat(),
-                cors_origins: config.cors_origins(),
-                publish_origins: config.publish_origins(),
-                history_size: config.mercure_history_size,
-                history_bytes: config.mercure_history_bytes,
-                max_topics: config.mercure_max_topics,
-                max_subscribers: config.mercure_max_subscribers,
-                selectors: TopicSelectorStore::new(config.mercure_template_cache_size),
-                subscribers: Arc::new(Semaphore::new(config.mercure_max_subscribers)),
-                replays: Arc::new(Semaphore::new(REPLAY_CONCURRENCY)),
-                log: Mutex::new(Log {
-                    history: VecDeque::new(),
-                    bytes: 0,
-                    first: 0,
-                    ids: HashMap::new(),
-                    sender: broadcast::channel(CHANNEL_CAPACITY).0,
-                }),
-                closed: CancellationToken::new(),
-                revoked: Mutex::new(HashMap::new()),
-                revocations: tokio::sync::watch::Sender::new(0),
-            }),
+            inner: Arc::new(HubInner::new(config, None)?),
         })
+    }
+
+    /// A hub on the `jetstream` transport: updates go through the stream
+    /// [`HubConfig::mercure_stream`] (created, or its limits updated, here), which every hub
+    /// naming it follows. Returns once this hub has read the history the stream holds, so that
+    /// a reconnecting subscriber finds its `Last-Event-ID` from the first request.
+    pub async fn with_jetstream(
+        config: &HubConfig,
+        js: jetstream::Context,
+    ) -> Result<Hub, StartError> {
+        let stream_error = |problem: String| StartError::Stream {
+            stream: config.mercure_stream.clone(),
+            problem,
+        };
+        let transport = transport::Transport::open(config, js)
+            .await
+            .map_err(|e| stream_error(format!("{e:#}")))?;
+        let last = transport.last_sequence;
+        let hub = Hub {
+            inner: Arc::new(HubInner::new(config, Some(transport))?),
+        };
+        hub.inner.follow();
+        let started = std::time::Instant::now();
+        let mut applied = hub.inner.applied.subscribe();
+        let read = tokio::time::timeout(
+            transport::CATCH_UP_TIMEOUT,
+            applied.wait_for(|a| *a >= last),
+        )
+        .await;
+        match read {
+            Ok(_) => tracing::info!(
+                stream = config.mercure_stream,
+                history = hub.history_len(),
+                took = ?started.elapsed(),
+                "history read from the stream"
+            ),
+            Err(_) => {
+                return Err(stream_error(format!(
+                    "reading the history back took more than {:?}",
+                    transport::CATCH_UP_TIMEOUT
+                )));
+            }
+        }
+        Ok(hub)
     }
 
     /// The routes: [`HUB_PATH`] for GET (subscribe) and POST (publish), with CORS when
@@ -211,40 +378,53 @@ impl Hub {
     }
 
     /// Publishes an update from inside the process (no JWT): validates it, gives it an id when
-    /// it has none, dispatches it, and returns its id.
-    pub fn publish(&self, mut update: Update) -> Result<String, PublishRefused> {
+    /// it has none, dispatches it, and returns its id. On the `jetstream` transport it returns
+    /// once the stream has stored the update (a hub killed after that loses nothing) and this
+    /// hub has dispatched it, or [`PublishRefused::Unavailable`] when the stream did not take
+    /// it.
+    pub async fn publish(&self, mut update: Update) -> Result<String, PublishRefused> {
         update.validate()?;
         let id = update
             .id
             .get_or_insert_with(|| format!("urn:uuid:{}", uuid::Uuid::now_v7()))
             .clone();
-        let update = Arc::new(update);
-        let mut log = self.inner.log.lock().unwrap_or_else(|e| e.into_inner());
-        if log.ids.contains_key(&id) {
+        let Some(transport) = &self.inner.transport else {
+            let mut log = self.inner.log();
+            let sequence = log.applied + 1;
+            log.apply(sequence, Arc::new(update), self.inner.limits());
+            drop(log);
+            self.inner.applied.send_replace(sequence);
+            return Ok(id);
+        };
+        // A redelivery of an update this hub holds: not even a round trip. One it no longer
+        // holds, or one racing its first copy, is caught by the stream's duplicate window.
+        if self.inner.log().ids.contains_key(&id) {
             tracing::debug!(id, "update already dispatched; not sent again");
             return Ok(id);
         }
-        if self.inner.history_size > 0 {
-            let weight = update.weight();
-            // The oldest go until the new one fits, by count and by bytes.
-            while !log.history.is_empty()
-                && (log.history.len() >= self.inner.history_size
-                    || log.bytes + weight > self.inner.history_bytes)
-                && let Some(old) = log.history.pop_front()
-            {
-                let old_id = old.id.as_deref().unwrap_or_default();
-                // The same id may be in the history twice only if pushed twice: never.
-                log.ids.remove(old_id);
-                log.first += 1;
-                log.bytes -= old.weight();
-            }
-            let position = log.first + log.history.len() as u64;
-            log.ids.insert(id.clone(), position);
-            log.bytes += weight;
-            log.history.push_back(update.clone());
+        let sequence = transport
+            .publish(&update)
+            .await
+            .map_err(|e| match e.kind() {
+                PublishErrorKind::MaxPayloadExceeded => UpdateError::TooLarge(e.to_string()).into(),
+                _ => PublishRefused::Unavailable(e.to_string()),
+            })?;
+        // Stored: from here on the update is delivered whatever happens to this hub. Waiting
+        // for this hub's own copy makes it visible to a subscriber arriving after the answer.
+        let mut applied = self.inner.applied.subscribe();
+        let dispatched = tokio::time::timeout(
+            transport::DISPATCH_WAIT,
+            applied.wait_for(|a| *a >= sequence),
+        )
+        .await;
+        if dispatched.is_err() {
+            tracing::warn!(
+                id,
+                sequence,
+                "update stored but not read back yet from the stream; subscribers get it once \
+                 this hub catches up"
+            );
         }
-        // No receiver is not an error: nobody is subscribed.
-        let _ = log.sender.send(update);
         Ok(id)
     }
 
@@ -569,15 +749,26 @@ async fn publish(
     if !hub.inner.selectors.all_match(&update.topics, selectors) {
         return unauthorized("a topic matches no mercure.publish selector");
     }
-    match hub.publish(update) {
+    match hub.publish(update).await {
         Ok(id) => (
             StatusCode::OK,
             [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
             id,
         )
             .into_response(),
-        Err(PublishRefused(e)) if e.forbidden() => plain(StatusCode::FORBIDDEN, e.to_string()),
-        Err(PublishRefused(e)) => plain(StatusCode::BAD_REQUEST, e.to_string()),
+        Err(PublishRefused::Invalid(e)) if e.forbidden() => {
+            plain(StatusCode::FORBIDDEN, e.to_string())
+        }
+        Err(PublishRefused::Invalid(e)) => plain(StatusCode::BAD_REQUEST, e.to_string()),
+        Err(e @ PublishRefused::Unavailable(_)) => {
+            tracing::warn!(error = %e, "update refused: the stream is unavailable");
+            let mut response = plain(StatusCode::SERVICE_UNAVAILABLE, "Service Unavailable");
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from_static(UNAVAILABLE_RETRY_AFTER_SECONDS),
+            );
+            response
+        }
     }
 }
 

@@ -25,10 +25,11 @@ pub mod hub;
 pub mod jwt;
 pub mod selector;
 pub mod subscriber;
+mod transport;
 pub mod update;
 
 pub use client::{MercurePublisher, PublishError, UpdateSink};
-pub use config::{HubConfig, KeyError, MercureKeys, MercureKeysConfig};
-pub use hub::{HUB_PATH, Hub, serve};
+pub use config::{HubConfig, KeyError, MercureKeys, MercureKeysConfig, Transport};
+pub use hub::{HUB_PATH, Hub, PublishRefused, StartError, serve};
 pub use jwt::{Claims, JwtKey};
 pub use update::Update;

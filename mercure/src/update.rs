@@ -47,6 +47,9 @@ pub enum UpdateError {
     InvalidType,
     #[error("{0:?}: topic value references the reserved \"/.well-known/mercure\" namespace")]
     ReservedTopic(String),
+    /// Larger than the stream of updates takes (NATS `max_payload`).
+    #[error("update too large: {0}")]
+    TooLarge(String),
 }
 
 impl UpdateError {

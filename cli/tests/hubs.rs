@@ -1,0 +1,328 @@
+//! `dataviz hub` on its default transport, JetStream, as separate processes: a hub SIGKILLed
+//! mid-run loses no update it acknowledged, and several hubs on one stream serve every update
+//! to the subscribers of each, once and in order. Publishing and subscribing go over HTTP, as
+//! any Mercure client does.
+
+mod common;
+
+use common::spawn_role;
+use dataviz_mercure::jwt::{Claims, sign};
+use dataviz_mercure::subscriber::{EventStream, SseEvent, SubscribeRequest};
+use dataviz_mercure::{HUB_PATH, JwtKey, Update};
+use dataviz_testkit::{NatsServer, free_port, wait_for_port};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+const PUBLISHER_KEY: &str = "publisher-key-for-tests-0123456789";
+const SUBSCRIBER_KEY: &str = "subscriber-key-for-tests-0123456789";
+const BOOKS: &str = "https://example.com/books/{id}";
+
+/// A `dataviz hub` process and its URL.
+struct HubProcess {
+    role: common::Role,
+    port: u16,
+    url: String,
+}
+
+impl HubProcess {
+    fn start(nats: &NatsServer, log_dir: &tempfile::TempDir) -> HubProcess {
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let env = vec![
+            ("NATS_URL".to_owned(), nats.url()),
+            ("MERCURE_ADDR".to_owned(), addr.clone()),
+            ("MERCURE_PUBLISHER_JWT_KEY".to_owned(), PUBLISHER_KEY.into()),
+            (
+                "MERCURE_SUBSCRIBER_JWT_KEY".to_owned(),
+                SUBSCRIBER_KEY.into(),
+            ),
+            ("HTTP_ADDR".to_owned(), "127.0.0.1:0".into()),
+            ("LOG_DIR".to_owned(), log_dir.path().display().to_string()),
+            ("LOG_FORMAT".to_owned(), "text".into()),
+            ("RUST_LOG".to_owned(), "info".into()),
+        ];
+        let role = spawn_role("hub", env, &[]);
+        let hub = HubProcess {
+            role,
+            port,
+            url: format!("http://{addr}{HUB_PATH}"),
+        };
+        hub.wait_up();
+        hub
+    }
+
+    fn wait_up(&self) {
+        assert!(
+            wait_for_port(self.port, Duration::from_secs(30)),
+            "the hub did not listen"
+        );
+    }
+}
+
+fn subscriber_token(private: &[&str]) -> String {
+    sign(
+        &Claims::subscriber(
+            private.iter().map(|s| s.to_string()).collect(),
+            Some(Duration::from_secs(600)),
+        ),
+        &JwtKey::new(SUBSCRIBER_KEY),
+    )
+}
+
+/// Posts an update as any HTTP client would, again until the hub answers 200 (it is down, or
+/// its stream is): the publisher of an at-least-once pipeline. Any 4xx fails the test.
+async fn post_until_taken(client: &reqwest::Client, url: &str, update: &Update) {
+    let token = sign(
+        &Claims::publisher(vec!["*".into()], Some(Duration::from_secs(600))),
+        &JwtKey::new(PUBLISHER_KEY),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let request = client
+            .post(url)
+            .bearer_auth(&token)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(update.to_form());
+        match request.send().await {
+            Ok(r) if r.status().is_success() => return,
+            Ok(r) if r.status().is_client_error() => {
+                panic!("update refused: {} {}", r.status(), r.text().await.unwrap())
+            }
+            _ => {}
+        }
+        assert!(Instant::now() < deadline, "no hub took the update for 60 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+/// A subscriber that reconnects by itself, as a browser's `EventSource` does: `retry` after
+/// its stream broke, with the last id it saw as `Last-Event-ID`, until it has `expected`
+/// events or `timeout` passes. Returns the ids it received, in order, and how many times it
+/// reconnected.
+async fn subscribe_through_outages(
+    url: String,
+    request: SubscribeRequest,
+    connected: Arc<AtomicUsize>,
+    (expected, retry): (usize, Duration),
+    timeout: Duration,
+) -> (Vec<String>, usize) {
+    let deadline = Instant::now() + timeout;
+    let mut ids: Vec<String> = Vec::new();
+    let mut reconnections = 0;
+    while ids.len() < expected && Instant::now() < deadline {
+        let request = SubscribeRequest {
+            last_event_id: ids.last().cloned().or(request.last_event_id.clone()),
+            ..request.clone()
+        };
+        let Ok(mut stream) = EventStream::connect(&url, &request).await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        if connected.fetch_add(1, Ordering::SeqCst) > 0 {
+            reconnections += 1;
+        }
+        // Until the hub goes away (the stream ends or breaks).
+        while ids.len() < expected {
+            match tokio::time::timeout(Duration::from_secs(2), stream.next()).await {
+                Ok(Ok(Some(SseEvent { id: Some(id), .. }))) => ids.push(id),
+                Ok(Ok(Some(_))) => {}
+                Ok(Ok(None)) | Ok(Err(_)) => break,
+                Err(_) if Instant::now() >= deadline => break,
+                Err(_) => {}
+            }
+        }
+        tokio::time::sleep(retry).await;
+    }
+    (ids, reconnections)
+}
+
+/// The done-when case of a hub that survives: SIGKILLed while a publisher posts over HTTP, the
+/// hub restarts from the stream, and a subscriber that reconnects with the last id it saw gets
+/// every update exactly once, in the order published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_sigkilled_mid_run_loses_nothing_and_its_subscriber_gets_each_update_once() {
+    const UPDATES: usize = 3_000;
+    let nats = NatsServer::start();
+    let logs = tempfile::tempdir().unwrap();
+    let mut hub = HubProcess::start(&nats, &logs);
+
+    let connected = Arc::new(AtomicUsize::new(0));
+    let subscriber = tokio::spawn(subscribe_through_outages(
+        hub.url.clone(),
+        SubscribeRequest {
+            topics: vec![BOOKS.into()],
+            token: Some(subscriber_token(&[])),
+            last_event_id: None,
+        },
+        connected.clone(),
+        // A browser's delay: the hub is back, and has taken updates, before the subscriber.
+        (UPDATES, Duration::from_secs(3)),
+        Duration::from_secs(120),
+    ));
+    while connected.load(Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let taken = Arc::new(AtomicUsize::new(0));
+    let publisher = tokio::spawn({
+        let (url, taken) = (hub.url.clone(), taken.clone());
+        async move {
+            let client = client();
+            for i in 0..UPDATES {
+                let update = Update {
+                    id: Some(format!("update-{i}")),
+                    ..Update::new(
+                        vec![format!("https://example.com/books/{}", i % 7)],
+                        format!("{{\"n\":{i}}}"),
+                    )
+                };
+                post_until_taken(&client, &url, &update).await;
+                taken.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    });
+
+    // Killed mid-run, with updates acknowledged and others in flight.
+    while taken.load(Ordering::SeqCst) < UPDATES / 3 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    hub.role.kill();
+    let killed_after = taken.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    hub.role.start_again();
+    hub.wait_up();
+    tokio::time::timeout(Duration::from_secs(120), publisher)
+        .await
+        .expect("the publisher finished")
+        .unwrap();
+
+    let (ids, reconnections) = subscriber.await.unwrap();
+    let expected: Vec<String> = (0..UPDATES).map(|i| format!("update-{i}")).collect();
+    let first_wrong = ids.iter().zip(&expected).position(|(a, b)| a != b);
+    assert!(
+        ids == expected,
+        "the subscriber got {} events for {UPDATES} updates (killed after {killed_after} were \
+         taken; {reconnections} reconnections); first out of place at {first_wrong:?}",
+        ids.len()
+    );
+    assert!(reconnections >= 1, "the kill never reached the subscriber");
+}
+
+/// What one subscriber asks for, and what it may see.
+struct Expected {
+    hub: usize,
+    topics: Vec<String>,
+    private: Vec<&'static str>,
+    ids: Vec<String>,
+}
+
+/// Two hubs on one stream, subscribers on each, a publisher posting to the first only: every
+/// subscriber receives every update it is entitled to (its topics; private ones only with a
+/// JWT allowing them), once, in the order published. Then a subscriber of the second hub
+/// resumes from an id the first one gave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hubs_serve_each_update_to_the_subscribers_of_both_once_and_in_order() {
+    const UPDATES: usize = 600;
+    let nats = NatsServer::start();
+    let logs = tempfile::tempdir().unwrap();
+    let hubs = [
+        HubProcess::start(&nats, &logs),
+        HubProcess::start(&nats, &logs),
+    ];
+    let topic = |i: usize| format!("https://example.com/books/{}", i % 3);
+    let private = |i: usize| i.is_multiple_of(5);
+    let ids_where = |keep: &dyn Fn(usize) -> bool| -> Vec<String> {
+        (0..UPDATES)
+            .filter(|&i| keep(i))
+            .map(|i| format!("u{i}"))
+            .collect()
+    };
+    let mut subscribers = Vec::new();
+    for hub in 0..2 {
+        // Every public update; those of book 1 only; every one, private ones included.
+        subscribers.push(Expected {
+            hub,
+            topics: vec![BOOKS.into()],
+            private: vec![],
+            ids: ids_where(&|i| !private(i)),
+        });
+        subscribers.push(Expected {
+            hub,
+            topics: vec![topic(1)],
+            private: vec![],
+            ids: ids_where(&|i| !private(i) && i % 3 == 1),
+        });
+        subscribers.push(Expected {
+            hub,
+            topics: vec![BOOKS.into()],
+            private: vec![BOOKS],
+            ids: ids_where(&|_| true),
+        });
+    }
+    let connected = Arc::new(AtomicUsize::new(0));
+    let tasks: Vec<_> = subscribers
+        .iter()
+        .map(|s| {
+            tokio::spawn(subscribe_through_outages(
+                hubs[s.hub].url.clone(),
+                SubscribeRequest {
+                    topics: s.topics.clone(),
+                    token: Some(subscriber_token(&s.private)),
+                    last_event_id: None,
+                },
+                connected.clone(),
+                (s.ids.len(), Duration::ZERO),
+                Duration::from_secs(60),
+            ))
+        })
+        .collect();
+    while connected.load(Ordering::SeqCst) < subscribers.len() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let client = client();
+    for i in 0..UPDATES {
+        let update = Update {
+            id: Some(format!("u{i}")),
+            private: private(i),
+            ..Update::new(vec![topic(i)], format!("{{\"n\":{i}}}"))
+        };
+        post_until_taken(&client, &hubs[0].url, &update).await;
+    }
+    for (task, expected) in tasks.into_iter().zip(&subscribers) {
+        let (ids, _) = task.await.unwrap();
+        assert!(
+            ids == expected.ids,
+            "a subscriber of hub {} to {:?} (private {:?}) got {} events for {} expected",
+            expected.hub,
+            expected.topics,
+            expected.private,
+            ids.len(),
+            expected.ids.len()
+        );
+    }
+    // An id given by the first hub is found by the second: the updates after it, in order.
+    let (ids, _) = subscribe_through_outages(
+        hubs[1].url.clone(),
+        SubscribeRequest {
+            topics: vec![BOOKS.into()],
+            token: Some(subscriber_token(&[BOOKS])),
+            last_event_id: Some("u299".into()),
+        },
+        Arc::new(AtomicUsize::new(0)),
+        (UPDATES - 300, Duration::ZERO),
+        Duration::from_secs(30),
+    )
+    .await;
+    let after: Vec<String> = (300..UPDATES).map(|i| format!("u{i}")).collect();
+    assert_eq!(ids, after, "resumed on the other hub from u299");
+}
