@@ -331,6 +331,21 @@ async fn scenario(
         "the page was reloaded: the missed value was not read at reconnection"
     );
     ensure!(live_is(browser, "on").await?, "the stream is not back on");
+
+    // And values come live again from the restarted hub, on the same page.
+    mqtt.publish(&topic, r#"{"d": [{"tag": "AI.0", "value": 99.5}]}"#)
+        .await;
+    mqtt.wait_acked(Duration::from_secs(10)).await;
+    eventually(
+        "the live value 99.5 after the restart",
+        Duration::from_secs(30),
+        || async { Ok((text_of(browser, &row("AI.0")).await? == "99.5").then_some(())) },
+    )
+    .await?;
+    ensure!(
+        not_reloaded(browser).await?,
+        "the page was reloaded: the value did not come live after the restart"
+    );
     Ok(())
 }
 
