@@ -17,13 +17,15 @@ use std::process::Command;
 use yaml_rust2::{Yaml, YamlLoader};
 
 /// Compose service → `dataviz` subcommand, for every service built from the Dataviz image.
-const ROLES: [(&str, &str); 6] = [
+const ROLES: [(&str, &str); 8] = [
     ("migrate", "migrate"),
     ("mqtt-bridge", "bridge"),
     ("processor", "processor"),
     ("writer", "writer"),
     ("publisher", "publisher"),
     ("app", "app"),
+    ("hub-1", "hub"),
+    ("hub-2", "hub"),
 ];
 
 /// Settings whose built-in defaults point at 127.0.0.1 or suit development only: compose.yaml
