@@ -10,11 +10,12 @@
 //! - `local`: the update is applied in this process only (one hub; history lost at a stop).
 //!
 //! # Delivery
-//! Every applied update goes into a bounded in-memory history and onto a broadcast channel,
-//! both under one lock, so a subscriber that takes its history snapshot and its channel
-//! receiver under the same lock sees every update exactly once, history first. A subscriber
-//! too slow to keep up with the channel ([`CHANNEL_CAPACITY`] updates behind) is disconnected;
-//! its client reconnects with `Last-Event-ID` and catches up from the history.
+//! Every applied update goes into a bounded in-memory history and to the subscribers that may
+//! want it (indexed by topic: module `dispatch`), both under one lock, so a subscriber that
+//! takes its history snapshot and joins the index under the same lock sees every update exactly
+//! once, history first. The update's event is encoded once; every subscriber writes the same
+//! bytes. A subscriber too slow to keep up ([`CHANNEL_CAPACITY`] updates behind) is
+//! disconnected; its client reconnects with `Last-Event-ID` and catches up from the history.
 //!
 //! # Cost of a subscriber
 //! No subscriber can hold up publishing. The lock is held only to copy pointers to the part of
@@ -48,6 +49,7 @@
 
 use crate::config::HubConfig;
 use crate::config::KeyError;
+use crate::dispatch::{Dispatch, Entry, Registration};
 use crate::jwt::{self, Claims, JwtKey};
 use crate::selector::{MAX_TEMPLATE_LENGTH, SelectorSet, TopicMemo, TopicSelectorStore};
 use crate::transport;
@@ -57,7 +59,6 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
-use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures::{Stream, StreamExt, stream};
@@ -65,7 +66,7 @@ use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
@@ -75,9 +76,7 @@ pub const HUB_PATH: &str = "/.well-known/mercure";
 pub const EARLIEST: &str = "earliest";
 /// The cookie a browser may carry its JWT in.
 pub const AUTHORIZATION_COOKIE: &str = "mercureAuthorization";
-/// Updates a subscriber may lag behind before it is disconnected (and catches up from the
-/// history on reconnection).
-pub const CHANNEL_CAPACITY: usize = 8192;
+pub use crate::dispatch::CHANNEL_CAPACITY;
 /// History readings and selector compilations of subscriptions with many templates done at
 /// once; the others wait their turn without holding a thread.
 pub const REPLAY_CONCURRENCY: usize = 1;
@@ -134,7 +133,7 @@ struct HubInner {
 
 struct Log {
     /// The updates kept, with their sequence (the stream's, or a counter of this process's).
-    history: VecDeque<(u64, Arc<Update>)>,
+    history: VecDeque<Arc<Entry>>,
     /// The bytes of `history` ([`Update::weight`]).
     bytes: usize,
     /// The ids in `history` and their sequences: repeated updates are skipped, and a
@@ -142,7 +141,8 @@ struct Log {
     ids: HashMap<String, u64>,
     /// The sequence of the last update applied; sequences only grow.
     applied: u64,
-    sender: broadcast::Sender<Arc<Update>>,
+    /// The subscribers, by the topics they name.
+    dispatch: Dispatch,
 }
 
 impl HubInner {
@@ -167,7 +167,7 @@ impl HubInner {
                 bytes: 0,
                 ids: HashMap::new(),
                 applied: 0,
-                sender: broadcast::channel(CHANNEL_CAPACITY).0,
+                dispatch: Dispatch::default(),
             }),
             applied: tokio::sync::watch::Sender::new(0),
             transport,
@@ -203,7 +203,7 @@ impl HubInner {
                 let mut log = hub.log();
                 match update {
                     Some(update) => {
-                        log.apply(sequence, Arc::new(update), hub.limits());
+                        log.apply(sequence, update, hub.limits());
                     }
                     None => log.applied = log.applied.max(sequence),
                 }
@@ -224,21 +224,21 @@ impl HubInner {
 impl Log {
     /// The updates after `asked` (`None`: every one), as shared pointers: all the lock is held
     /// for.
-    fn after(&self, asked: Option<&str>) -> Option<Vec<Arc<Update>>> {
+    fn after(&self, asked: Option<&str>) -> Option<Vec<Arc<Entry>>> {
         let from = match asked {
             None => 0,
             Some(id) => {
                 let sequence = *self.ids.get(id)?;
-                self.history.partition_point(|(s, _)| *s <= sequence)
+                self.history.partition_point(|e| e.sequence <= sequence)
             }
         };
-        Some(self.history.range(from..).map(|(_, u)| u.clone()).collect())
+        Some(self.history.range(from..).cloned().collect())
     }
 
     /// Keeps and dispatches the update of `sequence`, unless that sequence was applied already
     /// (a consumer's redelivery) or its id is still in the history (a publisher's). Returns
     /// whether it was dispatched.
-    fn apply(&mut self, sequence: u64, update: Arc<Update>, limits: (usize, usize)) -> bool {
+    fn apply(&mut self, sequence: u64, update: Update, limits: (usize, usize)) -> bool {
         if sequence <= self.applied {
             return false;
         }
@@ -248,24 +248,26 @@ impl Log {
             tracing::debug!(id, "update already dispatched; not sent again");
             return false;
         }
+        let entry = Arc::new(Entry::new(sequence, update));
         let (size, max_bytes) = limits;
         if size > 0 {
-            let weight = update.weight();
+            let weight = entry.weight();
             // The oldest go until the new one fits, by count and by bytes.
             while !self.history.is_empty()
                 && (self.history.len() >= size || self.bytes + weight > max_bytes)
-                && let Some((_, old)) = self.history.pop_front()
+                && let Some(old) = self.history.pop_front()
             {
                 // The same id may be in the history twice only if applied twice: never.
-                self.ids.remove(old.id.as_deref().unwrap_or_default());
+                self.ids
+                    .remove(old.update.id.as_deref().unwrap_or_default());
                 self.bytes -= old.weight();
             }
-            self.ids.insert(id.to_owned(), sequence);
+            let id = entry.update.id.clone().unwrap_or_default();
+            self.ids.insert(id, sequence);
             self.bytes += weight;
-            self.history.push_back((sequence, update.clone()));
+            self.history.push_back(entry.clone());
         }
-        // No receiver is not an error: nobody is subscribed.
-        let _ = self.sender.send(update);
+        self.dispatch.send(&entry);
         true
     }
 }
@@ -391,7 +393,7 @@ impl Hub {
         let Some(transport) = &self.inner.transport else {
             let mut log = self.inner.log();
             let sequence = log.applied + 1;
-            log.apply(sequence, Arc::new(update), self.inner.limits());
+            log.apply(sequence, update, self.inner.limits());
             drop(log);
             self.inner.applied.send_replace(sequence);
             return Ok(id);
@@ -483,22 +485,30 @@ impl Hub {
             memo: TopicMemo::default(),
         };
         // Pointers only under the lock; the matching comes after.
-        let (receiver, after, all) = {
-            let log = self.inner.log.lock().unwrap_or_else(|e| e.into_inner());
-            let receiver = log.sender.subscribe();
+        let (registered, after, all) = {
+            let mut log = self.inner.log();
+            let (registration, receiver) = log.dispatch.register(&sub.subscribed);
+            let registered = Registered {
+                hub: Arc::downgrade(&self.inner),
+                registration,
+                receiver,
+            };
             match request.last_event_id.as_deref() {
-                None => (receiver, None, None),
-                Some(EARLIEST) => (receiver, log.after(None), None),
+                None => (registered, None, None),
+                Some(EARLIEST) => (registered, log.after(None), None),
                 Some(asked) => match log.after(Some(asked)) {
-                    Some(after) => (receiver, Some(after), None),
-                    None => (receiver, None, log.after(None)),
+                    Some(after) => (registered, Some(after), None),
+                    None => (registered, None, log.after(None)),
                 },
             }
         };
         let (backlog, answered_id) = match (request.last_event_id, after, all) {
             (None, ..) => (Vec::new(), None),
             (Some(asked), Some(after), _) => {
-                let visible = after.into_iter().filter(|u| sub.can_receive(u)).collect();
+                let visible = after
+                    .into_iter()
+                    .filter(|e| sub.can_receive(&e.update))
+                    .collect();
                 (visible, Some(asked))
             }
             (Some(asked), None, all) => {
@@ -511,8 +521,8 @@ impl Hub {
                     .unwrap_or_default()
                     .iter()
                     .rev()
-                    .find(|u| sub.can_receive(u))
-                    .and_then(|u| u.id.clone())
+                    .find(|e| sub.can_receive(&e.update))
+                    .and_then(|e| e.update.id.clone())
                     .unwrap_or_else(|| EARLIEST.to_owned());
                 (Vec::new(), Some(last_visible))
             }
@@ -520,7 +530,7 @@ impl Hub {
         Prepared {
             sub,
             backlog,
-            receiver,
+            registered,
             answered_id,
         }
     }
@@ -559,8 +569,8 @@ impl Subscription {
 /// `Last-Event-ID` to answer.
 struct Prepared {
     sub: Subscription,
-    backlog: Vec<Arc<Update>>,
-    receiver: broadcast::Receiver<Arc<Update>>,
+    backlog: Vec<Arc<Entry>>,
+    registered: Registered,
     answered_id: Option<String>,
 }
 
@@ -879,13 +889,13 @@ async fn subscribe(
     let Prepared {
         sub,
         backlog,
-        receiver,
+        registered,
         answered_id,
     } = prepared;
 
     let expires = claims.as_ref().and_then(Claims::expires_at);
     let jti = claims.as_ref().and_then(|c| c.jti.clone());
-    let events = subscription_events(sub, backlog, receiver, slot);
+    let events = subscription_events(sub, backlog, registered, slot);
     // Ends at the JWT's expiry, at its revocation and when the hub closes.
     let until = {
         let closed = hub.inner.closed.clone();
@@ -928,17 +938,19 @@ async fn subscribe(
     };
     // A first comment puts the headers and something on the wire at once, as the reference
     // hub's `:` line does.
-    let events = stream::once(async { Ok(Event::default().comment("")) })
+    let events = stream::once(async { COMMENT })
         .chain(events)
         .take_until(until);
+    let events = with_heartbeat(events, hub.inner.heartbeat);
 
-    let mut response = match hub.inner.heartbeat {
-        Some(interval) => Sse::new(events)
-            .keep_alive(KeepAlive::new().interval(interval).text(""))
-            .into_response(),
-        None => Sse::new(events).into_response(),
-    };
+    let mut response = Response::new(axum::body::Body::from_stream(
+        events.map(Ok::<_, Infallible>),
+    ));
     let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
     headers.insert(
         header::CACHE_CONTROL,
         HeaderValue::from_static("private, no-cache, no-store, must-revalidate, max-age=0"),
@@ -952,35 +964,64 @@ async fn subscribe(
     response
 }
 
-/// The history backlog, then live updates, filtered for the subscriber; ends when the
-/// subscriber falls too far behind. Holds the subscriber's `slot` until it ends.
+/// An empty comment: the first line of every stream, and the heartbeat.
+const COMMENT: Bytes = Bytes::from_static(b":\n\n");
+
+/// The history backlog, then live updates, filtered for the subscriber, as encoded events;
+/// ends when the subscriber falls too far behind. Holds the subscriber's `slot` and its place
+/// in the index until it ends.
 fn subscription_events(
     sub: Subscription,
-    backlog: Vec<Arc<Update>>,
-    receiver: broadcast::Receiver<Arc<Update>>,
+    backlog: Vec<Arc<Entry>>,
+    registered: Registered,
     slot: OwnedSemaphorePermit,
-) -> impl Stream<Item = Result<Event, Infallible>> {
-    let backlog = stream::iter(backlog).map(|u| Ok(u.to_event()));
+) -> impl Stream<Item = Bytes> {
+    // An update on two topics of one subscription is handed to it twice; and it may be in the
+    // backlog too. Sequences only grow: one not past the last sent was sent.
+    let last = backlog.last().map_or(0, |e| e.sequence);
+    let backlog = stream::iter(backlog).map(|e| e.frame.clone());
     let live = stream::unfold(
-        (sub, receiver, slot),
-        |(mut sub, mut receiver, slot)| async move {
-            loop {
-                match receiver.recv().await {
-                    Ok(update) if sub.can_receive(&update) => {
-                        return Some((Ok(update.to_event()), (sub, receiver, slot)));
-                    }
-                    Ok(_) => continue,
-                    Err(broadcast::error::RecvError::Lagged(missed)) => {
-                        tracing::info!(
-                            missed,
-                            "subscriber too slow; disconnected (it catches up from the history)"
-                        );
-                        return None;
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return None,
+        (sub, registered, slot, last),
+        |(mut sub, mut registered, slot, mut last)| async move {
+            while let Some(entry) = registered.receiver.recv().await {
+                if entry.sequence > last && sub.can_receive(&entry.update) {
+                    last = entry.sequence;
+                    return Some((entry.frame.clone(), (sub, registered, slot, last)));
                 }
             }
+            None
         },
     );
     backlog.chain(live)
+}
+
+/// `events`, with a heartbeat comment after each `interval` without one.
+fn with_heartbeat(
+    events: impl Stream<Item = Bytes> + Send + 'static,
+    interval: Option<Duration>,
+) -> impl Stream<Item = Bytes> {
+    stream::unfold(Box::pin(events), move |mut events| async move {
+        let next = match interval {
+            None => events.next().await,
+            Some(interval) => tokio::time::timeout(interval, events.next())
+                .await
+                .unwrap_or(Some(COMMENT)),
+        };
+        next.map(|bytes| (bytes, events))
+    })
+}
+
+/// A subscription's place in the index and its receiver; leaves the index when dropped.
+struct Registered {
+    hub: std::sync::Weak<HubInner>,
+    registration: Registration,
+    receiver: crate::dispatch::Receiver,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        if let Some(hub) = self.hub.upgrade() {
+            hub.log().dispatch.unregister(self.registration);
+        }
+    }
 }

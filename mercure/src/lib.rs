@@ -21,6 +21,7 @@
 
 pub mod client;
 pub mod config;
+mod dispatch;
 pub mod hub;
 pub mod jwt;
 pub mod selector;

@@ -139,6 +139,12 @@ impl SelectorSet {
     pub fn templates(&self) -> usize {
         self.templates.len()
     }
+
+    /// The topics it names, when it names exact topics only (no `*`, no template): then no
+    /// other topic can match it.
+    pub fn exact_topics(&self) -> Option<impl Iterator<Item = &String>> {
+        (!self.any && self.templates.is_empty()).then(|| self.exact.iter())
+    }
 }
 
 /// What a subscription decided for the topics it saw: `(subscribed, private allowed)` per

@@ -5,8 +5,7 @@
 //! an unsigned integer; no CR, LF or NUL in `id` or `type` (they would let a publisher inject
 //! SSE fields); no topic inside `/.well-known/mercure` (reserved for the hub's own events).
 
-use axum::response::sse::Event;
-use std::time::Duration;
+use bytes::Bytes;
 use thiserror::Error;
 
 /// The most topics one update may name (a subscription's limit is `MERCURE_MAX_TOPICS`).
@@ -159,27 +158,35 @@ impl Update {
         Ok(())
     }
 
-    /// The server-sent event. Call on validated updates only: axum panics on CR or LF in an
-    /// id or type, and [`Update::validate`] refuses them.
-    pub fn to_event(&self) -> Event {
-        let mut event = Event::default();
+    /// The server-sent event subscribers receive, as the reference hub writes it (`event`,
+    /// `retry`, `id`, then one `data` line per line of the data, whatever its line breaks).
+    /// Encoded once per update: every subscriber gets the same bytes.
+    pub fn to_frame(&self) -> Bytes {
+        let mut frame = String::with_capacity(self.data.len() + 64);
+        let mut field = |name: &str, value: &str| {
+            frame.push_str(name);
+            frame.push_str(": ");
+            frame.push_str(value);
+            frame.push('\n');
+        };
         if let Some(t) = &self.event_type {
-            event = event.event(t);
+            field("event", t);
         }
         if let Some(retry) = self.retry {
-            event = event.retry(Duration::from_millis(retry));
+            field("retry", &retry.to_string());
         }
-        event = event.id(self.id.as_deref().unwrap_or_default());
-        // Every line break form (CRLF, CR, LF) becomes one `data:` line, as the reference hub
-        // writes it; axum would turn a CRLF into two lines.
-        event.data(self.data.replace("\r\n", "\n").replace('\r', "\n"))
+        field("id", self.id.as_deref().unwrap_or_default());
+        for line in self.data.split("\r\n").flat_map(|l| l.split(['\r', '\n'])) {
+            field("data", line);
+        }
+        frame.push('\n');
+        Bytes::from(frame)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use axum::response::IntoResponse;
 
     fn parse(body: &str) -> Result<Update, UpdateError> {
         Update::from_form(body.as_bytes())
@@ -243,17 +250,12 @@ mod tests {
         assert!(!UpdateError::InvalidId.forbidden());
     }
 
-    async fn render(event: Event) -> String {
-        use futures::stream;
-        let sse =
-            axum::response::Sse::new(stream::iter([Ok::<_, std::convert::Infallible>(event)]));
-        let body = sse.into_response().into_body();
-        let bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap();
-        String::from_utf8(bytes.to_vec()).unwrap()
+    fn frame(u: &Update) -> String {
+        String::from_utf8(u.to_frame().to_vec()).unwrap()
     }
 
-    #[tokio::test]
-    async fn renders_events_as_the_reference_hub() {
+    #[test]
+    fn renders_events_as_the_reference_hub() {
         let u = Update {
             id: Some("id-1".into()),
             event_type: Some("reading".into()),
@@ -261,8 +263,20 @@ mod tests {
             ..Update::new(vec!["a".into()], "l1\r\nl2\rl3\nl4")
         };
         assert_eq!(
-            render(u.to_event()).await,
+            frame(&u),
             "event: reading\nretry: 1500\nid: id-1\ndata: l1\ndata: l2\ndata: l3\ndata: l4\n\n"
         );
+        // Empty data is one empty data line; a line break at the end, an empty last line.
+        let u = Update {
+            id: Some("i".into()),
+            ..Update::new(vec!["a".into()], "")
+        };
+        assert_eq!(frame(&u), "id: i\ndata: \n\n");
+        let u = Update {
+            id: Some("i".into()),
+            retry: Some(5),
+            ..Update::new(vec!["a".into()], "x\r\n")
+        };
+        assert_eq!(frame(&u), "retry: 5\nid: i\ndata: x\ndata: \n\n");
     }
 }
