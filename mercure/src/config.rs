@@ -194,8 +194,8 @@ pub struct HubConfig {
         default_value = HubConfig::DEFAULT_STREAM
     )]
     pub mercure_stream: String,
-    /// Age past which the stream drops an update (`jetstream` transport), beside the count and
-    /// byte limits above; 0s: no age limit.
+    /// Age past which the history drops an update (the stream and each hub's copy), beside
+    /// the count and byte limits above; 0s: no age limit.
     #[arg(long, env = "MERCURE_HISTORY_MAX_AGE", value_name = "MERCURE_HISTORY_MAX_AGE", default_value = HubConfig::DEFAULT_HISTORY_MAX_AGE, value_parser = humantime::parse_duration)]
     pub mercure_history_max_age: Duration,
     /// Replicas of the stream on a NATS cluster (1 to 5).

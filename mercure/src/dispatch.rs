@@ -25,17 +25,24 @@ pub const CHANNEL_CAPACITY: usize = 8192;
 #[derive(Debug)]
 pub(crate) struct Entry {
     pub(crate) sequence: u64,
+    /// When the stream stored it (`local`: when it was published), for the age limit.
+    pub(crate) published: std::time::SystemTime,
     /// The update without its data, which is in `frame` only (kept once).
     pub(crate) update: Update,
     pub(crate) frame: Bytes,
 }
 
 impl Entry {
-    pub(crate) fn new(sequence: u64, mut update: Update) -> Entry {
+    pub(crate) fn new(
+        sequence: u64,
+        mut update: Update,
+        published: std::time::SystemTime,
+    ) -> Entry {
         let frame = update.to_frame();
         update.data = String::new();
         Entry {
             sequence,
+            published,
             update,
             frame,
         }
@@ -149,7 +156,7 @@ mod tests {
             id: Some(sequence.to_string()),
             ..Update::new(topics.iter().map(|t| t.to_string()).collect(), "x")
         };
-        Arc::new(Entry::new(sequence, update))
+        Arc::new(Entry::new(sequence, update, std::time::SystemTime::now()))
     }
 
     fn selectors(selectors: &[&str]) -> SelectorSet {

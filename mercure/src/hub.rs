@@ -109,6 +109,7 @@ struct HubInner {
     publish_origins: Vec<String>,
     history_size: usize,
     history_bytes: usize,
+    history_max_age: Option<Duration>,
     max_topics: usize,
     max_subscribers: usize,
     selectors: TopicSelectorStore,
@@ -129,6 +130,15 @@ struct HubInner {
     revoked: Mutex<HashMap<String, SystemTime>>,
     /// Bumped at each revocation: running subscriptions check whether it names them.
     revocations: tokio::sync::watch::Sender<u64>,
+}
+
+/// How much history a hub keeps (its settings).
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    /// Updates; 0: none.
+    size: usize,
+    bytes: usize,
+    max_age: Option<Duration>,
 }
 
 struct Log {
@@ -157,6 +167,7 @@ impl HubInner {
             publish_origins: config.publish_origins(),
             history_size: config.mercure_history_size,
             history_bytes: config.mercure_history_bytes,
+            history_max_age: Some(config.mercure_history_max_age).filter(|a| !a.is_zero()),
             max_topics: config.mercure_max_topics,
             max_subscribers: config.mercure_max_subscribers,
             selectors: TopicSelectorStore::new(config.mercure_template_cache_size),
@@ -181,9 +192,13 @@ impl HubInner {
         self.log.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The history's limits: updates and bytes.
-    fn limits(&self) -> (usize, usize) {
-        (self.history_size, self.history_bytes)
+    /// The history's limits.
+    fn limits(&self) -> Limits {
+        Limits {
+            size: self.history_size,
+            bytes: self.history_bytes,
+            max_age: self.history_max_age,
+        }
     }
 
     /// Applies what the stream delivers, in its order, until the hub closes or is dropped.
@@ -195,7 +210,7 @@ impl HubInner {
         let closed = self.closed.clone();
         let transport = transport.clone();
         tokio::spawn(async move {
-            let apply = |sequence: u64, update: Option<Update>| {
+            let apply = |sequence: u64, update: Option<Update>, published: SystemTime| {
                 // Gone: nobody to deliver to any more.
                 let Some(hub) = hub.upgrade() else {
                     return false;
@@ -203,7 +218,7 @@ impl HubInner {
                 let mut log = hub.log();
                 match update {
                     Some(update) => {
-                        log.apply(sequence, update, hub.limits());
+                        log.apply(sequence, update, published, hub.limits());
                     }
                     None => log.applied = log.applied.max(sequence),
                 }
@@ -235,10 +250,38 @@ impl Log {
         Some(self.history.range(from..).cloned().collect())
     }
 
+    /// Drops the updates past the age limit, as the stream does.
+    fn expire(&mut self, limits: Limits) {
+        let Some(oldest) = limits
+            .max_age
+            .and_then(|age| SystemTime::now().checked_sub(age))
+        else {
+            return;
+        };
+        while self.history.front().is_some_and(|e| e.published < oldest) {
+            self.pop_oldest();
+        }
+    }
+
+    fn pop_oldest(&mut self) {
+        if let Some(old) = self.history.pop_front() {
+            // The same id may be in the history twice only if applied twice: never.
+            self.ids
+                .remove(old.update.id.as_deref().unwrap_or_default());
+            self.bytes -= old.weight();
+        }
+    }
+
     /// Keeps and dispatches the update of `sequence`, unless that sequence was applied already
     /// (a consumer's redelivery) or its id is still in the history (a publisher's). Returns
     /// whether it was dispatched.
-    fn apply(&mut self, sequence: u64, update: Update, limits: (usize, usize)) -> bool {
+    fn apply(
+        &mut self,
+        sequence: u64,
+        update: Update,
+        published: SystemTime,
+        limits: Limits,
+    ) -> bool {
         if sequence <= self.applied {
             return false;
         }
@@ -248,19 +291,15 @@ impl Log {
             tracing::debug!(id, "update already dispatched; not sent again");
             return false;
         }
-        let entry = Arc::new(Entry::new(sequence, update));
-        let (size, max_bytes) = limits;
-        if size > 0 {
+        let entry = Arc::new(Entry::new(sequence, update, published));
+        if limits.size > 0 {
             let weight = entry.weight();
+            self.expire(limits);
             // The oldest go until the new one fits, by count and by bytes.
             while !self.history.is_empty()
-                && (self.history.len() >= size || self.bytes + weight > max_bytes)
-                && let Some(old) = self.history.pop_front()
+                && (self.history.len() >= limits.size || self.bytes + weight > limits.bytes)
             {
-                // The same id may be in the history twice only if applied twice: never.
-                self.ids
-                    .remove(old.update.id.as_deref().unwrap_or_default());
-                self.bytes -= old.weight();
+                self.pop_oldest();
             }
             let id = entry.update.id.clone().unwrap_or_default();
             self.ids.insert(id, sequence);
@@ -393,7 +432,7 @@ impl Hub {
         let Some(transport) = &self.inner.transport else {
             let mut log = self.inner.log();
             let sequence = log.applied + 1;
-            log.apply(sequence, update, self.inner.limits());
+            log.apply(sequence, update, SystemTime::now(), self.inner.limits());
             drop(log);
             self.inner.applied.send_replace(sequence);
             return Ok(id);
@@ -487,6 +526,7 @@ impl Hub {
         // Pointers only under the lock; the matching comes after.
         let (registered, after, all) = {
             let mut log = self.inner.log();
+            log.expire(self.inner.limits());
             let (registration, receiver) = log.dispatch.register(&sub.subscribed);
             let registered = Registered {
                 hub: Arc::downgrade(&self.inner),

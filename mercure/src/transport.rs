@@ -19,7 +19,7 @@ use async_nats::jetstream::{
     stream,
 };
 use futures::StreamExt;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 /// How long a starting hub may take to read the stream's history back.
 pub(crate) const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(60);
@@ -100,13 +100,14 @@ impl Transport {
         Ok(ack.sequence)
     }
 
-    /// Hands every update of the stream to `apply`, in order, from the sequence `from` gives
-    /// (asked again after each failure), until `from` or `apply` says the hub is gone. A
-    /// message that is not an update is handed as `None`, so that its sequence counts.
+    /// Hands every update of the stream to `apply` with its sequence and the time the stream
+    /// stored it, in order, from the sequence `from` gives (asked again after each failure),
+    /// until `from` or `apply` says the hub is gone. A message that is not an update is handed
+    /// as `None`, so that its sequence counts.
     pub(crate) async fn follow(
         &self,
         from: impl Fn() -> Option<u64>,
-        apply: impl Fn(u64, Option<Update>) -> bool,
+        apply: impl Fn(u64, Option<Update>, SystemTime) -> bool,
     ) {
         let mut delay = Duration::from_millis(100);
         while let Some(start) = from() {
@@ -130,7 +131,7 @@ impl Transport {
     async fn read(
         &self,
         start: u64,
-        apply: &impl Fn(u64, Option<Update>) -> bool,
+        apply: &impl Fn(u64, Option<Update>, SystemTime) -> bool,
     ) -> Result<(), async_nats::Error> {
         let consumer = self
             .js
@@ -147,7 +148,8 @@ impl Transport {
         let mut messages = consumer.messages().await?;
         while let Some(message) = messages.next().await {
             let message = message?;
-            let sequence = message.info()?.stream_sequence;
+            let info = message.info()?;
+            let (sequence, published) = (info.stream_sequence, info.published.into());
             let update = match Update::from_form(&message.payload) {
                 Ok(update) if update.id.is_some() => Some(update),
                 Ok(_) => {
@@ -159,7 +161,7 @@ impl Transport {
                     None
                 }
             };
-            if !apply(sequence, update) {
+            if !apply(sequence, update, published) {
                 return Ok(());
             }
         }

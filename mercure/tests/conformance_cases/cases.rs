@@ -873,6 +873,49 @@ async fn history_is_bounded_by_bytes() {
     assert_eq!(served.hub.history_len(), 1);
 }
 
+/// An update older than `MERCURE_HISTORY_MAX_AGE` is forgotten, by the hub as by its stream:
+/// its id is no longer found, and `earliest` no longer replays it.
+#[tokio::test]
+async fn history_forgets_updates_past_its_age() {
+    let mut config = config();
+    config.mercure_history_max_age = Duration::from_secs(1);
+    let served = serve(config).await;
+    publish_over_http(&served.url, &update(&["t"], "old", "x"))
+        .await
+        .unwrap();
+    publish_over_http(&served.url, &update(&["t"], "older-next", "x"))
+        .await
+        .unwrap();
+    let replayed = |last: &'static str| {
+        let url = served.url.clone();
+        async move {
+            let mut stream = EventStream::connect(
+                &url,
+                &SubscribeRequest {
+                    topics: vec!["t".into()],
+                    token: None,
+                    last_event_id: Some(last.into()),
+                },
+            )
+            .await
+            .unwrap();
+            let mut ids = Vec::new();
+            while let Some(event) = stream.next_within(NOTHING).await {
+                ids.extend(event.id);
+            }
+            ids
+        }
+    };
+    assert_eq!(replayed("old").await, ["older-next"], "within its age");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    publish_over_http(&served.url, &update(&["t"], "new", "x"))
+        .await
+        .unwrap();
+    assert_eq!(replayed("earliest").await, ["new"]);
+    assert!(replayed("old").await.is_empty(), "an id past the age");
+    assert_eq!(served.hub.history_len(), 1);
+}
+
 #[tokio::test]
 async fn history_is_bounded_and_repeated_ids_are_sent_once() {
     let mut config = config();
