@@ -326,3 +326,82 @@ async fn two_hubs_serve_each_update_to_the_subscribers_of_both_once_and_in_order
     let after: Vec<String> = (300..UPDATES).map(|i| format!("u{i}")).collect();
     assert_eq!(ids, after, "resumed on the other hub from u299");
 }
+
+/// NATS SIGKILLed under a running hub: publishes are refused with 503 while it is away (never
+/// answered 200 and lost), the hub follows the stream again when it is back, and a subscriber
+/// that stayed connected receives every update that was answered 200, once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_rides_out_a_nats_restart_and_loses_no_acknowledged_update() {
+    let mut nats = NatsServer::start();
+    let logs = tempfile::tempdir().unwrap();
+    let hub = HubProcess::start(&nats, &logs);
+    let connected = Arc::new(AtomicUsize::new(0));
+    let client = client();
+    let token = sign(
+        &Claims::publisher(vec!["*".into()], Some(Duration::from_secs(600))),
+        &JwtKey::new(PUBLISHER_KEY),
+    );
+    let post = |i: usize| {
+        let update = Update {
+            id: Some(format!("n{i}")),
+            ..Update::new(vec!["https://example.com/books/1".into()], "x")
+        };
+        client
+            .post(&hub.url)
+            .bearer_auth(&token)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(update.to_form())
+            .send()
+    };
+    let mut taken = Vec::new();
+    let mut refused = 0;
+    // 100 updates before, 100 while NATS is away, 100 after.
+    let subscriber = {
+        let url = hub.url.clone();
+        let connected = connected.clone();
+        tokio::spawn(async move {
+            // What was answered 200 is known only at the end: read until quiet.
+            let mut stream = EventStream::connect(
+                &url,
+                &SubscribeRequest {
+                    topics: vec![BOOKS.into()],
+                    token: Some(subscriber_token(&[])),
+                    last_event_id: None,
+                },
+            )
+            .await
+            .unwrap();
+            connected.fetch_add(1, Ordering::SeqCst);
+            let mut ids = Vec::new();
+            while let Some(event) = stream.next_within(Duration::from_secs(5)).await {
+                ids.extend(event.id);
+            }
+            ids
+        })
+    };
+    while connected.load(Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for i in 0..300 {
+        if i == 100 {
+            nats.kill();
+        }
+        if i == 200 {
+            nats.restart();
+            // The hub's client reconnects, then its consumer follows the stream again.
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        }
+        match post(i).await.map(|r| r.status().as_u16()) {
+            Ok(200) => taken.push(format!("n{i}")),
+            Ok(503) => refused += 1,
+            other => panic!("update n{i}: {other:?}"),
+        }
+    }
+    let received = subscriber.await.unwrap();
+    assert!(refused >= 90, "only {refused} refused while NATS was away");
+    assert!(taken.len() >= 200, "{} taken", taken.len());
+    assert_eq!(
+        received, taken,
+        "the subscriber got every update answered 200, once, in order"
+    );
+}

@@ -52,9 +52,9 @@ use crate::config::KeyError;
 use crate::dispatch::{Dispatch, Entry, Registration};
 use crate::jwt::{self, Claims, JwtKey};
 use crate::selector::{MAX_TEMPLATE_LENGTH, SelectorSet, TopicMemo, TopicSelectorStore};
-use crate::transport;
+use crate::transport::{self, PublishFailure};
 use crate::update::{Update, UpdateError};
-use async_nats::jetstream::{self, context::PublishErrorKind};
+use async_nats::jetstream;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{RawQuery, State};
@@ -443,13 +443,10 @@ impl Hub {
             tracing::debug!(id, "update already dispatched; not sent again");
             return Ok(id);
         }
-        let sequence = transport
-            .publish(&update)
-            .await
-            .map_err(|e| match e.kind() {
-                PublishErrorKind::MaxPayloadExceeded => UpdateError::TooLarge(e.to_string()).into(),
-                _ => PublishRefused::Unavailable(e.to_string()),
-            })?;
+        let sequence = transport.publish(&update).await.map_err(|e| match e {
+            PublishFailure::TooLarge(e) => UpdateError::TooLarge(e).into(),
+            PublishFailure::Unavailable(e) => PublishRefused::Unavailable(e),
+        })?;
         // Stored: from here on the update is delivered whatever happens to this hub. Waiting
         // for this hub's own copy makes it visible to a subscriber arriving after the answer.
         let mut applied = self.inner.applied.subscribe();

@@ -16,6 +16,7 @@ use crate::update::Update;
 use async_nats::jetstream::{
     self,
     consumer::{DeliverPolicy, pull},
+    context::PublishErrorKind,
     stream,
 };
 use futures::StreamExt;
@@ -27,8 +28,22 @@ pub(crate) const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(60);
 pub(crate) const DISPATCH_WAIT: Duration = Duration::from_secs(5);
 /// The stream's duplicate window, at most (it cannot outlast the age limit).
 const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+/// How often a follower checks whether its client reconnected (its consumer is then gone).
+const RECONNECT_CHECK: Duration = Duration::from_millis(250);
 /// Delay before following the stream again after a failure, at most.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
+
+/// How long a publish may wait for JetStream's acknowledgement.
+pub(crate) const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why the stream did not take an update.
+#[derive(Debug)]
+pub(crate) enum PublishFailure {
+    /// Larger than NATS takes: sending it again cannot help.
+    TooLarge(String),
+    /// NATS or JetStream unavailable: later may work.
+    Unavailable(String),
+}
 
 #[derive(Clone)]
 pub(crate) struct Transport {
@@ -85,19 +100,32 @@ impl Transport {
     }
 
     /// Stores `update` (which has its id); returns its stream sequence, that of the first
-    /// copy when the stream already held one.
-    pub(crate) async fn publish(
-        &self,
-        update: &Update,
-    ) -> Result<u64, jetstream::context::PublishError> {
+    /// copy when the stream already held one. Fails at once while NATS is disconnected, and
+    /// after [`PUBLISH_TIMEOUT`] at most otherwise: a publisher is answered, not held.
+    pub(crate) async fn publish(&self, update: &Update) -> Result<u64, PublishFailure> {
+        let unavailable = |e: &dyn std::fmt::Display| PublishFailure::Unavailable(e.to_string());
+        let state = self.js.client().connection_state();
+        if state != async_nats::connection::State::Connected {
+            return Err(PublishFailure::Unavailable(format!("NATS is {state}")));
+        }
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Msg-Id", update.id.as_deref().unwrap_or_default());
-        let ack = self
-            .js
-            .publish_with_headers(self.subject.clone(), headers, update.to_form().into())
-            .await?
-            .await?;
-        Ok(ack.sequence)
+        let stored = async {
+            self.js
+                .publish_with_headers(self.subject.clone(), headers, update.to_form().into())
+                .await?
+                .await
+        };
+        match tokio::time::timeout(PUBLISH_TIMEOUT, stored).await {
+            Ok(Ok(ack)) => Ok(ack.sequence),
+            Ok(Err(e)) if e.kind() == PublishErrorKind::MaxPayloadExceeded => {
+                Err(PublishFailure::TooLarge(e.to_string()))
+            }
+            Ok(Err(e)) => Err(unavailable(&e)),
+            Err(_) => Err(unavailable(&format!(
+                "no acknowledgement from JetStream within {PUBLISH_TIMEOUT:?}"
+            ))),
+        }
     }
 
     /// Hands every update of the stream to `apply` with its sequence and the time the stream
@@ -109,8 +137,14 @@ impl Transport {
         from: impl Fn() -> Option<u64>,
         apply: impl Fn(u64, Option<Update>, SystemTime) -> bool,
     ) {
-        let mut delay = Duration::from_millis(100);
+        const FIRST_DELAY: Duration = Duration::from_millis(100);
+        let mut delay = FIRST_DELAY;
+        let mut failed_at = None;
         while let Some(start) = from() {
+            // Updates were applied since the last failure: this one is not a repeat of it.
+            if failed_at != Some(start) {
+                delay = FIRST_DELAY;
+            }
             match self.read(start, &apply).await {
                 Ok(()) => return,
                 Err(e) => {
@@ -122,6 +156,7 @@ impl Transport {
                     );
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(MAX_RETRY_DELAY);
+                    failed_at = from();
                 }
             }
         }
@@ -146,7 +181,28 @@ impl Transport {
             })
             .await?;
         let mut messages = consumer.messages().await?;
-        while let Some(message) = messages.next().await {
+        // An ephemeral consumer dies with the server it lives on; the ordered consumer would
+        // notice by its missing heartbeats, seconds later. A reconnection of the client (a
+        // restarted server, a failover) starts a new consumer at once instead.
+        let statistics = self.js.client().statistics();
+        let connects = || {
+            statistics
+                .connects
+                .load(std::sync::atomic::Ordering::Relaxed)
+        };
+        let connected = connects();
+        let mut check = tokio::time::interval(RECONNECT_CHECK);
+        loop {
+            let message = tokio::select! {
+                message = messages.next() => message,
+                _ = check.tick() => {
+                    if connects() != connected {
+                        return Err("NATS reconnected".into());
+                    }
+                    continue;
+                }
+            };
+            let Some(message) = message else { break };
             let message = message?;
             let info = message.info()?;
             let (sequence, published) = (info.stream_sequence, info.published.into());
