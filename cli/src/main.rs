@@ -6,6 +6,8 @@ mod app;
 #[cfg(feature = "bench")]
 mod bench;
 #[cfg(feature = "bench")]
+mod bench_hub;
+#[cfg(feature = "bench")]
 mod bench_site;
 mod dlq;
 mod replay;
@@ -71,6 +73,9 @@ enum Command {
     /// The admin site's page timings (p50, p99) on 10,000 devices and a million readings.
     #[cfg(feature = "bench")]
     BenchSite(bench_site::BenchSiteArgs),
+    /// The Mercure hub under 40,000 subscribers: memory, latency, CPU.
+    #[cfg(feature = "bench")]
+    BenchHub(bench_hub::BenchHubArgs),
 }
 
 fn main() -> ExitCode {
@@ -112,6 +117,8 @@ fn main() -> ExitCode {
             Command::Bench(args) => bench::run(args).await,
             #[cfg(feature = "bench")]
             Command::BenchSite(args) => bench_site::run(args).await,
+            #[cfg(feature = "bench")]
+            Command::BenchHub(args) => bench_hub::run(args).await,
         }
     });
     match result {
