@@ -1,7 +1,8 @@
 //! `dataviz hub` on its default transport, JetStream, as separate processes: a hub SIGKILLed
 //! mid-run loses no update it acknowledged, and several hubs on one stream serve every update
-//! to the subscribers of each, once and in order. Publishing and subscribing go over HTTP, as
-//! any Mercure client does.
+//! to the subscribers of each, once and in order, also behind nginx with the project's
+//! `nginx/hubs.conf` (Debian's nginx, installed by scripts/setup). Publishing and subscribing
+//! go over HTTP, as any Mercure client does.
 
 mod common;
 
@@ -404,4 +405,144 @@ async fn a_hub_rides_out_a_nats_restart_and_loses_no_acknowledged_update() {
         received, taken,
         "the subscriber got every update answered 200, once, in order"
     );
+}
+
+/// nginx, run in the foreground with `nginx/hubs.conf` in front of `hubs`, on a port of its own.
+struct Nginx {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Nginx {
+    fn start(hubs: &[&HubProcess]) -> Nginx {
+        let binary = std::env::var_os("DATAVIZ_NGINX").unwrap_or_else(|| "/usr/sbin/nginx".into());
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let site =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../nginx/hubs.conf"))
+                .unwrap()
+                .replace("listen 80;", &format!("listen 127.0.0.1:{port};"))
+                .replace("hub-1:80", &format!("127.0.0.1:{}", hubs[0].port))
+                .replace("hub-2:80", &format!("127.0.0.1:{}", hubs[1].port));
+        let path = dir.path().display().to_string();
+        std::fs::write(dir.path().join("site.conf"), site).unwrap();
+        std::fs::write(
+            dir.path().join("nginx.conf"),
+            format!(
+                "daemon off;\npid {path}/nginx.pid;\nerror_log {path}/error.log;\nevents {{}}\n\
+                 http {{ access_log off; client_body_temp_path {path}; proxy_temp_path {path}; \
+                 include {path}/site.conf; }}\n"
+            ),
+        )
+        .unwrap();
+        let child = std::process::Command::new(&binary)
+            .args(["-c", &format!("{path}/nginx.conf"), "-p", &path])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{binary:?}: {e} (scripts/setup installs nginx-light)"));
+        assert!(
+            wait_for_port(port, Duration::from_secs(10)),
+            "nginx did not listen: {}",
+            std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default()
+        );
+        Nginx {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}{HUB_PATH}", self.port)
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The compose profile `hubs` without Docker: two hubs behind nginx with `nginx/hubs.conf`,
+/// publisher and subscribers on nginx's one address. One hub is SIGKILLed mid-run: nginx sends
+/// the publisher's requests to the other, the subscribers it held reconnect through nginx with
+/// their last id to the other, and every subscriber receives every update once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hubs_behind_nginx_lose_nothing_when_one_is_killed() {
+    const UPDATES: usize = 1_000;
+    const SUBSCRIBERS: usize = 4;
+    let nats = NatsServer::start();
+    let logs = tempfile::tempdir().unwrap();
+    let mut first = HubProcess::start(&nats, &logs);
+    let second = HubProcess::start(&nats, &logs);
+    let nginx = Nginx::start(&[&first, &second]);
+
+    let connected = Arc::new(AtomicUsize::new(0));
+    let subscribers: Vec<_> = (0..SUBSCRIBERS)
+        .map(|_| {
+            tokio::spawn(subscribe_through_outages(
+                nginx.url(),
+                SubscribeRequest {
+                    topics: vec![BOOKS.into()],
+                    token: Some(subscriber_token(&[])),
+                    last_event_id: None,
+                },
+                connected.clone(),
+                (UPDATES, Duration::from_millis(500)),
+                Duration::from_secs(90),
+            ))
+        })
+        .collect();
+    while connected.load(Ordering::SeqCst) < SUBSCRIBERS {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // least_conn spreads them: both hubs hold some.
+    let held_by_first = tcp_connections_to(first.port);
+    assert!(
+        (1..SUBSCRIBERS).contains(&held_by_first),
+        "{held_by_first} of {SUBSCRIBERS} subscribers on the first hub"
+    );
+
+    let client = client();
+    for i in 0..UPDATES {
+        if i == UPDATES / 3 {
+            first.role.kill();
+        }
+        let update = Update {
+            id: Some(format!("lb{i}")),
+            ..Update::new(vec!["https://example.com/books/2".into()], format!("{i}"))
+        };
+        post_until_taken(&client, &nginx.url(), &update).await;
+    }
+    let expected: Vec<String> = (0..UPDATES).map(|i| format!("lb{i}")).collect();
+    let mut reconnected = 0;
+    for subscriber in subscribers {
+        let (ids, reconnections) = subscriber.await.unwrap();
+        reconnected += reconnections;
+        assert!(
+            ids == expected,
+            "a subscriber behind nginx got {} events for {UPDATES}",
+            ids.len()
+        );
+    }
+    assert!(reconnected >= 1, "no subscriber was on the killed hub");
+}
+
+/// Established TCP connections to a local port (from /proc/net/tcp): how many clients a hub
+/// holds.
+fn tcp_connections_to(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let local = format!(":{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // local_address, rem_address, st (01: established)
+            fields.len() > 3 && fields[1].ends_with(&local) && fields[3] == "01"
+        })
+        .count()
 }
