@@ -28,6 +28,14 @@ struct HubProcess {
 
 impl HubProcess {
     fn start(nats: &NatsServer, log_dir: &tempfile::TempDir) -> HubProcess {
+        HubProcess::start_with(nats, log_dir, &[])
+    }
+
+    fn start_with(
+        nats: &NatsServer,
+        log_dir: &tempfile::TempDir,
+        extra: &[(&str, &str)],
+    ) -> HubProcess {
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
         let env = vec![
@@ -43,7 +51,7 @@ impl HubProcess {
             ("LOG_FORMAT".to_owned(), "text".into()),
             ("RUST_LOG".to_owned(), "info".into()),
         ];
-        let role = spawn_role("hub", env, &[]);
+        let role = spawn_role("hub", env, extra);
         let hub = HubProcess {
             role,
             port,
@@ -545,4 +553,44 @@ fn tcp_connections_to(port: u16) -> usize {
             fields.len() > 3 && fields[1].ends_with(&local) && fields[3] == "01"
         })
         .count()
+}
+
+/// A hub restarted after every update in its stream went past `MERCURE_HISTORY_MAX_AGE`: the
+/// stream is empty but its sequence is not back at zero. The hub starts at once, with an empty
+/// history, and serves new updates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_starts_on_a_stream_whose_updates_all_expired() {
+    let nats = NatsServer::start();
+    let logs = tempfile::tempdir().unwrap();
+    let short = [("MERCURE_HISTORY_MAX_AGE", "1s")];
+    let mut hub = HubProcess::start_with(&nats, &logs, &short);
+    let client = client();
+    let update = |id: &str| Update {
+        id: Some(id.into()),
+        ..Update::new(vec!["https://example.com/books/3".into()], "x")
+    };
+    post_until_taken(&client, &hub.url, &update("gone")).await;
+    hub.role.kill();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let started = Instant::now();
+    hub.role.start_again();
+    hub.wait_up();
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the hub took {:?} to start",
+        started.elapsed()
+    );
+    let mut stream = EventStream::connect(
+        &hub.url,
+        &SubscribeRequest {
+            topics: vec![BOOKS.into()],
+            token: Some(subscriber_token(&[])),
+            last_event_id: Some("earliest".into()),
+        },
+    )
+    .await
+    .unwrap();
+    post_until_taken(&client, &hub.url, &update("new")).await;
+    let event = stream.next_within(Duration::from_secs(5)).await;
+    assert_eq!(event.and_then(|e| e.id).as_deref(), Some("new"));
 }

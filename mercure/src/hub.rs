@@ -222,8 +222,9 @@ impl HubInner {
                     }
                     None => log.applied = log.applied.max(sequence),
                 }
+                let applied = log.applied;
                 drop(log);
-                hub.applied.send_replace(sequence);
+                hub.applied.send_replace(applied);
                 true
             };
             let from =

@@ -95,7 +95,12 @@ impl Transport {
             js,
             stream: config.mercure_stream.clone(),
             subject,
-            last_sequence: info.state.last_sequence,
+            // A stream whose updates all went past the age limit still has a last sequence,
+            // but nothing left to read back.
+            last_sequence: match info.state.messages {
+                0 => 0,
+                _ => info.state.last_sequence,
+            },
         })
     }
 
