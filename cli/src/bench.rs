@@ -106,7 +106,7 @@ fn peak_rss_mib(pid: u32) -> Option<f64> {
 }
 
 /// A memory figure of `/proc/<pid>/status` (`VmHWM:`, `VmRSS:`), in MiB.
-fn proc_status_mib(pid: u32, field: &str) -> Option<f64> {
+pub(crate) fn proc_status_mib(pid: u32, field: &str) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kb: f64 = status
         .lines()

@@ -42,6 +42,7 @@
 //! under 250 ms at 100 updates/s each fanned out to a tenth of them, the process under 1 GiB)
 //! with their ratio; when fewer subscribers are held than asked, the reasons counted follow.
 
+use crate::bench::proc_status_mib;
 use anyhow::Context as _;
 use dataviz_mercure::{HUB_PATH, JwtKey, MercurePublisher, Update};
 use dataviz_testkit::NatsServer;
@@ -355,19 +356,6 @@ impl Drop for HubProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// A memory figure of `/proc/<pid>/status` (`VmRSS:`, `VmHWM:`), in MiB.
-fn proc_status_mib(pid: u32, field: &str) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: f64 = status
-        .lines()
-        .find(|l| l.starts_with(field))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()?;
-    Some(kb / 1024.0)
 }
 
 /// utime + stime of a process, in seconds.

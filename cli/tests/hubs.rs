@@ -82,18 +82,9 @@ fn subscriber_token(private: &[&str]) -> String {
 /// Posts an update as any HTTP client would, again until the hub answers 200 (it is down, or
 /// its stream is): the publisher of an at-least-once pipeline. Any 4xx fails the test.
 async fn post_until_taken(client: &reqwest::Client, url: &str, update: &Update) {
-    let token = sign(
-        &Claims::publisher(vec!["*".into()], Some(Duration::from_secs(600))),
-        &JwtKey::new(PUBLISHER_KEY),
-    );
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let request = client
-            .post(url)
-            .bearer_auth(&token)
-            .header("content-type", "application/x-www-form-urlencoded")
-            .body(update.to_form());
-        match request.send().await {
+        match post(client, url, update).send().await {
             Ok(r) if r.status().is_success() => return,
             Ok(r) if r.status().is_client_error() => {
                 panic!("update refused: {} {}", r.status(), r.text().await.unwrap())
@@ -103,6 +94,19 @@ async fn post_until_taken(client: &reqwest::Client, url: &str, update: &Update) 
         assert!(Instant::now() < deadline, "no hub took the update for 60 s");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A publish request, as any HTTP client makes it: a form and a publisher JWT.
+fn post(client: &reqwest::Client, url: &str, update: &Update) -> reqwest::RequestBuilder {
+    let token = sign(
+        &Claims::publisher(vec!["*".into()], Some(Duration::from_secs(600))),
+        &JwtKey::new(PUBLISHER_KEY),
+    );
+    client
+        .post(url)
+        .bearer_auth(token)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(update.to_form())
 }
 
 fn client() -> reqwest::Client {
@@ -346,21 +350,9 @@ async fn a_hub_rides_out_a_nats_restart_and_loses_no_acknowledged_update() {
     let hub = HubProcess::start(&nats, &logs);
     let connected = Arc::new(AtomicUsize::new(0));
     let client = client();
-    let token = sign(
-        &Claims::publisher(vec!["*".into()], Some(Duration::from_secs(600))),
-        &JwtKey::new(PUBLISHER_KEY),
-    );
-    let post = |i: usize| {
-        let update = Update {
-            id: Some(format!("n{i}")),
-            ..Update::new(vec!["https://example.com/books/1".into()], "x")
-        };
-        client
-            .post(&hub.url)
-            .bearer_auth(&token)
-            .header("content-type", "application/x-www-form-urlencoded")
-            .body(update.to_form())
-            .send()
+    let update = |i: usize| Update {
+        id: Some(format!("n{i}")),
+        ..Update::new(vec!["https://example.com/books/1".into()], "x")
     };
     let mut taken = Vec::new();
     let mut refused = 0;
@@ -400,7 +392,8 @@ async fn a_hub_rides_out_a_nats_restart_and_loses_no_acknowledged_update() {
             // The hub's client reconnects, then its consumer follows the stream again.
             tokio::time::sleep(Duration::from_secs(3)).await;
         }
-        match post(i).await.map(|r| r.status().as_u16()) {
+        let answer = post(&client, &hub.url, &update(i)).send().await;
+        match answer.map(|r| r.status().as_u16()) {
             Ok(200) => taken.push(format!("n{i}")),
             Ok(503) => refused += 1,
             other => panic!("update n{i}: {other:?}"),
