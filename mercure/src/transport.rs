@@ -173,6 +173,17 @@ impl Transport {
         start: u64,
         apply: &impl Fn(u64, Option<Update>, SystemTime) -> bool,
     ) -> Result<(), async_nats::Error> {
+        // An ephemeral consumer dies with the server it lives on; the ordered consumer would
+        // notice by its missing heartbeats, seconds later. A reconnection of the client (a
+        // restarted server, a failover) since this consumer was asked for starts a new one at
+        // once instead.
+        let statistics = self.js.client().statistics();
+        let connects = || {
+            statistics
+                .connects
+                .load(std::sync::atomic::Ordering::Relaxed)
+        };
+        let connected = connects();
         let consumer = self
             .js
             .get_stream(&self.stream)
@@ -186,16 +197,6 @@ impl Transport {
             })
             .await?;
         let mut messages = consumer.messages().await?;
-        // An ephemeral consumer dies with the server it lives on; the ordered consumer would
-        // notice by its missing heartbeats, seconds later. A reconnection of the client (a
-        // restarted server, a failover) starts a new consumer at once instead.
-        let statistics = self.js.client().statistics();
-        let connects = || {
-            statistics
-                .connects
-                .load(std::sync::atomic::Ordering::Relaxed)
-        };
-        let connected = connects();
         let mut check = tokio::time::interval(RECONNECT_CHECK);
         loop {
             let message = tokio::select! {
