@@ -280,7 +280,6 @@ impl Role {
     }
 }
 
-/// The hub's settings with a key: a random development key, said loudly, when none is set.
 /// The hub of a role: keys (generated for development when none is set), and on the
 /// `jetstream` transport its stream on `js`, the history read back.
 async fn start_hub(
@@ -297,7 +296,9 @@ async fn start_hub(
     let hub = match (config.mercure_transport, js) {
         (Transport::Local, _) => Hub::new(&config)?,
         (Transport::Jetstream, Some(js)) => Hub::with_jetstream(&config, js).await?,
-        (Transport::Jetstream, None) => unreachable!("the caller connects to NATS first"),
+        (Transport::Jetstream, None) => {
+            anyhow::bail!("MERCURE_TRANSPORT=jetstream needs a NATS connection")
+        }
     };
     tracing::info!(
         transport = ?config.mercure_transport,
