@@ -357,11 +357,13 @@ async fn a_hub_rides_out_a_nats_restart_and_loses_no_acknowledged_update() {
     let mut taken = Vec::new();
     let mut refused = 0;
     // 100 updates before, 100 while NATS is away, 100 after.
+    // What was answered 200 is known only at the end: the subscriber reads until it has as
+    // many events, or for 30 s without one.
+    let (answered, mut expected) = tokio::sync::watch::channel(usize::MAX);
     let subscriber = {
         let url = hub.url.clone();
         let connected = connected.clone();
         tokio::spawn(async move {
-            // What was answered 200 is known only at the end: read until quiet.
             let mut stream = EventStream::connect(
                 &url,
                 &SubscribeRequest {
@@ -374,10 +376,22 @@ async fn a_hub_rides_out_a_nats_restart_and_loses_no_acknowledged_update() {
             .unwrap();
             connected.fetch_add(1, Ordering::SeqCst);
             let mut ids = Vec::new();
-            while let Some(event) = stream.next_within(Duration::from_secs(5)).await {
-                ids.extend(event.id);
+            loop {
+                tokio::select! {
+                    event = stream.next_within(Duration::from_secs(30)) => match event {
+                        Some(event) => ids.extend(event.id),
+                        None => return ids,
+                    },
+                    _ = expected.changed() => {}
+                }
+                if ids.len() >= *expected.borrow() {
+                    // Then a moment more: an update sent twice would show now.
+                    while let Some(event) = stream.next_within(Duration::from_millis(500)).await {
+                        ids.extend(event.id);
+                    }
+                    return ids;
+                }
             }
-            ids
         })
     };
     while connected.load(Ordering::SeqCst) == 0 {
@@ -399,6 +413,7 @@ async fn a_hub_rides_out_a_nats_restart_and_loses_no_acknowledged_update() {
             other => panic!("update n{i}: {other:?}"),
         }
     }
+    answered.send_replace(taken.len());
     let received = subscriber.await.unwrap();
     assert!(refused >= 90, "only {refused} refused while NATS was away");
     assert!(taken.len() >= 200, "{} taken", taken.len());
