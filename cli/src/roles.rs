@@ -150,19 +150,26 @@ impl Role {
         Ok(Role { ops, shutdown })
     }
 
-    /// Connects to NATS, refuses an old server, and creates or checks the streams.
+    /// Connects to NATS and refuses an old server; readiness then watches the connection.
+    async fn nats(&self, nats: &NatsConfig, name: &str) -> anyhow::Result<async_nats::Client> {
+        let client = nats.connect(name).await?;
+        let info = client.server_info();
+        tracing::info!(server = %info.server_name, version = %info.version, url = %nats.nats_url, "connected to NATS");
+        streams::check_server_version(&info.version)?;
+        self.ops.set_nats(client.clone());
+        Ok(client)
+    }
+
+    /// Connects to NATS ([`Role::nats`]) and creates or checks the streams.
     async fn jetstream(
         &self,
         nats: &NatsConfig,
         settings: &StreamSettings,
         name: &str,
     ) -> anyhow::Result<(async_nats::Client, async_nats::jetstream::Context)> {
-        let client = nats.connect(name).await?;
-        let info = client.server_info();
-        tracing::info!(server = %info.server_name, version = %info.version, url = %nats.nats_url, "connected to NATS");
+        let client = self.nats(nats, name).await?;
         let js = dataviz_core::config::jetstream(client.clone());
         streams::ensure(&client, &js, settings).await?;
-        self.ops.set_nats(client.clone());
         Ok((client, js))
     }
 
@@ -399,14 +406,9 @@ pub async fn hub(args: HubArgs) -> anyhow::Result<()> {
     let role = Role::start(&args.ops, 9105).await?;
     let js = match args.hub.mercure_transport {
         Transport::Local => None,
-        Transport::Jetstream => {
-            let client = args.nats.connect("hub").await?;
-            let info = client.server_info();
-            tracing::info!(server = %info.server_name, version = %info.version, url = %args.nats.nats_url, "connected to NATS");
-            streams::check_server_version(&info.version)?;
-            role.ops.set_nats(client.clone());
-            Some(dataviz_core::config::jetstream(client))
-        }
+        Transport::Jetstream => Some(dataviz_core::config::jetstream(
+            role.nats(&args.nats, "hub").await?,
+        )),
     };
     let (hub, _) = start_hub(args.hub, js).await?;
     let listener = tokio::net::TcpListener::bind(args.mercure_addr)
