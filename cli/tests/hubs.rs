@@ -602,3 +602,48 @@ async fn a_hub_starts_on_a_stream_whose_updates_all_expired() {
     let event = stream.next_within(Duration::from_secs(5)).await;
     assert_eq!(event.and_then(|e| e.id).as_deref(), Some("new"));
 }
+
+/// Updates around NATS's `max_payload` (64 KiB here): one just under it is stored and sent, one
+/// just over is refused with a 400 naming the limit (sending it again cannot help), and the
+/// hub goes on: the next update is sent, nothing is lost or sent twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_past_the_stream_s_payload_limit_is_refused_and_its_neighbours_go_through() {
+    let nats = NatsServer::start_with_config("max_payload: 65536");
+    let logs = tempfile::tempdir().unwrap();
+    let hub = HubProcess::start(&nats, &logs);
+    let mut stream = EventStream::connect(
+        &hub.url,
+        &SubscribeRequest {
+            topics: vec![BOOKS.into()],
+            token: Some(subscriber_token(&[])),
+            last_event_id: None,
+        },
+    )
+    .await
+    .unwrap();
+    let client = client();
+    let update = |id: &str, size: usize| Update {
+        id: Some(id.into()),
+        ..Update::new(vec!["https://example.com/books/4".into()], "x".repeat(size))
+    };
+    // The stored message is the form (topic, data, id) and a Nats-Msg-Id header: 65,000 bytes
+    // of data leave it a few hundred bytes under the limit.
+    let under = post(&client, &hub.url, &update("under", 65_000))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(under.status(), 200);
+    let over = post(&client, &hub.url, &update("over", 66_000))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(over.status(), 400);
+    let reason = over.text().await.unwrap();
+    assert!(reason.contains("too large"), "{reason}");
+    post_until_taken(&client, &hub.url, &update("after", 10)).await;
+    let mut ids = Vec::new();
+    while let Some(event) = stream.next_within(Duration::from_secs(2)).await {
+        ids.extend(event.id);
+    }
+    assert_eq!(ids, ["under", "after"]);
+}
