@@ -19,10 +19,12 @@
 //!
 //! # Cost of a subscriber
 //! No subscriber can hold up publishing. The lock is held only to copy pointers to the part of
-//! the history asked for; which of those updates the subscriber may see is decided after, on
-//! the blocking pool, so that neither the publishers nor the async runtime wait for it; those of
-//! subscriptions with many templates one at a time ([`REPLAY_CONCURRENCY`]). Each subscription compiles its selectors
-//! once and remembers which topics matched ([`crate::selector`]). The limits
+//! the history asked for; which of those updates the subscriber may see is decided after, off
+//! the async runtime, so that neither the publishers nor other subscribers wait for it. Those of
+//! subscriptions with many templates run one at a time ([`REPLAY_CONCURRENCY`]), on a thread at
+//! the lowest CPU priority (module `background`): they take only the CPU the pipeline leaves.
+//! Each subscription compiles its selectors once and remembers which topics matched
+//! ([`crate::selector`]). The limits
 //! (subscribers held, topics per subscription, the template cache) are in [`HubConfig`]; past
 //! the subscriber limit a new subscriber is answered 503 with `Retry-After`.
 //!
@@ -47,6 +49,7 @@
 //! reference. A subscription ends when its JWT expires, or when its JWT's `jti` is revoked
 //! ([`Hub::revoke`]: the admin site of the same process revokes a session's tokens at logout).
 
+use crate::background::Background;
 use crate::config::HubConfig;
 use crate::config::KeyError;
 use crate::dispatch::{Dispatch, Entry, Registration};
@@ -64,7 +67,7 @@ use axum::routing::get;
 use futures::{Stream, StreamExt, stream};
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -118,6 +121,9 @@ struct HubInner {
     /// Turns at large history readings and compilations (see the module doc); a turn is
     /// held by the blocking work itself, so a subscriber that hangs up does not free it early.
     replays: Arc<Semaphore>,
+    /// Where those run (module `background`), started at the first; `None` if it could not
+    /// start (they run on the blocking pool then).
+    background: OnceLock<Option<Background>>,
     /// History and channel, changed together (see the module doc).
     log: Mutex<Log>,
     /// The sequence of the last update applied to `log`, for publishers waiting for theirs.
@@ -173,6 +179,7 @@ impl HubInner {
             selectors: TopicSelectorStore::new(config.mercure_template_cache_size),
             subscribers: Arc::new(Semaphore::new(config.mercure_max_subscribers)),
             replays: Arc::new(Semaphore::new(REPLAY_CONCURRENCY)),
+            background: OnceLock::new(),
             log: Mutex::new(Log {
                 history: VecDeque::new(),
                 bytes: 0,
@@ -186,6 +193,18 @@ impl HubInner {
             revoked: Mutex::new(HashMap::new()),
             revocations: tokio::sync::watch::Sender::new(0),
         })
+    }
+
+    fn background(&self) -> Option<&Background> {
+        self.background
+            .get_or_init(|| {
+                Background::start("mercure-replay")
+                    .inspect_err(|error| {
+                        tracing::warn!(%error, "no background thread for large subscriptions")
+                    })
+                    .ok()
+            })
+            .as_ref()
     }
 
     fn log(&self) -> std::sync::MutexGuard<'_, Log> {
@@ -540,12 +559,16 @@ impl Hub {
                 },
             }
         };
+        // Many templates over many updates: matched in one pass each (selector module).
+        let mut one_pass = (request.last_event_id.is_some() && sub.templates() > INLINE_TEMPLATES)
+            .then(|| sub.in_one_pass());
+        let reader = one_pass.as_mut().unwrap_or(&mut sub);
         let (backlog, answered_id) = match (request.last_event_id, after, all) {
             (None, ..) => (Vec::new(), None),
             (Some(asked), Some(after), _) => {
                 let visible = after
                     .into_iter()
-                    .filter(|e| sub.can_receive(&e.update))
+                    .filter(|e| reader.can_receive(&e.update))
                     .collect();
                 (visible, Some(asked))
             }
@@ -559,7 +582,7 @@ impl Hub {
                     .unwrap_or_default()
                     .iter()
                     .rev()
-                    .find(|e| sub.can_receive(&e.update))
+                    .find(|e| reader.can_receive(&e.update))
                     .and_then(|e| e.update.id.clone())
                     .unwrap_or_else(|| EARLIEST.to_owned());
                 (Vec::new(), Some(last_visible))
@@ -590,6 +613,20 @@ struct Subscription {
 }
 
 impl Subscription {
+    /// The templates it is tried against, at most.
+    fn templates(&self) -> usize {
+        self.subscribed.templates() + self.allowed.templates()
+    }
+
+    /// The same subscription with its templates in one automaton, for reading the history.
+    fn in_one_pass(&self) -> Subscription {
+        Subscription {
+            subscribed: self.subscribed.in_one_pass(),
+            allowed: self.allowed.in_one_pass(),
+            memo: TopicMemo::default(),
+        }
+    }
+
     /// Who may receive `update` (see the reference `MatchTopics`): one topic of the update
     /// must match the subscription, and, for a private update, one topic must match a private
     /// selector of the JWT.
@@ -912,14 +949,19 @@ async fn subscribe(
             None
         };
         let preparing = hub.clone();
-        let reading = tokio::task::spawn_blocking(move || {
+        let large = turn.is_some();
+        let work = move || {
             let _turn = turn;
             preparing.prepare(request)
-        });
-        match reading.await {
+        };
+        let prepared = match hub.inner.background().filter(|_| large) {
+            Some(background) => background.run(work).await.map_err(|e| e.to_string()),
+            None => (tokio::task::spawn_blocking(work).await).map_err(|e| e.to_string()),
+        };
+        match prepared {
             Ok(prepared) => prepared,
-            Err(e) => {
-                tracing::error!(error = %e, "reading the history failed");
+            Err(error) => {
+                tracing::error!(%error, "reading the history failed");
                 return plain(StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error");
             }
         }

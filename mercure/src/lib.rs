@@ -19,6 +19,7 @@
 //! codes: 401 for any authorization problem, 400 for a malformed request, 403 for a reserved
 //! topic.
 
+mod background;
 pub mod client;
 pub mod config;
 mod dispatch;
