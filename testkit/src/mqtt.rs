@@ -11,6 +11,15 @@ pub struct Publisher {
     pub client: AsyncClient,
     acked: Arc<AtomicU64>,
     sent: u64,
+    /// The event loop's task: stopped with the publisher, so that a later publisher with the
+    /// same client id is not taken over again and again by this one reconnecting.
+    event_loop: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        self.event_loop.abort();
+    }
 }
 
 impl Publisher {
@@ -50,7 +59,7 @@ impl Publisher {
         let (client, mut eventloop) = AsyncClient::new(options, 4096);
         let acked = Arc::new(AtomicU64::new(0));
         let counter = acked.clone();
-        tokio::spawn(async move {
+        let event_loop = tokio::spawn(async move {
             loop {
                 match eventloop.poll().await {
                     Ok(Event::Incoming(Packet::PubAck(_))) => {
@@ -65,6 +74,7 @@ impl Publisher {
             client,
             acked,
             sent: 0,
+            event_loop,
         }
     }
 
