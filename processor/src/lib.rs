@@ -27,10 +27,16 @@ use dataviz_core::{
     streams, topic,
     value::Value,
 };
+use futures::StreamExt;
 use futures::future::join_all;
 use registry::{Registry, RegistryError, Resolved};
 use std::sync::Arc;
 use std::time::Duration;
+
+/// Messages of one fetch decided at once ([`Processor::outcomes`]): how many of a worker's
+/// registry misses go to the database together. Two workers take 8 connections at most, the
+/// default pool's size, and only while devices are new.
+pub const RESOLVE_CONCURRENCY: usize = 4;
 
 /// Processor settings.
 #[derive(Debug, Clone, clap::Args)]
@@ -147,30 +153,35 @@ impl Processor {
         }
     }
 
-    /// What becomes of each RAW message, nothing published yet.
+    /// What becomes of each RAW message, nothing published yet, in order. A message whose
+    /// device or tags the registry has not cached yet costs database round trips; after a
+    /// start every device is such a message once, so up to [`RESOLVE_CONCURRENCY`] messages
+    /// are decided at once (a cached one costs no wait).
     pub(crate) async fn outcomes(&self, messages: &[jetstream::Message]) -> Vec<Outcome> {
-        let mut outcomes = Vec::with_capacity(messages.len());
-        for message in messages {
-            outcomes.push(
-                match RawMessage::from_parts(message.headers.as_ref(), message.payload.clone()) {
-                    Ok(raw) => match self.decide(raw).await {
-                        Outcome::Readings(mut unit) => {
-                            unit.raw_seq = message.info().ok().map(|i| i.stream_sequence);
-                            Outcome::Readings(unit)
-                        }
-                        other => other,
-                    },
-                    Err(e) => {
-                        let raw = RawMessage::received(
-                            message.subject.to_string(),
-                            message.payload.clone(),
-                        );
-                        dead(raw, DeadReason::ForeignMessage, e.to_string())
-                    }
-                },
-            );
+        // The futures made first: a stream holding the closure would not be `Send` for every
+        // lifetime, which the consume loop needs.
+        let decided: Vec<_> = messages.iter().map(|m| self.outcome(m)).collect();
+        futures::stream::iter(decided)
+            .buffered(RESOLVE_CONCURRENCY)
+            .collect()
+            .await
+    }
+
+    async fn outcome(&self, message: &jetstream::Message) -> Outcome {
+        match RawMessage::from_parts(message.headers.as_ref(), message.payload.clone()) {
+            Ok(raw) => match self.decide(raw).await {
+                Outcome::Readings(mut unit) => {
+                    unit.raw_seq = message.info().ok().map(|i| i.stream_sequence);
+                    Outcome::Readings(unit)
+                }
+                other => other,
+            },
+            Err(e) => {
+                let raw =
+                    RawMessage::received(message.subject.to_string(), message.payload.clone());
+                dead(raw, DeadReason::ForeignMessage, e.to_string())
+            }
         }
-        outcomes
     }
 
     /// Publishes the readings of `outcomes` to READINGS, waiting until stored, and says what

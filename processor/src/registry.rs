@@ -234,6 +234,18 @@ impl Registry {
             return Ok(*id);
         }
         let client = self.pool.get().await?;
+        // Read first, as for tags: an existing device costs no commit.
+        if let Some(row) = client
+            .query_opt(
+                "SELECT id FROM device WHERE gateway_id = $1 AND code = $2",
+                &[&gateway_id, &code],
+            )
+            .await?
+        {
+            let id = row.get(0);
+            self.cache().keep_device(gateway_id, code, id);
+            return Ok(id);
+        }
         let row = client
             .query_one(
                 "INSERT INTO device (gateway_id, code) VALUES ($1, $2)
@@ -305,28 +317,32 @@ impl Registry {
                     types.push(value.stored_type().as_str());
                 }
             }
-            let inserted = client
-                .execute(
-                    "INSERT INTO tag (device_id, code, data_type)
-                     SELECT $1, code, data_type FROM unnest($2::text[], $3::text[]) AS t (code, data_type)
-                     ON CONFLICT (device_id, code) DO NOTHING",
-                    &[&device_id, &codes, &types],
-                )
-                .await;
-            if let Err(e) = inserted {
-                return Err(if is_foreign_key_violation(&e) {
-                    TagsError::DeviceGone
-                } else {
-                    TagsError::Registry(e.into())
-                });
+            const SELECT: &str =
+                "SELECT id, code, data_type FROM tag WHERE device_id = $1 AND code = ANY($2)";
+            // Read first: after a start every tag is a miss once, and a read costs no commit
+            // (an upsert that finds the row still waits for its WAL flush).
+            let mut rows =
+                (client.query(SELECT, &[&device_id, &codes]).await).map_err(RegistryError::from)?;
+            if rows.len() < codes.len() {
+                let inserted = client
+                    .execute(
+                        "INSERT INTO tag (device_id, code, data_type)
+                         SELECT $1, code, data_type FROM unnest($2::text[], $3::text[]) AS t (code, data_type)
+                         ON CONFLICT (device_id, code) DO NOTHING",
+                        &[&device_id, &codes, &types],
+                    )
+                    .await;
+                if let Err(e) = inserted {
+                    return Err(if is_foreign_key_violation(&e) {
+                        TagsError::DeviceGone
+                    } else {
+                        TagsError::Registry(e.into())
+                    });
+                }
+                tracing::info!(target: dataviz_core::MQTT_LOG_TARGET, device_id, tags = ?codes, "tags registered");
+                rows = (client.query(SELECT, &[&device_id, &codes]).await)
+                    .map_err(RegistryError::from)?;
             }
-            let rows = client
-                .query(
-                    "SELECT id, code, data_type FROM tag WHERE device_id = $1 AND code = ANY($2)",
-                    &[&device_id, &codes],
-                )
-                .await
-                .map_err(RegistryError::from)?;
             let mut found: HashMap<String, (i64, DataType)> = HashMap::new();
             for row in rows {
                 let code: String = row.get(1);
@@ -353,7 +369,6 @@ impl Registry {
                 cache.keep_tag(device_id, code, (*id, *current));
             }
             drop(cache);
-            tracing::info!(target: dataviz_core::MQTT_LOG_TARGET, device_id, tags = ?codes, "tags registered");
         }
         for (id, from, to, code) in retype {
             self.retype(&client, device_id, id, from, to, &code).await?;

@@ -138,3 +138,62 @@ async fn the_cache_of_devices_and_tags_is_bounded_by_bytes() {
         .get(0);
     assert_eq!(rows, 300, "nothing registered twice");
 }
+
+/// A registry starting cold (a restart) finds the devices and tags that exist by reading them:
+/// no row is written again, so no commit waits for the WAL (what made a restart with a
+/// thousand devices cost seconds). New tags of a known device are still created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_registry_reads_what_exists_and_writes_only_what_is_new() {
+    let db = TestDb::create().await;
+    let first = registry(&db).await;
+    let client = db.connect().await;
+    client
+        .execute("INSERT INTO gateway (id, name) VALUES (1, 'g')", &[])
+        .await
+        .unwrap();
+    let readings = vec![
+        ("AI.0".to_owned(), Value::Double(1.5)),
+        ("DI.0".to_owned(), Value::Boolean(true)),
+    ];
+    let known = first
+        .resolve(1, "plc-1", &readings, Utc::now())
+        .await
+        .unwrap();
+    // Row versions: an upsert that finds its row still writes a new version of it.
+    let versions = || async {
+        let rows = client
+            .query(
+                "SELECT xmin::text FROM device UNION ALL (SELECT xmin::text FROM tag ORDER BY id)",
+                &[],
+            )
+            .await
+            .unwrap();
+        rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>()
+    };
+    let before = versions().await;
+
+    let cold = registry(&db).await;
+    let again = cold
+        .resolve(1, "plc-1", &readings, Utc::now())
+        .await
+        .unwrap();
+    assert_eq!(again, known);
+    assert_eq!(versions().await, before, "a known device or tag was written again");
+
+    // A new tag of the known device is created beside the others.
+    let mut more = readings.clone();
+    more.push(("AI.1".to_owned(), Value::Double(2.0)));
+    let grown = registry(&db)
+        .await
+        .resolve(1, "plc-1", &more, Utc::now())
+        .await
+        .unwrap();
+    assert_eq!(grown.device_id, known.device_id);
+    assert_eq!(grown.tag_ids[..2], known.tag_ids[..]);
+    let tags: i64 = client
+        .query_one("SELECT count(*) FROM tag", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(tags, 3);
+}
