@@ -54,11 +54,14 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 200_000)]
     dedup_messages: u64,
     /// Rate of the latency run, messages per second.
-    #[arg(long, default_value_t = 1_000)]
+    #[arg(long, default_value_t = 2_000)]
     latency_rate: u64,
     /// Length of the latency run.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     latency_for: Duration,
+    /// Skip the runs with `dataviz all` pinned to one core, then to two (taskset).
+    #[arg(long)]
+    no_scaling: bool,
     /// A PostgreSQL superuser URL: the bench creates (and drops) a database of its own there.
     #[arg(
         long,
@@ -128,6 +131,8 @@ struct Broker<'a> {
     /// The bridge's user.
     bridge: Option<(&'static str, &'static str)>,
     nats: &'a NatsServer,
+    /// The MQTT broker's process when it is not `nats`.
+    mqtt_pid: Option<u32>,
 }
 
 /// The device user of the bench's nats-server.
@@ -178,6 +183,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         device: Some((BENCH_DEVICE.name, BENCH_DEVICE.password)),
         bridge: Some(("dataviz-bridge", BRIDGE_PASSWORD)),
         nats: &broker_nats,
+        mqtt_pid: None,
     };
     let other = Broker {
         name: "Mosquitto",
@@ -185,6 +191,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         device: None,
         bridge: None,
         nats: &plain_nats,
+        mqtt_pid: mosquitto.pid(),
     };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
@@ -207,18 +214,20 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         .execute("INSERT INTO gateway (id, name) VALUES (1, 'bench')", &[])
         .await?;
     let log_dir = tempfile::tempdir()?;
-    let (mosquitto_msgs, mosquitto_readings, mem_mosquitto_all) = {
+    let (mosquitto_run, mem_mosquitto_all) = {
         let app_addr = format!("127.0.0.1:{}", dataviz_testkit::free_port());
-        let all = KillOnDrop(start_all(&other, &db, &app_addr, log_dir.path())?);
+        let all = start_all(&other, &db, &app_addr, log_dir.path(), None)?;
         started().await;
-        let (msgs, readings) = pipeline(&other, &client, &args).await?;
-        (msgs, readings, peak_rss_mib(all.0.id()))
+        let run = pipeline(&other, &client, &all, &args).await?;
+        (run, peak_rss_mib(all.pid()))
     };
     let app_addr = format!("127.0.0.1:{}", dataviz_testkit::free_port());
-    let all = KillOnDrop(start_all(&default, &db, &app_addr, log_dir.path())?);
+    let all = start_all(&default, &db, &app_addr, log_dir.path(), None)?;
     started().await;
     let hub = format!("http://{app_addr}{}", dataviz_mercure::HUB_PATH);
-    let (pipeline_msgs, pipeline_readings) = pipeline(&default, &client, &args).await?;
+    let nats_run = pipeline(&default, &client, &all, &args).await?;
+    let (pipeline_msgs, pipeline_readings) = (nats_run.messages, nats_run.readings);
+    let (mosquitto_msgs, mosquitto_readings) = (mosquitto_run.messages, mosquitto_run.readings);
 
     // The publisher's backlog (updates for the hub) drains before the latency run.
     wait_publisher_drained(&broker_nats).await?;
@@ -227,10 +236,17 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let latency = latency(&default, &client, &hub, &args).await?;
 
     // 4. Memory.
-    let mem_all = peak_rss_mib(all.0.id());
+    let mem_all = peak_rss_mib(all.pid());
     let mem_nats = broker_nats.pid().and_then(peak_rss_mib);
     let mem_mqtt = mosquitto.pid().and_then(peak_rss_mib);
     drop(all);
+
+    // 4b. How the pipeline grows with cores.
+    let scaling = if args.no_scaling || cores < 2 {
+        None
+    } else {
+        Some(scaling(&default, &db, &client, log_dir.path(), &args).await?)
+    };
 
     // 5. Memory under large payloads, in a `dataviz all` of its own.
     let large = large_payloads(&default, &db, &client, log_dir.path(), &args).await?;
@@ -296,6 +312,21 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         String::new(),
         format!("{:.2}", pipeline_msgs / mosquitto_msgs),
     );
+    for (broker, run) in [("nats-server", &nats_run), ("Mosquitto", &mosquitto_run)] {
+        let total: f64 = run.cores.iter().map(|(_, c)| c).sum();
+        for (process, used) in &run.cores {
+            line(
+                &format!("  cores used, pipeline on {broker}: {process}"),
+                format!("{used:.2}"),
+                format!("{:.2}", used / total.max(1e-9)),
+            );
+        }
+        line(
+            &format!("  cores used, pipeline on {broker}: all of these (of {cores})"),
+            format!("{total:.2}"),
+            String::new(),
+        );
+    }
     line(
         &format!(
             "latency MQTT publish → row committed, p50 at {} msg/s",
@@ -373,8 +404,96 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         format!("{:.1} MiB", id_bytes * 120_000.0 / (1024.0 * 1024.0)),
         String::new(),
     );
+    if let Some((one, two)) = scaling {
+        line(
+            "pipeline on nats-server, dataviz all on 1 core",
+            format!("{one:.0} msg/s"),
+            "1.00".into(),
+        );
+        line(
+            "pipeline on nats-server, dataviz all on 2 cores (vs 1)",
+            format!("{two:.0} msg/s"),
+            format!("{:.2}", two / one),
+        );
+    }
+
+    // The targets, each beside its limit measured in this run.
+    println!(
+        "\n{:<58} {:>14} {:>10} {:>5}",
+        "target", "figure", "limit", "met"
+    );
+    let target = |what: &str, figure: String, limit: String, met: bool| {
+        println!(
+            "{what:<58} {figure:>14} {limit:>10} {:>5}",
+            if met { "yes" } else { "no" }
+        )
+    };
+    target(
+        "pipeline on nats-server, of nats-server alone",
+        format!("{:.2}", pipeline_msgs / nats_mqtt_alone),
+        format!(">= {TARGET_OF_NATS:.2}"),
+        pipeline_msgs / nats_mqtt_alone >= TARGET_OF_NATS,
+    );
+    target(
+        "pipeline on Mosquitto, of Mosquitto alone",
+        format!("{:.2}", mosquitto_msgs / mosquitto_alone),
+        format!(">= {TARGET_OF_MOSQUITTO:.2}"),
+        mosquitto_msgs / mosquitto_alone >= TARGET_OF_MOSQUITTO,
+    );
+    for (what, p99) in [("row committed", latency.1), ("Mercure event", latency.3)] {
+        target(
+            &format!("MQTT publish → {what}, p99 at {} msg/s", args.latency_rate),
+            format!("{p99:.1} ms"),
+            format!("< {TARGET_P99_MS:.0} ms"),
+            p99 < TARGET_P99_MS,
+        );
+    }
+    let peak = [mem_all, mem_mosquitto_all]
+        .into_iter()
+        .flatten()
+        .fold(0.0, f64::max);
+    target(
+        "peak memory of dataviz all, both pipeline runs",
+        format!("{:.0} MB", peak * 1.048_576),
+        format!("< {TARGET_MEMORY_MB:.0} MB"),
+        peak * 1.048_576 < TARGET_MEMORY_MB,
+    );
+    target(
+        "writer alone, of COPY alone",
+        format!("{:.2}", writer_alone / copy_alone),
+        format!(">= {TARGET_WRITER:.2}"),
+        writer_alone / copy_alone >= TARGET_WRITER,
+    );
     Ok(())
 }
+
+/// The pipeline on the default broker with `dataviz all` pinned to one core, then to two (its
+/// roles only: the servers keep every core); messages/s of each.
+async fn scaling(
+    broker: &Broker<'_>,
+    db: &TestDb,
+    client: &tokio_postgres::Client,
+    log_dir: &std::path::Path,
+    args: &BenchArgs,
+) -> anyhow::Result<(f64, f64)> {
+    let mut rates = [0.0; 2];
+    for (cpus, rate) in ["0", "0,1"].into_iter().zip(&mut rates) {
+        eprintln!("scaling: dataviz all pinned to CPUs {cpus}…");
+        let app_addr = format!("127.0.0.1:{}", dataviz_testkit::free_port());
+        let all = start_all(broker, db, &app_addr, log_dir, Some(cpus))?;
+        started().await;
+        wait_publisher_drained(broker.nats).await?;
+        *rate = pipeline(broker, client, &all, args).await?.messages;
+    }
+    Ok((rates[0], rates[1]))
+}
+
+/// The performance targets (BENCHMARKS.md, "Against the targets").
+const TARGET_OF_NATS: f64 = 0.45;
+const TARGET_OF_MOSQUITTO: f64 = 0.35;
+const TARGET_P99_MS: f64 = 50.0;
+const TARGET_MEMORY_MB: f64 = 150.0;
+const TARGET_WRITER: f64 = 0.85;
 
 /// What one deduplication id held in a stream's duplicate window costs nats-server, in bytes:
 /// the growth of its resident memory while a stream with a one-hour window takes
@@ -474,9 +593,10 @@ async fn large_payloads(
         args.large_messages
     );
     let app_addr = format!("127.0.0.1:{}", dataviz_testkit::free_port());
-    let all = KillOnDrop(start_all(broker, db, &app_addr, log_dir)?);
+    let all = start_all(broker, db, &app_addr, log_dir, None)?;
     started().await;
     let before = count(client).await?;
+    let written = all.written().await;
     let mut publisher = broker.publisher("bench-large");
     let now = chrono::Utc::now() - chrono::Duration::hours(2);
     let mut bytes = 0;
@@ -488,18 +608,16 @@ async fn large_payloads(
             .publish(format!("gateways/1/large-{:02}", seq % 10), payload)
             .await?;
     }
-    wait_stored(
-        &mut publisher,
-        client,
+    let stored = Stored {
         before,
-        args.large_messages,
-        "memory",
-    )
-    .await?;
+        written,
+        messages: args.large_messages,
+    };
+    wait_stored(&mut publisher, client, &all, stored, "memory").await?;
     let elapsed = start.elapsed();
     wait_publisher_drained(broker.nats).await?;
     Ok(Large {
-        peak_mib: peak_rss_mib(all.0.id()),
+        peak_mib: peak_rss_mib(all.pid()),
         volume_mib: bytes as f64 / (1024.0 * 1024.0),
         elapsed,
     })
@@ -713,12 +831,40 @@ async fn writer_alone(
 }
 
 /// A child process killed with the bench, whatever way the bench ends.
-struct KillOnDrop(Child);
+/// A `dataviz all` of the bench's: killed when dropped.
+struct All {
+    child: Child,
+    /// Its `HTTP_ADDR` port: `/metrics`.
+    ops: u16,
+}
 
-impl Drop for KillOnDrop {
+impl All {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Messages its writer has committed (`dataviz_writer_messages_total`), read from its
+    /// `/metrics`: a progress figure that costs the database nothing, where counting rows is a
+    /// scan that grows with the table. `None` while it does not answer.
+    async fn written(&self) -> Option<u64> {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], self.ops));
+        let head = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        let reply = crate::bench_site::send(addr, &head, b"").await.ok()?;
+        (reply.status == 200).then_some(())?;
+        Some(
+            String::from_utf8_lossy(&reply.body)
+                .lines()
+                .find_map(|l| l.strip_prefix(dataviz_core::ops::metric::WRITER_MESSAGES))
+                .and_then(|rest| rest.trim().parse::<f64>().ok())
+                .map_or(0, |n| n as u64),
+        )
+    }
+}
+
+impl Drop for All {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -732,9 +878,22 @@ fn start_all(
     db: &TestDb,
     app_addr: &str,
     log_dir: &std::path::Path,
-) -> anyhow::Result<Child> {
+    cpus: Option<&str>,
+) -> anyhow::Result<All> {
+    let ops = dataviz_testkit::free_port();
     let command = |role: &str| -> anyhow::Result<Command> {
-        let mut command = Command::new(std::env::current_exe()?);
+        let mut command = match cpus {
+            // taskset(1) (util-linux): std cannot set a child's affinity, and the workspace
+            // forbids `unsafe`.
+            Some(cpus) => {
+                let mut taskset = Command::new("taskset");
+                taskset
+                    .args(["--cpu-list", cpus])
+                    .arg(std::env::current_exe()?);
+                taskset
+            }
+            None => Command::new(std::env::current_exe()?),
+        };
         command
             .arg(role)
             .envs(broker.env())
@@ -742,7 +901,7 @@ fn start_all(
             .env("MERCURE_PUBLISHER_JWT_KEY", "dataviz-bench-publisher-key")
             .env("MERCURE_SUBSCRIBER_JWT_KEY", SUBSCRIBER_KEY)
             .env("DATABASE_URL", db.url())
-            .env("HTTP_ADDR", "127.0.0.1:0")
+            .env("HTTP_ADDR", format!("127.0.0.1:{ops}"))
             .env("APP_ENV", "prod")
             .env("RUST_LOG", "warn")
             .env("LOG_DIR", log_dir)
@@ -758,11 +917,12 @@ fn start_all(
         broker.name,
         String::from_utf8_lossy(&migrated.stderr)
     );
-    command("all")?
+    let child = command("all")?
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log_dir.join("dataviz-all.log"))?)
         .spawn()
-        .context("starting dataviz all")
+        .context("starting dataviz all")?;
+    Ok(All { child, ops })
 }
 
 /// Gives a `dataviz all` just started the moment it takes to connect and subscribe, so that a
@@ -778,16 +938,101 @@ async fn count(client: &tokio_postgres::Client) -> anyhow::Result<i64> {
         .get(0))
 }
 
+/// A pipeline run: messages/s, readings/s, and the cores each process used meanwhile.
+struct Run {
+    messages: f64,
+    readings: f64,
+    cores: Vec<(&'static str, f64)>,
+}
+
+/// CPU time a process has used, all its threads, in seconds: utime and stime of
+/// `/proc/<pid>/stat`, in the kernel's USER_HZ ticks (100 a second on Linux).
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may hold spaces: count fields after it.
+    let fields: Vec<&str> = stat
+        .get(stat.rfind(')')? + 2..)?
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| fields.get(i)?.parse::<f64>().ok();
+    Some((ticks(11)? + ticks(12)?) / 100.0)
+}
+
+/// The processes a pipeline run uses, by what they are, and the CPU seconds each has used:
+/// `dataviz all`, the brokers, the PostgreSQL backends serving the bench's database, and
+/// this process (the devices' load).
+async fn cpu_use(
+    broker: &Broker<'_>,
+    client: &tokio_postgres::Client,
+    all: &All,
+) -> anyhow::Result<Vec<(&'static str, Vec<(u32, f64)>)>> {
+    let backends: Vec<u32> = client
+        .query(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()",
+            &[],
+        )
+        .await?
+        .iter()
+        .filter_map(|row| u32::try_from(row.get::<_, i32>(0)).ok())
+        .collect();
+    let groups: [(&'static str, Vec<u32>); 5] = [
+        ("dataviz all", vec![all.pid()]),
+        ("nats-server", broker.nats.pid().into_iter().collect()),
+        ("Mosquitto", broker.mqtt_pid.into_iter().collect()),
+        ("PostgreSQL backends", backends),
+        ("the bench's devices", vec![std::process::id()]),
+    ];
+    Ok(groups
+        .into_iter()
+        .filter(|(_, pids)| !pids.is_empty())
+        .map(|(name, pids)| {
+            let used = pids
+                .into_iter()
+                .filter_map(|pid| Some((pid, cpu_seconds(pid)?)))
+                .collect();
+            (name, used)
+        })
+        .collect())
+}
+
+/// The cores each group used between two [`cpu_use`] readings `elapsed` apart (a process
+/// that appeared in between counts from its start).
+fn cores(
+    before: &[(&'static str, Vec<(u32, f64)>)],
+    after: &[(&'static str, Vec<(u32, f64)>)],
+    elapsed: Duration,
+) -> Vec<(&'static str, f64)> {
+    after
+        .iter()
+        .map(|(name, pids)| {
+            let earlier = before.iter().find(|(n, _)| n == name).map(|(_, p)| p);
+            let used: f64 = pids
+                .iter()
+                .map(|(pid, now)| {
+                    let then = earlier
+                        .and_then(|p| p.iter().find(|(q, _)| q == pid))
+                        .map_or(0.0, |(_, t)| *t);
+                    now - then
+                })
+                .sum();
+            (*name, used / elapsed.as_secs_f64().max(1e-9))
+        })
+        .collect()
+}
+
 async fn pipeline(
     broker: &Broker<'_>,
     client: &tokio_postgres::Client,
+    all: &All,
     args: &BenchArgs,
-) -> anyhow::Result<(f64, f64)> {
+) -> anyhow::Result<Run> {
     eprintln!(
         "pipeline: {} messages as fast as {} takes them…",
         args.messages, broker.name
     );
     let before = count(client).await?;
+    let written = all.written().await;
+    let cpu_before = cpu_use(broker, client, all).await?;
     let mut publisher = broker.publisher("bench-pipeline");
     let now = chrono::Utc::now() - chrono::Duration::hours(1);
     let start = Instant::now();
@@ -803,29 +1048,65 @@ async fn pipeline(
             )
             .await?;
     }
-    wait_stored(&mut publisher, client, before, args.messages, "pipeline").await?;
+    let stored = Stored {
+        before,
+        written,
+        messages: args.messages,
+    };
+    wait_stored(&mut publisher, client, all, stored, "pipeline").await?;
     let elapsed = start.elapsed();
-    Ok((
-        rate(args.messages, elapsed),
-        rate(args.messages * args.tags, elapsed),
-    ))
+    let cpu_after = cpu_use(broker, client, all).await?;
+    Ok(Run {
+        messages: rate(args.messages, elapsed),
+        readings: rate(args.messages * args.tags, elapsed),
+        cores: cores(&cpu_before, &cpu_after, elapsed),
+    })
 }
 
-/// Waits until the broker acknowledged what `publisher` sent, then until `ingested_message`
-/// holds `messages` more rows than `before`, saying how far it is every 5 s; at most 10 minutes.
+/// What a run waits to see stored: `messages` more rows in `ingested_message` than `before`,
+/// and as many more messages counted by the writer than `written` (when its `/metrics`
+/// answered).
+struct Stored {
+    before: i64,
+    written: Option<u64>,
+    messages: u64,
+}
+
+/// Waits until the broker acknowledged what `publisher` sent, then until the run's messages
+/// are stored, saying how far it is every 5 s; at most 10 minutes. The writer's counter is
+/// watched first (a run is timed to the end of its last write, and a `count(*)` every 50 ms,
+/// a scan of a table of hundreds of thousands of rows, took a tenth of a core from the
+/// pipeline it timed); the rows are counted once it says so.
 async fn wait_stored(
     publisher: &mut Publisher,
     client: &tokio_postgres::Client,
-    before: i64,
-    messages: u64,
+    all: &All,
+    run: Stored,
     phase: &str,
 ) -> anyhow::Result<()> {
+    let Stored {
+        before,
+        written,
+        messages,
+    } = run;
     publisher
         .wait_acked(Duration::from_secs(600))
         .await
         .map_err(anyhow::Error::msg)?;
     let deadline = Instant::now() + Duration::from_secs(600);
     let mut last = Instant::now();
+    if let Some(written) = written {
+        while let Some(now) = all.written().await {
+            if now >= written + messages || Instant::now() >= deadline {
+                break;
+            }
+            if last.elapsed() > Duration::from_secs(5) {
+                eprintln!("{phase}: {} of {messages} messages written", now - written);
+                last = Instant::now();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
     loop {
         let stored = u64::try_from(count(client).await? - before).unwrap_or_default();
         if stored >= messages {

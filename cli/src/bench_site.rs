@@ -319,10 +319,10 @@ async fn fill(db: &tokio_postgres::Client, args: &BenchSiteArgs) -> anyhow::Resu
 }
 
 /// A response of the site: status, headers (lowercase names), body.
-struct Reply {
-    status: u16,
+pub(crate) struct Reply {
+    pub(crate) status: u16,
     headers: Vec<(String, String)>,
-    body: Vec<u8>,
+    pub(crate) body: Vec<u8>,
 }
 
 impl Reply {
@@ -335,7 +335,7 @@ impl Reply {
 }
 
 /// One HTTP/1.1 request on a connection of its own (`Connection: close`).
-async fn send(addr: SocketAddr, head: &str, body: &[u8]) -> anyhow::Result<Reply> {
+pub(crate) async fn send(addr: SocketAddr, head: &str, body: &[u8]) -> anyhow::Result<Reply> {
     let mut stream = tokio::net::TcpStream::connect(addr).await?;
     stream.write_all(head.as_bytes()).await?;
     stream.write_all(body).await?;

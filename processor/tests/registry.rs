@@ -168,7 +168,9 @@ async fn a_cold_registry_reads_what_exists_and_writes_only_what_is_new() {
             )
             .await
             .unwrap();
-        rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>()
+        rows.iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect::<Vec<_>>()
     };
     let before = versions().await;
 
@@ -178,7 +180,11 @@ async fn a_cold_registry_reads_what_exists_and_writes_only_what_is_new() {
         .await
         .unwrap();
     assert_eq!(again, known);
-    assert_eq!(versions().await, before, "a known device or tag was written again");
+    assert_eq!(
+        versions().await,
+        before,
+        "a known device or tag was written again"
+    );
 
     // A new tag of the known device is created beside the others.
     let mut more = readings.clone();
