@@ -945,19 +945,6 @@ struct Run {
     cores: Vec<(&'static str, f64)>,
 }
 
-/// CPU time a process has used, all its threads, in seconds: utime and stime of
-/// `/proc/<pid>/stat`, in the kernel's USER_HZ ticks (100 a second on Linux).
-fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name is in parentheses and may hold spaces: count fields after it.
-    let fields: Vec<&str> = stat
-        .get(stat.rfind(')')? + 2..)?
-        .split_whitespace()
-        .collect();
-    let ticks = |i: usize| fields.get(i)?.parse::<f64>().ok();
-    Some((ticks(11)? + ticks(12)?) / 100.0)
-}
-
 /// The processes a pipeline run uses, by what they are, and the CPU seconds each has used:
 /// `dataviz all`, the brokers, the PostgreSQL backends serving the bench's database, and
 /// this process (the devices' load).
@@ -988,7 +975,7 @@ async fn cpu_use(
         .map(|(name, pids)| {
             let used = pids
                 .into_iter()
-                .filter_map(|pid| Some((pid, cpu_seconds(pid)?)))
+                .filter_map(|pid| Some((pid, crate::bench_hub::cpu_seconds(pid)?)))
                 .collect();
             (name, used)
         })

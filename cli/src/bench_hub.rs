@@ -359,7 +359,7 @@ impl Drop for HubProcess {
 }
 
 /// utime + stime of a process, in seconds.
-fn cpu_seconds(pid: u32) -> Option<f64> {
+pub(crate) fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name, in parentheses, may hold spaces: count fields after it (field 3 on).
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
