@@ -47,6 +47,8 @@ struct Received {
     /// The MQTT connection it came on: an ack is only valid on that connection.
     connection: u64,
     raw: RawMessage,
+    /// Its place among `BRIDGE_MAX_IN_FLIGHT`, given back when it is dropped (stored).
+    _slot: OwnedSemaphorePermit,
     /// Its share of `BRIDGE_MAX_IN_FLIGHT_BYTES`, given back when it is dropped (stored).
     _budget: OwnedSemaphorePermit,
 }
@@ -78,7 +80,10 @@ pub async fn run(
     // Acks queue here; sized past the messages in flight so that acking never waits on it.
     options.set_request_channel_capacity(config.bridge_max_in_flight * 2 + 64);
     let (client, eventloop) = AsyncClient::new(options, config.bridge_max_in_flight * 2 + 64);
-    let (tx, rx) = mpsc::channel::<Received>(config.bridge_max_in_flight.max(1));
+    // Messages in flight are counted from their receipt (`Received::_slot`), queued here or
+    // being stored alike, so the channel needs no bound of its own.
+    let (tx, rx) = mpsc::unbounded_channel::<Received>();
+    let slots = Arc::new(Semaphore::new(config.bridge_max_in_flight.max(1)));
     let budget =
         u32::try_from((config.bridge_max_in_flight_bytes / BUDGET_UNIT).max(1)).unwrap_or(u32::MAX);
     let connection = Arc::new(AtomicU64::new(0));
@@ -94,14 +99,13 @@ pub async fn run(
         raw_store,
         client.clone(),
         connection.clone(),
-        config.bridge_max_in_flight,
         progress,
     ));
     let events = tokio::spawn(event_loop(
         eventloop,
         client.clone(),
         config,
-        (tx, Arc::new(Semaphore::new(budget as usize)), budget),
+        (tx, slots, Arc::new(Semaphore::new(budget as usize)), budget),
         connection,
         mqtt_up,
         shutdown,
@@ -183,12 +187,18 @@ async fn event_loop(
     mut eventloop: rumqttc::EventLoop,
     client: AsyncClient,
     config: BridgeConfig,
-    (tx, bytes, budget): (mpsc::Sender<Received>, Arc<Semaphore>, u32),
+    (tx, slots, bytes, budget): (
+        mpsc::UnboundedSender<Received>,
+        Arc<Semaphore>,
+        Arc<Semaphore>,
+        u32,
+    ),
     connection: Arc<AtomicU64>,
     up: Arc<AtomicBool>,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let qos = config.qos();
+    let received_total = metrics::counter!(metric::BRIDGE_RECEIVED);
     let mut backoff = Backoff::default();
     loop {
         let event = tokio::select! {
@@ -236,28 +246,33 @@ async fn event_loop(
                     dup = publish.dup,
                     "message received"
                 );
-                metrics::counter!(metric::BRIDGE_RECEIVED).increment(1);
-                // Waits while the messages in flight hold the byte budget: the broker queues.
+                received_total.increment(1);
+                // Waits while the messages in flight hold every slot or the byte budget: the
+                // broker queues meanwhile.
                 let share = budget_of(publish.payload.len(), budget);
-                let permit = tokio::select! {
+                let permits = async {
+                    let slot = slots.clone().acquire_owned().await;
+                    let budget = bytes.clone().acquire_many_owned(share).await;
+                    (slot, budget)
+                };
+                let (slot, permit) = tokio::select! {
                     biased;
                     _ = shutdown.cancelled() => break,
-                    permit = bytes.clone().acquire_many_owned(share) => {
-                        permit.expect("the budget is never closed")
-                    }
+                    (slot, budget) = permits => (
+                        slot.expect("the slots are never closed"),
+                        budget.expect("the budget is never closed"),
+                    ),
                 };
                 let raw = RawMessage::received(publish.topic.clone(), publish.payload.clone());
                 let received = Received {
                     publish,
                     connection: connection.load(Ordering::SeqCst),
                     raw,
+                    _slot: slot,
                     _budget: permit,
                 };
-                // Waits when the store task is full: the broker queues meanwhile.
-                tokio::select! {
-                    biased;
-                    _ = shutdown.cancelled() => break,
-                    sent = tx.send(received) => if sent.is_err() { anyhow::bail!("the store task ended") },
+                if tx.send(received).is_err() {
+                    anyhow::bail!("the store task ended");
                 }
             }
             Ok(_) => {}
@@ -303,11 +318,10 @@ struct RawStore {
 /// Stores what the event loop hands over, many messages in flight, and acks each on MQTT once
 /// JetStream has it.
 async fn store_loop(
-    mut rx: mpsc::Receiver<Received>,
+    mut rx: mpsc::UnboundedReceiver<Received>,
     raw_store: RawStore,
     client: AsyncClient,
     connection: Arc<AtomicU64>,
-    max_in_flight: usize,
     progress: Arc<Progress>,
 ) -> anyhow::Result<()> {
     // Acks go out in order from one task of their own: the store loop never waits on the MQTT
@@ -321,11 +335,12 @@ async fn store_loop(
             }
         }
     });
+    let stored_total = metrics::counter!(metric::BRIDGE_STORED);
     let mut in_flight = FuturesUnordered::new();
     let mut open = true;
     while open || !in_flight.is_empty() {
         tokio::select! {
-            received = rx.recv(), if open && in_flight.len() < max_in_flight => match received {
+            received = rx.recv(), if open => match received {
                 Some(received) => {
                     in_flight.push(raw_store.store(received).boxed());
                     progress.set_waiting(in_flight.len() as u64);
@@ -337,7 +352,7 @@ async fn store_loop(
                 // message comes back from the broker with the next session.
                 progress.set_waiting(in_flight.len() as u64);
                 let Some(received): Option<Received> = stored else { continue };
-                metrics::counter!(metric::BRIDGE_STORED).increment(1);
+                stored_total.increment(1);
                 progress.advanced();
                 if received.publish.qos != QoS::AtMostOnce {
                     if received.connection == connection.load(Ordering::SeqCst) {

@@ -170,6 +170,58 @@ impl Drop for TcpProxy {
     }
 }
 
+/// While NATS is away, the bridge takes no more than `BRIDGE_MAX_IN_FLIGHT` messages from the
+/// broker, counted from their receipt (waiting for JetStream or queued before it, alike), plus
+/// the one it holds while it waits for a place; the rest wait in the broker. Once NATS is back,
+/// every message is stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_nats_is_away_the_bridge_holds_no_more_than_its_in_flight_limit() {
+    const LIMIT: u64 = 10;
+    const SENT: i64 = 200;
+    let _serial = SERIAL.lock().await;
+    let mut stack = Stack::start().await;
+    stack.create_gateway(1).await;
+    let ops = free_port();
+    let (limit, addr) = (LIMIT.to_string(), format!("127.0.0.1:{ops}"));
+    let _bridge = stack.spawn(
+        "bridge",
+        &[("BRIDGE_MAX_IN_FLIGHT", &limit), ("HTTP_ADDR", &addr)],
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while common::http_get(ops, "/readyz")
+        .await
+        .map(|(status, _)| status)
+        != Some(200)
+    {
+        assert!(Instant::now() < deadline, "the bridge never got ready");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    stack.nats.kill();
+    let mut mqtt = Publisher::connect(stack.mosquitto.port()).await;
+    common::publish_numbered_burst(&mut mqtt, 0, SENT).await;
+    mqtt.wait_acked(Duration::from_secs(10)).await;
+    // Time for the broker to push everything it may, and for the bridge to take what it will.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (_, metrics) = common::http_get(ops, "/metrics")
+        .await
+        .expect("the bridge serves /metrics");
+    let received: u64 = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("dataviz_bridge_messages_received_total "))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no received count in:\n{metrics}"));
+    assert!(
+        (LIMIT..=LIMIT + 1).contains(&received),
+        "the bridge took {received} messages from the broker while it could store none \
+         (BRIDGE_MAX_IN_FLIGHT={LIMIT})"
+    );
+
+    stack.nats.restart();
+    let _roles = [stack.spawn("processor", &ENV), stack.spawn("writer", &ENV)];
+    assert_every_numbered_message_once(&stack.db, SENT, Duration::from_secs(60)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgresql_unreachable_for_a_while_is_waited_for_not_dead_lettered() {
     let _serial = SERIAL.lock().await;
