@@ -13,9 +13,11 @@ pub use dataviz_model::readings::{
 pub use dataviz_model::reason::DeadReason;
 
 use async_nats::HeaderMap;
+use async_nats::header::HeaderName;
 use bytes::Bytes;
 use chrono::{DateTime, SecondsFormat, Utc};
 use percent_encoding::{AsciiSet, CONTROLS, percent_decode_str, utf8_percent_encode};
+use std::borrow::Cow;
 use thiserror::Error;
 use uuid::Uuid;
 
@@ -96,22 +98,23 @@ impl RawMessage {
 
     /// Headers carrying the topic, receive time and id; `dedup_id` becomes `Nats-Msg-Id`.
     pub fn headers(&self, dedup_id: Option<&str>) -> HeaderMap {
+        // Built once per message on the bridge's path: names known at compile time, values
+        // moved in as they are made rather than formatted and copied again.
+        const MSG_ID: HeaderName = HeaderName::from_static(HEADER_MSG_ID);
+        const ID: HeaderName = HeaderName::from_static(HEADER_ID);
+        const TOPIC: HeaderName = HeaderName::from_static(HEADER_TOPIC);
+        const RECEIVED_AT: HeaderName = HeaderName::from_static(HEADER_RECEIVED_AT);
         let mut headers = HeaderMap::new();
         if let Some(dedup_id) = dedup_id {
-            headers.insert(HEADER_MSG_ID, dedup_id);
+            headers.insert(MSG_ID, dedup_id);
         }
-        headers.insert(HEADER_ID, self.id.to_string().as_str());
+        let mut id = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        headers.insert(ID, &*self.id.hyphenated().encode_lower(&mut id));
+        let topic: Cow<'_, str> = utf8_percent_encode(&self.topic, HEADER_ESCAPES).into();
+        headers.insert(TOPIC, topic.into_owned());
         headers.insert(
-            HEADER_TOPIC,
-            utf8_percent_encode(&self.topic, HEADER_ESCAPES)
-                .to_string()
-                .as_str(),
-        );
-        headers.insert(
-            HEADER_RECEIVED_AT,
-            self.received_at
-                .to_rfc3339_opts(SecondsFormat::Nanos, true)
-                .as_str(),
+            RECEIVED_AT,
+            self.received_at.to_rfc3339_opts(SecondsFormat::Nanos, true),
         );
         headers
     }

@@ -200,7 +200,13 @@ impl Processor {
         )
         .await;
         let mut homes = homes.into_iter();
-        outcomes
+        // Counted per fetch, not per message: a metric's lookup costs more than its increment.
+        const OUTCOMES: [&str; 3] = ["readings", "dead", "retry"];
+        const READINGS: usize = 0;
+        const DEAD: usize = 1;
+        const RETRY: usize = 2;
+        let (mut readings, mut counts) = (0u64, [0u64; 3]);
+        let settles = outcomes
             .into_iter()
             .map(|outcome| {
                 let (label, settle) = match outcome {
@@ -208,20 +214,26 @@ impl Processor {
                         let home = homes.next().expect("one home per unit");
                         match &stored[home] {
                             Ok(_) => {
-                                metrics::counter!(metric::PROCESSOR_READINGS)
-                                    .increment(unit.readings.len() as u64);
-                                ("readings", Settle::Done)
+                                readings += unit.readings.len() as u64;
+                                (READINGS, Settle::Done)
                             }
-                            Err(e) => ("retry", Settle::retry(Failure::Nats, e)),
+                            Err(e) => (RETRY, Settle::retry(Failure::Nats, e)),
                         }
                     }
-                    Outcome::Dead(letter) => ("dead", Settle::dead(letter)),
-                    Outcome::Retry(transient) => ("retry", Settle::Retry(transient)),
+                    Outcome::Dead(letter) => (DEAD, Settle::dead(letter)),
+                    Outcome::Retry(transient) => (RETRY, Settle::Retry(transient)),
                 };
-                metrics::counter!(metric::PROCESSOR_MESSAGES, "outcome" => label).increment(1);
+                counts[label] += 1;
                 settle
             })
-            .collect()
+            .collect();
+        metrics::counter!(metric::PROCESSOR_READINGS).increment(readings);
+        for (label, count) in OUTCOMES.into_iter().zip(counts) {
+            if count > 0 {
+                metrics::counter!(metric::PROCESSOR_MESSAGES, "outcome" => label).increment(count);
+            }
+        }
+        settles
     }
 
     /// What would become of a raw message, without creating anything: `Ok` with the number of
