@@ -79,6 +79,12 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // No transparent huge pages for this process: mimalloc's arenas are aligned on 2 MiB, so
+    // the kernel backs them with huge pages, each wholly resident however little of it is in
+    // use. They were 40 to 90 MB of `dataviz all`'s peak under load (BENCHMARKS.md, memory).
+    // Best effort: a kernel that refuses leaves the default.
+    #[cfg(target_os = "linux")]
+    let _ = rustix::thread::disable_transparent_huge_pages(true);
     let cli = Cli::parse();
     // async-nats and rumqttc both use rustls; one crypto provider for the whole process.
     let _ = rustls::crypto::ring::default_provider().install_default();
