@@ -81,7 +81,7 @@ enum Command {
 fn main() -> ExitCode {
     // No transparent huge pages for this process: mimalloc's arenas are aligned on 2 MiB, so
     // the kernel backs them with huge pages, each wholly resident however little of it is in
-    // use. They were 40 to 90 MB of `dataviz all`'s peak under load (BENCHMARKS.md, memory).
+    // use. They were 57 to 86 MB of `dataviz all`'s peak under load (BENCHMARKS.md).
     // Best effort: a kernel that refuses leaves the default.
     #[cfg(target_os = "linux")]
     let _ = rustix::thread::disable_transparent_huge_pages(true);
