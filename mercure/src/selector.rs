@@ -538,4 +538,36 @@ mod tests {
         assert!(!one_pass.matches("https://filler.example/7"));
         assert!(!one_pass.matches("https://e.com/1/devices/2/3/../x y"));
     }
+
+    /// Templates whose one automaton would pass [`ONE_PASS_SIZE_LIMIT`] are tried one by one,
+    /// with the same answers. A subscriber may send that: 1,000 templates (the default
+    /// `MERCURE_MAX_TOPICS`) of 80 variables each, every one under [`TEMPLATE_SIZE_LIMIT`]
+    /// (40 variables fit in one automaton together, 120 no longer compile alone).
+    #[test]
+    fn past_the_size_limit_the_templates_are_tried_one_by_one() {
+        const VARIABLES: usize = 80;
+        let store = TopicSelectorStore::default();
+        let path: String = (0..VARIABLES).map(|v| format!("/{{v{v}}}")).collect();
+        let selectors: Vec<String> = (0..1000)
+            .map(|i| format!("https://e.com/{i}{path}"))
+            .collect();
+        let one_by_one = store.compile(&selectors);
+        assert_eq!(one_by_one.templates(), 1000);
+        let fallback = one_by_one.in_one_pass();
+        assert!(
+            fallback.one_pass.is_none(),
+            "these templates fit in one automaton: the test no longer crosses the limit"
+        );
+        let segments: String = (0..VARIABLES).map(|v| format!("/s{v}")).collect();
+        for (topic, expected) in [
+            (format!("https://e.com/999{segments}"), true),
+            (format!("https://e.com/0{segments}"), true),
+            (format!("https://e.com/1000{segments}"), false),
+            (format!("https://e.com/7{segments}/extra"), false),
+            ("https://e.com/7/s0".to_owned(), false),
+        ] {
+            assert_eq!(fallback.matches(&topic), expected, "{topic}");
+            assert_eq!(one_by_one.matches(&topic), expected, "{topic}");
+        }
+    }
 }
