@@ -232,7 +232,7 @@ async fn event_loop(
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
                 tracing::info!(target: MQTT_LOG_TARGET, topics = ?config.mqtt_topics.0, codes = ?ack.return_codes, "subscribed");
             }
-            Ok(Event::Incoming(Packet::Publish(publish))) => {
+            Ok(Event::Incoming(Packet::Publish(mut publish))) => {
                 if publish.retain {
                     tracing::debug!(target: MQTT_LOG_TARGET, topic = %publish.topic, "retained message skipped");
                     let _ = client.try_ack(&publish);
@@ -263,6 +263,11 @@ async fn event_loop(
                         budget.expect("the budget is never closed"),
                     ),
                 };
+                // The payload is a slice of the connection's read buffer, which it would keep
+                // whole while the message is held: tens of MB of buffers under a flood
+                // (BENCHMARKS.md, "What changed"), and more than `BRIDGE_MAX_IN_FLIGHT_BYTES`
+                // counts. A copy of its own frees the buffer.
+                publish.payload = Bytes::copy_from_slice(&publish.payload);
                 let raw = RawMessage::received(publish.topic.clone(), publish.payload.clone());
                 let received = Received {
                     publish,
@@ -356,7 +361,13 @@ async fn store_loop(
                 progress.advanced();
                 if received.publish.qos != QoS::AtMostOnce {
                     if received.connection == connection.load(Ordering::SeqCst) {
-                        let _ = acks.send(received.publish);
+                        // An ack needs the packet id only. Acks can queue here by the
+                        // thousand: the MQTT client sends one between reads of up to ten
+                        // incoming packets, and the broker's window of unacknowledged messages
+                        // (`max_ack_pending`, `max_inflight_messages`) is what bounds them.
+                        let mut publish = received.publish;
+                        (publish.topic, publish.payload) = (String::new(), Bytes::new());
+                        let _ = acks.send(publish);
                     } else {
                         tracing::debug!(target: MQTT_LOG_TARGET, pkid = received.publish.pkid, "stored a message of an earlier connection; the broker sends it again");
                     }
@@ -388,8 +399,14 @@ impl RawStore {
         let mut whole_kept = dead.is_none();
         loop {
             if !whole_kept {
-                match dataviz_core::dead::keep_whole(js, received.raw.id, &received.raw.payload)
-                    .await
+                // Boxed, as `holds` below: rare paths, whose state would otherwise make every
+                // message's future in flight as large as theirs.
+                match Box::pin(dataviz_core::dead::keep_whole(
+                    js,
+                    received.raw.id,
+                    &received.raw.payload,
+                ))
+                .await
                 {
                     Ok(()) => whole_kept = true,
                     Err(e) => {
@@ -417,7 +434,8 @@ impl RawStore {
                     if ack.duplicate
                         && salted.is_none()
                         && dedup_id.is_some()
-                        && !(publish.dup && self.holds(ack.sequence, &received.raw).await) =>
+                        && !(publish.dup
+                            && Box::pin(self.holds(ack.sequence, &received.raw)).await) =>
                 {
                     // Not a redelivery of what RAW holds under this id: a first delivery (another
                     // message reused the packet id with the same content inside the duplicate
@@ -500,6 +518,39 @@ fn oversized(raw: &RawMessage, max_payload: usize) -> Option<DeadLetter> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every message in flight holds one such future (`BRIDGE_MAX_IN_FLIGHT`, 4,096 by
+    /// default): with the rare paths inline, each took several KiB, 27 MB in all under load.
+    #[tokio::test]
+    async fn a_message_in_flight_costs_little_memory() {
+        // Never connects: the future is only made, not run.
+        let client = async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connect("127.0.0.1:1")
+            .await
+            .unwrap();
+        let store = RawStore {
+            js: jetstream::new(client),
+            client_id: "dataviz-bridge".into(),
+            max_payload: 1 << 20,
+            shutdown: Shutdown::new(),
+        };
+        let (slots, budget) = (Arc::new(Semaphore::new(1)), Arc::new(Semaphore::new(1)));
+        let publish = Publish::new("gateways/1/d", QoS::AtLeastOnce, "{}");
+        let received = Received {
+            raw: RawMessage::received(publish.topic.clone(), publish.payload.clone()),
+            publish,
+            connection: 1,
+            _slot: slots.try_acquire_owned().unwrap(),
+            _budget: budget.try_acquire_owned().unwrap(),
+        };
+        let future = store.store(received);
+        let size = std::mem::size_of_val(&future);
+        assert!(
+            size < 2048,
+            "a message's future in flight takes {size} bytes"
+        );
+    }
 
     #[test]
     fn oversized_messages_become_dead_letters() {
