@@ -8,12 +8,18 @@
 //! # How nothing is stored twice
 //! A redelivered MQTT message carries the same packet id, topic and payload; the bridge derives
 //! the JetStream deduplication id (`Nats-Msg-Id`) from them, so RAW keeps one copy within its
-//! duplicate window (`RAW_DUPLICATE_WINDOW`). A redelivery (DUP flag) that JetStream calls a
-//! duplicate is taken as stored once RAW shows the same topic and payload at the sequence the
-//! ack names. A first delivery (no DUP flag) that JetStream calls a duplicate can only be a
-//! different message that reused a packet id with the same content; it is stored again under a
-//! unique id. Copies past the window reach RAW twice; the writer recognises those that carry
-//! `ts` by their content (`dataviz_core::identity`).
+//! duplicate window (`RAW_DUPLICATE_WINDOW`). When JetStream calls a message a duplicate, RAW is
+//! read at the sequence the ack names, and the message is taken as stored when what it holds is
+//! this message already:
+//! - the copy of an attempt of ours that failed for us but reached JetStream (its ack lost while
+//!   NATS was away): RAW holds the same raw id;
+//! - the same MQTT message received twice: RAW holds the same topic and payload, and this copy
+//!   is a redelivery (DUP flag) or came on an earlier connection (its redelivery on the next one
+//!   may be stored first).
+//!
+//! Otherwise it is a different message that reused a packet id with the same content, and it is
+//! stored again under a unique id. Copies past the window reach RAW twice; the writer recognises
+//! those that carry `ts` by their content (`dataviz_core::identity`).
 //!
 //! Retained messages delivered on subscribe are old values the bridge saw live (its session
 //! persists while it is away); they are acknowledged and skipped.
@@ -92,6 +98,7 @@ pub async fn run(
         js,
         client_id: config.mqtt_client_id.clone(),
         max_payload,
+        connection: connection.clone(),
         shutdown: shutdown.clone(),
     };
     let store = tokio::spawn(store_loop(
@@ -317,6 +324,8 @@ struct RawStore {
     client_id: String,
     /// The NATS server's largest message.
     max_payload: usize,
+    /// The current MQTT connection ([`Received::connection`]).
+    connection: Arc<AtomicU64>,
     shutdown: Shutdown,
 }
 
@@ -395,6 +404,9 @@ impl RawStore {
         });
         let mut backoff = Backoff::default();
         let mut salted = None::<String>;
+        // A failed attempt may have been stored all the same (its ack lost with the connection):
+        // the next one is then a duplicate of our own.
+        let mut attempted = false;
         let dead = oversized(&received.raw, max_payload);
         let mut whole_kept = dead.is_none();
         loop {
@@ -434,14 +446,14 @@ impl RawStore {
                     if ack.duplicate
                         && salted.is_none()
                         && dedup_id.is_some()
-                        && !(publish.dup
-                            && Box::pin(self.holds(ack.sequence, &received.raw)).await) =>
+                        && !Box::pin(self.stored_before(&received, attempted, ack.sequence))
+                            .await =>
                 {
-                    // Not a redelivery of what RAW holds under this id: a first delivery (another
-                    // message reused the packet id with the same content inside the duplicate
-                    // window), or a copy whose content differs from the stored one (a hash
-                    // collision), or one RAW cannot show. Store it under its own id: a copy
-                    // too many is caught downstream when it has `ts`, a lost message never.
+                    // Not this message's own copy: a first delivery (another message reused the
+                    // packet id with the same content inside the duplicate window), or a copy
+                    // whose content differs from the stored one (a hash collision), or one RAW
+                    // cannot show. Store it under its own id: a copy too many is caught
+                    // downstream when it has `ts`, a lost message never.
                     salted = Some(format!(
                         "{}:{}",
                         dedup_id.as_deref().unwrap_or_default(),
@@ -455,6 +467,7 @@ impl RawStore {
                     return Some(received);
                 }
                 Err(e) => {
+                    attempted = true;
                     let wait = backoff.next_delay();
                     tracing::warn!(error = %e, retry_in = ?wait, "storing a message in RAW failed; retrying");
                     tokio::select! {
@@ -466,22 +479,39 @@ impl RawStore {
         }
     }
 
-    /// Whether RAW holds at `seq` a message with the topic and payload of `raw`: a redelivery
-    /// that JetStream calls a duplicate is taken as stored only then.
-    async fn holds(&self, seq: u64, raw: &RawMessage) -> bool {
+    /// Whether what RAW holds at `seq`, under this message's deduplication id, is this message
+    /// already: the copy of an earlier attempt of ours (`attempted`; the same raw id), or the
+    /// same MQTT message received twice (the same topic and payload) when one of the two is a
+    /// redelivery: this one has the DUP flag, or it came on an earlier connection, whose
+    /// redelivery on the current one may have been stored first.
+    async fn stored_before(&self, received: &Received, attempted: bool, seq: u64) -> bool {
+        let redelivered =
+            received.publish.dup || received.connection != self.connection.load(Ordering::SeqCst);
+        if !attempted && !redelivered {
+            return false;
+        }
+        let Some(held) = self.held(seq).await else {
+            return false;
+        };
+        let raw = &received.raw;
+        (attempted && held.id == raw.id)
+            || (redelivered && held.topic == raw.topic && held.payload == raw.payload)
+    }
+
+    /// The raw message RAW holds at `seq`, if it can be read.
+    async fn held(&self, seq: u64) -> Option<RawMessage> {
         let stored = match self.js.get_stream_no_info(streams::RAW_STREAM).await {
             Ok(stream) => stream.get_raw_message(seq).await,
             Err(e) => {
                 tracing::warn!(error = %e, seq, "could not read RAW to check a duplicate; storing the message again");
-                return false;
+                return None;
             }
         };
         match stored {
-            Ok(stored) => RawMessage::from_parts(Some(&stored.headers), stored.payload)
-                .is_ok_and(|held| held.topic == raw.topic && held.payload == raw.payload),
+            Ok(stored) => RawMessage::from_parts(Some(&stored.headers), stored.payload).ok(),
             Err(e) => {
                 tracing::warn!(error = %e, seq, "could not read RAW to check a duplicate; storing the message again");
-                false
+                None
             }
         }
     }
@@ -533,6 +563,7 @@ mod tests {
             js: jetstream::new(client),
             client_id: "dataviz-bridge".into(),
             max_payload: 1 << 20,
+            connection: Arc::new(AtomicU64::new(1)),
             shutdown: Shutdown::new(),
         };
         let (slots, budget) = (Arc::new(Semaphore::new(1)), Arc::new(Semaphore::new(1)));

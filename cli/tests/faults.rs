@@ -220,6 +220,56 @@ async fn while_nats_is_away_the_bridge_holds_no_more_than_its_in_flight_limit() 
     stack.nats.restart();
     let _roles = [stack.spawn("processor", &ENV), stack.spawn("writer", &ENV)];
     assert_every_numbered_message_once(&stack.db, SENT, Duration::from_secs(60)).await;
+    // Not only the writer's doing (it knows these readings by their `ts`).
+    let raw = common::stream_count(&stack.nats.url(), "RAW").await;
+    assert_eq!(raw, SENT as u64, "RAW holds each message once");
+}
+
+/// While NATS is away long enough, the bridge, its places full, stops reading MQTT and sends no
+/// keep-alive: past 1.5 × `MQTT_KEEP_ALIVE` the broker drops it. The messages it held come back
+/// on its next connection (DUP), while it still stores them from the first; and its attempts,
+/// timed out for it after 5 s, reach JetStream once NATS is back, ahead of their retries. Each
+/// is taken once, by RAW's deduplication (not only by the writer, which knows these by their
+/// `ts`): 210 in RAW for 200 sent before the bridge knew its own attempts by their raw id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_away_past_the_mqtt_keep_alive_stores_each_message_once() {
+    const SENT: i64 = 200;
+    let _serial = SERIAL.lock().await;
+    let mut stack = Stack::start().await;
+    stack.create_gateway(1).await;
+    let bridge = common::spawn_logged(
+        "bridge",
+        &stack.env(),
+        // The shortest keep-alive the bridge takes: the broker gives up after 7.5 s of silence.
+        &[
+            ("BRIDGE_MAX_IN_FLIGHT", "10"),
+            ("MQTT_KEEP_ALIVE", "5s"),
+            ("LOG_FORMAT", "text"),
+        ],
+    );
+    bridge
+        .expect_line(&["subscribed"], "of the bridge's subscription")
+        .await;
+
+    stack.nats.kill();
+    let mut mqtt = Publisher::connect(stack.mosquitto.port()).await;
+    common::publish_numbered_burst(&mut mqtt, 0, SENT).await;
+    mqtt.wait_acked(Duration::from_secs(10)).await;
+    // The broker drops the silent bridge after 7.5 s; the bridge notices once NATS is back and
+    // it reads MQTT again.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    stack.nats.restart();
+    bridge
+        .expect_line(
+            &["MQTT connection lost"],
+            "saying the broker dropped the bridge",
+        )
+        .await;
+    let _roles = [stack.spawn("processor", &ENV), stack.spawn("writer", &ENV)];
+    assert_every_numbered_message_once(&stack.db, SENT, Duration::from_secs(60)).await;
+    let raw = common::stream_count(&stack.nats.url(), "RAW").await;
+    assert_eq!(raw, SENT as u64, "RAW holds each message once");
+    assert_eq!(common::dead_letters(&stack).await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
