@@ -411,8 +411,8 @@ impl RawStore {
         let mut whole_kept = dead.is_none();
         loop {
             if !whole_kept {
-                // Boxed, as `holds` below: rare paths, whose state would otherwise make every
-                // message's future in flight as large as theirs.
+                // Boxed, as `stored_before` below: rare paths, whose state would otherwise
+                // make every message's future in flight as large as theirs.
                 match Box::pin(dataviz_core::dead::keep_whole(
                     js,
                     received.raw.id,
