@@ -49,6 +49,7 @@ const STAGE: &str = "bridge";
 
 /// A message taken from MQTT, on its way to RAW.
 struct Received {
+    /// As received, less its topic and payload (in `raw`): what acking it needs.
     publish: Publish,
     /// The MQTT connection it came on: an ack is only valid on that connection.
     connection: u64,
@@ -101,13 +102,7 @@ pub async fn run(
         connection: connection.clone(),
         shutdown: shutdown.clone(),
     };
-    let store = tokio::spawn(store_loop(
-        rx,
-        raw_store,
-        client.clone(),
-        connection.clone(),
-        progress,
-    ));
+    let store = tokio::spawn(store_loop(rx, raw_store, client.clone(), progress));
     let events = tokio::spawn(event_loop(
         eventloop,
         client.clone(),
@@ -270,12 +265,13 @@ async fn event_loop(
                         budget.expect("the budget is never closed"),
                     ),
                 };
-                // The payload is a slice of the connection's read buffer, which it would keep
-                // whole while the message is held: tens of MB of buffers under a flood
+                // The topic and payload move to the raw message; the packet keeps what its ack
+                // needs. The payload is a slice of the connection's read buffer, which it would
+                // keep whole while the message is held: tens of MB of buffers under a flood
                 // (BENCHMARKS.md, "What changed"), and more than `BRIDGE_MAX_IN_FLIGHT_BYTES`
                 // counts. A copy of its own frees the buffer.
-                publish.payload = Bytes::copy_from_slice(&publish.payload);
-                let raw = RawMessage::received(publish.topic.clone(), publish.payload.clone());
+                let payload = Bytes::copy_from_slice(&std::mem::take(&mut publish.payload));
+                let raw = RawMessage::received(std::mem::take(&mut publish.topic), payload);
                 let received = Received {
                     publish,
                     connection: connection.load(Ordering::SeqCst),
@@ -335,7 +331,6 @@ async fn store_loop(
     mut rx: mpsc::UnboundedReceiver<Received>,
     raw_store: RawStore,
     client: AsyncClient,
-    connection: Arc<AtomicU64>,
     progress: Arc<Progress>,
 ) -> anyhow::Result<()> {
     // Acks go out in order from one task of their own: the store loop never waits on the MQTT
@@ -369,14 +364,12 @@ async fn store_loop(
                 stored_total.increment(1);
                 progress.advanced();
                 if received.publish.qos != QoS::AtMostOnce {
-                    if received.connection == connection.load(Ordering::SeqCst) {
-                        // An ack needs the packet id only. Acks can queue here by the
-                        // thousand: the MQTT client sends one between reads of up to ten
-                        // incoming packets, and the broker's window of unacknowledged messages
-                        // (`max_ack_pending`, `max_inflight_messages`) is what bounds them.
-                        let mut publish = received.publish;
-                        (publish.topic, publish.payload) = (String::new(), Bytes::new());
-                        let _ = acks.send(publish);
+                    if received.connection == raw_store.connection.load(Ordering::SeqCst) {
+                        // Acks can queue here by the thousand, each a packet id and flags: the
+                        // MQTT client sends one between reads of up to ten incoming packets, and
+                        // the broker's window of unacknowledged messages (`max_ack_pending`,
+                        // `max_inflight_messages`) is what bounds them.
+                        let _ = acks.send(received.publish);
                     } else {
                         tracing::debug!(target: MQTT_LOG_TARGET, pkid = received.publish.pkid, "stored a message of an earlier connection; the broker sends it again");
                     }
@@ -394,12 +387,10 @@ impl RawStore {
     async fn store(&self, received: Received) -> Option<Received> {
         let (js, client_id, max_payload, shutdown) =
             (&self.js, &self.client_id, self.max_payload, &self.shutdown);
-        let publish = &received.publish;
+        let (publish, raw) = (&received.publish, &received.raw);
         let dedup_id = (publish.qos != QoS::AtMostOnce).then(|| {
-            let hash = xxhash_rust::xxh3::xxh3_64_with_seed(
-                publish.payload.as_ref(),
-                topic_seed(&publish.topic),
-            );
+            let hash =
+                xxhash_rust::xxh3::xxh3_64_with_seed(raw.payload.as_ref(), topic_seed(&raw.topic));
             format!("{client_id}:{}:{hash:016x}", publish.pkid)
         });
         let mut backoff = Backoff::default();
@@ -567,10 +558,9 @@ mod tests {
             shutdown: Shutdown::new(),
         };
         let (slots, budget) = (Arc::new(Semaphore::new(1)), Arc::new(Semaphore::new(1)));
-        let publish = Publish::new("gateways/1/d", QoS::AtLeastOnce, "{}");
         let received = Received {
-            raw: RawMessage::received(publish.topic.clone(), publish.payload.clone()),
-            publish,
+            raw: RawMessage::received("gateways/1/d".into(), Bytes::from_static(b"{}")),
+            publish: Publish::new("", QoS::AtLeastOnce, ""),
             connection: 1,
             _slot: slots.try_acquire_owned().unwrap(),
             _budget: budget.try_acquire_owned().unwrap(),
