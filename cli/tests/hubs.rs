@@ -351,7 +351,10 @@ async fn two_hubs_serve_each_update_to_the_subscribers_of_both_once_and_in_order
 
 /// NATS SIGKILLed under a running hub: publishes are refused with 503 while it is away (never
 /// answered 200 and lost), the hub follows the stream again when it is back, and a subscriber
-/// that stayed connected receives every update that was answered 200, once, in order.
+/// that stayed connected receives every update that was answered 200, once, in order. An
+/// update sent to NATS just as it died is answered 503 saying it may still be dispatched (the
+/// client sends it when NATS is back): it may come too, once, in its place, and nothing else
+/// that was refused does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hub_rides_out_a_nats_restart_and_loses_no_acknowledged_update() {
     let mut nats = NatsServer::start();
@@ -365,6 +368,8 @@ async fn a_hub_rides_out_a_nats_restart_and_loses_no_acknowledged_update() {
     };
     let mut taken = Vec::new();
     let mut refused = 0;
+    // Refused, but "may still be dispatched": sent to NATS, unacknowledged.
+    let mut unconfirmed = Vec::new();
     // 100 updates before, 100 while NATS is away, 100 after.
     // What was answered 200 is known only at the end: the subscriber reads until it has as
     // many events, or for 30 s without one.
@@ -411,24 +416,110 @@ async fn a_hub_rides_out_a_nats_restart_and_loses_no_acknowledged_update() {
             taken.push(format!("n{i}"));
             continue;
         }
-        match post(&client, &hub.url, &update(i))
-            .send()
-            .await
-            .map(|r| r.status().as_u16())
-        {
-            Ok(200) => taken.push(format!("n{i}")),
-            Ok(503) => refused += 1,
-            other => panic!("update n{i}: {other:?}"),
+        let response = post(&client, &hub.url, &update(i)).send().await.unwrap();
+        match response.status().as_u16() {
+            200 => taken.push(format!("n{i}")),
+            503 => {
+                refused += 1;
+                let body = response.text().await.unwrap();
+                if body.contains("may still be dispatched") {
+                    assert!(
+                        body.contains(&format!("send it again with id n{i}")),
+                        "{body}"
+                    );
+                    unconfirmed.push(format!("n{i}"));
+                }
+            }
+            status => panic!("update n{i}: {status}"),
         }
     }
     answered.send_replace(taken.len());
     let received = subscriber.await.unwrap();
     assert!(refused >= 90, "only {refused} refused while NATS was away");
     assert!(taken.len() >= 200, "{} taken", taken.len());
-    assert_eq!(
-        received, taken,
-        "the subscriber got every update answered 200, once, in order"
+    // Posts are one at a time: only the one in flight when NATS died can be unconfirmed.
+    assert!(unconfirmed.len() <= 1, "unconfirmed: {unconfirmed:?}");
+    // Every update answered 200, and any unconfirmed one that came through, once, in the order
+    // posted.
+    let number = |id: &String| id[1..].parse::<usize>().unwrap();
+    let mut wanted: Vec<String> = taken.clone();
+    wanted.extend(
+        unconfirmed
+            .iter()
+            .filter(|id| received.contains(id))
+            .cloned(),
     );
+    wanted.sort_by_key(number);
+    assert_eq!(
+        received, wanted,
+        "the subscriber got every update answered 200 (unconfirmed: {unconfirmed:?}), once, \
+         in order"
+    );
+}
+
+/// NATS hanging (SIGSTOP) while a hub publishes: the update reaches NATS's socket but no
+/// acknowledgement comes back, so the hub cannot know whether it was stored. It answers 503
+/// saying the update may still be dispatched and under which id to send it again (one it gave,
+/// as the update had none). NATS resumes and stores it; sent again with that id, it is answered
+/// 200 and the subscriber still receives it once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_nats_did_not_acknowledge_is_dispatched_once_when_sent_again_with_its_id() {
+    let nats = NatsServer::start();
+    let logs = tempfile::tempdir().unwrap();
+    let hub = HubProcess::start(&nats, &logs);
+    let client = client();
+    let mut stream = EventStream::connect(&hub.url, &books(None)).await.unwrap();
+    let first = Update {
+        id: Some("first".into()),
+        ..Update::new(vec!["https://example.com/books/1".into()], "1")
+    };
+    post_until_taken(&client, &hub.url, &first).await;
+
+    nats.pause();
+    let unacknowledged = Update::new(vec!["https://example.com/books/1".into()], "2");
+    let started = Instant::now();
+    let response = post(&client, &hub.url, &unacknowledged).send().await;
+    nats.resume();
+    let response = response.unwrap();
+    assert_eq!(response.status().as_u16(), 503);
+    assert!(response.headers().contains_key("retry-after"));
+    let body = response.text().await.unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_secs(4),
+        "answered before the publish timeout: {body}"
+    );
+    assert!(body.contains("may still be dispatched"), "{body}");
+    let id = body
+        .split("send it again with id ")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .unwrap_or_else(|| panic!("no id to send it again with: {body}"))
+        .to_owned();
+    assert!(id.starts_with("urn:uuid:"), "the hub gave the id: {body}");
+
+    let again = Update {
+        id: Some(id.clone()),
+        ..unacknowledged
+    };
+    post_until_taken(&client, &hub.url, &again).await;
+    let last = Update {
+        id: Some("last".into()),
+        ..Update::new(vec!["https://example.com/books/1".into()], "3")
+    };
+    post_until_taken(&client, &hub.url, &last).await;
+
+    let mut received = Vec::new();
+    while let Some(event) = stream.next_within(Duration::from_secs(10)).await {
+        received.extend(event.id);
+        if received.last().map(String::as_str) == Some("last") {
+            // A moment more: a second copy would show now.
+            while let Some(event) = stream.next_within(Duration::from_millis(500)).await {
+                received.extend(event.id);
+            }
+            break;
+        }
+    }
+    assert_eq!(received, ["first".to_owned(), id, "last".to_owned()]);
 }
 
 /// nginx, run in the foreground with `nginx/hubs.conf` in front of `hubs`, on a port of its own.

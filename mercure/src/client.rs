@@ -161,6 +161,7 @@ impl UpdateSink {
                     status: StatusCode::BAD_REQUEST,
                     body: e.to_string(),
                 },
+                e @ PublishRefused::Unconfirmed { .. } => PublishError::Unavailable(e.to_string()),
                 PublishRefused::Unavailable(e) => PublishError::Unavailable(e),
             }),
         }

@@ -337,9 +337,17 @@ pub enum PublishRefused {
     /// The update itself is wrong: sending it again cannot help.
     #[error(transparent)]
     Invalid(#[from] UpdateError),
-    /// The stream did not take it (NATS unreachable, JetStream not answering): retry later.
+    /// The stream did not take it (NATS unreachable, JetStream refusing): retry later.
     #[error("the hub's stream did not take the update: {0}")]
     Unavailable(String),
+    /// The update was sent to the stream and no acknowledgement came back (NATS went away
+    /// mid-publish): it may still be stored and dispatched. Sent again with the same id within
+    /// the stream's duplicate window, it is dispatched once either way.
+    #[error(
+        "the hub's stream did not acknowledge update {id} ({reason}); it may still be \
+         dispatched: send it again with id {id}, and it is dispatched once"
+    )]
+    Unconfirmed { id: String, reason: String },
 }
 
 /// Why a hub could not start.
@@ -441,8 +449,8 @@ impl Hub {
     /// Publishes an update from inside the process (no JWT): validates it, gives it an id when
     /// it has none, dispatches it, and returns its id. On the `jetstream` transport it returns
     /// once the stream has stored the update (a hub killed after that loses nothing) and this
-    /// hub has dispatched it, or [`PublishRefused::Unavailable`] when the stream did not take
-    /// it.
+    /// hub has dispatched it, [`PublishRefused::Unavailable`] when the stream did not take it,
+    /// or [`PublishRefused::Unconfirmed`] when it may have.
     pub async fn publish(&self, mut update: Update) -> Result<String, PublishRefused> {
         update.validate()?;
         let id = update
@@ -466,6 +474,10 @@ impl Hub {
         let sequence = transport.publish(&update).await.map_err(|e| match e {
             PublishFailure::TooLarge(e) => UpdateError::TooLarge(e).into(),
             PublishFailure::Unavailable(e) => PublishRefused::Unavailable(e),
+            PublishFailure::Unconfirmed(reason) => PublishRefused::Unconfirmed {
+                id: id.clone(),
+                reason,
+            },
         })?;
         // Stored: from here on the update is delivered whatever happens to this hub. Waiting
         // for this hub's own copy makes it visible to a subscriber arriving after the answer.
@@ -845,9 +857,15 @@ async fn publish(
             plain(StatusCode::FORBIDDEN, e.to_string())
         }
         Err(PublishRefused::Invalid(e)) => plain(StatusCode::BAD_REQUEST, e.to_string()),
-        Err(e @ PublishRefused::Unavailable(_)) => {
+        Err(e @ (PublishRefused::Unavailable(_) | PublishRefused::Unconfirmed { .. })) => {
             tracing::warn!(error = %e, "update refused: the stream is unavailable");
-            let mut response = plain(StatusCode::SERVICE_UNAVAILABLE, "Service Unavailable");
+            // The publisher is told whether the update may still come through, and under
+            // which id to send it again (the hub gave one when it had none).
+            let body = match &e {
+                PublishRefused::Unconfirmed { .. } => e.to_string(),
+                _ => "Service Unavailable".to_owned(),
+            };
+            let mut response = plain(StatusCode::SERVICE_UNAVAILABLE, body);
             response.headers_mut().insert(
                 header::RETRY_AFTER,
                 HeaderValue::from_static(UNAVAILABLE_RETRY_AFTER_SECONDS),

@@ -41,8 +41,11 @@ pub(crate) const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
 pub(crate) enum PublishFailure {
     /// Larger than NATS takes: sending it again cannot help.
     TooLarge(String),
-    /// NATS or JetStream unavailable: later may work.
+    /// NATS or JetStream unavailable: not stored; later may work.
     Unavailable(String),
+    /// Sent, but no acknowledgement came back (timed out, connection lost): the stream may
+    /// still store it, even after NATS comes back, since the client sends what it had queued.
+    Unconfirmed(String),
 }
 
 #[derive(Clone)]
@@ -106,7 +109,9 @@ impl Transport {
 
     /// Stores `update` (which has its id); returns its stream sequence, that of the first
     /// copy when the stream already held one. Fails at once while NATS is disconnected, and
-    /// after [`PUBLISH_TIMEOUT`] at most otherwise: a publisher is answered, not held.
+    /// after [`PUBLISH_TIMEOUT`] at most otherwise: a publisher is answered, not held. A
+    /// publish sent and not acknowledged is [`PublishFailure::Unconfirmed`]: sent again with
+    /// the same id, it is stored once either way.
     pub(crate) async fn publish(&self, update: &Update) -> Result<u64, PublishFailure> {
         let unavailable = |e: &dyn std::fmt::Display| PublishFailure::Unavailable(e.to_string());
         let state = self.js.client().connection_state();
@@ -126,8 +131,16 @@ impl Transport {
             Ok(Err(e)) if e.kind() == PublishErrorKind::MaxPayloadExceeded => {
                 Err(PublishFailure::TooLarge(e.to_string()))
             }
+            Ok(Err(e))
+                if matches!(
+                    e.kind(),
+                    PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe
+                ) =>
+            {
+                Err(PublishFailure::Unconfirmed(e.to_string()))
+            }
             Ok(Err(e)) => Err(unavailable(&e)),
-            Err(_) => Err(unavailable(&format!(
+            Err(_) => Err(PublishFailure::Unconfirmed(format!(
                 "no acknowledgement from JetStream within {PUBLISH_TIMEOUT:?}"
             ))),
         }

@@ -173,6 +173,17 @@ impl NatsServer {
         self.process.stop();
     }
 
+    /// SIGSTOP: the server hangs with its connections open; what clients send waits in its
+    /// sockets until [`resume`](Self::resume).
+    pub fn pause(&self) {
+        self.process.signal("-STOP");
+    }
+
+    /// SIGCONT after [`pause`](Self::pause).
+    pub fn resume(&self) {
+        self.process.signal("-CONT");
+    }
+
     /// Stops the server cleanly if it runs, then starts it again on the same port with the same
     /// store, and blocks until it greets clients.
     pub fn restart(&mut self) {

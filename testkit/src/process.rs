@@ -90,6 +90,17 @@ impl ServerProcess {
         }
     }
 
+    /// SIGSTOP (`pause`) or SIGCONT: a process that hangs, its sockets still open.
+    pub(crate) fn signal(&self, signal: &str) {
+        let pid = self.pid().expect("the process runs").to_string();
+        // std has no such signals and the workspace forbids `unsafe`: use kill(1).
+        let status = Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .expect("kill(1) runs");
+        assert!(status.success(), "kill {signal} {pid}: {status}");
+    }
+
     /// SIGTERM, then SIGKILL if the process has not exited within [`TIMEOUT`].
     pub(crate) fn stop(&mut self) {
         let Some(mut child) = self.child.take() else {
