@@ -13,12 +13,15 @@
 //! this message already:
 //! - the copy of an attempt of ours that failed for us but reached JetStream (its ack lost while
 //!   NATS was away): RAW holds the same raw id;
-//! - the same MQTT message received twice: RAW holds the same topic and payload, and this copy
-//!   is a redelivery (DUP flag) or came on an earlier connection (its redelivery on the next one
-//!   may be stored first).
+//! - the same MQTT message received twice: RAW holds the same topic and payload, and either this
+//!   copy is a redelivery (DUP flag) or came on an earlier connection (its redelivery on the
+//!   next one may be stored first), or RAW's copy was received after this one. The broker does
+//!   not reuse a packet id while it waits for its PUBACK, so a later copy under the same id is
+//!   this message sent again (past the broker's `ack_wait`), stored first because this copy
+//!   waited longer for its turn.
 //!
-//! Otherwise it is a different message that reused a packet id with the same content, and it is
-//! stored again under a unique id. Copies past the window reach RAW twice; the writer recognises
+//! Otherwise it is a different message that reused a packet id with the same content after
+//! this one's was acknowledged, and it is stored again under a unique id. Copies past the window reach RAW twice; the writer recognises
 //! those that carry `ts` by their content (`dataviz_core::identity`).
 //!
 //! Retained messages delivered on subscribe are old values the bridge saw live (its session
@@ -474,17 +477,17 @@ impl RawStore {
     /// already: the copy of an earlier attempt of ours (`attempted`; the same raw id), or the
     /// same MQTT message received twice (the same topic and payload) when one of the two is a
     /// redelivery: this one has the DUP flag, or it came on an earlier connection, whose
-    /// redelivery on the current one may have been stored first.
+    /// redelivery on the current one may have been stored first, or RAW's copy was received
+    /// after this one (the broker sent it again while this one waited; it cannot have given
+    /// the packet id to another message before our PUBACK).
     async fn stored_before(&self, received: &Received, attempted: bool, seq: u64) -> bool {
-        let redelivered =
-            received.publish.dup || received.connection != self.connection.load(Ordering::SeqCst);
-        if !attempted && !redelivered {
-            return false;
-        }
         let Some(held) = self.held(seq).await else {
             return false;
         };
         let raw = &received.raw;
+        let redelivered = received.publish.dup
+            || received.connection != self.connection.load(Ordering::SeqCst)
+            || held.received_at > raw.received_at;
         (attempted && held.id == raw.id)
             || (redelivered && held.topic == raw.topic && held.payload == raw.payload)
     }
