@@ -9,10 +9,12 @@
 //!    nats-server's MQTT listener from a device's account to the bridge's), JetStream publishing
 //!    alone (acks pipelined), PostgreSQL binary COPY alone into a table shaped like
 //!    `tag_reading`, all with the same messages and rows the pipeline gets; and beside COPY
-//!    alone, the writer's own transactions on those rows;
+//!    alone, the writer's own transactions on those rows; each broker's CPU per message alone;
 //! 2. sustained throughput, once per broker: `dataviz all` (a child process) fed as fast as the
 //!    broker takes messages, until every reading is committed; with nats-server (the default)
 //!    it is both broker and JetStream, with Mosquitto the plain nats-server holds the streams;
+//!    the cores each process used, and its CPU per message beside the budget the target leaves
+//!    (the machine's cores at the target's share of the broker alone);
 //! 3. latency at a fixed rate, on the default broker: MQTT publish → row committed and →
 //!    Mercure event, p50 and p99;
 //! 4. peak memory (VmHWM) of each process;
@@ -203,8 +205,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     dataviz_core::db::migrate(&mut client).await?;
 
     // 1. The limits, and the writer alone beside COPY alone.
-    let nats_mqtt_alone = broker_alone(&default, &args).await?;
-    let mosquitto_alone = broker_alone(&other, &args).await?;
+    let nats_alone = broker_alone(&default, &args).await?;
+    let mosquitto_cpu_alone = broker_alone(&other, &args).await?;
+    let (nats_mqtt_alone, mosquitto_alone) = (nats_alone.rate, mosquitto_cpu_alone.rate);
     let js_alone = jetstream_alone(&plain_nats, &args).await?;
     let (copy_alone, writer_alone) = copy_and_writer_alone(&db, &args).await?;
 
@@ -267,6 +270,21 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         format!("{mosquitto_alone:.0} msg/s"),
         "1.00".into(),
     );
+    for (broker, alone) in [
+        ("nats-server", &nats_alone),
+        ("Mosquitto", &mosquitto_cpu_alone),
+    ] {
+        line(
+            &format!("  CPU per message, {broker} alone: the broker"),
+            format!("{:.1} µs", alone.broker_us),
+            String::new(),
+        );
+        line(
+            &format!("  CPU per message, {broker} alone: the bench's clients"),
+            format!("{:.1} µs", alone.clients_us),
+            String::new(),
+        );
+    }
     line(
         "JetStream publish alone, acks pipelined",
         format!("{js_alone:.0} msg/s"),
@@ -312,7 +330,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         String::new(),
         format!("{:.2}", pipeline_msgs / mosquitto_msgs),
     );
-    for (broker, run) in [("nats-server", &nats_run), ("Mosquitto", &mosquitto_run)] {
+    for (broker, run, alone, target) in [
+        ("nats-server", &nats_run, nats_mqtt_alone, TARGET_OF_NATS),
+        (
+            "Mosquitto",
+            &mosquitto_run,
+            mosquitto_alone,
+            TARGET_OF_MOSQUITTO,
+        ),
+    ] {
         let total: f64 = run.cores.iter().map(|(_, c)| c).sum();
         for (process, used) in &run.cores {
             line(
@@ -324,6 +350,27 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         line(
             &format!("  cores used, pipeline on {broker}: all of these (of {cores})"),
             format!("{total:.2}"),
+            String::new(),
+        );
+        // Cores ÷ messages/s: what each process spends per message. The budget is what the
+        // machine's cores allow per message at the target's rate.
+        let per_message = |used: f64| used / run.messages.max(1e-9) * 1e6;
+        for (process, used) in &run.cores {
+            line(
+                &format!("  CPU per message, pipeline on {broker}: {process}"),
+                format!("{:.1} µs", per_message(*used)),
+                String::new(),
+            );
+        }
+        let budget = cores as f64 / (target * alone) * 1e6;
+        line(
+            &format!("  CPU per message, pipeline on {broker}: all (vs the target's budget)"),
+            format!("{:.1} µs", per_message(total)),
+            format!("{:.2}", per_message(total) / budget),
+        );
+        line(
+            &format!("  the budget: {cores} cores at {target:.2} of {broker} alone"),
+            format!("{budget:.1} µs"),
             String::new(),
         );
     }
@@ -625,8 +672,21 @@ async fn large_payloads(
 
 /// One QoS 1 publisher to one subscriber through `broker` (the device's user to the bridge's,
 /// when it has users), nothing else: what the broker carries alone.
-async fn broker_alone(broker: &Broker<'_>, args: &BenchArgs) -> anyhow::Result<f64> {
+/// A broker alone: messages/s, and the CPU per message of the broker and of the bench's two
+/// clients (publisher and subscriber), in µs.
+struct Alone {
+    rate: f64,
+    broker_us: f64,
+    clients_us: f64,
+}
+
+async fn broker_alone(broker: &Broker<'_>, args: &BenchArgs) -> anyhow::Result<Alone> {
     eprintln!("limits: {} alone…", broker.name);
+    let broker_pid = broker.mqtt_pid.or_else(|| broker.nats.pid());
+    let cpu = || {
+        let of = |pid: Option<u32>| pid.and_then(crate::bench_hub::cpu_seconds).unwrap_or(0.0);
+        (of(broker_pid), of(Some(std::process::id())))
+    };
     let mut options = MqttOptions::new("bench-subscriber", "127.0.0.1", broker.mqtt_port);
     options.set_max_packet_size(1 << 20, 1 << 20);
     if let Some((user, password)) = broker.bridge {
@@ -651,6 +711,7 @@ async fn broker_alone(broker: &Broker<'_>, args: &BenchArgs) -> anyhow::Result<f
     });
     let mut publisher = broker.publisher("bench-limits");
     let now = chrono::Utc::now();
+    let (broker_before, clients_before) = cpu();
     let start = Instant::now();
     for seq in 0..args.messages {
         publisher
@@ -664,8 +725,14 @@ async fn broker_alone(broker: &Broker<'_>, args: &BenchArgs) -> anyhow::Result<f
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let elapsed = start.elapsed();
+    let (broker_after, clients_after) = cpu();
     receiver.abort();
-    Ok(rate(args.messages, elapsed))
+    let per_message = |seconds: f64| seconds / args.messages as f64 * 1e6;
+    Ok(Alone {
+        rate: rate(args.messages, elapsed),
+        broker_us: per_message(broker_after - broker_before),
+        clients_us: per_message(clients_after - clients_before),
+    })
 }
 
 async fn jetstream_alone(nats: &NatsServer, args: &BenchArgs) -> anyhow::Result<f64> {
