@@ -21,8 +21,9 @@
 //!   waited longer for its turn.
 //!
 //! Otherwise it is a different message that reused a packet id with the same content after
-//! this one's was acknowledged, and it is stored again under a unique id. Copies past the window reach RAW twice; the writer recognises
-//! those that carry `ts` by their content (`dataviz_core::identity`).
+//! this one's was acknowledged, and it is stored again under a unique id. Copies past the
+//! window reach RAW twice; the writer recognises those that carry `ts` by their content
+//! (`dataviz_core::identity`).
 //!
 //! Retained messages delivered on subscribe are old values the bridge saw live (its session
 //! persists while it is away); they are acknowledged and skipped.
