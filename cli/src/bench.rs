@@ -205,9 +205,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     dataviz_core::db::migrate(&mut client).await?;
 
     // 1. The limits, and the writer alone beside COPY alone.
-    let nats_alone = broker_alone(&default, &args).await?;
-    let mosquitto_cpu_alone = broker_alone(&other, &args).await?;
-    let (nats_mqtt_alone, mosquitto_alone) = (nats_alone.rate, mosquitto_cpu_alone.rate);
+    let nats_limits = broker_alone(&default, &args).await?;
+    let mosquitto_limits = broker_alone(&other, &args).await?;
+    let (nats_mqtt_alone, mosquitto_alone) = (nats_limits.rate, mosquitto_limits.rate);
     let js_alone = jetstream_alone(&plain_nats, &args).await?;
     let (copy_alone, writer_alone) = copy_and_writer_alone(&db, &args).await?;
 
@@ -271,8 +271,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "1.00".into(),
     );
     for (broker, alone) in [
-        ("nats-server", &nats_alone),
-        ("Mosquitto", &mosquitto_cpu_alone),
+        ("nats-server", &nats_limits),
+        ("Mosquitto", &mosquitto_limits),
     ] {
         line(
             &format!("  CPU per message, {broker} alone: the broker"),
@@ -352,9 +352,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             format!("{total:.2}"),
             String::new(),
         );
-        // Cores ÷ messages/s: what each process spends per message. The budget is what the
-        // machine's cores allow per message at the target's rate.
-        let per_message = |used: f64| used / run.messages.max(1e-9) * 1e6;
+        // What each process spends per message. The budget is what the machine's cores allow
+        // per message at the target's rate.
+        let per_message = |used: f64| us_per_message(used, run.messages);
         for (process, used) in &run.cores {
             line(
                 &format!("  CPU per message, pipeline on {broker}: {process}"),
@@ -362,7 +362,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 String::new(),
             );
         }
-        let budget = cores as f64 / (target * alone) * 1e6;
+        let budget = us_per_message(cores as f64, target * alone);
         line(
             &format!("  CPU per message, pipeline on {broker}: all (vs the target's budget)"),
             format!("{:.1} µs", per_message(total)),
@@ -670,8 +670,6 @@ async fn large_payloads(
     })
 }
 
-/// One QoS 1 publisher to one subscriber through `broker` (the device's user to the bridge's,
-/// when it has users), nothing else: what the broker carries alone.
 /// A broker alone: messages/s, and the CPU per message of the broker and of the bench's two
 /// clients (publisher and subscriber), in µs.
 struct Alone {
@@ -680,6 +678,13 @@ struct Alone {
     clients_us: f64,
 }
 
+/// CPU per message in µs: CPU seconds over messages, or equally cores over messages/s.
+fn us_per_message(cpu: f64, messages: f64) -> f64 {
+    cpu / messages.max(1e-9) * 1e6
+}
+
+/// One QoS 1 publisher to one subscriber through `broker` (the device's user to the bridge's,
+/// when it has users), nothing else: what the broker carries alone.
 async fn broker_alone(broker: &Broker<'_>, args: &BenchArgs) -> anyhow::Result<Alone> {
     eprintln!("limits: {} alone…", broker.name);
     let broker_pid = broker.mqtt_pid.or_else(|| broker.nats.pid());
@@ -727,11 +732,11 @@ async fn broker_alone(broker: &Broker<'_>, args: &BenchArgs) -> anyhow::Result<A
     let elapsed = start.elapsed();
     let (broker_after, clients_after) = cpu();
     receiver.abort();
-    let per_message = |seconds: f64| seconds / args.messages as f64 * 1e6;
+    let messages = args.messages as f64;
     Ok(Alone {
         rate: rate(args.messages, elapsed),
-        broker_us: per_message(broker_after - broker_before),
-        clients_us: per_message(clients_after - clients_before),
+        broker_us: us_per_message(broker_after - broker_before, messages),
+        clients_us: us_per_message(clients_after - clients_before, messages),
     })
 }
 
