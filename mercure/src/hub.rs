@@ -861,9 +861,10 @@ async fn publish(
             tracing::warn!(error = %e, "update refused: the stream is unavailable");
             // The publisher is told whether the update may still come through, and under
             // which id to send it again (the hub gave one when it had none).
-            let body = match &e {
-                PublishRefused::Unconfirmed { .. } => e.to_string(),
-                _ => "Service Unavailable".to_owned(),
+            let body = if matches!(e, PublishRefused::Unconfirmed { .. }) {
+                e.to_string()
+            } else {
+                "Service Unavailable".to_owned()
             };
             let mut response = plain(StatusCode::SERVICE_UNAVAILABLE, body);
             response.headers_mut().insert(
