@@ -508,18 +508,64 @@ async fn an_update_nats_did_not_acknowledge_is_dispatched_once_when_sent_again_w
     };
     post_until_taken(&client, &hub.url, &last).await;
 
+    let received = ids_until_last(&mut stream).await;
+    assert_eq!(received, ["first".to_owned(), id, "last".to_owned()]);
+}
+
+/// NATS stops answering for less than the hub's publish timeout (5 s): the publish waits for
+/// the acknowledgement instead of giving up, and is answered 200 once NATS is back; the
+/// subscriber receives the update once, in its place between the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_nats_acknowledges_late_but_within_the_timeout_is_answered_200() {
+    const PAUSE: Duration = Duration::from_secs(3);
+    let nats = NatsServer::start();
+    let logs = tempfile::tempdir().unwrap();
+    let hub = HubProcess::start(&nats, &logs);
+    let client = client();
+    let mut stream = EventStream::connect(&hub.url, &books(None)).await.unwrap();
+    let update = |id: &str, data: &str| Update {
+        id: Some(id.into()),
+        ..Update::new(vec!["https://example.com/books/1".into()], data)
+    };
+    post_until_taken(&client, &hub.url, &update("first", "1")).await;
+
+    nats.pause();
+    let started = Instant::now();
+    let resume = async {
+        tokio::time::sleep(PAUSE).await;
+        nats.resume();
+    };
+    let (response, ()) = tokio::join!(post(&client, &hub.url, &update("late", "2")).send(), resume);
+    let response = response.unwrap();
+    let status = response.status().as_u16();
+    let body = response.text().await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, "late");
+    assert!(
+        started.elapsed() >= PAUSE,
+        "answered before NATS acknowledged: {:?}",
+        started.elapsed()
+    );
+    post_until_taken(&client, &hub.url, &update("last", "3")).await;
+
+    let received = ids_until_last(&mut stream).await;
+    assert_eq!(received, ["first", "late", "last"]);
+}
+
+/// The ids `stream` receives up to the update of id `last`, and for a moment after (a second
+/// copy would show then).
+async fn ids_until_last(stream: &mut EventStream) -> Vec<String> {
     let mut received = Vec::new();
     while let Some(event) = stream.next_within(Duration::from_secs(10)).await {
         received.extend(event.id);
         if received.last().map(String::as_str) == Some("last") {
-            // A moment more: a second copy would show now.
             while let Some(event) = stream.next_within(Duration::from_millis(500)).await {
                 received.extend(event.id);
             }
             break;
         }
     }
-    assert_eq!(received, ["first".to_owned(), id, "last".to_owned()]);
+    received
 }
 
 /// nginx, run in the foreground with `nginx/hubs.conf` in front of `hubs`, on a port of its own.
