@@ -141,9 +141,24 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
+/// The embedded hub's refusal as a hub over HTTP gives it: an invalid update is a 400.
+impl From<PublishRefused> for PublishError {
+    fn from(e: PublishRefused) -> PublishError {
+        match e {
+            PublishRefused::Invalid(e) => PublishError::Refused {
+                status: StatusCode::BAD_REQUEST,
+                body: e.to_string(),
+            },
+            e @ PublishRefused::Unconfirmed { .. } => PublishError::Unavailable(e.to_string()),
+            PublishRefused::Unavailable(e) => PublishError::Unavailable(e),
+        }
+    }
+}
+
 /// Where a publisher sends its updates: a hub over HTTP (any hub, at `MERCURE_URL`), or the hub
-/// embedded in this process (`dataviz all`), handed each update directly: no request, no token,
-/// no form encoding, which were most of the publisher's work.
+/// embedded in this process (`dataviz all`), handed the updates directly, a batch at a time
+/// ([`crate::Hub::publish_many`]): no request, no token, no form to parse, which were most of
+/// the publisher's work.
 #[derive(Debug, Clone)]
 pub enum UpdateSink {
     Http(MercurePublisher),
@@ -156,14 +171,7 @@ impl UpdateSink {
     pub async fn publish(&self, update: Update) -> Result<String, PublishError> {
         match self {
             UpdateSink::Http(publisher) => publisher.publish(&update).await,
-            UpdateSink::Embedded(hub) => hub.publish(update).await.map_err(|e| match e {
-                PublishRefused::Invalid(e) => PublishError::Refused {
-                    status: StatusCode::BAD_REQUEST,
-                    body: e.to_string(),
-                },
-                e @ PublishRefused::Unconfirmed { .. } => PublishError::Unavailable(e.to_string()),
-                PublishRefused::Unavailable(e) => PublishError::Unavailable(e),
-            }),
+            UpdateSink::Embedded(hub) => hub.publish(update).await.map_err(PublishError::from),
         }
     }
 

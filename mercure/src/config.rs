@@ -153,8 +153,9 @@ pub struct HubConfig {
     )]
     pub mercure_publish_origins: String,
     /// Updates kept for reconnecting subscribers (`Last-Event-ID`); 0: none. With the
-    /// `jetstream` transport they are the stream's limit, and every hub keeps a copy in memory
-    /// (read back at start); with `local`, the history starts empty at each start of the hub.
+    /// `jetstream` transport they are the stream's limit in messages (a pack of updates is one,
+    /// so the stream may keep more), and every hub keeps a copy of that many in memory (read
+    /// back at start); with `local`, the history starts empty at each start of the hub.
     #[arg(
         long,
         env = "MERCURE_HISTORY_SIZE",

@@ -24,7 +24,8 @@ pub const CHANNEL_CAPACITY: usize = 8192;
 /// server-sent event, encoded once for every subscriber.
 #[derive(Debug)]
 pub(crate) struct Entry {
-    pub(crate) sequence: u64,
+    /// Its place in the order of updates ([`crate::transport::position`]).
+    pub(crate) position: u64,
     /// When the stream stored it (`local`: when it was published), for the age limit.
     pub(crate) published: std::time::SystemTime,
     /// The update without its data, which is in `frame` only (kept once).
@@ -34,14 +35,14 @@ pub(crate) struct Entry {
 
 impl Entry {
     pub(crate) fn new(
-        sequence: u64,
+        position: u64,
         mut update: Update,
         published: std::time::SystemTime,
     ) -> Entry {
         let frame = update.to_frame();
         update.data = String::new();
         Entry {
-            sequence,
+            position,
             published,
             update,
             frame,
@@ -166,7 +167,7 @@ mod tests {
 
     fn received(receiver: &mut Receiver) -> Vec<u64> {
         std::iter::from_fn(|| receiver.try_recv().ok())
-            .map(|e| e.sequence)
+            .map(|e| e.position)
             .collect()
     }
 

@@ -148,14 +148,15 @@ struct Limits {
 }
 
 struct Log {
-    /// The updates kept, with their sequence (the stream's, or a counter of this process's).
+    /// The updates kept, with their position (from the stream's sequence, or a counter of this
+    /// process's).
     history: VecDeque<Arc<Entry>>,
     /// The bytes of `history` ([`Update::weight`]).
     bytes: usize,
-    /// The ids in `history` and their sequences: repeated updates are skipped, and a
+    /// The ids in `history` and their positions: repeated updates are skipped, and a
     /// `Last-Event-ID` is found without a scan.
     ids: HashMap<String, u64>,
-    /// The sequence of the last update applied; sequences only grow.
+    /// The sequence of the last message applied; sequences only grow.
     applied: u64,
     /// The subscribers, by the topics they name.
     dispatch: Dispatch,
@@ -229,18 +230,13 @@ impl HubInner {
         let closed = self.closed.clone();
         let transport = transport.clone();
         tokio::spawn(async move {
-            let apply = |sequence: u64, update: Option<Update>, published: SystemTime| {
+            let apply = |sequence: u64, updates: Vec<Update>, published: SystemTime| {
                 // Gone: nobody to deliver to any more.
                 let Some(hub) = hub.upgrade() else {
                     return false;
                 };
                 let mut log = hub.log();
-                match update {
-                    Some(update) => {
-                        log.apply(sequence, update, published, hub.limits());
-                    }
-                    None => log.applied = log.applied.max(sequence),
-                }
+                log.apply(sequence, updates, published, hub.limits());
                 let applied = log.applied;
                 drop(log);
                 hub.applied.send_replace(applied);
@@ -263,8 +259,8 @@ impl Log {
         let from = match asked {
             None => 0,
             Some(id) => {
-                let sequence = *self.ids.get(id)?;
-                self.history.partition_point(|e| e.sequence <= sequence)
+                let position = *self.ids.get(id)?;
+                self.history.partition_point(|e| e.position <= position)
             }
         };
         Some(self.history.range(from..).cloned().collect())
@@ -292,42 +288,47 @@ impl Log {
         }
     }
 
-    /// Keeps and dispatches the update of `sequence`, unless that sequence was applied already
-    /// (a consumer's redelivery) or its id is still in the history (a publisher's). Returns
-    /// whether it was dispatched.
+    /// Keeps and dispatches the updates of the message of `sequence` (one, or a pack's), unless
+    /// that sequence was applied already (a consumer's redelivery); an update whose id is still
+    /// in the history (a publisher's redelivery) is skipped. Returns how many were dispatched.
     fn apply(
         &mut self,
         sequence: u64,
-        update: Update,
+        updates: Vec<Update>,
         published: SystemTime,
         limits: Limits,
-    ) -> bool {
+    ) -> usize {
         if sequence <= self.applied {
-            return false;
+            return 0;
         }
         self.applied = sequence;
-        let id = update.id.as_deref().unwrap_or_default();
-        if self.ids.contains_key(id) {
-            tracing::debug!(id, "update already dispatched; not sent again");
-            return false;
-        }
-        let entry = Arc::new(Entry::new(sequence, update, published));
-        if limits.size > 0 {
-            let weight = entry.weight();
-            self.expire(limits);
-            // The oldest go until the new one fits, by count and by bytes.
-            while !self.history.is_empty()
-                && (self.history.len() >= limits.size || self.bytes + weight > limits.bytes)
-            {
-                self.pop_oldest();
+        let mut dispatched = 0;
+        for (index, update) in updates.into_iter().enumerate() {
+            let id = update.id.as_deref().unwrap_or_default();
+            if self.ids.contains_key(id) {
+                tracing::debug!(id, "update already dispatched; not sent again");
+                continue;
             }
-            let id = entry.update.id.clone().unwrap_or_default();
-            self.ids.insert(id, sequence);
-            self.bytes += weight;
-            self.history.push_back(entry.clone());
+            let position = transport::position(sequence, index);
+            let entry = Arc::new(Entry::new(position, update, published));
+            if limits.size > 0 {
+                let weight = entry.weight();
+                self.expire(limits);
+                // The oldest go until the new one fits, by count and by bytes.
+                while !self.history.is_empty()
+                    && (self.history.len() >= limits.size || self.bytes + weight > limits.bytes)
+                {
+                    self.pop_oldest();
+                }
+                let id = entry.update.id.clone().unwrap_or_default();
+                self.ids.insert(id, position);
+                self.bytes += weight;
+                self.history.push_back(entry.clone());
+            }
+            self.dispatch.send(&entry);
+            dispatched += 1;
         }
-        self.dispatch.send(&entry);
-        true
+        dispatched
     }
 }
 
@@ -451,51 +452,122 @@ impl Hub {
     /// once the stream has stored the update (a hub killed after that loses nothing) and this
     /// hub has dispatched it, [`PublishRefused::Unavailable`] when the stream did not take it,
     /// or [`PublishRefused::Unconfirmed`] when it may have.
-    pub async fn publish(&self, mut update: Update) -> Result<String, PublishRefused> {
-        update.validate()?;
-        let id = update
-            .id
-            .get_or_insert_with(|| format!("urn:uuid:{}", uuid::Uuid::now_v7()))
-            .clone();
+    pub async fn publish(&self, update: Update) -> Result<String, PublishRefused> {
+        let mut results = self.publish_many(vec![update]).await;
+        results.pop().expect("one result per update")
+    }
+
+    /// Publishes `updates` in their order, each as [`Hub::publish`] does, but in as few stream
+    /// messages as they fit (packs, see [`transport`]): what a publisher inside the process
+    /// uses for a batch. One result per update, in order. An invalid update is refused alone;
+    /// from the first message the stream did not take, that message's updates and every later
+    /// one are refused with its failure, so that none overtakes an earlier one.
+    pub async fn publish_many(&self, updates: Vec<Update>) -> Vec<Result<String, PublishRefused>> {
+        let mut results = Vec::with_capacity(updates.len());
+        // The valid updates, with the index of their result.
+        let mut valid = Vec::with_capacity(updates.len());
+        for mut update in updates {
+            if let Err(e) = update.validate() {
+                results.push(Err(e.into()));
+                continue;
+            }
+            let id = update
+                .id
+                .get_or_insert_with(|| format!("urn:uuid:{}", uuid::Uuid::now_v7()))
+                .clone();
+            valid.push((results.len(), update));
+            results.push(Ok(id));
+        }
+        if valid.is_empty() {
+            return results;
+        }
         let Some(transport) = &self.inner.transport else {
             let mut log = self.inner.log();
-            let sequence = log.applied + 1;
-            log.apply(sequence, update, SystemTime::now(), self.inner.limits());
+            let mut updates = valid.into_iter().map(|(_, u)| u).peekable();
+            // In packs as on the stream, so that positions keep their order.
+            while updates.peek().is_some() {
+                let pack = updates.by_ref().take(transport::PACK_UPDATES).collect();
+                let sequence = log.applied + 1;
+                log.apply(sequence, pack, SystemTime::now(), self.inner.limits());
+            }
+            let applied = log.applied;
             drop(log);
-            self.inner.applied.send_replace(sequence);
-            return Ok(id);
+            self.inner.applied.send_replace(applied);
+            return results;
         };
         // A redelivery of an update this hub holds: not even a round trip. One it no longer
         // holds, or one racing its first copy, is caught by the stream's duplicate window.
-        if self.inner.log().ids.contains_key(&id) {
-            tracing::debug!(id, "update already dispatched; not sent again");
-            return Ok(id);
+        {
+            let log = self.inner.log();
+            valid.retain(|(_, update)| {
+                let id = update.id.as_deref().unwrap_or_default();
+                let held = log.ids.contains_key(id);
+                if held {
+                    tracing::debug!(id, "update already dispatched; not sent again");
+                }
+                !held
+            });
         }
-        let sequence = transport.publish(&update).await.map_err(|e| match e {
-            PublishFailure::TooLarge(e) => UpdateError::TooLarge(e).into(),
-            PublishFailure::Unavailable(e) => PublishRefused::Unavailable(e),
-            PublishFailure::Unconfirmed(reason) => PublishRefused::Unconfirmed {
-                id: id.clone(),
-                reason,
-            },
-        })?;
-        // Stored: from here on the update is delivered whatever happens to this hub. Waiting
-        // for this hub's own copy makes it visible to a subscriber arriving after the answer.
-        let mut applied = self.inner.applied.subscribe();
-        let dispatched = tokio::time::timeout(
-            transport::DISPATCH_WAIT,
-            applied.wait_for(|a| *a >= sequence),
-        )
-        .await;
-        if dispatched.is_err() {
-            tracing::warn!(
-                id,
-                sequence,
-                "update stored but not read back yet from the stream; subscribers get it once \
-                 this hub catches up"
-            );
+        let forms: Vec<String> = valid.iter().map(|(_, u)| u.to_form()).collect();
+        let id = |i: usize| valid[i].1.id.as_deref().unwrap_or_default();
+        let budget = transport.pack_bytes();
+        let (mut start, mut last_sequence) = (0, None);
+        while start < valid.len() {
+            // The first update always goes: alone, one too large is refused for its size.
+            let mut end = start + 1;
+            let mut bytes = forms[start].len();
+            while end < valid.len()
+                && end - start < transport::PACK_UPDATES
+                && bytes + 1 + forms[end].len() <= budget
+            {
+                bytes += 1 + forms[end].len();
+                end += 1;
+            }
+            let stored = transport
+                .publish((id(start), id(end - 1)), &forms[start..end])
+                .await;
+            match stored {
+                Ok(sequence) => last_sequence = Some(sequence),
+                Err(failure) => {
+                    for (position, (index, _)) in valid.iter().enumerate().skip(start) {
+                        let id = id(position).to_owned();
+                        results[*index] = Err(match &failure {
+                            _ if position >= end => PublishRefused::Unavailable(format!(
+                                "not sent: an earlier update was not stored ({failure})"
+                            )),
+                            PublishFailure::TooLarge(e) => UpdateError::TooLarge(e.clone()).into(),
+                            PublishFailure::Unavailable(e) => {
+                                PublishRefused::Unavailable(e.clone())
+                            }
+                            PublishFailure::Unconfirmed(reason) => PublishRefused::Unconfirmed {
+                                id,
+                                reason: reason.clone(),
+                            },
+                        });
+                    }
+                    break;
+                }
+            }
+            start = end;
         }
-        Ok(id)
+        // Stored: from here on the updates are delivered whatever happens to this hub. Waiting
+        // for this hub's own copy makes them visible to a subscriber arriving after the answer.
+        if let Some(sequence) = last_sequence {
+            let mut applied = self.inner.applied.subscribe();
+            let dispatched = tokio::time::timeout(
+                transport::DISPATCH_WAIT,
+                applied.wait_for(|a| *a >= sequence),
+            )
+            .await;
+            if dispatched.is_err() {
+                tracing::warn!(
+                    sequence,
+                    "updates stored but not read back yet from the stream; subscribers get them \
+                     once this hub catches up"
+                );
+            }
+        }
+        results
     }
 
     /// Refuses the tokens whose `jti` is `jti` until `until` (their expiry), and ends the
@@ -1076,15 +1148,15 @@ fn subscription_events(
     slot: OwnedSemaphorePermit,
 ) -> impl Stream<Item = Bytes> {
     // An update on two topics of one subscription is handed to it twice; and it may be in the
-    // backlog too. Sequences only grow: one not past the last sent was sent.
-    let last = backlog.last().map_or(0, |e| e.sequence);
+    // backlog too. Positions only grow: one not past the last sent was sent.
+    let last = backlog.last().map_or(0, |e| e.position);
     let backlog = stream::iter(backlog).map(|e| e.frame.clone());
     let live = stream::unfold(
         (sub, registered, slot, last),
         |(mut sub, mut registered, slot, mut last)| async move {
             while let Some(entry) = registered.receiver.recv().await {
-                if entry.sequence > last && sub.can_receive(&entry.update) {
-                    last = entry.sequence;
+                if entry.position > last && sub.can_receive(&entry.update) {
+                    last = entry.position;
                     return Some((entry.frame.clone(), (sub, registered, slot, last)));
                 }
             }

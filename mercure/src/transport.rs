@@ -10,6 +10,12 @@
 //!   other, and by the same hub after a restart (it reads the stream back at start).
 //! - **Limits** are the history's: `MERCURE_HISTORY_SIZE` updates, `MERCURE_HISTORY_BYTES`
 //!   bytes, `MERCURE_HISTORY_MAX_AGE`; the oldest go first.
+//! - **Packs**: the publisher inside `dataviz all` hands over the updates of a whole batch at
+//!   once ([`crate::Hub::publish_many`]), and they travel as one stream message, a pack: their
+//!   forms one per line (a form has no raw newline), with the header [`PACK_HEADER`] giving
+//!   their count. Storing and delivering one message per update cost nats-server as much as
+//!   every other stream of the pipeline together. An update keeps its own id and place: its
+//!   position is the pack's sequence and its index in the pack ([`position`]).
 
 use crate::config::HubConfig;
 use crate::update::Update;
@@ -36,15 +42,32 @@ const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
 /// How long a publish may wait for JetStream's acknowledgement.
 pub(crate) const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The header of a pack: how many updates it holds.
+pub(crate) const PACK_HEADER: &str = "Dataviz-Updates";
+/// Updates in one pack, at most: an update's position keeps its index in 16 bits.
+pub(crate) const PACK_UPDATES: usize = 4096;
+/// Room kept in a pack for its headers, below the server's largest message.
+const PACK_HEADROOM: usize = 4096;
+
+/// Where an update stands in the order of the stream: the sequence of the message that
+/// carried it, then its index in that message (0 for a message of one update). Positions only
+/// grow, along the stream.
+pub(crate) fn position(sequence: u64, index: usize) -> u64 {
+    (sequence << 16) | index as u64
+}
+
 /// Why the stream did not take an update.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub(crate) enum PublishFailure {
     /// Larger than NATS takes: sending it again cannot help.
+    #[error("{0}")]
     TooLarge(String),
     /// NATS or JetStream unavailable: not stored; later may work.
+    #[error("{0}")]
     Unavailable(String),
     /// Sent, but no acknowledgement came back (timed out, connection lost): the stream may
     /// still store it, even after NATS comes back, since the client sends what it had queued.
+    #[error("{0}")]
     Unconfirmed(String),
 }
 
@@ -107,22 +130,57 @@ impl Transport {
         })
     }
 
-    /// Stores `update` (which has its id); returns its stream sequence, that of the first
-    /// copy when the stream already held one. Fails at once while NATS is disconnected, and
-    /// after [`PUBLISH_TIMEOUT`] at most otherwise: a publisher is answered, not held. A
-    /// publish sent and not acknowledged is [`PublishFailure::Unconfirmed`]: sent again with
-    /// the same id, it is stored once either way.
-    pub(crate) async fn publish(&self, update: &Update) -> Result<u64, PublishFailure> {
+    /// Bytes of updates one pack may carry ([`Transport::publish`]).
+    pub(crate) fn pack_bytes(&self) -> usize {
+        self.js
+            .client()
+            .server_info()
+            .max_payload
+            .saturating_sub(PACK_HEADROOM)
+    }
+
+    /// Stores updates as one message: `forms` (a single update's form, or a pack's, each
+    /// within [`Transport::pack_bytes`] together and at most [`PACK_UPDATES`]), `ids` the
+    /// first update's id and the last's. Returns the message's stream sequence, that of the
+    /// first copy when the stream already held one: the deduplication id is the update's id,
+    /// and names a pack by its count and its first and last update. Fails at once while NATS is
+    /// disconnected, and after [`PUBLISH_TIMEOUT`] at most otherwise: a publisher is answered,
+    /// not held. A message sent and not acknowledged is [`PublishFailure::Unconfirmed`]: sent
+    /// again alike, it is stored once either way.
+    pub(crate) async fn publish(
+        &self,
+        (first, last): (&str, &str),
+        forms: &[String],
+    ) -> Result<u64, PublishFailure> {
+        let mut headers = async_nats::HeaderMap::new();
+        let payload = match forms {
+            [form] => {
+                headers.insert("Nats-Msg-Id", first);
+                form.clone()
+            }
+            _ => {
+                let id = format!("pack/{}/{first}/{last}", forms.len());
+                headers.insert("Nats-Msg-Id", id.as_str());
+                headers.insert(PACK_HEADER, forms.len().to_string().as_str());
+                forms.join("\n")
+            }
+        };
+        self.store(headers, payload.into()).await
+    }
+
+    async fn store(
+        &self,
+        headers: async_nats::HeaderMap,
+        payload: bytes::Bytes,
+    ) -> Result<u64, PublishFailure> {
         let unavailable = |e: &dyn std::fmt::Display| PublishFailure::Unavailable(e.to_string());
         let state = self.js.client().connection_state();
         if state != async_nats::connection::State::Connected {
             return Err(PublishFailure::Unavailable(format!("NATS is {state}")));
         }
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Msg-Id", update.id.as_deref().unwrap_or_default());
         let stored = async {
             self.js
-                .publish_with_headers(self.subject.clone(), headers, update.to_form().into())
+                .publish_with_headers(self.subject.clone(), headers, payload)
                 .await?
                 .await
         };
@@ -146,14 +204,15 @@ impl Transport {
         }
     }
 
-    /// Hands every update of the stream to `apply` with its sequence and the time the stream
-    /// stored it, in order, from the sequence `from` gives (asked again after each failure),
-    /// until `from` or `apply` says the hub is gone. A message that is not an update is handed
-    /// as `None`, so that its sequence counts.
+    /// Hands the updates of every message of the stream (one, or a pack's) to `apply` with
+    /// the message's sequence and the time the stream stored it, in order, from the sequence
+    /// `from` gives (asked again after each failure), until `from` or `apply` says the hub is
+    /// gone. A message without an update that can be read is handed with none, so that its
+    /// sequence counts.
     pub(crate) async fn follow(
         &self,
         from: impl Fn() -> Option<u64>,
-        apply: impl Fn(u64, Option<Update>, SystemTime) -> bool,
+        apply: impl Fn(u64, Vec<Update>, SystemTime) -> bool,
     ) {
         const FIRST_DELAY: Duration = Duration::from_millis(100);
         let mut delay = FIRST_DELAY;
@@ -184,7 +243,7 @@ impl Transport {
     async fn read(
         &self,
         start: u64,
-        apply: &impl Fn(u64, Option<Update>, SystemTime) -> bool,
+        apply: &impl Fn(u64, Vec<Update>, SystemTime) -> bool,
     ) -> Result<(), async_nats::Error> {
         // An ephemeral consumer dies with the server it lives on; the ordered consumer would
         // notice by its missing heartbeats, seconds later. A reconnection of the client (a
@@ -225,18 +284,29 @@ impl Transport {
             let message = message?;
             let info = message.info()?;
             let (sequence, published) = (info.stream_sequence, info.published.into());
-            let update = match Update::from_form(&message.payload) {
-                Ok(update) if update.id.is_some() => Some(update),
-                Ok(_) => {
-                    tracing::warn!(sequence, "an update without an id in the stream; skipped");
-                    None
-                }
-                Err(e) => {
-                    tracing::warn!(sequence, error = %e, "not an update in the stream; skipped");
-                    None
-                }
+            let packed = message
+                .headers
+                .as_ref()
+                .is_some_and(|h| h.get(PACK_HEADER).is_some());
+            let forms: Vec<&[u8]> = match packed {
+                true => message.payload.split(|b| *b == b'\n').collect(),
+                false => vec![&message.payload],
             };
-            if !apply(sequence, update, published) {
+            let updates = forms
+                .into_iter()
+                .filter_map(|form| match Update::from_form(form) {
+                    Ok(update) if update.id.is_some() => Some(update),
+                    Ok(_) => {
+                        tracing::warn!(sequence, "an update without an id in the stream; skipped");
+                        None
+                    }
+                    Err(e) => {
+                        tracing::warn!(sequence, error = %e, "not an update in the stream; skipped");
+                        None
+                    }
+                })
+                .collect();
+            if !apply(sequence, updates, published) {
                 return Ok(());
             }
         }

@@ -41,7 +41,9 @@
 //!
 //! # Ordering and coalescing
 //! Updates of one device are posted in stream order, one at a time; devices are posted
-//! concurrently (at most `PUBLISHER_CONCURRENCY` requests in flight). When the backlog of the
+//! concurrently (at most `PUBLISHER_CONCURRENCY` requests in flight). The hub embedded in
+//! `dataviz all` takes a fetch's updates at once instead, in that order, in as few messages of
+//! its stream as they fit ([`dataviz_mercure::Hub::publish_many`]). When the backlog of the
 //! consumer reaches `PUBLISHER_COALESCE_BACKLOG` updates (a burst, or catching up after the
 //! hub was down), a fetched batch is **coalesced**: only the latest update of each device
 //! (by reading time, then stream order) is posted, and the older ones are acknowledged with it.
@@ -299,14 +301,86 @@ impl Stage for Publisher {
         let coalesce =
             config.publisher_coalesce_backlog > 0 && backlog >= config.publisher_coalesce_backlog;
         let plan = plan(&units, coalesce);
-        // Set at the first failure: the rest of the fetch is handed back without trying.
+        let base = config.mercure_topic_base.as_str();
+        let (failed, unsettled) = match &self.sink {
+            UpdateSink::Embedded(hub) => {
+                self.publish_together(hub, base, &units, plan, messages.len())
+                    .await
+            }
+            UpdateSink::Http(_) => self.publish_each(base, &units, plan, messages.len()).await,
+        };
+        unsettled
+            .into_iter()
+            .map(|unsettled| match (&failed, unsettled) {
+                (Some(failure), true) => Settle::Retry(failure.clone()),
+                _ => Settle::Done,
+            })
+            .collect()
+    }
+}
+
+/// A plan of updates ([`plan`]): per device, the position of each unit to publish and of the
+/// older ones it stands for.
+type Plan = Vec<Vec<(usize, Vec<usize>)>>;
+
+/// What became of a fetch's updates: the first failure, and per message whether one of its
+/// updates was not accepted.
+type Outcome = (Option<Transient>, Vec<bool>);
+
+impl Publisher {
+    /// The embedded hub takes a fetch's updates at once, in as few stream messages as they fit
+    /// ([`dataviz_mercure::Hub::publish_many`]): each device's in order, as planned.
+    async fn publish_together(
+        &self,
+        hub: &dataviz_mercure::Hub,
+        base: &str,
+        units: &[(usize, MessageReadings)],
+        plan: Plan,
+        messages: usize,
+    ) -> Outcome {
+        let planned: Vec<(usize, Vec<usize>)> = plan.into_iter().flatten().collect();
+        let updates = planned
+            .iter()
+            .map(|(position, _)| to_update(base, &units[*position].1))
+            .collect();
+        let results = hub.publish_many(updates).await;
+        let mut failed = None;
+        let mut unsettled = vec![false; messages];
+        let (mut published, mut coalesced) = (0, 0);
+        for ((position, older), result) in planned.iter().zip(results) {
+            match result {
+                Ok(_) => {
+                    published += 1;
+                    coalesced += older.len() as u64;
+                }
+                Err(e) => {
+                    failed.get_or_insert_with(|| transient(&e.into(), &self.sink));
+                    for p in std::iter::once(position).chain(older) {
+                        unsettled[units[*p].0] = true;
+                    }
+                }
+            }
+        }
+        metrics::counter!(metric::PUBLISHER_UPDATES).increment(published);
+        metrics::counter!(metric::PUBLISHER_COALESCED).increment(coalesced);
+        (failed, unsettled)
+    }
+
+    /// A hub over HTTP takes one request per update: each device's in order, one at a time,
+    /// devices concurrently (`PUBLISHER_CONCURRENCY`). After the first failure the rest of the
+    /// fetch is handed back without trying.
+    async fn publish_each(
+        &self,
+        base: &str,
+        units: &[(usize, MessageReadings)],
+        plan: Plan,
+        messages: usize,
+    ) -> Outcome {
         let failed: Mutex<Option<Transient>> = Mutex::new(None);
         let failed_yet = || failed.lock().unwrap_or_else(|e| e.into_inner()).is_some();
-        // Per message: one of its updates was not accepted.
-        let unsettled: Vec<AtomicBool> = messages.iter().map(|_| AtomicBool::new(false)).collect();
-        let base = config.mercure_topic_base.as_str();
+        let unsettled: Vec<AtomicBool> = (0..messages).map(|_| AtomicBool::new(false)).collect();
         let devices = futures::stream::iter(plan.into_iter().map(|device| {
-            let (units, failed, unsettled) = (&units, &failed, &unsettled);
+            let (failed, unsettled) = (&failed, &unsettled);
             async move {
                 for (position, coalesced) in device {
                     let (index, unit) = &units[position];
@@ -330,17 +404,14 @@ impl Stage for Publisher {
                 }
             }
         }))
-        .buffer_unordered(config.publisher_concurrency.max(1))
+        .buffer_unordered(self.config.publisher_concurrency.max(1))
         .collect::<Vec<()>>();
         devices.await;
         let failed = failed.into_inner().unwrap_or_else(|e| e.into_inner());
-        unsettled
-            .into_iter()
-            .map(|unsettled| match (&failed, unsettled.into_inner()) {
-                (Some(failure), true) => Settle::Retry(failure.clone()),
-                _ => Settle::Done,
-            })
-            .collect()
+        (
+            failed,
+            unsettled.into_iter().map(AtomicBool::into_inner).collect(),
+        )
     }
 }
 

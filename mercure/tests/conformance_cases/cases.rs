@@ -12,7 +12,7 @@ use axum::http::{Request, StatusCode, header};
 use dataviz_mercure::jwt::{self, Claims, JwtKey};
 use dataviz_mercure::subscriber::{EventStream, SseEvent, SubscribeRequest};
 use dataviz_mercure::{
-    HUB_PATH, Hub, HubConfig, MercurePublisher, PublishError, Transport, Update,
+    HUB_PATH, Hub, HubConfig, MercurePublisher, PublishError, PublishRefused, Transport, Update,
 };
 use dataviz_testkit::NatsServer;
 use std::time::Duration;
@@ -1178,4 +1178,150 @@ async fn an_external_client_curl_receives_events() {
         "{text:?}"
     );
     let _ = curl.kill().await;
+}
+
+/// A subscription to `topics` from the update after `last_event_id`.
+async fn subscribe_after(url: &str, topics: &[&str], last_event_id: &str) -> EventStream {
+    EventStream::connect(
+        url,
+        &SubscribeRequest {
+            topics: topics.iter().map(|s| s.to_string()).collect(),
+            token: None,
+            last_event_id: Some(last_event_id.into()),
+        },
+    )
+    .await
+    .unwrap()
+}
+
+/// A batch published at once (what the publisher of `dataviz all` does; on `jetstream` it
+/// travels as a few stream messages, three here since it is larger than two NATS messages)
+/// reaches subscribers as if each update had been published alone: every one in
+/// order with its id, the invalid one refused alone, a `Last-Event-ID` inside the batch
+/// replaying what follows it, the same batch again dispatching nothing, and a hub started
+/// after it (`jetstream`) reading it back whole.
+#[tokio::test]
+async fn updates_published_together_keep_their_order_ids_and_history() {
+    const UPDATES: usize = 300;
+    let served = serve(config()).await;
+    let url = &served.url;
+    let mut live = subscribe(url, &["t/{n}"], None).await;
+    // Together two and a half of the largest message NATS takes.
+    let largest = match &served.hub._nats {
+        Some(nats) => {
+            (async_nats::connect(nats.url()).await.unwrap())
+                .server_info()
+                .max_payload
+        }
+        None => 1024 * 1024,
+    };
+    let data = "x".repeat(largest * 5 / 2 / UPDATES);
+    let batch = || {
+        let mut updates: Vec<Update> = (0..UPDATES)
+            .map(|n| update(&[&format!("t/{}", n % 7)], &format!("u-{n}"), &data))
+            .collect();
+        updates.insert(100, Update::new(Vec::new(), "no topic"));
+        updates
+    };
+    let expected: Vec<String> = (0..UPDATES).map(|n| format!("u-{n}")).collect();
+
+    let results = served.hub.publish_many(batch()).await;
+    assert_eq!(results.len(), UPDATES + 1);
+    assert!(
+        matches!(results[100], Err(PublishRefused::Invalid(_))),
+        "{:?}",
+        results[100]
+    );
+    let accepted: Vec<String> = (results.into_iter()).filter_map(Result::ok).collect();
+    assert_eq!(accepted, expected);
+    assert_eq!(ids(&collect(&mut live, UPDATES).await), expected);
+
+    let mut replay = subscribe_after(url, &["t/{n}"], "u-149").await;
+    assert_eq!(
+        ids(&collect(&mut replay, UPDATES - 150).await),
+        expected[150..]
+    );
+
+    let again = served.hub.publish_many(batch()).await;
+    assert_eq!(again.iter().filter(|r| r.is_ok()).count(), UPDATES);
+    assert!(
+        live.next_within(NOTHING).await.is_none(),
+        "a batch published again is not dispatched again"
+    );
+    assert_eq!(served.hub.history_len(), UPDATES);
+
+    if let Some(nats) = &served.hub._nats {
+        let mut config = config();
+        config.mercure_transport = Transport::Jetstream;
+        let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+        let mut stream = js.get_stream(&config.mercure_stream).await.unwrap();
+        let messages = stream.info().await.unwrap().state.messages;
+        assert!(
+            (3..=4).contains(&messages),
+            "{UPDATES} updates in {messages} stream messages"
+        );
+        let restarted = Hub::with_jetstream(&config, js).await.unwrap();
+        assert_eq!(restarted.history_len(), UPDATES);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let restarted_url = format!("http://{}{HUB_PATH}", listener.local_addr().unwrap());
+        let stop = CancellationToken::new();
+        tokio::spawn(dataviz_mercure::serve(listener, restarted, stop.clone()));
+        let mut replay = subscribe_after(&restarted_url, &["t/{n}"], "u-149").await;
+        assert_eq!(
+            ids(&collect(&mut replay, UPDATES - 150).await),
+            expected[150..]
+        );
+        stop.cancel();
+    }
+}
+
+/// NATS stops answering in the middle of a batch (`jetstream` only): the first message of it,
+/// sent and not acknowledged, is refused as unconfirmed and the rest as not sent; NATS comes
+/// back and stores what it had; the whole batch sent again reaches the subscriber once, in
+/// order, whichever of its updates were stored the first time.
+#[tokio::test]
+async fn a_batch_nats_did_not_acknowledge_is_dispatched_once_when_sent_again() {
+    const UPDATES: usize = 300;
+    let served = serve(config()).await;
+    let Some(nats) = &served.hub._nats else {
+        return;
+    };
+    let largest = (async_nats::connect(nats.url()).await.unwrap())
+        .server_info()
+        .max_payload;
+    let data = "x".repeat(largest * 5 / 2 / UPDATES);
+    let batch = || -> Vec<Update> {
+        (0..UPDATES)
+            .map(|n| update(&["t"], &format!("u-{n}"), &data))
+            .collect()
+    };
+    let expected: Vec<String> = (0..UPDATES).map(|n| format!("u-{n}")).collect();
+    let mut live = subscribe(&served.url, &["t"], None).await;
+
+    nats.pause();
+    let results = served.hub.publish_many(batch()).await;
+    nats.resume();
+    assert!(
+        matches!(&results[0], Err(PublishRefused::Unconfirmed { id, .. }) if id == "u-0"),
+        "{:?}",
+        results[0]
+    );
+    assert!(
+        matches!(&results[UPDATES - 1], Err(PublishRefused::Unavailable(e)) if e.contains("not sent")),
+        "{:?}",
+        results[UPDATES - 1]
+    );
+
+    let mut again = served.hub.publish_many(batch()).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while again.iter().any(Result::is_err) {
+        assert!(std::time::Instant::now() < deadline, "{:?}", again[0]);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        again = served.hub.publish_many(batch()).await;
+    }
+    assert_eq!(ids(&collect(&mut live, UPDATES).await), expected);
+    assert!(
+        live.next_within(NOTHING).await.is_none(),
+        "an update dispatched twice"
+    );
 }
