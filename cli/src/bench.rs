@@ -9,12 +9,14 @@
 //!    nats-server's MQTT listener from a device's account to the bridge's), JetStream publishing
 //!    alone (acks pipelined), PostgreSQL binary COPY alone into a table shaped like
 //!    `tag_reading`, all with the same messages and rows the pipeline gets; and beside COPY
-//!    alone, the writer's own transactions on those rows; each broker's CPU per message alone;
+//!    alone, the writer's own transactions on those rows; each broker's CPU per message alone,
+//!    and COPY's backend's;
 //! 2. sustained throughput, once per broker: `dataviz all` (a child process) fed as fast as the
 //!    broker takes messages, until every reading is committed; with nats-server (the default)
 //!    it is both broker and JetStream, with Mosquitto the plain nats-server holds the streams;
 //!    the cores each process used, and its CPU per message beside the budget the target leaves
-//!    (the machine's cores at the target's share of the broker alone);
+//!    (the machine's cores at the target's share of the broker alone), and the floor no
+//!    pipeline goes under (the broker alone, its clients and COPY alone, per message);
 //! 3. latency at a fixed rate, on the default broker: MQTT publish → row committed and →
 //!    Mercure event, p50 and p99;
 //! 4. peak memory (VmHWM) of each process;
@@ -209,7 +211,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mosquitto_limits = broker_alone(&other, &args).await?;
     let (nats_mqtt_alone, mosquitto_alone) = (nats_limits.rate, mosquitto_limits.rate);
     let js_alone = jetstream_alone(&plain_nats, &args).await?;
-    let (copy_alone, writer_alone) = copy_and_writer_alone(&db, &args).await?;
+    let (
+        Copied {
+            rate: copy_alone,
+            us: copy_us,
+        },
+        writer_alone,
+    ) = copy_and_writer_alone(&db, &args).await?;
 
     // 2. The pipeline, flat out, on each broker: Mosquitto first, then the default, which
     // stays up for the latency and memory runs.
@@ -296,6 +304,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "1.00".into(),
     );
     line(
+        &format!(
+            "  CPU per message, COPY alone: its backend ({} rows)",
+            args.tags
+        ),
+        format!("{copy_us:.1} µs"),
+        String::new(),
+    );
+    line(
         "writer alone: its transactions on the same rows (vs COPY alone)",
         format!("{writer_alone:.0} rows/s"),
         format!("{:.2}", writer_alone / copy_alone),
@@ -330,15 +346,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         String::new(),
         format!("{:.2}", pipeline_msgs / mosquitto_msgs),
     );
-    for (broker, run, alone, target) in [
-        ("nats-server", &nats_run, nats_mqtt_alone, TARGET_OF_NATS),
+    for (broker, run, limits, target) in [
+        ("nats-server", &nats_run, &nats_limits, TARGET_OF_NATS),
         (
             "Mosquitto",
             &mosquitto_run,
-            mosquitto_alone,
+            &mosquitto_limits,
             TARGET_OF_MOSQUITTO,
         ),
     ] {
+        let alone = limits.rate;
         let total: f64 = run.cores.iter().map(|(_, c)| c).sum();
         for (process, used) in &run.cores {
             line(
@@ -372,6 +389,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             &format!("  the budget: {cores} cores at {target:.2} of {broker} alone"),
             format!("{budget:.1} µs"),
             String::new(),
+        );
+        // What no pipeline on this broker and this schema can spend less than: the broker
+        // taking each message and delivering it once, the clients publishing and receiving
+        // it, PostgreSQL writing its rows. What the budget leaves beyond it is all Dataviz and
+        // JetStream may spend.
+        let floor = limits.broker_us + limits.clients_us + copy_us;
+        line(
+            &format!("  the floor: {broker} alone, its clients, COPY alone (vs the budget)"),
+            format!("{floor:.1} µs"),
+            format!("{:.2}", floor / budget),
         );
     }
     line(
@@ -778,9 +805,15 @@ async fn jetstream_alone(nats: &NatsServer, args: &BenchArgs) -> anyhow::Result<
 /// of noise then weighs on one round, not on one side.
 const LIMIT_ROUNDS: usize = 3;
 
+/// What binary COPY alone did: rows per second, and its backend's CPU per message (`tags` rows).
+struct Copied {
+    rate: f64,
+    us: f64,
+}
+
 /// PostgreSQL binary COPY alone and the writer alone on the same rows, in alternating rounds
-/// into emptied tables; the median rate of each, rows per second.
-async fn copy_and_writer_alone(db: &TestDb, args: &BenchArgs) -> anyhow::Result<(f64, f64)> {
+/// into emptied tables; the median of each (COPY's rate and CPU apart), rows per second.
+async fn copy_and_writer_alone(db: &TestDb, args: &BenchArgs) -> anyhow::Result<(Copied, f64)> {
     let mut client = db.connect().await;
     client
         .batch_execute(
@@ -790,18 +823,24 @@ async fn copy_and_writer_alone(db: &TestDb, args: &BenchArgs) -> anyhow::Result<
         .await?;
     let pool = dataviz_core::db::pool(db.url(), 2)?;
     let units = writer_batches(args);
-    let (mut copies, mut writes) = (Vec::new(), Vec::new());
+    let (mut copies, mut copy_cpu, mut writes) = (Vec::new(), Vec::new(), Vec::new());
     for round in 1..=LIMIT_ROUNDS {
         eprintln!(
             "limits: PostgreSQL binary COPY alone, then the writer alone (round {round} of {LIMIT_ROUNDS})…"
         );
-        copies.push(copy_alone(&mut client, args).await?);
+        let copied = copy_alone(&mut client, args).await?;
+        copies.push(copied.rate);
+        copy_cpu.push(copied.us);
         writes.push(writer_alone(&pool, &units, args).await?);
         client
             .batch_execute("TRUNCATE bench_copy, tag_reading, ingested_message")
             .await?;
     }
-    Ok((median(copies), median(writes)))
+    let copied = Copied {
+        rate: median(copies),
+        us: median(copy_cpu),
+    };
+    Ok((copied, median(writes)))
 }
 
 fn median(mut rates: Vec<f64>) -> f64 {
@@ -811,9 +850,23 @@ fn median(mut rates: Vec<f64>) -> f64 {
 
 /// Binary COPY of `messages × tags` rows into `bench_copy`, 2,000 messages per transaction as
 /// the writer takes them.
-async fn copy_alone(client: &mut tokio_postgres::Client, args: &BenchArgs) -> anyhow::Result<f64> {
+async fn copy_alone(
+    client: &mut tokio_postgres::Client,
+    args: &BenchArgs,
+) -> anyhow::Result<Copied> {
     let rows = args.messages * args.tags;
     let now = chrono::Utc::now();
+    let backend: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await?
+        .get(0);
+    let backend_cpu = || {
+        u32::try_from(backend)
+            .ok()
+            .and_then(crate::bench_hub::cpu_seconds)
+            .unwrap_or(0.0)
+    };
+    let cpu_before = backend_cpu();
     let start = Instant::now();
     // The writer's batches: 2,000 messages per transaction.
     let per_tx = 2_000 * args.tags;
@@ -848,7 +901,11 @@ async fn copy_alone(client: &mut tokio_postgres::Client, args: &BenchArgs) -> an
         written += writer.as_mut().finish().await?;
         tx.commit().await?;
     }
-    Ok(rate(rows, start.elapsed()))
+    let elapsed = start.elapsed();
+    Ok(Copied {
+        rate: rate(rows, elapsed),
+        us: us_per_message(backend_cpu() - cpu_before, args.messages as f64),
+    })
 }
 
 /// The messages [`copy_alone`] writes as rows, as units for the writer.
