@@ -157,8 +157,8 @@ impl From<PublishRefused> for PublishError {
 
 /// Where a publisher sends its updates: a hub over HTTP (any hub, at `MERCURE_URL`), or the hub
 /// embedded in this process (`dataviz all`), handed the updates directly, a batch at a time
-/// ([`crate::Hub::publish_many`]): no request, no token, no form to parse, which were most of
-/// the publisher's work.
+/// ([`crate::Hub::publish_many`]): no request and no token per update, which were most of the
+/// publisher's work.
 #[derive(Debug, Clone)]
 pub enum UpdateSink {
     Http(MercurePublisher),
