@@ -174,9 +174,10 @@ impl NatsServer {
     }
 
     /// SIGSTOP: the server hangs with its connections open; what clients send waits in its
-    /// sockets until [`resume`](Self::resume).
+    /// sockets until [`resume`](Self::resume). Returns once every thread has stopped.
     pub fn pause(&self) {
         self.process.signal("-STOP");
+        self.process.wait_stopped();
     }
 
     /// SIGCONT after [`pause`](Self::pause).

@@ -101,6 +101,33 @@ impl ServerProcess {
         assert!(status.success(), "kill {signal} {pid}: {status}");
     }
 
+    /// Blocks until every thread of the process is stopped (after SIGSTOP). The signal takes
+    /// effect lazily: a thread running on another CPU stops when that CPU is interrupted,
+    /// which on a virtual machine under load can take milliseconds, long enough for the
+    /// process to answer a request sent after `kill` returned.
+    pub(crate) fn wait_stopped(&self) {
+        let pid = self.pid().expect("the process runs");
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        let stopped = || {
+            let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+            let mut all = true;
+            for task in tasks {
+                let stat = std::fs::read_to_string(task.ok()?.path().join("stat")).ok()?;
+                // The state is the field after the command name, which is in parentheses.
+                let state = stat.rsplit(')').next()?.split_whitespace().next()?;
+                all &= state == "T" || state == "t";
+            }
+            Some(all)
+        };
+        while stopped() != Some(true) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "process {pid} not stopped after {TIMEOUT:?}"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// SIGTERM, then SIGKILL if the process has not exited within [`TIMEOUT`].
     pub(crate) fn stop(&mut self) {
         let Some(mut child) = self.child.take() else {
