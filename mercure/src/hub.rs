@@ -459,9 +459,10 @@ impl Hub {
 
     /// Publishes `updates` in their order, each as [`Hub::publish`] does, but in as few stream
     /// messages as they fit (packs, see [`transport`]): what a publisher inside the process
-    /// uses for a batch. One result per update, in order. An invalid update is refused alone;
-    /// from the first message the stream did not take, that message's updates and every later
-    /// one are refused with its failure, so that none overtakes an earlier one.
+    /// uses for a batch. One result per update, in order. An invalid update, or one larger
+    /// than NATS takes, is refused alone; from the first message the stream did not take
+    /// otherwise, that message's updates and every later one are refused with its failure, so
+    /// that none overtakes an earlier one.
     pub async fn publish_many(&self, updates: Vec<Update>) -> Vec<Result<String, PublishRefused>> {
         let mut results = Vec::with_capacity(updates.len());
         // The valid updates, with the index of their result.
@@ -528,6 +529,11 @@ impl Hub {
                 .await;
             match stored {
                 Ok(sequence) => last_sequence = Some(sequence),
+                // Larger than NATS takes, alone in its message: refused for its size, as an
+                // invalid update is; the others go on.
+                Err(PublishFailure::TooLarge(e)) if end - start == 1 => {
+                    results[valid[start].0] = Err(UpdateError::TooLarge(e).into());
+                }
                 Err(failure) => {
                     for (position, (index, _)) in valid.iter().enumerate().skip(start) {
                         let id = id(position).to_owned();

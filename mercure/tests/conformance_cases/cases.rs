@@ -1325,3 +1325,37 @@ async fn a_batch_nats_did_not_acknowledge_is_dispatched_once_when_sent_again() {
         "an update dispatched twice"
     );
 }
+
+/// Sizes at NATS's limit in the middle of a batch (`jetstream` only): an update just under the
+/// largest message goes alone and reaches the subscriber; one just over it is refused for its
+/// size, alone; the updates around both go through, in order.
+#[tokio::test]
+async fn a_batch_with_an_update_past_the_payload_limit_refuses_it_alone() {
+    let served = serve(config()).await;
+    let Some(nats) = &served.hub._nats else {
+        return;
+    };
+    let largest = (async_nats::connect(nats.url()).await.unwrap())
+        .server_info()
+        .max_payload;
+    let mut live = subscribe(&served.url, &["t"], None).await;
+    let batch = vec![
+        update(&["t"], "before", "x"),
+        update(&["t"], "over", &"x".repeat(largest + 1)),
+        update(&["t"], "under", &"x".repeat(largest - 1024)),
+        update(&["t"], "after", "x"),
+    ];
+    let results = served.hub.publish_many(batch).await;
+    assert!(
+        matches!(&results[1], Err(PublishRefused::Invalid(e)) if e.to_string().contains("large")),
+        "{:?}",
+        results[1]
+    );
+    let accepted: Vec<&str> = results.iter().filter_map(|r| r.as_deref().ok()).collect();
+    assert_eq!(accepted, ["before", "under", "after"]);
+    assert_eq!(
+        ids(&collect(&mut live, 3).await),
+        ["before", "under", "after"]
+    );
+    assert!(live.next_within(NOTHING).await.is_none());
+}
