@@ -1180,6 +1180,13 @@ async fn an_external_client_curl_receives_events() {
     let _ = curl.kill().await;
 }
 
+/// The largest message the NATS of `hub`'s stream takes; `None` on the `local` transport.
+async fn largest_message(hub: &TestHub) -> Option<usize> {
+    let nats = hub._nats.as_ref()?;
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    Some(client.server_info().max_payload)
+}
+
 /// A subscription to `topics` from the update after `last_event_id`.
 async fn subscribe_after(url: &str, topics: &[&str], last_event_id: &str) -> EventStream {
     EventStream::connect(
@@ -1207,14 +1214,7 @@ async fn updates_published_together_keep_their_order_ids_and_history() {
     let url = &served.url;
     let mut live = subscribe(url, &["t/{n}"], None).await;
     // Together two and a half of the largest message NATS takes.
-    let largest = match &served.hub._nats {
-        Some(nats) => {
-            (async_nats::connect(nats.url()).await.unwrap())
-                .server_info()
-                .max_payload
-        }
-        None => 1024 * 1024,
-    };
+    let largest = largest_message(&served.hub).await.unwrap_or(1024 * 1024);
     let data = "x".repeat(largest * 5 / 2 / UPDATES);
     let batch = || {
         let mut updates: Vec<Update> = (0..UPDATES)
@@ -1283,12 +1283,10 @@ async fn updates_published_together_keep_their_order_ids_and_history() {
 async fn a_batch_nats_did_not_acknowledge_is_dispatched_once_when_sent_again() {
     const UPDATES: usize = 300;
     let served = serve(config()).await;
-    let Some(nats) = &served.hub._nats else {
+    let (Some(nats), Some(largest)) = (&served.hub._nats, largest_message(&served.hub).await)
+    else {
         return;
     };
-    let largest = (async_nats::connect(nats.url()).await.unwrap())
-        .server_info()
-        .max_payload;
     let data = "x".repeat(largest * 5 / 2 / UPDATES);
     let batch = || -> Vec<Update> {
         (0..UPDATES)
@@ -1332,12 +1330,9 @@ async fn a_batch_nats_did_not_acknowledge_is_dispatched_once_when_sent_again() {
 #[tokio::test]
 async fn a_batch_with_an_update_past_the_payload_limit_refuses_it_alone() {
     let served = serve(config()).await;
-    let Some(nats) = &served.hub._nats else {
+    let Some(largest) = largest_message(&served.hub).await else {
         return;
     };
-    let largest = (async_nats::connect(nats.url()).await.unwrap())
-        .server_info()
-        .max_payload;
     let mut live = subscribe(&served.url, &["t"], None).await;
     let batch = vec![
         update(&["t"], "before", "x"),
