@@ -115,8 +115,15 @@ pub async fn apply_retention(
 /// older than `readings` on plain PostgreSQL (TimescaleDB drops chunks itself), and the ids of
 /// messages ingested longer than `ids` ago (past it, no copy can come back; `None`: kept).
 /// Rows deleted.
+///
+/// Old readings are found through the BRIN index on `time`, which reads only the page ranges
+/// that may hold them: its summaries are brought up to date first (new ranges are summarized
+/// only by VACUUM, which may not have run, and an unsummarized range must be read whole), and
+/// the planner is kept from a sequential scan, which it picks when the table has no statistics
+/// and which reads the whole table to find nothing in the common case. The ranges it deleted
+/// from are summarized again after, so that the next pass skips them.
 pub async fn prune(
-    client: &tokio_postgres::Client,
+    client: &mut tokio_postgres::Client,
     readings: Period,
     ids: Option<Duration>,
 ) -> anyhow::Result<u64> {
@@ -129,19 +136,43 @@ pub async fn prune(
         .is_some();
     let mut deleted = 0;
     if let (false, Some(keep)) = (timescale, readings.0) {
+        summarize_time_index(client).await?;
+        // The page ranges deleted from: their summaries still hold the deleted times.
+        let mut ranges = std::collections::BTreeSet::new();
         loop {
-            let n = client
-                .execute(
-                    "DELETE FROM tag_reading WHERE ctid = ANY (ARRAY(
-                         SELECT ctid FROM tag_reading WHERE time < now() - $1::text::interval LIMIT 10000))",
-                    &[&interval(keep)],
+            let tx = client.transaction().await?;
+            tx.batch_execute("SET LOCAL enable_seqscan = off").await?;
+            let gone = tx
+                .query(
+                    "WITH gone AS (
+                         DELETE FROM tag_reading WHERE ctid = ANY (ARRAY(
+                             SELECT ctid FROM tag_reading WHERE time < now() - $1::text::interval LIMIT $3))
+                         RETURNING ctid)
+                     SELECT (ctid::text::point)[0]::bigint / $2, count(*) FROM gone GROUP BY 1",
+                    &[&interval(keep), &BRIN_PAGES_PER_RANGE, &SLICE],
                 )
                 .await
                 .context("deleting old readings")?;
-            deleted += n;
-            if n == 0 {
+            tx.commit().await?;
+            let n: i64 = gone.iter().map(|row| row.get::<_, i64>(1)).sum();
+            ranges.extend(gone.iter().map(|row| row.get::<_, i64>(0)));
+            deleted += n as u64;
+            if n < SLICE {
                 break;
             }
+        }
+        // Summarized again from what they hold now, so that the next pass skips them.
+        if !ranges.is_empty() {
+            let firsts: Vec<i64> = ranges.iter().map(|r| r * BRIN_PAGES_PER_RANGE).collect();
+            client
+                .execute(
+                    "SELECT brin_desummarize_range('tag_reading_time_brin', page)
+                       FROM unnest($1::bigint[]) page",
+                    &[&firsts],
+                )
+                .await
+                .context("resetting the time index over the pages deleted from")?;
+            summarize_time_index(client).await?;
         }
     }
     while let Some(ids) = ids {
@@ -149,18 +180,36 @@ pub async fn prune(
         let n = client
             .execute(
                 "DELETE FROM ingested_message WHERE id = ANY (ARRAY(
-                     SELECT id FROM ingested_message WHERE ingested_at < now() - $1::text::interval LIMIT 10000))",
-                &[&interval(ids)],
+                     SELECT id FROM ingested_message WHERE ingested_at < now() - $1::text::interval LIMIT $2))",
+                &[&interval(ids), &SLICE],
             )
             .await
             .context("deleting old ingested-message ids")?;
         deleted += n;
-        if n == 0 {
+        if n < SLICE as u64 {
             break;
         }
     }
     Ok(deleted)
 }
+
+/// Summarizes the page ranges of `tag_reading`'s BRIN index on `time` that have no summary.
+async fn summarize_time_index(client: &tokio_postgres::Client) -> anyhow::Result<()> {
+    client
+        .execute(
+            "SELECT brin_summarize_new_values('tag_reading_time_brin')",
+            &[],
+        )
+        .await
+        .context("summarizing the page ranges of tag_reading's time index")?;
+    Ok(())
+}
+
+/// Rows deleted per transaction, at most.
+const SLICE: i64 = 10_000;
+
+/// Pages per range of `tag_reading_time_brin`: the default, which the migration keeps.
+const BRIN_PAGES_PER_RANGE: i64 = 128;
 
 /// An arbitrary constant naming the retention lock: one writer prunes at a time.
 const PRUNE_LOCK: i64 = 0x6461_7461_7669_7a01;
@@ -220,7 +269,7 @@ pub async fn prune_loop(
                 tracing::info!(kept = %kept, "retention: message ids kept as long as RAW or DEAD keeps a message, plus a day");
                 told = Some(ids);
             }
-            let client = pool.get().await?;
+            let mut client = pool.get().await?;
             let locked: bool = client
                 .query_one("SELECT pg_try_advisory_lock($1)", &[&PRUNE_LOCK])
                 .await?
@@ -228,7 +277,7 @@ pub async fn prune_loop(
             if !locked {
                 return Ok(0);
             }
-            let result = prune(&client, readings, ids).await;
+            let result = prune(&mut client, readings, ids).await;
             client
                 .execute("SELECT pg_advisory_unlock($1)", &[&PRUNE_LOCK])
                 .await?;

@@ -584,7 +584,7 @@ async fn timescale_flavour_on_real_timescaledb() {
         .unwrap()
         .get(0);
     let pruned = retention::prune(
-        &client,
+        &mut client,
         configured.readings_retention,
         Some(Duration::from_secs(8 * 86_400)),
     )

@@ -1,0 +1,108 @@
+//! Retention on plain PostgreSQL against a real server: old readings go, recent ones stay, and a
+//! pass reads the pages that may hold old readings and those written since the last pass, not
+//! the whole table (it runs hourly on a table that only grows).
+
+use dataviz_core::{
+    db,
+    retention::{self, Period},
+};
+use dataviz_testkit::TestDb;
+use std::time::Duration;
+
+const KEEP: Period = Period(Some(Duration::from_secs(365 * 86_400)));
+
+/// Inserts `recent` readings of the last hour, with `old` readings two years old in their midst.
+async fn insert(client: &tokio_postgres::Client, recent: i64, old: i64) {
+    client
+        .execute(
+            "INSERT INTO tag_reading (time, device_id, tag_id, gateway_id, value_num, value_type)
+             SELECT CASE WHEN i % (n / o) = 0 AND i / (n / o) < o
+                         THEN now() - interval '730 days'
+                         ELSE now() - interval '1 hour' + i * interval '1 ms' END,
+                    i % 100, i % 1000, 1, i, 'double precision'
+               FROM (SELECT $1::bigint AS n, $2::bigint AS o) AS counts,
+                    generate_series(0, n - 1) i",
+            &[&recent, &old],
+        )
+        .await
+        .unwrap();
+}
+
+/// Heap pages of `tag_reading` read so far (from the cache or not), as the statistics say.
+async fn pages_read(client: &tokio_postgres::Client) -> i64 {
+    // Make this backend's counters visible, then read them afresh.
+    client
+        .batch_execute("SELECT pg_stat_force_next_flush()")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    client
+        .batch_execute("SELECT pg_stat_clear_snapshot()")
+        .await
+        .unwrap();
+    client
+        .query_one(
+            "SELECT coalesce(heap_blks_read, 0) + coalesce(heap_blks_hit, 0)
+               FROM pg_statio_user_tables WHERE relname = 'tag_reading'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
+    client.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+#[tokio::test]
+async fn a_retention_pass_deletes_old_readings_without_reading_the_whole_table() {
+    let test_db = TestDb::create().await;
+    let mut client = test_db.connect().await;
+    db::migrate(&mut client).await.unwrap();
+
+    // A table of some thousands of pages, with no statistics (as before its first ANALYZE).
+    insert(&client, 500_000, 20).await;
+    let pruned = retention::prune(&mut client, KEEP, None).await.unwrap();
+    assert_eq!(pruned, 20, "the old readings go");
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM tag_reading").await,
+        500_000 - 20
+    );
+
+    // A later pass, after more readings: what it reads is what came since, not the table.
+    insert(&client, 20_000, 5).await;
+    let table_pages = count(
+        &client,
+        "SELECT pg_relation_size('tag_reading') / current_setting('block_size')::bigint",
+    )
+    .await;
+    let before = pages_read(&client).await;
+    let pruned = retention::prune(&mut client, KEEP, None).await.unwrap();
+    let read = pages_read(&client).await - before;
+    assert_eq!(pruned, 5);
+    assert_eq!(
+        count(
+            &client,
+            "SELECT count(*) FROM tag_reading WHERE time < now() - interval '365 days'"
+        )
+        .await,
+        0
+    );
+    // 20,000 rows fill about 200 pages; a BRIN range is 128 pages.
+    assert!(
+        read < table_pages / 4,
+        "a pass read {read} of the table's {table_pages} pages"
+    );
+    eprintln!("a pass read {read} of the table's {table_pages} pages");
+
+    // Retention off deletes nothing and reads nothing.
+    let before = pages_read(&client).await;
+    assert_eq!(
+        retention::prune(&mut client, Period(None), None)
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(pages_read(&client).await, before);
+}
