@@ -828,7 +828,7 @@ async fn copy_and_writer_alone(db: &TestDb, args: &BenchArgs) -> anyhow::Result<
         eprintln!(
             "limits: PostgreSQL binary COPY alone, then the writer alone (round {round} of {LIMIT_ROUNDS})…"
         );
-        let copied = copy_alone(&mut client, args).await?;
+        let copied = copy_alone(&mut client, &units).await?;
         copies.push(copied.rate);
         copy_cpu.push(copied.us);
         writes.push(writer_alone(&pool, &units, args).await?);
@@ -848,14 +848,12 @@ fn median(mut rates: Vec<f64>) -> f64 {
     rates[rates.len() / 2]
 }
 
-/// Binary COPY of `messages × tags` rows into `bench_copy`, 2,000 messages per transaction as
-/// the writer takes them.
+/// Binary COPY of the rows of `units` into `bench_copy`, 2,000 messages per transaction as the
+/// writer takes them.
 async fn copy_alone(
     client: &mut tokio_postgres::Client,
-    args: &BenchArgs,
+    units: &[dataviz_core::message::MessageReadings],
 ) -> anyhow::Result<Copied> {
-    let rows = args.messages * args.tags;
-    let now = chrono::Utc::now();
     let backend: i32 = client
         .query_one("SELECT pg_backend_pid()", &[])
         .await?
@@ -868,69 +866,70 @@ async fn copy_alone(
     };
     let cpu_before = backend_cpu();
     let start = Instant::now();
-    // The writer's batches: 2,000 messages per transaction.
-    let per_tx = 2_000 * args.tags;
-    let mut written = 0;
-    while written < rows {
+    let mut rows = 0;
+    for chunk in units.chunks(2_000) {
         let tx = client.transaction().await?;
         let sink = tx
             .copy_in(&dataviz_core::db::copy_readings("bench_copy"))
             .await?;
         let types = dataviz_core::db::TAG_READING_TYPES;
         let mut writer = std::pin::pin!(BinaryCopyInWriter::new(sink, &types));
-        for i in written..(written + per_tx).min(rows) {
-            let device = (i / args.tags % args.devices) as i64;
-            let tag = (i % (args.tags * args.devices)) as i64;
-            let value = (i % 1000) as f64 / 10.0;
-            let none_bool: Option<bool> = None;
-            let none_text: Option<&str> = None;
-            let none_json: Option<serde_json::Value> = None;
-            let row: [&(dyn ToSql + Sync); 9] = [
-                &now,
-                &device,
-                &tag,
-                &1i32,
-                &Some(value),
-                &none_bool,
-                &none_text,
-                &none_json,
-                &"double precision",
-            ];
-            writer.as_mut().write(&row).await?;
+        for unit in chunk {
+            for reading in &unit.readings {
+                let (num, boolean, text, json) = dataviz_writer::columns(&reading.value);
+                let row: [&(dyn ToSql + Sync); 9] = [
+                    &unit.time,
+                    &unit.device_id,
+                    &reading.tag_id,
+                    &unit.gateway_id,
+                    &num,
+                    &boolean,
+                    &text,
+                    &json,
+                    &reading.value.stored_type().as_str(),
+                ];
+                writer.as_mut().write(&row).await?;
+            }
         }
-        written += writer.as_mut().finish().await?;
+        rows += writer.as_mut().finish().await?;
         tx.commit().await?;
     }
     let elapsed = start.elapsed();
     Ok(Copied {
         rate: rate(rows, elapsed),
-        us: us_per_message(backend_cpu() - cpu_before, args.messages as f64),
+        us: us_per_message(backend_cpu() - cpu_before, units.len() as f64),
     })
 }
 
-/// The messages [`copy_alone`] writes as rows, as units for the writer.
+/// The rows of the pipeline run as the processor hands them to the writer: each message its own
+/// time, a microsecond apart, and the values of [`payload`] (doubles, booleans, integers, text).
+/// Rows of one time and one type would flatter PostgreSQL: equal keys share an index entry.
 fn writer_batches(args: &BenchArgs) -> Vec<dataviz_core::message::MessageReadings> {
     use dataviz_core::message::{MessageReadings, TagReading};
-    let now = chrono::Utc::now();
+    use dataviz_core::value::Value;
+    let start = chrono::Utc::now() - chrono::Duration::hours(1);
     (0..args.messages)
         .map(|m| {
             let device = m % args.devices;
+            let time = start + chrono::Duration::microseconds(m as i64);
             MessageReadings {
                 raw_seq: None,
                 id: uuid::Uuid::now_v7(),
                 gateway_id: 1,
                 device_id: device as i64,
                 device_code: format!("dev-{device}"),
-                time: now,
-                received_at: now,
+                time,
+                received_at: time,
                 readings: (0..args.tags)
-                    .map(|t| {
-                        let i = m * args.tags + t;
-                        TagReading {
-                            tag_id: (i % (args.tags * args.devices)) as i64,
-                            tag: format!("AI.{t}"),
-                            value: dataviz_core::value::Value::Double((i % 1000) as f64 / 10.0),
-                        }
+                    .map(|t| TagReading {
+                        tag_id: (device * args.tags + t) as i64,
+                        tag: format!("T.{t}"),
+                        value: match t % 10 {
+                            0..=5 => Value::Double((20 + (m + t) % 60) as f64 + 0.25),
+                            6 | 7 => Value::Boolean((m + t).is_multiple_of(2)),
+                            8 => Value::Integer(m as i64),
+                            _ => Value::Text("RUN".to_owned()),
+                        },
                     })
                     .collect(),
             }

@@ -147,8 +147,8 @@ async fn copy_rows<'a>(
     Ok(writer.as_mut().finish().await?)
 }
 
-/// A value spread over the typed columns.
-fn columns(
+/// A value spread over the typed columns of `tag_reading` (numeric, boolean, text, JSON).
+pub fn columns(
     value: &Value,
 ) -> (
     Option<f64>,
