@@ -169,7 +169,7 @@ pub async fn serve(
         .with_context(|| format!("APP_ADDR {addr}: cannot listen"))?;
     tracing::info!(addr = %listener.local_addr()?, "admin site listening");
     axum::serve(
-        listener,
+        dataviz_mercure::without_delay(listener),
         router(state).into_make_service_with_connect_info::<SocketAddr>(),
     )
     .with_graceful_shutdown(shutdown)

@@ -470,7 +470,7 @@ pub async fn all(args: AllArgs) -> anyhow::Result<()> {
         let hub = hub.clone();
         async move {
             axum::serve(
-                listener,
+                dataviz_mercure::without_delay(listener),
                 site.into_make_service_with_connect_info::<SocketAddr>(),
             )
             .with_graceful_shutdown(async move {

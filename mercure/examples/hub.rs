@@ -49,7 +49,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             axum::response::Html("<!doctype html><title>Mercure hub</title><p>Mercure hub at /.well-known/mercure</p>")
         }),
     );
-    axum::serve(listener, router)
+    axum::serve(dataviz_mercure::without_delay(listener), router)
         .with_graceful_shutdown(async move {
             let _ = tokio::signal::ctrl_c().await;
             hub.close();

@@ -739,6 +739,22 @@ struct Prepared {
     answered_id: Option<String>,
 }
 
+/// `listener` with Nagle's algorithm off on every connection it accepts.
+///
+/// An event stream writes one small frame per update and its client never answers: with Nagle
+/// on, each frame after the first waits for the client's delayed acknowledgement (40 ms on
+/// Linux), so events went out in bursts up to 40 ms late. Serve the hub with this.
+pub fn without_delay(
+    listener: tokio::net::TcpListener,
+) -> axum::serve::TapIo<tokio::net::TcpListener, fn(&mut tokio::net::TcpStream)> {
+    fn no_delay(stream: &mut tokio::net::TcpStream) {
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set on a connection");
+        }
+    }
+    axum::serve::ListenerExt::tap_io(listener, no_delay as fn(&mut tokio::net::TcpStream))
+}
+
 /// Serves `hub` on `listener` until `shutdown`, then ends the subscriptions and stops.
 pub async fn serve(
     listener: tokio::net::TcpListener,
@@ -746,7 +762,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let router = hub.router();
-    axum::serve(listener, router)
+    axum::serve(without_delay(listener), router)
         .with_graceful_shutdown(async move {
             shutdown.cancelled().await;
             hub.close();

@@ -32,6 +32,6 @@ pub mod update;
 
 pub use client::{MercurePublisher, PublishError, UpdateSink};
 pub use config::{HubConfig, KeyError, MercureKeys, MercureKeysConfig, Transport};
-pub use hub::{HUB_PATH, Hub, PublishRefused, StartError, serve};
+pub use hub::{HUB_PATH, Hub, PublishRefused, StartError, serve, without_delay};
 pub use jwt::{Claims, JwtKey};
 pub use update::Update;

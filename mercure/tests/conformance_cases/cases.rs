@@ -989,6 +989,94 @@ async fn heartbeats_keep_idle_subscriptions_alive() {
     );
 }
 
+/// An event leaves the hub when it is published, whenever the subscriber acknowledges what it
+/// received. A subscriber sends the hub nothing after its request, so its acknowledgements wait
+/// for its reads or for its delayed-acknowledgement timer (40 ms on Linux); with Nagle's
+/// algorithm on the hub's side, each event waited for the acknowledgement of the one before,
+/// and a subscriber that read late (a busy browser, a loaded machine) got events in bursts up to
+/// 40 ms late. Here the subscriber only looks at what reached its socket (`peek`), as one that
+/// has not read yet.
+#[tokio::test]
+async fn events_leave_when_published_whenever_the_subscriber_reads() {
+    use tokio::io::AsyncWriteExt;
+    const UPDATES: usize = 100;
+    let served = serve(config()).await;
+    let authority = served
+        .url
+        .strip_prefix("http://")
+        .and_then(|rest| rest.split('/').next())
+        .unwrap()
+        .to_owned();
+    let mut tcp = tokio::net::TcpStream::connect(&authority).await.unwrap();
+    tcp.write_all(
+        format!("GET {HUB_PATH}?topic=t HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    // How many events have reached the socket, read or not.
+    let mut buffer = vec![0; 1 << 20];
+    let mut events_in = async |tcp: &tokio::net::TcpStream| {
+        let n = tcp.peek(&mut buffer).await.unwrap();
+        std::str::from_utf8(&buffer[..n])
+            .unwrap()
+            .matches("\nid: ")
+            .count()
+    };
+    // Subscribed once a first update comes through.
+    tokio::time::timeout(WAIT, async {
+        for attempt in 0.. {
+            let ready = update(&["t"], &format!("ready-{attempt}"), "x");
+            served.hub.publish(ready).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if events_in(&tcp).await > 0 {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("subscribed within 5 s");
+    let before = events_in(&tcp).await;
+    let publisher = {
+        let hub = served.hub.clone();
+        tokio::spawn(async move {
+            let mut published = Vec::with_capacity(UPDATES);
+            for i in 0..UPDATES {
+                published.push(std::time::Instant::now());
+                hub.publish(update(&["t"], &format!("e-{i}"), "x"))
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            published
+        })
+    };
+    // When each event reached the socket, looking every millisecond.
+    let mut arrived = Vec::with_capacity(UPDATES);
+    let deadline = std::time::Instant::now() + WAIT;
+    while arrived.len() < UPDATES && std::time::Instant::now() < deadline {
+        let now = std::time::Instant::now();
+        let count = events_in(&tcp).await - before;
+        arrived.resize(count.max(arrived.len()), now);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let published = publisher.await.unwrap();
+    assert_eq!(arrived.len(), UPDATES, "every event within 5 s");
+    let late: Vec<(usize, Duration)> = published
+        .iter()
+        .zip(&arrived)
+        .map(|(p, a)| a.saturating_duration_since(*p))
+        .enumerate()
+        .filter(|(_, delay)| *delay > Duration::from_millis(25))
+        .collect();
+    // On a busy machine a few may be late; behind Nagle's algorithm most were.
+    assert!(
+        late.len() <= UPDATES / 10,
+        "{} of {UPDATES} events reached the subscriber more than 25 ms after their publication: \
+         {late:?}",
+        late.len()
+    );
+}
+
 #[tokio::test]
 async fn subscriptions_end_when_the_token_expires() {
     let served = serve(config()).await;
