@@ -106,3 +106,44 @@ async fn a_retention_pass_deletes_old_readings_without_reading_the_whole_table()
     );
     assert_eq!(pages_read(&client).await, before);
 }
+
+/// The index's summaries need its owner; a writer running as another role still deletes.
+#[tokio::test]
+async fn a_writer_that_does_not_own_the_table_still_deletes_old_readings() {
+    let test_db = TestDb::create().await;
+    let mut admin = test_db.connect().await;
+    db::migrate(&mut admin).await.unwrap();
+    insert(&admin, 50_000, 10).await;
+    let role = format!("dataviz_writer_{}", uuid::Uuid::now_v7().simple());
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN;
+             GRANT SELECT, DELETE ON tag_reading, ingested_message TO {role}"
+        ))
+        .await
+        .unwrap();
+    let mut config: tokio_postgres::Config = test_db.url().parse().unwrap();
+    let (mut writer, connection) = config
+        .user(&role)
+        .connect(tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let pruned = retention::prune(&mut writer, KEEP, None).await.unwrap();
+    assert_eq!(pruned, 10);
+    assert_eq!(
+        count(
+            &admin,
+            "SELECT count(*) FROM tag_reading WHERE time < now() - interval '365 days'"
+        )
+        .await,
+        0
+    );
+    drop(writer);
+    admin
+        .batch_execute(&format!(
+            "REVOKE ALL ON tag_reading, ingested_message FROM {role}; DROP ROLE {role}"
+        ))
+        .await
+        .unwrap();
+}

@@ -1068,9 +1068,10 @@ async fn events_leave_when_published_whenever_the_subscriber_reads() {
         .enumerate()
         .filter(|(_, delay)| *delay > Duration::from_millis(25))
         .collect();
-    // On a busy machine a few may be late; behind Nagle's algorithm most were.
+    // On a busy machine a few may be late. Behind Nagle's algorithm, after the first 15 or so
+    // (acknowledged at once while the connection is new), three in eight were: 35-40 of 100.
     assert!(
-        late.len() <= UPDATES / 10,
+        late.len() <= 15,
         "{} of {UPDATES} events reached the subscriber more than 25 ms after their publication: \
          {late:?}",
         late.len()
