@@ -37,8 +37,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use tokio_postgres::binary_copy::BinaryCopyInWriter;
-use tokio_postgres::types::ToSql;
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
@@ -848,8 +846,8 @@ fn median(mut rates: Vec<f64>) -> f64 {
     rates[rates.len() / 2]
 }
 
-/// Binary COPY of the rows of `units` into `bench_copy`, 2,000 messages per transaction as the
-/// writer takes them.
+/// Binary COPY of the rows of `units` into `bench_copy` ([`dataviz_writer::copy_rows`], without
+/// the writer's ids), 2,000 messages per transaction as the writer takes them.
 async fn copy_alone(
     client: &mut tokio_postgres::Client,
     units: &[dataviz_core::message::MessageReadings],
@@ -869,29 +867,7 @@ async fn copy_alone(
     let mut rows = 0;
     for chunk in units.chunks(2_000) {
         let tx = client.transaction().await?;
-        let sink = tx
-            .copy_in(&dataviz_core::db::copy_readings("bench_copy"))
-            .await?;
-        let types = dataviz_core::db::TAG_READING_TYPES;
-        let mut writer = std::pin::pin!(BinaryCopyInWriter::new(sink, &types));
-        for unit in chunk {
-            for reading in &unit.readings {
-                let (num, boolean, text, json) = dataviz_writer::columns(&reading.value);
-                let row: [&(dyn ToSql + Sync); 9] = [
-                    &unit.time,
-                    &unit.device_id,
-                    &reading.tag_id,
-                    &unit.gateway_id,
-                    &num,
-                    &boolean,
-                    &text,
-                    &json,
-                    &reading.value.stored_type().as_str(),
-                ];
-                writer.as_mut().write(&row).await?;
-            }
-        }
-        rows += writer.as_mut().finish().await?;
+        rows += dataviz_writer::copy_rows(&tx, "bench_copy", chunk.iter()).await?;
         tx.commit().await?;
     }
     let elapsed = start.elapsed();

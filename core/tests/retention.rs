@@ -89,7 +89,7 @@ async fn a_retention_pass_deletes_old_readings_without_reading_the_whole_table()
         .await,
         0
     );
-    // 20,000 rows fill about 200 pages; a BRIN range is 128 pages.
+    // 20,000 rows fill about 250 pages; a BRIN range is 128 pages.
     assert!(
         read < table_pages / 4,
         "a pass read {read} of the table's {table_pages} pages"

@@ -78,7 +78,7 @@ pub async fn write(pool: &Pool, units: &[MessageReadings]) -> Result<Written, Db
             .await;
         match inserted {
             Ok(_) => {
-                let rows = copy_rows(&tx, units.iter()).await?;
+                let rows = copy_rows(&tx, "tag_reading", units.iter()).await?;
                 tx.commit().await?;
                 return Ok(Written {
                     messages: units.len(),
@@ -113,18 +113,20 @@ pub async fn write(pool: &Pool, units: &[MessageReadings]) -> Result<Written, Db
         let fresh = units
             .iter()
             .filter(|b| new.contains(&b.id) && done.insert(b.id));
-        written.rows = copy_rows(&tx, fresh).await?;
+        written.rows = copy_rows(&tx, "tag_reading", fresh).await?;
     }
     tx.commit().await?;
     Ok(written)
 }
 
-/// Streams the rows of `units` into `tag_reading` with binary COPY.
-async fn copy_rows<'a>(
+/// Streams the rows of `units` into `table` (`tag_reading`, or a table of its columns) with
+/// binary COPY. Rows written.
+pub async fn copy_rows<'a>(
     tx: &tokio_postgres::Transaction<'_>,
+    table: &str,
     units: impl Iterator<Item = &'a MessageReadings>,
 ) -> Result<u64, DbError> {
-    let sink = tx.copy_in(&db::copy_readings("tag_reading")).await?;
+    let sink = tx.copy_in(&db::copy_readings(table)).await?;
     let mut writer = pin!(BinaryCopyInWriter::new(sink, &db::TAG_READING_TYPES));
     for unit in units {
         for reading in &unit.readings {
@@ -147,8 +149,8 @@ async fn copy_rows<'a>(
     Ok(writer.as_mut().finish().await?)
 }
 
-/// A value spread over the typed columns of `tag_reading` (numeric, boolean, text, JSON).
-pub fn columns(
+/// A value spread over the typed columns.
+fn columns(
     value: &Value,
 ) -> (
     Option<f64>,
