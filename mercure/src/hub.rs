@@ -525,7 +525,7 @@ impl Hub {
                 end += 1;
             }
             let stored = transport
-                .publish((id(start), id(end - 1)), &forms[start..end])
+                .publish((start..end).map(id), &forms[start..end])
                 .await;
             match stored {
                 Ok(sequence) => last_sequence = Some(sequence),

@@ -26,6 +26,7 @@ use async_nats::jetstream::{
     stream,
 };
 use futures::StreamExt;
+use sha2::Digest as _;
 use std::time::{Duration, SystemTime};
 
 /// How long a starting hub may take to read the stream's history back.
@@ -140,26 +141,32 @@ impl Transport {
     }
 
     /// Stores updates as one message: `forms` (a single update's form, or a pack's, each
-    /// within [`Transport::pack_bytes`] together and at most [`PACK_UPDATES`]), `ids` the
-    /// first update's id and the last's. Returns the message's stream sequence, that of the
-    /// first copy when the stream already held one: the deduplication id is the update's id,
-    /// and names a pack by its count and its first and last update. Fails at once while NATS is
-    /// disconnected, and after [`PUBLISH_TIMEOUT`] at most otherwise: a publisher is answered,
-    /// not held. A message sent and not acknowledged is [`PublishFailure::Unconfirmed`]: sent
-    /// again alike, it is stored once either way.
-    pub(crate) async fn publish(
+    /// within [`Transport::pack_bytes`] together and at most [`PACK_UPDATES`]), `ids` their
+    /// ids, in order. Returns the message's stream sequence, that of the first copy when the
+    /// stream already held one: the deduplication id is the update's id, and for a pack its
+    /// count and a digest of its ids, so that a pack's headers stay a few bytes however long
+    /// the ids. Fails at once while NATS is disconnected, and after [`PUBLISH_TIMEOUT`] at most
+    /// otherwise: a publisher is answered, not held. A message sent and not acknowledged is
+    /// [`PublishFailure::Unconfirmed`]: sent again alike, it is stored once either way.
+    pub(crate) async fn publish<'a>(
         &self,
-        (first, last): (&str, &str),
+        ids: impl IntoIterator<Item = &'a str>,
         forms: &[String],
     ) -> Result<u64, PublishFailure> {
         let mut headers = async_nats::HeaderMap::new();
         let payload = match forms {
             [form] => {
-                headers.insert("Nats-Msg-Id", first);
+                let id = ids.into_iter().next().unwrap_or_default();
+                headers.insert("Nats-Msg-Id", id);
                 form.clone()
             }
             _ => {
-                let id = format!("pack/{}/{first}/{last}", forms.len());
+                let mut digest = sha2::Sha256::new();
+                for id in ids {
+                    digest.update(id.as_bytes());
+                    digest.update(b"\n");
+                }
+                let id = format!("pack/{}/{:x}", forms.len(), digest.finalize());
                 headers.insert("Nats-Msg-Id", id.as_str());
                 headers.insert(PACK_HEADER, forms.len().to_string().as_str());
                 forms.join("\n")

@@ -1269,6 +1269,48 @@ async fn an_external_client_curl_receives_events() {
     let _ = curl.kill().await;
 }
 
+/// Updates with long ids, packed together just under the payload limit: a pack's own headers
+/// do not grow with its updates' ids, so the pack still fits and every update goes through.
+#[tokio::test]
+async fn a_pack_of_updates_with_long_ids_just_under_the_payload_limit_goes_through() {
+    let served = serve(config()).await;
+    let Some(largest) = largest_message(&served.hub).await else {
+        return;
+    };
+    let mut live = subscribe(&served.url, &["t"], None).await;
+    let (first, second) = (
+        format!("{}-a", "i".repeat(3000)),
+        format!("{}-b", "i".repeat(3000)),
+    );
+    // Two forms that together come within 200 bytes of what a pack may carry.
+    let form_without_data = update(&["t"], &first, "").to_form().len();
+    let data = (largest - 4096 - 200) / 2 - form_without_data;
+    let batch = vec![
+        update(&["t"], &first, &"x".repeat(data)),
+        update(&["t"], &second, &"x".repeat(data)),
+    ];
+    let results = served.hub.publish_many(batch).await;
+    let accepted: Vec<&str> = results.iter().filter_map(|r| r.as_deref().ok()).collect();
+    assert_eq!(accepted, [first.as_str(), second.as_str()], "{results:?}");
+    assert_eq!(
+        ids(&collect(&mut live, 2).await),
+        [first.as_str(), second.as_str()]
+    );
+    assert_eq!(
+        stream_messages(&served.hub).await,
+        Some(1),
+        "the two updates travel as one pack"
+    );
+}
+
+/// The messages in `hub`'s stream; `None` on the `local` transport.
+async fn stream_messages(hub: &TestHub) -> Option<u64> {
+    let nats = hub._nats.as_ref()?;
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let mut stream = js.get_stream(&config().mercure_stream).await.unwrap();
+    Some(stream.info().await.unwrap().state.messages)
+}
+
 /// The largest message the NATS of `hub`'s stream takes; `None` on the `local` transport.
 async fn largest_message(hub: &TestHub) -> Option<usize> {
     let nats = hub._nats.as_ref()?;
@@ -1343,8 +1385,7 @@ async fn updates_published_together_keep_their_order_ids_and_history() {
         let mut config = config();
         config.mercure_transport = Transport::Jetstream;
         let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
-        let mut stream = js.get_stream(&config.mercure_stream).await.unwrap();
-        let messages = stream.info().await.unwrap().state.messages;
+        let messages = stream_messages(&served.hub).await.unwrap();
         assert!(
             (3..=4).contains(&messages),
             "{UPDATES} updates in {messages} stream messages"
