@@ -35,10 +35,11 @@
 
 pub mod config;
 
+use anyhow::Context as _;
 use async_nats::jetstream;
 use bytes::Bytes;
-use config::BridgeConfig;
-use dataviz_core::message::{DeadLetter, DeadReason, RawMessage};
+use config::{BridgeConfig, MqttConnection};
+use dataviz_core::message::RawMessage;
 use dataviz_core::ops::{Progress, metric};
 use dataviz_core::retry::Backoff;
 use dataviz_core::{MQTT_LOG_TARGET, shutdown::Shutdown, streams};
@@ -187,6 +188,41 @@ pub async fn open_session(config: &BridgeConfig, within: Duration) -> anyhow::Re
     })
     .await;
     Ok(present)
+}
+
+/// Connects to the broker once, with a clean session that leaves nothing behind, and
+/// disconnects. On nats-server this makes the MQTT streams of the account (they are made when
+/// its first MQTT client connects), which the processor reads with `MQTT_INTAKE=nats`.
+pub async fn wake(mqtt: &MqttConnection, within: Duration) -> anyhow::Result<()> {
+    // Never a client id in use: a clean session would end that client's session.
+    let client_id = format!("dataviz-intake-{}", std::process::id());
+    let mut options = mqtt.options(&client_id)?;
+    options.set_clean_session(true);
+    let (client, mut eventloop) = AsyncClient::new(options, 4);
+    let broker = format!("{}:{}", mqtt.mqtt_host, mqtt.mqtt_port);
+    let connected = async {
+        loop {
+            if let Event::Incoming(Packet::ConnAck(_)) = eventloop.poll().await? {
+                return Ok::<_, rumqttc::ConnectionError>(());
+            }
+        }
+    };
+    tokio::time::timeout(within, connected)
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!("no answer from the MQTT broker at {broker} within {within:?}")
+        })?
+        .with_context(|| format!("connecting to the MQTT broker at {broker}"))?;
+    let _ = client.try_disconnect();
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Ok(event) = eventloop.poll().await {
+            if let Event::Outgoing(rumqttc::Outgoing::Disconnect) = event {
+                break;
+            }
+        }
+    })
+    .await;
+    Ok(())
 }
 
 async fn event_loop(
@@ -402,7 +438,7 @@ impl RawStore {
         // A failed attempt may have been stored all the same (its ack lost with the connection):
         // the next one is then a duplicate of our own.
         let mut attempted = false;
-        let dead = oversized(&received.raw, max_payload);
+        let dead = dataviz_core::dead::oversized(&received.raw, STAGE, max_payload);
         let mut whole_kept = dead.is_none();
         loop {
             if !whole_kept {
@@ -516,30 +552,6 @@ fn topic_seed(topic: &str) -> u64 {
     xxhash_rust::xxh3::xxh3_64(topic.as_bytes())
 }
 
-/// A message too large for the NATS server becomes a dead letter holding its first bytes; the
-/// whole payload is kept beside it ([`dataviz_core::dead::keep_whole`]), for `dlq requeue`.
-fn oversized(raw: &RawMessage, max_payload: usize) -> Option<DeadLetter> {
-    // Headers take a few hundred bytes; keep a margin.
-    let limit = max_payload.saturating_sub(4096);
-    if raw.payload.len() <= limit {
-        return None;
-    }
-    let kept = limit.min(64 * 1024);
-    let mut truncated = raw.clone();
-    truncated.payload = Bytes::copy_from_slice(&raw.payload[..kept]);
-    Some(DeadLetter {
-        raw: truncated,
-        stage: STAGE.into(),
-        reason: DeadReason::Oversized,
-        error: format!(
-            "payload of {} bytes is over what the NATS server accepts ({max_payload} bytes); the first {kept} bytes are kept",
-            raw.payload.len()
-        ),
-        source_seq: None,
-        whole_size: Some(raw.payload.len() as u64),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -575,15 +587,5 @@ mod tests {
             size < 2048,
             "a message's future in flight takes {size} bytes"
         );
-    }
-
-    #[test]
-    fn oversized_messages_become_dead_letters() {
-        let raw = RawMessage::received("gateways/1/d".into(), Bytes::from(vec![b'x'; 10_000]));
-        assert!(oversized(&raw, 1 << 20).is_none());
-        let dead = oversized(&raw, 8192).unwrap();
-        assert_eq!(dead.reason, DeadReason::Oversized);
-        assert_eq!(dead.raw.payload.len(), 8192 - 4096);
-        assert_eq!(dead.raw.id, raw.id);
     }
 }

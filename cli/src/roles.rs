@@ -3,14 +3,14 @@
 
 use anyhow::Context as _;
 use dataviz_app::{AppConfig, AppState, LiveConfig};
-use dataviz_bridge::config::BridgeConfig;
+use dataviz_bridge::config::{BridgeConfig, MqttConnection};
 use dataviz_core::{
     config::{DatabaseConfig, NatsConfig},
     db,
     ops::{Ops, OpsConfig},
     retention::{self, RetentionConfig},
     shutdown::{self, Shutdown},
-    streams::{self, StreamSettings},
+    streams::{self, Intake, StreamSettings},
 };
 use dataviz_mercure::{Hub, HubConfig, MercureKeysConfig, MercurePublisher, Transport, UpdateSink};
 use dataviz_processor::ProcessorConfig;
@@ -99,6 +99,10 @@ pub struct ProcessorArgs {
     database: DatabaseConfig,
     #[command(flatten)]
     processor: ProcessorConfig,
+    /// The broker, with `MQTT_INTAKE=nats`: nats-server's MQTT listener, woken once if its
+    /// streams are not there yet.
+    #[command(flatten)]
+    mqtt: MqttConnection,
     #[command(flatten)]
     ops: OpsConfig,
 }
@@ -128,6 +132,11 @@ pub struct MigrateArgs {
     /// The bridge's broker and session, which `migrate` makes sure of.
     #[command(flatten)]
     pub bridge: BridgeConfig,
+    /// With `MQTT_INTAKE=nats`, the NATS server whose MQTT stream the processor reads.
+    #[command(flatten)]
+    pub nats: NatsConfig,
+    #[command(flatten)]
+    pub streams: StreamSettings,
     /// Do not make the bridge's MQTT session (the bridge makes it when it first connects; a
     /// broker that keeps messages only for existing sessions drops what comes before).
     #[arg(long)]
@@ -228,20 +237,13 @@ impl Role {
         js: async_nats::jetstream::Context,
         pool: deadpool_postgres::Pool,
     ) -> impl Future<Output = anyhow::Result<()>> + use<> {
-        let progress = self.watched_stage(
-            &js,
-            "processor",
-            streams::RAW_STREAM,
-            streams::PROCESSOR_CONSUMER,
-        );
-        dataviz_processor::run(
-            config,
-            settings.processor_consumer(),
-            js,
-            pool,
-            progress,
-            self.shutdown.clone(),
-        )
+        let (stream, consumer) = match settings.mqtt_intake {
+            Intake::Bridge => (streams::RAW_STREAM, streams::PROCESSOR_CONSUMER),
+            Intake::Nats => (streams::MQTT_STREAM, streams::INTAKE_CONSUMER),
+        };
+        let progress = self.watched_stage(&js, "processor", stream, consumer);
+        let (settings, shutdown) = (settings.clone(), self.shutdown.clone());
+        async move { dataviz_processor::run(config, &settings, js, pool, progress, shutdown).await }
     }
 
     fn writer(
@@ -315,6 +317,43 @@ async fn start_hub(
     Ok((hub, keys))
 }
 
+/// With `MQTT_INTAKE=nats`, makes sure the processor's consumer of nats-server's MQTT stream
+/// exists, so that the stream keeps what devices publish from now on (it keeps a message only
+/// for the consumers and sessions there when it arrives). nats-server makes that stream when
+/// the first MQTT client of the account connects: if it is not there, this connects once.
+/// Says whether the consumer was there already.
+async fn ensure_intake(
+    js: &async_nats::jetstream::Context,
+    settings: &StreamSettings,
+    mqtt: &MqttConnection,
+) -> anyhow::Result<bool> {
+    let existed = match js.get_stream(streams::MQTT_STREAM).await {
+        Ok(stream) => stream.consumer_info(streams::INTAKE_CONSUMER).await.is_ok(),
+        Err(_) => false,
+    };
+    if streams::ensure_intake(js, settings).await? {
+        return Ok(existed);
+    }
+    let broker = format!("{}:{}", mqtt.mqtt_host, mqtt.mqtt_port);
+    dataviz_bridge::wake(mqtt, std::time::Duration::from_secs(15))
+        .await
+        .with_context(|| {
+            format!(
+                "MQTT_INTAKE=nats: nats-server has no MQTT stream yet, and its MQTT listener                  at {broker} (MQTT_HOST, MQTT_PORT) did not answer to make it"
+            )
+        })?;
+    for _ in 0..50 {
+        if streams::ensure_intake(js, settings).await? {
+            return Ok(false);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    anyhow::bail!(
+        "MQTT_INTAKE=nats: the MQTT broker at {broker} answered, but NATS has no stream {} in          this account: is that broker nats-server's MQTT listener, in the same account as the          NATS user of this role?",
+        streams::MQTT_STREAM
+    )
+}
+
 pub async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
     let mut client = db::connect(&args.database.database_url).await?;
     let report = db::migrate(&mut client).await?;
@@ -331,6 +370,21 @@ pub async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
             report.applied.len(),
             report.applied.join(", ")
         );
+    }
+    if args.streams.mqtt_intake == Intake::Nats {
+        let client = args.nats.connect("migrate").await?;
+        streams::check_server_version(&client.server_info().version)?;
+        let js = dataviz_core::config::jetstream(client.clone());
+        let existed = ensure_intake(&js, &args.streams, &args.bridge.mqtt).await?;
+        client.flush().await.ok();
+        println!(
+            "MQTT: nats-server's stream {} read by the processor (consumer {}, {}): it keeps \
+             what devices publish from now on.",
+            streams::MQTT_STREAM,
+            streams::INTAKE_CONSUMER,
+            if existed { "exists" } else { "made" },
+        );
+        return Ok(());
     }
     if args.no_mqtt_session {
         return Ok(());
@@ -358,6 +412,11 @@ pub async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
 }
 
 pub async fn bridge(args: BridgeArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.streams.mqtt_intake == Intake::Bridge,
+        "MQTT_INTAKE=nats: the processor reads nats-server's MQTT stream itself, there is no \
+         bridge to run (MQTT_INTAKE=bridge runs one, for any broker)"
+    );
     let role = Role::start(&args.ops, 9101).await?;
     let (client, js) = role.jetstream(&args.nats, &args.streams, "bridge").await?;
     role.bridge(args.bridge, &client, js).await?;
@@ -371,6 +430,9 @@ pub async fn processor(args: ProcessorArgs) -> anyhow::Result<()> {
         .jetstream(&args.nats, &args.streams, "processor")
         .await?;
     let pool = role.database(&args.database).await?;
+    if args.streams.mqtt_intake == Intake::Nats {
+        ensure_intake(&js, &args.streams, &args.mqtt).await?;
+    }
     role.processor(args.processor, &args.streams, js, pool)
         .await?;
     client.flush().await.ok();
@@ -427,6 +489,12 @@ pub async fn all(args: AllArgs) -> anyhow::Result<()> {
         database: args.database.clone(),
         retention: args.retention.clone(),
         bridge: args.bridge.clone(),
+        nats: args.nats.clone(),
+        streams: StreamSettings {
+            // The consumer is made below, once connected, as the bridge makes its session.
+            mqtt_intake: Intake::Bridge,
+            ..args.streams.clone()
+        },
         no_mqtt_session: true,
     })
     .await?;
@@ -437,6 +505,10 @@ pub async fn all(args: AllArgs) -> anyhow::Result<()> {
     let role = Role::start(&args.ops, 9100).await?;
     let (client, js) = role.jetstream(&args.nats, &args.streams, "all").await?;
     streams::ensure_publisher(&js, &args.streams).await?;
+    let intake = args.streams.mqtt_intake;
+    if intake == Intake::Nats {
+        ensure_intake(&js, &args.streams, &args.bridge.mqtt).await?;
+    }
     let pool = role.database(&args.database).await?;
 
     // The admin site and the embedded Mercure hub share one listener, so that the site's
@@ -483,36 +555,53 @@ pub async fn all(args: AllArgs) -> anyhow::Result<()> {
     };
     // The publisher hands its updates to this process's hub directly (no HTTP round trip).
     let mercure = UpdateSink::Embedded(hub.clone());
-    tracing::info!(
-        mqtt = format!("{}:{}", args.bridge.mqtt.mqtt_host, args.bridge.mqtt.mqtt_port),
-        topics = ?args.bridge.mqtt_topics.0,
-        site = format!("http://{local}/"),
-        hub = format!("http://{local}{}", dataviz_mercure::HUB_PATH),
-        "dataviz all: bridge, processor, writer, publisher, Mercure hub and admin site running"
+    let mqtt = format!(
+        "{}:{}",
+        args.bridge.mqtt.mqtt_host, args.bridge.mqtt.mqtt_port
     );
-    let result = supervise(
-        vec![
-            (
-                "publisher",
-                Box::pin(role.publisher(args.publisher, &args.streams, js.clone(), mercure)),
-            ),
-            (
-                "bridge",
-                Box::pin(role.bridge(args.bridge, &client, js.clone())),
-            ),
-            (
-                "processor",
-                Box::pin(role.processor(args.processor, &args.streams, js.clone(), pool.clone())),
-            ),
-            (
-                "writer",
-                Box::pin(role.writer(args.writer, &args.retention, &args.streams, js, pool)),
-            ),
-            ("site", Box::pin(served)),
-        ],
-        &role.shutdown,
-    )
-    .await;
+    let (site, hub_url) = (
+        format!("http://{local}/"),
+        format!("http://{local}{}", dataviz_mercure::HUB_PATH),
+    );
+    match intake {
+        Intake::Bridge => tracing::info!(
+            mqtt,
+            topics = ?args.bridge.mqtt_topics.0,
+            site,
+            hub = hub_url,
+            "dataviz all: bridge, processor, writer, publisher, Mercure hub and admin site running"
+        ),
+        Intake::Nats => tracing::info!(
+            mqtt,
+            stream = streams::MQTT_STREAM,
+            site,
+            hub = hub_url,
+            "dataviz all: processor (reading nats-server's MQTT stream), writer, publisher, \
+             Mercure hub and admin site running"
+        ),
+    }
+    let mut roles: Vec<SupervisedRole> = vec![(
+        "publisher",
+        Box::pin(role.publisher(args.publisher, &args.streams, js.clone(), mercure)),
+    )];
+    if intake == Intake::Bridge {
+        roles.push((
+            "bridge",
+            Box::pin(role.bridge(args.bridge, &client, js.clone())),
+        ));
+    }
+    roles.extend::<[SupervisedRole; 3]>([
+        (
+            "processor",
+            Box::pin(role.processor(args.processor, &args.streams, js.clone(), pool.clone())),
+        ),
+        (
+            "writer",
+            Box::pin(role.writer(args.writer, &args.retention, &args.streams, js, pool)),
+        ),
+        ("site", Box::pin(served)),
+    ]);
+    let result = supervise(roles, &role.shutdown).await;
     client.flush().await.ok();
     result
 }

@@ -74,14 +74,24 @@ async fn acknowledged(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_default_broker_sigkilled_twice_loses_no_acknowledged_message_and_stores_none_twice() {
+    broker_sigkilled_twice("bridge").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_broker_sigkilled_twice_with_the_nats_intake_loses_nothing_and_stores_none_twice()
+ {
+    broker_sigkilled_twice("nats").await;
+}
+
+async fn broker_sigkilled_twice(intake: &'static str) {
     const MESSAGES: i64 = 20_000;
-    let mut stack = BrokerStack::start().await;
+    let mut stack = BrokerStack::start_with_intake(intake).await;
     let mut all = stack.spawn("all", &[]);
     let dir = tempfile::tempdir().unwrap();
     let acked = dir.path().join("acked");
     // 1,000 a second for 20 s. The broker (JetStream too) dies at 5 s and at 12 s, 1 s each
-    // time; the bridge is away from 4 s to 14 s, so what the device sends meanwhile must be
-    // kept for it across both crashes.
+    // time; Dataviz is away from 4 s to 14 s, so what the device sends meanwhile must be kept
+    // for it across both crashes.
     let mut device = resending_device(stack.nats.mqtt_port(), MESSAGES, 1_000, &acked);
     tokio::time::sleep(Duration::from_secs(4)).await;
     all.kill();
@@ -110,8 +120,18 @@ async fn the_default_broker_sigkilled_twice_loses_no_acknowledged_message_and_st
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_devices_publish_before_the_bridge_first_runs_is_kept_for_it() {
-    let stack = BrokerStack::start().await;
-    // `migrate` made the session; no bridge has run yet.
+    published_before_dataviz_first_runs("bridge").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_devices_publish_before_the_processor_first_runs_is_kept_for_it_with_the_nats_intake()
+{
+    published_before_dataviz_first_runs("nats").await;
+}
+
+async fn published_before_dataviz_first_runs(intake: &'static str) {
+    let stack = BrokerStack::start_with_intake(intake).await;
+    // `migrate` made the session (or the processor's consumer); nothing of Dataviz ran yet.
     let dir = tempfile::tempdir().unwrap();
     let acked = dir.path().join("acked");
     let mut device = resending_device(stack.nats.mqtt_port(), 500, 500, &acked);
@@ -198,6 +218,74 @@ async fn readings_without_ts_held_by_a_killed_bridge_are_stored_once() {
     );
 }
 
+/// With the nats intake a message's id is its place in nats-server's MQTT stream, whatever
+/// delivery brings it: a processor killed while it holds messages without `ts`, and away longer
+/// than RAW's duplicate window (2 s here), stores each reading once when it is back. The
+/// bridge recognises such a redelivery only within that window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readings_without_ts_held_by_a_processor_away_past_the_window_are_stored_once() {
+    const MESSAGES: i64 = 10_000;
+    let stack = BrokerStack::start_with_intake("nats").await;
+    let env = [
+        ("RAW_DUPLICATE_WINDOW", "2s"),
+        ("ACK_WAIT", "2s"),
+        ("WORKER_COUNT", "2"),
+    ];
+    let mut processor = stack.spawn("processor", &env);
+    let _writer = stack.spawn("writer", &env);
+    let mut device = dataviz_testkit::Publisher::connect_as(
+        stack.nats.mqtt_port(),
+        "untimed-device",
+        DEVICE.name,
+        DEVICE.password,
+    );
+    let untimed = |i: i64| format!(r#"{{"d": [{{"tag": "seq", "value": {i}}}]}}"#);
+    for i in 0..MESSAGES {
+        device
+            .publish(format!("gateways/1/dev-{}", i % 10), untimed(i))
+            .await
+            .expect("published");
+    }
+    // Mid-stream: the processor holds messages, some copied to RAW, not yet acknowledged.
+    while common::stream_count(&stack.nats.url(), "RAW").await < MESSAGES as u64 / 4 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    processor.kill();
+    device
+        .wait_acked(Duration::from_secs(30))
+        .await
+        .expect("acknowledged");
+    let seq =
+        "SELECT count(*) FROM tag_reading r JOIN tag t ON t.id = r.tag_id WHERE t.code = 'seq'";
+    let before = count_on(&stack.db, seq).await;
+    // Past the duplicate window and the ack wait: what it held comes again as new to RAW.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    processor.start_again();
+    common::wait_for_count_on(&stack.db, seq, MESSAGES, Duration::from_secs(120)).await;
+    common::wait_drained(&stack.nats.url()).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        count_on(&stack.db, seq).await,
+        MESSAGES,
+        "each reading once"
+    );
+    assert_eq!(
+        count_on(
+            &stack.db,
+            "SELECT count(DISTINCT value_num)::bigint FROM tag_reading"
+        )
+        .await,
+        MESSAGES
+    );
+    let copies = common::stream_count(&stack.nats.url(), "RAW").await;
+    eprintln!("{before} readings before the kill; RAW holds {copies} copies");
+    assert!(
+        before < MESSAGES && copies > MESSAGES as u64,
+        "the killed processor held messages that were copied to RAW again ({before} stored \
+         before, {copies} copies): the test did not exercise the case"
+    );
+}
+
 /// A log without its terminal colours.
 fn without_ansi(log: &str) -> String {
     let mut out = String::with_capacity(log.len());
@@ -215,4 +303,61 @@ fn without_ansi(log: &str) -> String {
         }
     }
     out
+}
+
+/// With the nats intake, RAW still serves replay and re-queue: the processor keeps a copy of
+/// each message it reads from nats-server's stream, under the message's id. A letter re-queued
+/// (its gateway made since) goes through the processor's consumer of RAW and is stored once; a
+/// replay of the last hour finds every message stored already, those without `ts` included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_nats_intake_requeue_and_replay_go_through_raw_and_store_nothing_twice() {
+    let stack = BrokerStack::start_with_intake("nats").await;
+    let db = stack.db.connect().await;
+    db.execute("DELETE FROM gateway WHERE id = 1", &[])
+        .await
+        .unwrap();
+    let _all = stack.spawn("all", &[]);
+    let mut device = stack.publisher();
+    let timed = |i: i64| {
+        format!(r#"{{"d": [{{"tag": "seq", "value": {i}}}], "ts": "2024-01-01T00:00:{i:02}Z"}}"#)
+    };
+    let untimed = |i: i64| format!(r#"{{"d": [{{"tag": "untimed", "value": {i}}}]}}"#);
+    for i in 0..4 {
+        device.publish("gateways/1/early", timed(i)).await;
+    }
+    device.wait_acked(Duration::from_secs(10)).await;
+    // DEAD is made by `all` as it starts.
+    let letters = || stack.dataviz(&["dlq", "list"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (ok, out) = letters();
+        if ok && out.contains("4 dead letter(s)") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no letters: {out}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    db.execute("INSERT INTO gateway (id, name) VALUES (1, 'one')", &[])
+        .await
+        .unwrap();
+    // The processor believes "unknown gateway" for a second before asking again.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (ok, out) = stack.dataviz(&["dlq", "requeue", "--all-matching", "--gateway", "1"]);
+    assert!(ok && out.contains("re-queued 4 dead letter(s)"), "{out}");
+    for i in 0..50 {
+        device.publish("gateways/1/timed", timed(i)).await;
+        device.publish("gateways/1/untimed", untimed(i)).await;
+    }
+    device.wait_acked(Duration::from_secs(10)).await;
+    let rows = 4 + 100;
+    let all_rows = "SELECT count(*) FROM tag_reading";
+    common::wait_for_count_on(&stack.db, all_rows, rows, Duration::from_secs(60)).await;
+
+    let (ok, out) = stack.dataviz(&["replay", "--since", "1h"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("0 new (0 rows)"), "{out}");
+    common::wait_drained(&stack.nats.url()).await;
+    assert_eq!(count_on(&stack.db, all_rows).await, rows, "{out}");
+    let (ok, out) = letters();
+    assert!(ok && out.contains("0 dead letter(s)"), "{out}");
 }

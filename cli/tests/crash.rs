@@ -16,31 +16,43 @@ const BURST: i64 = 1_000;
 async fn sigkill_of_every_role_mid_run_loses_nothing_and_stores_nothing_twice() {
     let stack = BrokerStack::start().await;
     let mqtt = stack.publisher();
-    every_role_killed_twice(|role, env| stack.spawn(role, env), mqtt, &stack.db).await;
+    every_role_killed_twice(BRIDGED, |role, env| stack.spawn(role, env), mqtt, &stack.db).await;
 }
+
+/// The processor reads nats-server's MQTT stream: no bridge, so each of the two roles dies
+/// three times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_every_role_mid_run_with_the_nats_intake_loses_nothing_and_stores_nothing_twice()
+{
+    let stack = BrokerStack::start_with_intake("nats").await;
+    let mqtt = stack.publisher();
+    let roles = ["processor", "writer"];
+    every_role_killed_twice(&roles, |role, env| stack.spawn(role, env), mqtt, &stack.db).await;
+}
+
+const BRIDGED: &[&str] = &["bridge", "processor", "writer"];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_of_every_role_mid_run_on_mosquitto_loses_nothing_and_stores_nothing_twice() {
     let stack = Stack::start().await;
     stack.create_gateway(1).await;
     let mqtt = Publisher::connect(stack.mosquitto.port()).await;
-    every_role_killed_twice(|role, env| stack.spawn(role, env), mqtt, &stack.db).await;
+    every_role_killed_twice(BRIDGED, |role, env| stack.spawn(role, env), mqtt, &stack.db).await;
 }
 
-/// Bursts of messages; after each of the first six, one role is killed while it holds part of
-/// the burst, and started again: bridge, processor, writer, twice over. Every message is then
-/// stored, each reading once, and every role runs.
+/// Bursts of messages; after each of the first six, one of `roles` is killed while it holds
+/// part of the burst, and started again, in turn (bridge, processor, writer, twice over). Every
+/// message is then stored, each reading once, and every role runs.
 async fn every_role_killed_twice(
+    roles: &[&str],
     spawn: impl Fn(&str, &[(&str, &str)]) -> Role,
     mut mqtt: Publisher,
     db: &dataviz_testkit::TestDb,
 ) {
     // A short ack wait, so that what a killed role held comes back within the test.
     let env = [("ACK_WAIT", "2s"), ("WORKER_COUNT", "2")];
-    let mut bridge = spawn("bridge", &env);
-    let mut processor = spawn("processor", &env);
-    let mut writer = spawn("writer", &env);
-    let roles = [&mut bridge, &mut processor, &mut writer];
+    let mut roles: Vec<Role> = roles.iter().map(|role| spawn(role, &env)).collect();
+    let count = roles.len();
     for burst in 0..MESSAGES / BURST {
         for i in burst * BURST..(burst + 1) * BURST {
             mqtt.publish(&format!("gateways/1/dev-{}", i % 20), numbered_reading(i))
@@ -48,7 +60,7 @@ async fn every_role_killed_twice(
         }
         if burst < 6 {
             tokio::time::sleep(Duration::from_millis(40)).await;
-            roles[burst as usize % 3].crash_and_restart();
+            roles[burst as usize % count].crash_and_restart();
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
@@ -56,7 +68,7 @@ async fn every_role_killed_twice(
 
     assert_every_numbered_message_once(db, MESSAGES, Duration::from_secs(180)).await;
     assert_eq!(count_on(db, "SELECT count(*) FROM device").await, 20);
-    for role in roles {
+    for role in &mut roles {
         assert!(role.is_running(), "{} still running", role.role);
     }
 }

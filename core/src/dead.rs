@@ -134,6 +134,35 @@ pub async fn get(js: &jetstream::Context, seq: u64) -> anyhow::Result<DeadEntry>
     Ok(entry(seq, time, Some(&message.headers), message.payload))
 }
 
+/// A message too large for the NATS server once headers are added (RAW's, DEAD's) becomes a
+/// dead letter of `stage` holding its first bytes; the caller keeps the whole payload beside it
+/// ([`keep_whole`]), for `dlq requeue`.
+pub fn oversized(
+    raw: &crate::message::RawMessage,
+    stage: &str,
+    max_payload: usize,
+) -> Option<DeadLetter> {
+    // Headers take a few hundred bytes; keep a margin.
+    let limit = max_payload.saturating_sub(4096);
+    if raw.payload.len() <= limit {
+        return None;
+    }
+    let kept = limit.min(64 * 1024);
+    let mut truncated = raw.clone();
+    truncated.payload = bytes::Bytes::copy_from_slice(&raw.payload[..kept]);
+    Some(DeadLetter {
+        raw: truncated,
+        stage: stage.into(),
+        reason: DeadReason::Oversized,
+        error: format!(
+            "payload of {} bytes is over what the NATS server accepts ({max_payload} bytes); the first {kept} bytes are kept",
+            raw.payload.len()
+        ),
+        source_seq: None,
+        whole_size: Some(raw.payload.len() as u64),
+    })
+}
+
 /// Keeps the whole `payload` of the letter of raw message `id`, whose own payload is only its
 /// beginning ([`DeadLetter::whole_size`]), for as long as DEAD keeps letters. Storing it again
 /// replaces it.
@@ -199,7 +228,7 @@ pub async fn requeue(js: &jetstream::Context, seq: u64) -> anyhow::Result<()> {
     let payload = whole_payload(js, &letter)
         .await
         .with_context(|| format!("dead letter {seq} cannot be re-queued"))?;
-    // The bridge's own margin for headers (see its `oversized`).
+    // The margin for headers of `oversized`.
     let fits = js.client().server_info().max_payload.saturating_sub(4096);
     anyhow::ensure!(
         payload.len() <= fits,
@@ -276,4 +305,22 @@ async fn purge_letters(
         }
     }
     Ok(deleted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::RawMessage;
+    use bytes::Bytes;
+
+    #[test]
+    fn oversized_messages_become_dead_letters() {
+        let raw = RawMessage::received("gateways/1/d".into(), Bytes::from(vec![b'x'; 10_000]));
+        assert!(oversized(&raw, "bridge", 1 << 20).is_none());
+        let dead = oversized(&raw, "bridge", 8192).unwrap();
+        assert_eq!(dead.reason, DeadReason::Oversized);
+        assert_eq!(dead.raw.payload.len(), 8192 - 4096);
+        assert_eq!((dead.raw.id, dead.stage.as_str()), (raw.id, "bridge"));
+        assert_eq!(dead.whole_size, Some(10_000));
+    }
 }

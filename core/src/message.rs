@@ -73,6 +73,33 @@ impl RawMessage {
         }
     }
 
+    /// A message nats-server's MQTT listener stored in its stream (`$MQTT_msgs`), read from
+    /// that stream: `subject` is the stream's, `seq` and `stored_at` its place and time there.
+    /// Its receive time is the time the broker stored it, and its id is made of both (a UUIDv7
+    /// of that time whose random bits are the sequence), so that every delivery of the message,
+    /// however late, has the same id. `None` for a subject outside that stream.
+    pub fn stored_by_broker(
+        subject: &str,
+        seq: u64,
+        stored_at: DateTime<Utc>,
+        payload: Bytes,
+    ) -> Option<RawMessage> {
+        let subject = subject.strip_prefix(crate::streams::MQTT_SUBJECT_PREFIX)?;
+        let millis = u64::try_from(stored_at.timestamp_millis()).unwrap_or(0);
+        // The version and variant bits overwrite the top bits of each half: the sub-millisecond
+        // microseconds (under 1,000) and the sequence (under 2^62) lose nothing.
+        let mut random = [0u8; 10];
+        let micros = (stored_at.timestamp_subsec_micros() % 1000) as u16;
+        random[..2].copy_from_slice(&micros.to_be_bytes());
+        random[2..].copy_from_slice(&seq.to_be_bytes());
+        Some(RawMessage {
+            id: uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid(),
+            topic: mqtt_topic(subject),
+            received_at: stored_at,
+            payload,
+        })
+    }
+
     /// The id its readings are stored under ([`crate::identity::readings_id`]), when its topic
     /// and payload can be read (whatever their size).
     pub fn readings_id(&self) -> Option<Uuid> {
@@ -94,6 +121,12 @@ impl RawMessage {
     /// gateway alone.
     pub fn subject(&self) -> String {
         crate::streams::raw_subject(crate::topic::gateway_of(&self.topic))
+    }
+
+    /// The RAW subject of the copy the processor keeps of a message it read from nats-server's
+    /// MQTT stream (`MQTT_INTAKE=nats`).
+    pub fn intake_subject(&self) -> String {
+        crate::streams::raw_intake_subject(crate::topic::gateway_of(&self.topic))
     }
 
     /// Headers carrying the topic, receive time and id; `dedup_id` becomes `Nats-Msg-Id`.
@@ -158,6 +191,35 @@ impl RawMessage {
             payload,
         })
     }
+}
+
+/// The MQTT topic of a NATS subject, as nats-server's MQTT listener maps one to the other: a
+/// topic level separator `/` is `.` in the subject, a `.` in a level is `//`, and an empty level
+/// (a leading, trailing or doubled `/`) is marked with a `/` beside its `.`. Byte by byte, as
+/// nats-server does it: `.` and `/` are never part of a longer UTF-8 character.
+pub fn mqtt_topic(subject: &str) -> String {
+    let subject = subject.as_bytes();
+    let mut topic = Vec::with_capacity(subject.len());
+    let mut i = 0;
+    while i < subject.len() {
+        match subject[i] {
+            b'/' => match subject.get(i + 1) {
+                Some(b'.') => {
+                    topic.push(b'/');
+                    i += 1;
+                }
+                Some(b'/') => {
+                    topic.push(b'.');
+                    i += 1;
+                }
+                _ => {}
+            },
+            b'.' => topic.push(b'/'),
+            byte => topic.push(byte),
+        }
+        i += 1;
+    }
+    String::from_utf8(topic).expect("only ASCII bytes replaced")
 }
 
 /// The headers of a READINGS message: its deduplication id.
@@ -310,6 +372,40 @@ mod tests {
         let back = RawMessage::from_parts(Some(&headers), raw.payload.clone()).unwrap();
         assert_eq!(back, raw);
         assert_eq!(raw.subject(), "dataviz.raw.7");
+    }
+
+    #[test]
+    fn topics_come_back_from_the_subjects_nats_server_made_of_them() {
+        // nats-server's mapping (server/mqtt.go, mqttToNATSSubjectConversion), both ways.
+        for (subject, topic) in [
+            ("gateways.7.plc-1", "gateways/7/plc-1"),
+            ("gateways.7.plc//1", "gateways/7/plc.1"),
+            ("/.gateways.7.x", "/gateways/7/x"),
+            ("gateways./.7", "gateways//7"),
+            ("gateways.7./", "gateways/7/"),
+            ("gateways.7.dév", "gateways/7/dév"),
+        ] {
+            assert_eq!(mqtt_topic(subject), topic, "{subject}");
+        }
+    }
+
+    #[test]
+    fn a_message_stored_by_the_broker_has_one_id_per_place_in_its_stream() {
+        let at = DateTime::parse_from_rfc3339("2026-12-02T07:00:00.123456789Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let read = |seq| {
+            RawMessage::stored_by_broker("$MQTT.msgs.gateways.7.a", seq, at, Bytes::new()).unwrap()
+        };
+        let (first, again, next) = (read(1 << 40), read(1 << 40), read((1 << 40) + 1));
+        assert_eq!(first, again);
+        assert_ne!(first.id, next.id);
+        assert_eq!(first.topic, "gateways/7/a");
+        assert_eq!(first.received_at, at);
+        assert_eq!(first.id.get_version_num(), 7);
+        let (secs, nanos) = first.id.get_timestamp().unwrap().to_unix();
+        assert_eq!((secs, nanos / 1_000_000), (at.timestamp() as u64, 123));
+        assert!(RawMessage::stored_by_broker("gateways.7.a", 1, at, Bytes::new()).is_none());
     }
 
     #[test]

@@ -7,6 +7,11 @@
 //! | DEAD     | `dataviz.dead.<stage>.<reason>`           | `DEAD_RETENTION`                       |
 //! | LIVE     | `dataviz.live.<gateway>`                  | `LIVE_MAX_AGE` and `LIVE_MAX_BYTES`    |
 //!
+//! With `MQTT_INTAKE=nats` the processor reads what nats-server's MQTT listener stored, in its
+//! own stream `$MQTT_msgs` (consumer `processor-mqtt`), and keeps a copy of each message in RAW
+//! on `dataviz.raw.intake.<gateway>`, for replay; the processor's consumer of RAW then takes only
+//! `dataviz.raw.<gateway>` (re-queued dead letters).
+//!
 //! Beside them, the object store `dead_payloads` (stream `OBJ_dead_payloads`) keeps, for as long
 //! as DEAD keeps letters, the whole payload of a letter too large for DEAD itself.
 //!
@@ -38,6 +43,18 @@ pub const LIVE_SUBJECTS: &str = "dataviz.live.>";
 
 /// Durable consumer of RAW shared by every processor instance.
 pub const PROCESSOR_CONSUMER: &str = "processor";
+/// nats-server's stream of the QoS 1 and 2 messages its MQTT listener took (its name and
+/// subjects are nats-server's, not ours).
+pub const MQTT_STREAM: &str = "$MQTT_msgs";
+/// The prefix of [`MQTT_STREAM`]'s subjects: then the NATS subject of the MQTT topic.
+pub const MQTT_SUBJECT_PREFIX: &str = "$MQTT.msgs.";
+/// Durable consumer of [`MQTT_STREAM`] shared by every processor instance (`MQTT_INTAKE=nats`).
+pub const INTAKE_CONSUMER: &str = "processor-mqtt";
+/// The RAW subjects the processor's consumer of RAW reads: `dataviz.raw.<gateway>`.
+pub const RAW_TO_PROCESS: &str = "dataviz.raw.*";
+/// The RAW subjects of the copies of the messages the processor read from [`MQTT_STREAM`]: kept
+/// for replay, not for the processor's consumer of RAW.
+pub const RAW_INTAKE_PREFIX: &str = "dataviz.raw.intake.";
 /// Durable consumer of READINGS shared by every writer instance.
 pub const WRITER_CONSUMER: &str = "writer";
 /// Durable consumer of LIVE shared by every publisher instance.
@@ -52,6 +69,27 @@ pub fn raw_subject(gateway_id: Option<i32>) -> String {
         Some(id) => format!("dataviz.raw.{id}"),
         None => "dataviz.raw.unrouted".to_owned(),
     }
+}
+
+/// The RAW subject of the copy of a message read from nats-server's MQTT stream. One token
+/// under `dataviz.raw`, whatever the gateways: the processor's consumer of RAW
+/// (`dataviz.raw.*`) is matched against that level's subjects at each new message.
+pub fn raw_intake_subject(gateway_id: Option<i32>) -> String {
+    match gateway_id {
+        Some(id) => format!("{RAW_INTAKE_PREFIX}{id}"),
+        None => format!("{RAW_INTAKE_PREFIX}unrouted"),
+    }
+}
+
+/// How MQTT messages reach the processor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Intake {
+    /// The bridge holds an MQTT session on the broker (any MQTT 3.1.1 broker) and stores each
+    /// message in RAW, which the processor reads.
+    Bridge,
+    /// nats-server is the broker: the processor reads the messages its MQTT listener stored
+    /// (stream `$MQTT_msgs`), with no bridge, and keeps a copy of each in RAW for replay.
+    Nats,
 }
 
 pub fn readings_subject(gateway_id: i32) -> String {
@@ -159,6 +197,10 @@ pub struct StreamSettings {
     /// How long a consumer waits for an ack before delivering a message again (after a crash).
     #[arg(long, env = "ACK_WAIT", value_name = "ACK_WAIT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub ack_wait: Duration,
+    /// How MQTT messages reach the processor: `bridge` (an MQTT session on any broker, stored in
+    /// RAW) or `nats` (nats-server is the broker; the processor reads what it stored, no bridge).
+    #[arg(long, env = "MQTT_INTAKE", value_name = "MQTT_INTAKE", value_enum, default_value_t = Intake::Bridge)]
+    pub mqtt_intake: Intake,
     /// Replicas of each stream (3 on a 3-node cluster).
     #[arg(long, env = "NATS_REPLICAS", value_name = "NATS_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
     pub replicas: u8,
@@ -175,7 +217,9 @@ impl StreamSettings {
     pub fn raw(&self) -> stream::Config {
         stream::Config {
             name: RAW_STREAM.into(),
-            description: Some("Raw MQTT messages as the bridge received them".into()),
+            description: Some(
+                "Raw MQTT messages as the bridge received them or the processor read them".into(),
+            ),
             subjects: vec![RAW_SUBJECTS.into()],
             max_age: self.raw_retention,
             max_bytes: self.raw_max_bytes,
@@ -254,11 +298,29 @@ impl StreamSettings {
         }
     }
 
-    /// The processor's durable consumer of RAW.
+    /// The processor's durable consumer of RAW: the bridge's messages and the re-queued ones,
+    /// not the copies the processor keeps there with `MQTT_INTAKE=nats` (so that changing the
+    /// intake never has it read them).
     pub fn processor_consumer(&self) -> consumer::pull::Config {
         consumer::pull::Config {
             durable_name: Some(PROCESSOR_CONSUMER.into()),
             description: Some("Every processor instance; raw message -> readings".into()),
+            filter_subject: RAW_TO_PROCESS.into(),
+            ..self.consumer_common()
+        }
+    }
+
+    /// The processor's durable consumer of nats-server's MQTT stream (`MQTT_INTAKE=nats`). No
+    /// filter: devices may publish only on their gateway's topics (nats/users.conf), anything
+    /// else goes to DEAD as a bad topic, and a filter narrower than the stream costs nats-server
+    /// a search per message among every device's subject (about a fifth more of its CPU in
+    /// the bench). New messages only: what the stream holds when it is made waits for the
+    /// sessions it was kept for (a bridge's, when the intake changes).
+    pub fn intake_consumer(&self) -> consumer::pull::Config {
+        consumer::pull::Config {
+            durable_name: Some(INTAKE_CONSUMER.into()),
+            description: Some("Every processor instance; MQTT message -> readings".into()),
+            deliver_policy: DeliverPolicy::New,
             ..self.consumer_common()
         }
     }
@@ -348,6 +410,33 @@ pub async fn ensure_publisher(
         .await
         .context("creating the publisher consumer on LIVE")?;
     Ok(())
+}
+
+/// Creates or updates the processor's consumer of nats-server's MQTT stream
+/// ([`StreamSettings::intake_consumer`]). `Ok(false)` when that stream is not there: nats-server
+/// makes it when the first MQTT client of the account connects.
+pub async fn ensure_intake(
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+) -> anyhow::Result<bool> {
+    let stream = match js.get_stream(MQTT_STREAM).await {
+        Ok(stream) => stream,
+        Err(e)
+            if matches!(
+                e.kind(),
+                jetstream::context::GetStreamErrorKind::JetStream(e)
+                    if e.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+            ) =>
+        {
+            return Ok(false);
+        }
+        Err(e) => return Err(e).context("opening nats-server's MQTT stream"),
+    };
+    stream
+        .create_consumer(settings.intake_consumer())
+        .await
+        .with_context(|| format!("creating the processor consumer on {MQTT_STREAM}"))?;
+    Ok(true)
 }
 
 /// Whether an error of [`ensure`] is JetStream not answering yet (a timeout, no responders, the

@@ -7,6 +7,11 @@
 //! messages go to READINGS packed, one message per gateway ([`ReadingsMessage`]). A raw message
 //! is acknowledged only once READINGS (or DEAD) stored its result.
 //!
+//! With `MQTT_INTAKE=nats` it also reads, with no bridge, what nats-server's MQTT listener
+//! stored (stream `$MQTT_msgs`): each such message gets its id and receive time from its place
+//! in that stream ([`RawMessage::stored_by_broker`]), and is copied to RAW for replay before it
+//! is processed.
+//!
 //! Failures are sorted in one place, [`Outcome`]: a message that can never succeed (bad topic,
 //! bad payload, unknown gateway, a value PostgreSQL cannot store) goes to DEAD with the reason;
 //! anything else (database or NATS unreachable) is handed back and retried with backoff.
@@ -24,7 +29,8 @@ use dataviz_core::{
     ops::{Progress, metric},
     payload::{self, Payload, PayloadLimits},
     shutdown::Shutdown,
-    streams, topic,
+    streams::{self, Intake, StreamSettings},
+    topic,
     value::Value,
 };
 use futures::StreamExt;
@@ -103,6 +109,13 @@ impl Stage for Processor {
     }
 }
 
+/// A message handed to the processor, read: the raw message and where RAW keeps it, or what
+/// becomes of it already.
+enum Read {
+    Raw(RawMessage, Option<u64>),
+    Settled(Outcome),
+}
+
 impl Processor {
     pub fn new(
         pool: deadpool_postgres::Pool,
@@ -158,29 +171,85 @@ impl Processor {
     /// start every device is such a message once, so up to [`RESOLVE_CONCURRENCY`] messages
     /// are decided at once (a cached one costs no wait).
     pub(crate) async fn outcomes(&self, messages: &[jetstream::Message]) -> Vec<Outcome> {
+        let read = join_all(messages.iter().map(|m| self.read(m))).await;
         // The futures made first: a stream holding the closure would not be `Send` for every
         // lifetime, which the consume loop needs.
-        let decided: Vec<_> = messages.iter().map(|m| self.outcome(m)).collect();
+        let decided: Vec<_> = read.into_iter().map(|r| self.outcome(r)).collect();
         futures::stream::iter(decided)
             .buffered(RESOLVE_CONCURRENCY)
             .collect()
             .await
     }
 
-    async fn outcome(&self, message: &jetstream::Message) -> Outcome {
-        match RawMessage::from_parts(message.headers.as_ref(), message.payload.clone()) {
-            Ok(raw) => match self.decide(raw).await {
+    async fn outcome(&self, read: Read) -> Outcome {
+        match read {
+            Read::Raw(raw, raw_seq) => match self.decide(raw).await {
                 Outcome::Readings(mut unit) => {
-                    unit.raw_seq = message.info().ok().map(|i| i.stream_sequence);
+                    unit.raw_seq = raw_seq;
                     Outcome::Readings(unit)
                 }
                 other => other,
             },
+            Read::Settled(outcome) => outcome,
+        }
+    }
+
+    /// The raw message of a message of RAW, or of nats-server's MQTT stream once its copy is in
+    /// RAW ([`Processor::keep`]).
+    async fn read(&self, message: &jetstream::Message) -> Read {
+        let info = message.info().ok();
+        if let Some(info) = &info {
+            let stored_at = DateTime::from_timestamp_nanos(
+                i64::try_from(info.published.unix_timestamp_nanos()).unwrap_or(i64::MAX),
+            );
+            if let Some(raw) = RawMessage::stored_by_broker(
+                &message.subject,
+                info.stream_sequence,
+                stored_at,
+                message.payload.clone(),
+            ) {
+                return self.keep(raw).await;
+            }
+        }
+        match RawMessage::from_parts(message.headers.as_ref(), message.payload.clone()) {
+            Ok(raw) => Read::Raw(raw, info.map(|i| i.stream_sequence)),
             Err(e) => {
                 let raw =
                     RawMessage::received(message.subject.to_string(), message.payload.clone());
-                dead(raw, DeadReason::ForeignMessage, e.to_string())
+                Read::Settled(dead(raw, DeadReason::ForeignMessage, e.to_string()))
             }
+        }
+    }
+
+    /// Copies a message read from nats-server's MQTT stream to RAW, where replay finds it (on
+    /// [`RawMessage::intake_subject`], which the processor's consumer of RAW does not read),
+    /// under its id: a redelivery is stored once within `RAW_DUPLICATE_WINDOW`, and a later
+    /// copy too many has the same id, which the writer knows. A message too large for RAW
+    /// with headers goes to DEAD as the bridge sends it there, its whole payload kept beside.
+    async fn keep(&self, raw: RawMessage) -> Read {
+        let max_payload = self.js.client().server_info().max_payload;
+        if let Some(letter) = dataviz_core::dead::oversized(&raw, Self::NAME, max_payload) {
+            return Read::Settled(
+                match dataviz_core::dead::keep_whole(&self.js, raw.id, &raw.payload).await {
+                    Ok(()) => Outcome::Dead(letter),
+                    Err(e) => Outcome::Retry(Transient {
+                        failure: Failure::Nats,
+                        error: format!("{e:#}"),
+                    }),
+                },
+            );
+        }
+        let mut id = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        let id = raw.id.hyphenated().encode_lower(&mut id);
+        let headers = raw.headers(Some(id));
+        match streams::publish_stored(&self.js, raw.intake_subject(), headers, raw.payload.clone())
+            .await
+        {
+            Ok(ack) => Read::Raw(raw, Some(ack.sequence)),
+            Err(e) => Read::Settled(Outcome::Retry(Transient {
+                failure: Failure::Nats,
+                error: format!("RAW did not store the message's copy: {e}"),
+            })),
         }
     }
 
@@ -344,17 +413,19 @@ pub fn unit(
     }
 }
 
-/// Runs `config.worker_count` consume loops on RAW until `shutdown`, on the durable
-/// `consumer` ([`dataviz_core::streams::StreamSettings::processor_consumer`]).
+/// Runs `config.worker_count` consume loops until `shutdown`: on RAW
+/// ([`StreamSettings::processor_consumer`]), or with `MQTT_INTAKE=nats` on nats-server's MQTT
+/// stream ([`StreamSettings::intake_consumer`]) and one more on RAW for what is re-queued there.
 pub async fn run(
     config: ProcessorConfig,
-    consumer: async_nats::jetstream::consumer::pull::Config,
+    settings: &StreamSettings,
     js: jetstream::Context,
     pool: deadpool_postgres::Pool,
     progress: Arc<Progress>,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let processor = Arc::new(Processor::new(pool, js.clone(), config.limits()));
+    let workers = usize::from(config.worker_count);
     let flusher = {
         let processor = processor.clone();
         let shutdown = shutdown.clone();
@@ -374,16 +445,23 @@ pub async fn run(
             }
         })
     };
-    let workers = (0..config.worker_count).map(|_| {
+    let loops = match settings.mqtt_intake {
+        Intake::Bridge => vec![(streams::RAW_STREAM, settings.processor_consumer()); workers],
+        Intake::Nats => {
+            std::iter::repeat_n((streams::MQTT_STREAM, settings.intake_consumer()), workers)
+                .chain([(streams::RAW_STREAM, settings.processor_consumer())])
+                .collect()
+        }
+    };
+    let workers = loops.into_iter().map(|(stream, consumer)| {
         let (processor, js, shutdown) = (processor.clone(), js.clone(), shutdown.clone());
         let progress = progress.clone();
         let batch_size = config.processor_batch_size;
-        let consumer = consumer.clone();
         tokio::spawn(async move {
             consume::run(
                 &*processor,
                 &js,
-                streams::RAW_STREAM,
+                stream,
                 consumer,
                 batch_size,
                 &progress,

@@ -126,9 +126,14 @@ pub async fn replay(
             },
             description: Some(format!("dataviz replay since {}", range.since.to_rfc3339())),
             deliver_policy: consumer::DeliverPolicy::ByStartTime { start_time: start },
-            filter_subject: match range.gateway {
-                Some(id) => streams::raw_subject(Some(id)),
-                None => streams::RAW_SUBJECTS.into(),
+            // A gateway's messages, as the bridge stored them and as the processor copied them
+            // from nats-server's MQTT stream (MQTT_INTAKE=nats).
+            filter_subjects: match range.gateway {
+                Some(id) => vec![
+                    streams::raw_subject(Some(id)),
+                    streams::raw_intake_subject(Some(id)),
+                ],
+                None => vec![streams::RAW_SUBJECTS.into()],
             },
             ack_wait: Duration::from_secs(60),
             max_ack_pending: 10_000,

@@ -137,23 +137,33 @@ pub struct BrokerStack {
     pub nats: NatsServer,
     pub db: TestDb,
     log_dir: tempfile::TempDir,
+    /// MQTT_INTAKE: `bridge` or `nats`.
+    pub intake: &'static str,
 }
 
 impl BrokerStack {
     pub async fn start() -> BrokerStack {
+        Self::start_with_intake("bridge").await
+    }
+
+    /// With `intake` as MQTT_INTAKE (`nats`: the processor reads nats-server's MQTT stream, no
+    /// bridge); `dataviz migrate` made what keeps messages for Dataviz before it runs.
+    pub async fn start_with_intake(intake: &'static str) -> BrokerStack {
         let nats = NatsServer::start_broker(&[DEVICE]);
         let db = TestDb::create().await;
         let stack = BrokerStack {
             nats,
             db,
             log_dir: tempfile::tempdir().expect("temp dir"),
+            intake,
         };
         let (ok, out) = stack.dataviz(&["migrate"]);
         assert!(ok, "{out}");
-        assert!(
-            out.contains("MQTT: the bridge's session (dataviz-bridge)") && out.contains("made"),
-            "{out}"
-        );
+        let made = match intake {
+            "nats" => "consumer processor-mqtt, made",
+            _ => "MQTT: the bridge's session (dataviz-bridge)",
+        };
+        assert!(out.contains(made) && out.contains("made"), "{out}");
         let (ok, out) = stack.dataviz(&["migrate"]);
         assert!(
             ok && out.contains("exists"),
@@ -173,6 +183,7 @@ impl BrokerStack {
         let mut env = role_env(&self.nats, self.nats.mqtt_port(), &self.db, &self.log_dir);
         env.push(("MQTT_USERNAME".into(), "dataviz-bridge".into()));
         env.push(("MQTT_PASSWORD".into(), BRIDGE_PASSWORD.into()));
+        env.push(("MQTT_INTAKE".into(), self.intake.into()));
         env
     }
 
