@@ -30,6 +30,8 @@
 
 use anyhow::Context as _;
 use bytes::Bytes;
+use clap::ValueEnum as _;
+use dataviz_core::streams::Intake;
 use dataviz_testkit::{BRIDGE_PASSWORD, DeviceUser, Mosquitto, NatsServer, Publisher, TestDb};
 use futures::{StreamExt, stream::FuturesUnordered};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
@@ -64,6 +66,10 @@ pub struct BenchArgs {
     /// Skip the runs with `dataviz all` pinned to one core, then to two (taskset).
     #[arg(long)]
     no_scaling: bool,
+    /// How the pipeline on nats-server takes MQTT messages (MQTT_INTAKE): `bridge`, as on
+    /// Mosquitto, or `nats`, the processor reading nats-server's MQTT stream.
+    #[arg(long, value_enum, default_value_t = Intake::Bridge)]
+    mqtt_intake: Intake,
     /// A PostgreSQL superuser URL: the bench creates (and drops) a database of its own there.
     #[arg(
         long,
@@ -135,6 +141,8 @@ struct Broker<'a> {
     nats: &'a NatsServer,
     /// The MQTT broker's process when it is not `nats`.
     mqtt_pid: Option<u32>,
+    /// How `dataviz all` takes its messages.
+    intake: Intake,
 }
 
 /// The device user of the bench's nats-server.
@@ -161,6 +169,14 @@ impl Broker<'_> {
             ("NATS_URL", self.nats.url()),
             ("MQTT_HOST", "127.0.0.1".to_owned()),
             ("MQTT_PORT", self.mqtt_port.to_string()),
+            (
+                "MQTT_INTAKE",
+                self.intake
+                    .to_possible_value()
+                    .expect("no variant skipped")
+                    .get_name()
+                    .to_owned(),
+            ),
         ];
         if let Some((user, password)) = self.bridge {
             env.push(("MQTT_USERNAME", user.to_owned()));
@@ -186,6 +202,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         bridge: Some(("dataviz-bridge", BRIDGE_PASSWORD)),
         nats: &broker_nats,
         mqtt_pid: None,
+        intake: args.mqtt_intake,
     };
     let other = Broker {
         name: "Mosquitto",
@@ -194,11 +211,18 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         bridge: None,
         nats: &plain_nats,
         mqtt_pid: mosquitto.pid(),
+        intake: Intake::Bridge,
     };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
-        "dataviz bench: {} messages × {} readings, {} devices; {cores} cores; nats-server, Mosquitto and PostgreSQL on this machine\n",
-        args.messages, args.tags, args.devices
+        "dataviz bench: {} messages × {} readings, {} devices; {cores} cores; nats-server, Mosquitto and PostgreSQL on this machine; MQTT_INTAKE={} on nats-server\n",
+        args.messages,
+        args.tags,
+        args.devices,
+        args.mqtt_intake
+            .to_possible_value()
+            .expect("no variant skipped")
+            .get_name()
     );
 
     let mut client = db.connect().await;
