@@ -339,7 +339,8 @@ async fn ensure_intake(
         .await
         .with_context(|| {
             format!(
-                "MQTT_INTAKE=nats: nats-server has no MQTT stream yet, and its MQTT listener                  at {broker} (MQTT_HOST, MQTT_PORT) did not answer to make it"
+                "MQTT_INTAKE=nats: nats-server has no MQTT stream yet, and its MQTT listener \
+                 at {broker} (MQTT_HOST, MQTT_PORT) did not answer to make it"
             )
         })?;
     for _ in 0..50 {
@@ -349,7 +350,9 @@ async fn ensure_intake(
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     anyhow::bail!(
-        "MQTT_INTAKE=nats: the MQTT broker at {broker} answered, but NATS has no stream {} in          this account: is that broker nats-server's MQTT listener, in the same account as the          NATS user of this role?",
+        "MQTT_INTAKE=nats: the MQTT broker at {broker} answered, but NATS has no stream {} in \
+         this account: is that broker nats-server's MQTT listener, in the same account as \
+         the NATS user of this role?",
         streams::MQTT_STREAM
     )
 }

@@ -112,7 +112,9 @@ impl Stage for Processor {
 /// A message handed to the processor, read: the raw message and where RAW keeps it, or what
 /// becomes of it already.
 enum Read {
+    /// To process; RAW keeps it at this sequence (`None`: a message of a replay's own).
     Raw(RawMessage, Option<u64>),
+    /// Decided already: a dead letter, or a retry.
     Settled(Outcome),
 }
 
