@@ -178,15 +178,7 @@ pub async fn open_session(config: &BridgeConfig, within: Duration) -> anyhow::Re
                 "opening the bridge's session on the MQTT broker at {broker}"
             ))
         })?;
-    let _ = client.try_disconnect();
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        while let Ok(event) = eventloop.poll().await {
-            if let Event::Outgoing(rumqttc::Outgoing::Disconnect) = event {
-                break;
-            }
-        }
-    })
-    .await;
+    leave(&client, &mut eventloop).await;
     Ok(present)
 }
 
@@ -213,6 +205,12 @@ pub async fn wake(mqtt: &MqttConnection, within: Duration) -> anyhow::Result<()>
             anyhow::anyhow!("no answer from the MQTT broker at {broker} within {within:?}")
         })?
         .with_context(|| format!("connecting to the MQTT broker at {broker}"))?;
+    leave(&client, &mut eventloop).await;
+    Ok(())
+}
+
+/// Disconnects, driving the event loop until the DISCONNECT is out (2 s at most).
+async fn leave(client: &AsyncClient, eventloop: &mut rumqttc::EventLoop) {
     let _ = client.try_disconnect();
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         while let Ok(event) = eventloop.poll().await {
@@ -222,7 +220,6 @@ pub async fn wake(mqtt: &MqttConnection, within: Duration) -> anyhow::Result<()>
         }
     })
     .await;
-    Ok(())
 }
 
 async fn event_loop(

@@ -165,19 +165,7 @@ async fn readings_without_ts_held_by_a_killed_bridge_are_stored_once() {
     let mut bridge = spawn_logged("bridge", &stack.env(), &bridge_env);
     let _processor = stack.spawn("processor", &[WINDOW]);
     let _writer = stack.spawn("writer", &[WINDOW]);
-    let mut device = dataviz_testkit::Publisher::connect_as(
-        stack.nats.mqtt_port(),
-        "untimed-device",
-        DEVICE.name,
-        DEVICE.password,
-    );
-    let untimed = |i: i64| format!(r#"{{"d": [{{"tag": "seq", "value": {i}}}]}}"#);
-    for i in 0..MESSAGES {
-        device
-            .publish(format!("gateways/1/dev-{}", i % 10), untimed(i))
-            .await
-            .expect("published");
-    }
+    let device = publish_untimed(&stack, MESSAGES).await;
     // Mid-stream: the bridge holds messages received, some stored in RAW, not yet acknowledged.
     while common::stream_count(&stack.nats.url(), "RAW").await < MESSAGES as u64 / 4 {
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -194,11 +182,6 @@ async fn readings_without_ts_held_by_a_killed_bridge_are_stored_once() {
     // What the broker sends again comes after its ack_wait: give it the time, then count.
     tokio::time::sleep(Duration::from_secs(25)).await;
     common::wait_drained(&stack.nats.url()).await;
-    assert_eq!(
-        count_on(&stack.db, seq).await,
-        MESSAGES,
-        "each reading once"
-    );
     let resent = without_ansi(&bridge.log())
         .lines()
         .filter(|line| line.contains("message received") && line.contains("dup=true"))
@@ -208,14 +191,7 @@ async fn readings_without_ts_held_by_a_killed_bridge_are_stored_once() {
         resent > 0,
         "nothing was sent again: the test did not exercise the case"
     );
-    assert_eq!(
-        count_on(
-            &stack.db,
-            "SELECT count(DISTINCT value_num)::bigint FROM tag_reading"
-        )
-        .await,
-        MESSAGES
-    );
+    assert_each_untimed_reading_once(&stack, MESSAGES).await;
 }
 
 /// With the nats intake a message's id is its place in nats-server's MQTT stream, whatever
@@ -233,19 +209,7 @@ async fn readings_without_ts_held_by_a_processor_away_past_the_window_are_stored
     ];
     let mut processor = stack.spawn("processor", &env);
     let _writer = stack.spawn("writer", &env);
-    let mut device = dataviz_testkit::Publisher::connect_as(
-        stack.nats.mqtt_port(),
-        "untimed-device",
-        DEVICE.name,
-        DEVICE.password,
-    );
-    let untimed = |i: i64| format!(r#"{{"d": [{{"tag": "seq", "value": {i}}}]}}"#);
-    for i in 0..MESSAGES {
-        device
-            .publish(format!("gateways/1/dev-{}", i % 10), untimed(i))
-            .await
-            .expect("published");
-    }
+    let device = publish_untimed(&stack, MESSAGES).await;
     // Mid-stream: the processor holds messages, some copied to RAW, not yet acknowledged.
     while common::stream_count(&stack.nats.url(), "RAW").await < MESSAGES as u64 / 4 {
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -264,19 +228,7 @@ async fn readings_without_ts_held_by_a_processor_away_past_the_window_are_stored
     common::wait_for_count_on(&stack.db, seq, MESSAGES, Duration::from_secs(120)).await;
     common::wait_drained(&stack.nats.url()).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(
-        count_on(&stack.db, seq).await,
-        MESSAGES,
-        "each reading once"
-    );
-    assert_eq!(
-        count_on(
-            &stack.db,
-            "SELECT count(DISTINCT value_num)::bigint FROM tag_reading"
-        )
-        .await,
-        MESSAGES
-    );
+    assert_each_untimed_reading_once(&stack, MESSAGES).await;
     let copies = common::stream_count(&stack.nats.url(), "RAW").await;
     eprintln!("{before} readings before the kill; RAW holds {copies} copies");
     assert!(
@@ -284,6 +236,38 @@ async fn readings_without_ts_held_by_a_processor_away_past_the_window_are_stored
         "the killed processor held messages that were copied to RAW again ({before} stored \
          before, {copies} copies): the test did not exercise the case"
     );
+}
+
+/// A device publishing `messages` readings without `ts` (tag `seq`, values 0 to messages - 1)
+/// for gateway 1, over ten devices; returned with the PUBACKs still coming.
+async fn publish_untimed(stack: &BrokerStack, messages: i64) -> dataviz_testkit::Publisher {
+    let mut device = dataviz_testkit::Publisher::connect_as(
+        stack.nats.mqtt_port(),
+        "untimed-device",
+        DEVICE.name,
+        DEVICE.password,
+    );
+    for i in 0..messages {
+        let untimed = format!(r#"{{"d": [{{"tag": "seq", "value": {i}}}]}}"#);
+        device
+            .publish(format!("gateways/1/dev-{}", i % 10), untimed)
+            .await
+            .expect("published");
+    }
+    device
+}
+
+/// Every reading of [`publish_untimed`] is stored, once.
+async fn assert_each_untimed_reading_once(stack: &BrokerStack, messages: i64) {
+    let seq =
+        "SELECT count(*) FROM tag_reading r JOIN tag t ON t.id = r.tag_id WHERE t.code = 'seq'";
+    assert_eq!(
+        count_on(&stack.db, seq).await,
+        messages,
+        "each reading once"
+    );
+    let distinct = "SELECT count(DISTINCT value_num)::bigint FROM tag_reading";
+    assert_eq!(count_on(&stack.db, distinct).await, messages);
 }
 
 /// A log without its terminal colours.
