@@ -30,7 +30,6 @@
 
 use anyhow::Context as _;
 use bytes::Bytes;
-use clap::ValueEnum as _;
 use dataviz_core::streams::Intake;
 use dataviz_testkit::{BRIDGE_PASSWORD, DeviceUser, Mosquitto, NatsServer, Publisher, TestDb};
 use futures::{StreamExt, stream::FuturesUnordered};
@@ -169,14 +168,7 @@ impl Broker<'_> {
             ("NATS_URL", self.nats.url()),
             ("MQTT_HOST", "127.0.0.1".to_owned()),
             ("MQTT_PORT", self.mqtt_port.to_string()),
-            (
-                "MQTT_INTAKE",
-                self.intake
-                    .to_possible_value()
-                    .expect("no variant skipped")
-                    .get_name()
-                    .to_owned(),
-            ),
+            ("MQTT_INTAKE", self.intake.name().to_owned()),
         ];
         if let Some((user, password)) = self.bridge {
             env.push(("MQTT_USERNAME", user.to_owned()));
@@ -219,10 +211,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         args.messages,
         args.tags,
         args.devices,
-        args.mqtt_intake
-            .to_possible_value()
-            .expect("no variant skipped")
-            .get_name()
+        args.mqtt_intake.name()
     );
 
     let mut client = db.connect().await;

@@ -357,6 +357,30 @@ async fn ensure_intake(
     )
 }
 
+/// Warns of the consumers of nats-server's MQTT stream that make it keep messages nobody may
+/// read ([`streams::mqtt_stream_holders`]): what a change of `MQTT_INTAKE` leaves behind.
+async fn warn_of_stream_holders(js: &async_nats::jetstream::Context, settings: &StreamSettings) {
+    match streams::mqtt_stream_holders(js, settings).await {
+        Ok(holders) => {
+            for (consumer, held) in holders {
+                tracing::warn!(
+                    stream = streams::MQTT_STREAM,
+                    consumer,
+                    held,
+                    "nats-server keeps these messages until this consumer takes them; with \
+                     MQTT_INTAKE={} nothing of Dataviz reads it: once it is drained, remove it \
+                     (README, \"MQTT intake\")",
+                    settings.mqtt_intake.name()
+                );
+            }
+        }
+        Err(e) => tracing::debug!(
+            error = format!("{e:#}"),
+            "MQTT stream's consumers not listed"
+        ),
+    }
+}
+
 pub async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
     let mut client = db::connect(&args.database.database_url).await?;
     let report = db::migrate(&mut client).await?;
@@ -436,6 +460,7 @@ pub async fn processor(args: ProcessorArgs) -> anyhow::Result<()> {
     if args.streams.mqtt_intake == Intake::Nats {
         ensure_intake(&js, &args.streams, &args.mqtt).await?;
     }
+    warn_of_stream_holders(&js, &args.streams).await;
     role.processor(args.processor, &args.streams, js, pool)
         .await?;
     client.flush().await.ok();
@@ -512,6 +537,7 @@ pub async fn all(args: AllArgs) -> anyhow::Result<()> {
     if intake == Intake::Nats {
         ensure_intake(&js, &args.streams, &args.bridge.mqtt).await?;
     }
+    warn_of_stream_holders(&js, &args.streams).await;
     let pool = role.database(&args.database).await?;
 
     // The admin site and the embedded Mercure hub share one listener, so that the site's

@@ -302,12 +302,9 @@ async fn with_the_nats_intake_requeue_and_replay_go_through_raw_and_store_nothin
         .unwrap();
     let _all = stack.spawn("all", &[]);
     let mut device = stack.publisher();
-    let timed = |i: i64| {
-        format!(r#"{{"d": [{{"tag": "seq", "value": {i}}}], "ts": "2024-01-01T00:00:{i:02}Z"}}"#)
-    };
     let untimed = |i: i64| format!(r#"{{"d": [{{"tag": "untimed", "value": {i}}}]}}"#);
     for i in 0..4 {
-        device.publish("gateways/1/early", timed(i)).await;
+        device.publish("gateways/1/early", timed_reading(i)).await;
     }
     device.wait_acked(Duration::from_secs(10)).await;
     // DEAD is made by `all` as it starts.
@@ -329,7 +326,7 @@ async fn with_the_nats_intake_requeue_and_replay_go_through_raw_and_store_nothin
     let (ok, out) = stack.dataviz(&["dlq", "requeue", "--all-matching", "--gateway", "1"]);
     assert!(ok && out.contains("re-queued 4 dead letter(s)"), "{out}");
     for i in 0..50 {
-        device.publish("gateways/1/timed", timed(i)).await;
+        device.publish("gateways/1/timed", timed_reading(i)).await;
         device.publish("gateways/1/untimed", untimed(i)).await;
     }
     device.wait_acked(Duration::from_secs(10)).await;
@@ -344,4 +341,34 @@ async fn with_the_nats_intake_requeue_and_replay_go_through_raw_and_store_nothin
     assert_eq!(count_on(&stack.db, all_rows).await, rows, "{out}");
     let (ok, out) = letters();
     assert!(ok && out.contains("0 dead letter(s)"), "{out}");
+}
+
+/// What a change of intake leaves behind is named at start: the side no longer in use makes
+/// nats-server keep every message for it. Both ways: the bridge's session after a change to
+/// `nats`, the processor's consumer after a change back to `bridge`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_side_a_change_of_intake_leaves_behind_is_named_at_start() {
+    for (made, now, holder) in [
+        ("bridge", "nats", "nats-server keeps these messages"),
+        ("nats", "bridge", "processor-mqtt"),
+    ] {
+        let stack = BrokerStack::start_with_intake(made).await;
+        // Nothing of Dataviz runs: what the device sends is kept for what `migrate` made.
+        let mut device = stack.publisher();
+        for i in 0..10 {
+            device.publish("gateways/1/left", timed_reading(i)).await;
+        }
+        device.wait_acked(Duration::from_secs(10)).await;
+        let processor = spawn_logged("processor", &stack.env(), &[("MQTT_INTAKE", now)]);
+        let intake = format!("MQTT_INTAKE={now} nothing of Dataviz reads it");
+        let line = processor
+            .expect_line(&[holder, &intake], "naming the holder")
+            .await;
+        let line = without_ansi(&line);
+        assert!(line.contains("WARN") && line.contains("held=10"), "{line}");
+    }
+}
+
+fn timed_reading(i: i64) -> String {
+    format!(r#"{{"d": [{{"tag": "seq", "value": {i}}}], "ts": "2024-01-01T00:00:{i:02}Z"}}"#)
 }

@@ -92,6 +92,16 @@ pub enum Intake {
     Nats,
 }
 
+impl Intake {
+    /// Its `MQTT_INTAKE` value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Intake::Bridge => "bridge",
+            Intake::Nats => "nats",
+        }
+    }
+}
+
 pub fn readings_subject(gateway_id: i32) -> String {
     format!("dataviz.readings.{gateway_id}")
 }
@@ -437,6 +447,33 @@ pub async fn ensure_intake(
         .await
         .with_context(|| format!("creating the processor consumer on {MQTT_STREAM}"))?;
     Ok(true)
+}
+
+/// The consumers of nats-server's MQTT stream that hold messages nobody may read, with how many
+/// each holds: the stream keeps a message until every consumer took it, so such a consumer
+/// fills the disk. With `MQTT_INTAKE=bridge`, the processor's former consumer
+/// ([`INTAKE_CONSUMER`], after a change back from `nats`); with `nats`, every other consumer
+/// holding messages (MQTT sessions, the bridge's after a change from `bridge`: a session that
+/// reads keeps few). Empty when the stream is not there.
+pub async fn mqtt_stream_holders(
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+) -> anyhow::Result<Vec<(String, u64)>> {
+    use futures::TryStreamExt as _;
+    let Ok(stream) = js.get_stream(MQTT_STREAM).await else {
+        return Ok(Vec::new());
+    };
+    let consumers: Vec<consumer::Info> = stream
+        .consumers()
+        .try_collect()
+        .await
+        .with_context(|| format!("listing the consumers of {MQTT_STREAM}"))?;
+    Ok(consumers
+        .into_iter()
+        .filter(|c| (c.name == INTAKE_CONSUMER) == (settings.mqtt_intake == Intake::Bridge))
+        .map(|c| (c.name, c.num_pending + c.num_ack_pending as u64))
+        .filter(|(_, held)| *held > 0)
+        .collect())
 }
 
 /// Whether an error of [`ensure`] is JetStream not answering yet (a timeout, no responders, the
