@@ -1,8 +1,9 @@
 //! The default broker: nats-server's own MQTT listener, running the project's config
 //! (`nats/`), as `scripts/start` and compose.yaml run it. A device independent of Dataviz
 //! (paho-mqtt, `tests/devices/resending_device.py`) publishes; the broker is SIGKILLed under it;
-//! what it acknowledged is stored, each reading once. And its catch: it keeps a message only for
-//! the sessions that exist, so `dataviz migrate` makes the bridge's.
+//! what it acknowledged is stored, each reading once, through the bridge and with
+//! `MQTT_INTAKE=nats`. And its catch: it keeps a message only for the sessions and consumers that
+//! exist, so `dataviz migrate` makes the bridge's session (or the processor's consumer).
 
 mod common;
 

@@ -1,5 +1,6 @@
-//! SIGKILL of every role in the middle of a run, on the default broker and on Mosquitto: nothing
-//! lost, nothing stored twice. And a bridge away longer than RAW's duplicate window.
+//! SIGKILL of every role in the middle of a run, on the default broker (through the bridge and
+//! with `MQTT_INTAKE=nats`) and on Mosquitto: nothing lost, nothing stored twice. And a bridge
+//! away longer than RAW's duplicate window.
 
 mod common;
 
@@ -41,8 +42,9 @@ async fn sigkill_of_every_role_mid_run_on_mosquitto_loses_nothing_and_stores_not
 }
 
 /// Bursts of messages; after each of the first six, one of `roles` is killed while it holds
-/// part of the burst, and started again, in turn (bridge, processor, writer, twice over). Every
-/// message is then stored, each reading once, and every role runs.
+/// part of the burst, and started again, in turn (bridge, processor, writer, twice over; without
+/// a bridge, processor and writer three times). Every message is then stored, each reading
+/// once, and every role runs.
 async fn every_role_killed_twice(
     roles: &[&str],
     spawn: impl Fn(&str, &[(&str, &str)]) -> Role,

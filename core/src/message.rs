@@ -376,7 +376,8 @@ mod tests {
 
     #[test]
     fn topics_come_back_from_the_subjects_nats_server_made_of_them() {
-        // nats-server's mapping (server/mqtt.go, mqttToNATSSubjectConversion), both ways.
+        // Subjects as nats-server makes them of topics (server/mqtt.go,
+        // mqttToNATSSubjectConversion), each read back to its topic.
         for (subject, topic) in [
             ("gateways.7.plc-1", "gateways/7/plc-1"),
             ("gateways.7.plc//1", "gateways/7/plc.1"),
