@@ -10,7 +10,7 @@ use dataviz_core::{
     ops::{Ops, OpsConfig},
     retention::{self, RetentionConfig},
     shutdown::{self, Shutdown},
-    streams::{self, Intake, StreamSettings},
+    streams::{self, Intake, IntakeConsumer, StreamSettings},
 };
 use dataviz_mercure::{Hub, HubConfig, MercureKeysConfig, MercurePublisher, Transport, UpdateSink};
 use dataviz_processor::ProcessorConfig;
@@ -327,12 +327,10 @@ async fn ensure_intake(
     settings: &StreamSettings,
     mqtt: &MqttConnection,
 ) -> anyhow::Result<bool> {
-    let existed = match js.get_stream(streams::MQTT_STREAM).await {
-        Ok(stream) => stream.consumer_info(streams::INTAKE_CONSUMER).await.is_ok(),
-        Err(_) => false,
-    };
-    if streams::ensure_intake(js, settings).await? {
-        return Ok(existed);
+    match streams::ensure_intake(js, settings).await? {
+        IntakeConsumer::Existed => return Ok(true),
+        IntakeConsumer::Made => return Ok(false),
+        IntakeConsumer::NoStream => {}
     }
     let broker = format!("{}:{}", mqtt.mqtt_host, mqtt.mqtt_port);
     dataviz_bridge::wake(mqtt, std::time::Duration::from_secs(15))
@@ -344,7 +342,7 @@ async fn ensure_intake(
             )
         })?;
     for _ in 0..50 {
-        if streams::ensure_intake(js, settings).await? {
+        if streams::ensure_intake(js, settings).await? != IntakeConsumer::NoStream {
             return Ok(false);
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;

@@ -177,9 +177,7 @@ async fn readings_without_ts_held_by_a_killed_bridge_are_stored_once() {
         .wait_acked(Duration::from_secs(30))
         .await
         .expect("acknowledged");
-    let seq =
-        "SELECT count(*) FROM tag_reading r JOIN tag t ON t.id = r.tag_id WHERE t.code = 'seq'";
-    common::wait_for_count_on(&stack.db, seq, MESSAGES, Duration::from_secs(120)).await;
+    common::wait_for_count_on(&stack.db, UNTIMED_ROWS, MESSAGES, Duration::from_secs(120)).await;
     // What the broker sends again comes after its ack_wait: give it the time, then count.
     tokio::time::sleep(Duration::from_secs(25)).await;
     common::wait_drained(&stack.nats.url()).await;
@@ -220,13 +218,11 @@ async fn readings_without_ts_held_by_a_processor_away_past_the_window_are_stored
         .wait_acked(Duration::from_secs(30))
         .await
         .expect("acknowledged");
-    let seq =
-        "SELECT count(*) FROM tag_reading r JOIN tag t ON t.id = r.tag_id WHERE t.code = 'seq'";
-    let before = count_on(&stack.db, seq).await;
+    let before = count_on(&stack.db, UNTIMED_ROWS).await;
     // Past the duplicate window and the ack wait: what it held comes again as new to RAW.
     tokio::time::sleep(Duration::from_secs(5)).await;
     processor.start_again();
-    common::wait_for_count_on(&stack.db, seq, MESSAGES, Duration::from_secs(120)).await;
+    common::wait_for_count_on(&stack.db, UNTIMED_ROWS, MESSAGES, Duration::from_secs(120)).await;
     common::wait_drained(&stack.nats.url()).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_each_untimed_reading_once(&stack, MESSAGES).await;
@@ -238,6 +234,10 @@ async fn readings_without_ts_held_by_a_processor_away_past_the_window_are_stored
          before, {copies} copies): the test did not exercise the case"
     );
 }
+
+/// The readings [`publish_untimed`] stored.
+const UNTIMED_ROWS: &str =
+    "SELECT count(*) FROM tag_reading r JOIN tag t ON t.id = r.tag_id WHERE t.code = 'seq'";
 
 /// A device publishing `messages` readings without `ts` (tag `seq`, values 0 to messages - 1)
 /// for gateway 1, over ten devices; returned with the PUBACKs still coming.
@@ -260,10 +260,8 @@ async fn publish_untimed(stack: &BrokerStack, messages: i64) -> dataviz_testkit:
 
 /// Every reading of [`publish_untimed`] is stored, once.
 async fn assert_each_untimed_reading_once(stack: &BrokerStack, messages: i64) {
-    let seq =
-        "SELECT count(*) FROM tag_reading r JOIN tag t ON t.id = r.tag_id WHERE t.code = 'seq'";
     assert_eq!(
-        count_on(&stack.db, seq).await,
+        count_on(&stack.db, UNTIMED_ROWS).await,
         messages,
         "each reading once"
     );

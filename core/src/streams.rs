@@ -422,13 +422,24 @@ pub async fn ensure_publisher(
     Ok(())
 }
 
+/// What [`ensure_intake`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IntakeConsumer {
+    /// The consumer was there (its settings updated).
+    Existed,
+    /// The consumer is made.
+    Made,
+    /// nats-server's MQTT stream is not there: nats-server makes it when the first MQTT client
+    /// of the account connects.
+    NoStream,
+}
+
 /// Creates or updates the processor's consumer of nats-server's MQTT stream
-/// ([`StreamSettings::intake_consumer`]). `Ok(false)` when that stream is not there: nats-server
-/// makes it when the first MQTT client of the account connects.
+/// ([`StreamSettings::intake_consumer`]), and says what it found.
 pub async fn ensure_intake(
     js: &jetstream::Context,
     settings: &StreamSettings,
-) -> anyhow::Result<bool> {
+) -> anyhow::Result<IntakeConsumer> {
     let stream = match js.get_stream(MQTT_STREAM).await {
         Ok(stream) => stream,
         Err(e)
@@ -438,15 +449,20 @@ pub async fn ensure_intake(
                     if e.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
             ) =>
         {
-            return Ok(false);
+            return Ok(IntakeConsumer::NoStream);
         }
         Err(e) => return Err(e).context("opening nats-server's MQTT stream"),
     };
+    let existed = stream.consumer_info(INTAKE_CONSUMER).await.is_ok();
     stream
         .create_consumer(settings.intake_consumer())
         .await
         .with_context(|| format!("creating the processor consumer on {MQTT_STREAM}"))?;
-    Ok(true)
+    Ok(if existed {
+        IntakeConsumer::Existed
+    } else {
+        IntakeConsumer::Made
+    })
 }
 
 /// The consumers of nats-server's MQTT stream that hold messages nobody may read, with how many

@@ -173,7 +173,9 @@ impl Processor {
     /// start every device is such a message once, so up to [`RESOLVE_CONCURRENCY`] messages
     /// are decided at once (a cached one costs no wait).
     pub(crate) async fn outcomes(&self, messages: &[jetstream::Message]) -> Vec<Outcome> {
-        let read = join_all(messages.iter().map(|m| self.read(m))).await;
+        // Read once per fetch: `server_info` copies the server's whole description.
+        let max_payload = self.js.client().server_info().max_payload;
+        let read = join_all(messages.iter().map(|m| self.read(m, max_payload))).await;
         // The futures made first: a stream holding the closure would not be `Send` for every
         // lifetime, which the consume loop needs.
         let decided: Vec<_> = read.into_iter().map(|r| self.outcome(r)).collect();
@@ -198,7 +200,7 @@ impl Processor {
 
     /// The raw message of a message of RAW, or of nats-server's MQTT stream once its copy is in
     /// RAW ([`Processor::keep`]).
-    async fn read(&self, message: &jetstream::Message) -> Read {
+    async fn read(&self, message: &jetstream::Message, max_payload: usize) -> Read {
         let info = message.info().ok();
         if let Some(info) = &info {
             let stored_at = DateTime::from_timestamp_nanos(
@@ -210,7 +212,7 @@ impl Processor {
                 stored_at,
                 message.payload.clone(),
             ) {
-                return self.keep(raw).await;
+                return self.keep(raw, max_payload).await;
             }
         }
         match RawMessage::from_parts(message.headers.as_ref(), message.payload.clone()) {
@@ -228,8 +230,7 @@ impl Processor {
     /// under its id: a redelivery is stored once within `RAW_DUPLICATE_WINDOW`, and a later
     /// copy too many has the same id, which the writer knows. A message too large for RAW
     /// with headers goes to DEAD as the bridge sends it there, its whole payload kept beside.
-    async fn keep(&self, raw: RawMessage) -> Read {
-        let max_payload = self.js.client().server_info().max_payload;
+    async fn keep(&self, raw: RawMessage, max_payload: usize) -> Read {
         if let Some(letter) = dataviz_core::dead::oversized(&raw, Self::NAME, max_payload) {
             return Read::Settled(
                 match dataviz_core::dead::keep_whole(&self.js, raw.id, &raw.payload).await {
