@@ -26,6 +26,9 @@ pub mod metric {
     pub const BRIDGE_RECEIVED: &str = "dataviz_bridge_messages_received_total";
     /// Messages stored in RAW (or DEAD when oversized) and acknowledged on MQTT.
     pub const BRIDGE_STORED: &str = "dataviz_bridge_messages_stored_total";
+    /// QoS 0 messages the processor stored in RAW with `MQTT_INTAKE=nats` (nats-server keeps
+    /// none of them).
+    pub const PROCESSOR_AT_MOST_ONCE: &str = "dataviz_processor_qos0_stored_total";
     /// Raw messages handled by the processor, by `outcome` (`readings`, `dead`, `retry`).
     pub const PROCESSOR_MESSAGES: &str = "dataviz_processor_messages_total";
     /// Readings published to READINGS.

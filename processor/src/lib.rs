@@ -10,12 +10,14 @@
 //! With `MQTT_INTAKE=nats` it also reads, with no bridge, what nats-server's MQTT listener
 //! stored (stream `$MQTT_msgs`): each such message gets its id and receive time from its place
 //! in that stream ([`RawMessage::stored_by_broker`]), and is copied to RAW for replay before it
-//! is processed.
+//! is processed. QoS 0 messages, which nats-server does not store, it takes as they come and
+//! stores in RAW ([`at_most_once`]).
 //!
 //! Failures are sorted in one place, [`Outcome`]: a message that can never succeed (bad topic,
 //! bad payload, unknown gateway, a value PostgreSQL cannot store) goes to DEAD with the reason;
 //! anything else (database or NATS unreachable) is handed back and retried with backoff.
 
+pub mod at_most_once;
 pub mod registry;
 pub mod replay;
 
@@ -418,7 +420,8 @@ pub fn unit(
 
 /// Runs `config.worker_count` consume loops until `shutdown`: on RAW
 /// ([`StreamSettings::processor_consumer`]), or with `MQTT_INTAKE=nats` on nats-server's MQTT
-/// stream ([`StreamSettings::intake_consumer`]) and one more on RAW for what is re-queued there.
+/// stream ([`StreamSettings::intake_consumer`]) and one more on RAW for what is re-queued there
+/// and for QoS 0 messages, which [`at_most_once`] stores there.
 pub async fn run(
     config: ProcessorConfig,
     settings: &StreamSettings,
@@ -451,7 +454,15 @@ pub async fn run(
     let loops = match settings.mqtt_intake {
         Intake::Bridge => vec![(streams::RAW_STREAM, settings.processor_consumer()); workers],
         Intake::Nats => {
-            std::iter::repeat_n((streams::MQTT_STREAM, settings.intake_consumer()), workers)
+            // As made (`migrate` may have made it start where a bridge's session stopped).
+            let intake = match js.get_stream(streams::MQTT_STREAM).await {
+                Ok(stream) => match stream.consumer_info(streams::INTAKE_CONSUMER).await {
+                    Ok(made) => settings.intake_consumer_as(&made),
+                    Err(_) => settings.intake_consumer(),
+                },
+                Err(_) => settings.intake_consumer(),
+            };
+            std::iter::repeat_n((streams::MQTT_STREAM, intake), workers)
                 .chain([(streams::RAW_STREAM, settings.processor_consumer())])
                 .collect()
         }
@@ -473,8 +484,18 @@ pub async fn run(
             .await
         })
     });
+    let at_most_once = (settings.mqtt_intake == Intake::Nats).then(|| {
+        tokio::spawn(at_most_once::run(
+            js.clone(),
+            progress.clone(),
+            shutdown.clone(),
+        ))
+    });
     for worker in join_all(workers).await {
         worker??;
+    }
+    if let Some(task) = at_most_once {
+        task.await??;
     }
     flusher.await?;
     Ok(())

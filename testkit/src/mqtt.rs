@@ -1,5 +1,5 @@
-//! [`Publisher`]: an MQTT client publishing at QoS 1 and counting the broker's acks, the load
-//! generator of the tests and of `dataviz bench`.
+//! [`Publisher`]: an MQTT client publishing at QoS 1 (or another) and counting the broker's
+//! acks, the load generator of the tests and of `dataviz bench`.
 
 use rumqttc::{AsyncClient, ClientError, Event, MqttOptions, Packet, QoS};
 use std::sync::Arc;
@@ -62,7 +62,7 @@ impl Publisher {
         let event_loop = tokio::spawn(async move {
             loop {
                 match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::PubAck(_))) => {
+                    Ok(Event::Incoming(Packet::PubAck(_) | Packet::PubComp(_))) => {
                         counter.fetch_add(1, Ordering::SeqCst);
                     }
                     Ok(_) => {}
@@ -88,6 +88,21 @@ impl Publisher {
             .publish(topic, QoS::AtLeastOnce, false, payload)
             .await?;
         self.sent += 1;
+        Ok(())
+    }
+
+    /// Queues one message at `qos`; a QoS 2 message counts as acknowledged at its PUBCOMP, a
+    /// QoS 0 message is never acknowledged.
+    pub async fn publish_at(
+        &mut self,
+        qos: QoS,
+        topic: impl Into<String>,
+        payload: impl Into<Vec<u8>>,
+    ) -> Result<(), ClientError> {
+        self.client.publish(topic, qos, false, payload).await?;
+        if qos != QoS::AtMostOnce {
+            self.sent += 1;
+        }
         Ok(())
     }
 

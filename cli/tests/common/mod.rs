@@ -334,6 +334,19 @@ impl Publisher {
             .expect("queued for publishing");
     }
 
+    /// Queues one message at `qos` (0, 1 or 2).
+    pub async fn publish_at(
+        &mut self,
+        qos: rumqttc::QoS,
+        topic: &str,
+        payload: impl Into<Vec<u8>>,
+    ) {
+        self.0
+            .publish_at(qos, topic, payload)
+            .await
+            .expect("queued for publishing");
+    }
+
     /// Waits until the broker acknowledged everything published.
     pub async fn wait_acked(&self, timeout: Duration) {
         if let Err(e) = self.0.wait_acked(timeout).await {
