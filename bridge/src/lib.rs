@@ -187,8 +187,22 @@ pub async fn open_session(config: &BridgeConfig, within: Duration) -> anyhow::Re
 /// its first MQTT client connects), which the processor reads with `MQTT_INTAKE=nats`.
 pub async fn wake(mqtt: &MqttConnection, within: Duration) -> anyhow::Result<()> {
     // Never a client id in use: a clean session would end that client's session.
-    let client_id = format!("dataviz-intake-{}", std::process::id());
-    let mut options = mqtt.options(&client_id)?;
+    end_session(
+        mqtt,
+        &format!("dataviz-intake-{}", std::process::id()),
+        within,
+    )
+    .await
+}
+
+/// Ends the broker's session of `client_id`, and what it keeps: connects once under that id
+/// with a clean session, and disconnects.
+pub async fn end_session(
+    mqtt: &MqttConnection,
+    client_id: &str,
+    within: Duration,
+) -> anyhow::Result<()> {
+    let mut options = mqtt.options(client_id)?;
     options.set_clean_session(true);
     let (client, mut eventloop) = AsyncClient::new(options, 4);
     let broker = format!("{}:{}", mqtt.mqtt_host, mqtt.mqtt_port);

@@ -321,38 +321,92 @@ async fn start_hub(
 /// exists, so that the stream keeps what devices publish from now on (it keeps a message only
 /// for the consumers and sessions there when it arrives). nats-server makes that stream when
 /// the first MQTT client of the account connects: if it is not there, this connects once.
-/// Says whether the consumer was there already.
+///
+/// `bridge`, the bridge's client id where it is known (`migrate`, `all`), hands over a session
+/// the bridge left on nats-server (a change from `MQTT_INTAKE=bridge`): a consumer made now
+/// starts after the last message the session took, so the processor takes what the bridge had
+/// not, and the session, which would keep every later message for nobody, is ended. Refused
+/// while a client holds that session (the bridge still runs). A consumer there already takes
+/// over only an empty session; otherwise both stay, and the start's warning names the session.
 async fn ensure_intake(
     js: &async_nats::jetstream::Context,
     settings: &StreamSettings,
     mqtt: &MqttConnection,
-) -> anyhow::Result<bool> {
-    match streams::ensure_intake(js, settings).await? {
-        IntakeConsumer::Existed => return Ok(true),
-        IntakeConsumer::Made => return Ok(false),
-        IntakeConsumer::NoStream => {}
+    bridge: Option<&str>,
+) -> anyhow::Result<IntakeStart> {
+    let left = match bridge {
+        Some(client_id) => streams::mqtt_session(js, client_id)
+            .await?
+            .map(|session| (client_id, session)),
+        None => None,
+    };
+    if let Some((client_id, session)) = left {
+        anyhow::ensure!(
+            !session.connected,
+            "MQTT_INTAKE=nats, but the bridge's MQTT session (MQTT_CLIENT_ID {client_id}) is \
+             held by a client: stop the bridge first; the processor then takes over from the \
+             last message it took"
+        );
     }
-    let broker = format!("{}:{}", mqtt.mqtt_host, mqtt.mqtt_port);
-    dataviz_bridge::wake(mqtt, std::time::Duration::from_secs(15))
-        .await
-        .with_context(|| {
-            format!(
-                "MQTT_INTAKE=nats: nats-server has no MQTT stream yet, and its MQTT listener \
-                 at {broker} (MQTT_HOST, MQTT_PORT) did not answer to make it"
-            )
-        })?;
-    for _ in 0..50 {
-        if streams::ensure_intake(js, settings).await? != IntakeConsumer::NoStream {
-            return Ok(false);
+    let after = left.map(|(_, session)| session.taken_up_to);
+    let mut made = match streams::ensure_intake(js, settings, after).await? {
+        IntakeConsumer::Existed => Some(false),
+        IntakeConsumer::Made => Some(true),
+        IntakeConsumer::NoStream => None,
+    };
+    if made.is_none() {
+        let broker = format!("{}:{}", mqtt.mqtt_host, mqtt.mqtt_port);
+        dataviz_bridge::wake(mqtt, std::time::Duration::from_secs(15))
+            .await
+            .with_context(|| {
+                format!(
+                    "MQTT_INTAKE=nats: nats-server has no MQTT stream yet, and its MQTT listener \
+                     at {broker} (MQTT_HOST, MQTT_PORT) did not answer to make it"
+                )
+            })?;
+        for _ in 0..50 {
+            if streams::ensure_intake(js, settings, None).await? != IntakeConsumer::NoStream {
+                made = Some(true);
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        anyhow::ensure!(
+            made.is_some(),
+            "MQTT_INTAKE=nats: the MQTT broker at {broker} answered, but NATS has no stream {} \
+             in this account: is that broker nats-server's MQTT listener, in the same account \
+             as the NATS user of this role?",
+            streams::MQTT_STREAM
+        );
     }
-    anyhow::bail!(
-        "MQTT_INTAKE=nats: the MQTT broker at {broker} answered, but NATS has no stream {} in \
-         this account: is that broker nats-server's MQTT listener, in the same account as \
-         the NATS user of this role?",
-        streams::MQTT_STREAM
-    )
+    let made = made == Some(true);
+    let mut handed_over = None;
+    if let Some((client_id, session)) = left
+        && (made || session.held == 0)
+    {
+        dataviz_bridge::end_session(mqtt, client_id, std::time::Duration::from_secs(15))
+            .await
+            .with_context(|| {
+                format!("ending the bridge's MQTT session (MQTT_CLIENT_ID {client_id})")
+            })?;
+        tracing::info!(
+            target: dataviz_core::MQTT_LOG_TARGET,
+            client_id,
+            after = session.taken_up_to,
+            held = session.held,
+            "the bridge's session ended: the processor takes over after the last message it took"
+        );
+        handed_over = Some(session);
+    }
+    Ok(IntakeStart { made, handed_over })
+}
+
+/// What [`ensure_intake`] did.
+struct IntakeStart {
+    /// The processor's consumer was made now (else it was there).
+    made: bool,
+    /// The bridge's session it took over, ended.
+    handed_over: Option<streams::MqttSession>,
 }
 
 /// Warns of the consumers of nats-server's MQTT stream that make it keep messages nobody may
@@ -400,15 +454,30 @@ pub async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
         let client = args.nats.connect("migrate").await?;
         streams::check_server_version(&client.server_info().version)?;
         let js = dataviz_core::config::jetstream(client.clone());
-        let existed = ensure_intake(&js, &args.streams, &args.bridge.mqtt).await?;
+        let start = ensure_intake(
+            &js,
+            &args.streams,
+            &args.bridge.mqtt,
+            Some(&args.bridge.mqtt_client_id),
+        )
+        .await?;
         client.flush().await.ok();
         println!(
             "MQTT: nats-server's stream {} read by the processor (consumer {}, {}): it keeps \
              what devices publish from now on.",
             streams::MQTT_STREAM,
             streams::INTAKE_CONSUMER,
-            if existed { "exists" } else { "made" },
+            if start.made { "made" } else { "exists" },
         );
+        if let Some(session) = start.handed_over {
+            println!(
+                "MQTT: the bridge's session ({}) ended; the processor takes the {} message(s) \
+                 it held, from sequence {}.",
+                args.bridge.mqtt_client_id,
+                session.held,
+                session.taken_up_to + 1
+            );
+        }
         return Ok(());
     }
     if args.no_mqtt_session {
@@ -456,7 +525,7 @@ pub async fn processor(args: ProcessorArgs) -> anyhow::Result<()> {
         .await?;
     let pool = role.database(&args.database).await?;
     if args.streams.mqtt_intake == Intake::Nats {
-        ensure_intake(&js, &args.streams, &args.mqtt).await?;
+        ensure_intake(&js, &args.streams, &args.mqtt, None).await?;
     }
     warn_of_stream_holders(&js, &args.streams).await;
     role.processor(args.processor, &args.streams, js, pool)
@@ -533,7 +602,13 @@ pub async fn all(args: AllArgs) -> anyhow::Result<()> {
     streams::ensure_publisher(&js, &args.streams).await?;
     let intake = args.streams.mqtt_intake;
     if intake == Intake::Nats {
-        ensure_intake(&js, &args.streams, &args.bridge.mqtt).await?;
+        ensure_intake(
+            &js,
+            &args.streams,
+            &args.bridge.mqtt,
+            Some(&args.bridge.mqtt_client_id),
+        )
+        .await?;
     }
     warn_of_stream_holders(&js, &args.streams).await;
     let pool = role.database(&args.database).await?;

@@ -368,6 +368,122 @@ async fn the_side_a_change_of_intake_leaves_behind_is_named_at_start() {
     }
 }
 
+/// A change from the bridge to the nats intake, as a user makes it: the bridge stopped, devices
+/// still publishing, `dataviz migrate` with `MQTT_INTAKE=nats`. The processor takes over where the
+/// bridge's session stopped (what it held, and what came after), the session is ended so that
+/// nats-server keeps nothing more for it, and each reading is stored once, those without `ts`
+/// included. While a client holds the session (the bridge runs), `migrate` refuses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_to_the_nats_intake_takes_over_from_the_bridge_s_session() {
+    const EACH: i64 = 1_000;
+    let stack = BrokerStack::start_with_intake("bridge").await;
+    let nats = [("MQTT_INTAKE", "nats")];
+    let mut device = dataviz_testkit::Publisher::connect_as(
+        stack.nats.mqtt_port(),
+        "untimed-device",
+        common::DEVICE.name,
+        common::DEVICE.password,
+    );
+    let mut sent = 0;
+    let mut publish = async |device: &mut dataviz_testkit::Publisher, count: i64| {
+        for i in sent..sent + count {
+            let untimed = format!(r#"{{"d": [{{"tag": "seq", "value": {i}}}]}}"#);
+            device
+                .publish(format!("gateways/1/dev-{}", i % 10), untimed)
+                .await
+                .expect("published");
+        }
+        sent += count;
+        device
+            .wait_acked(Duration::from_secs(30))
+            .await
+            .expect("acknowledged");
+    };
+    let mut bridge = stack.spawn("all", &[]);
+    publish(&mut device, EACH).await;
+    common::wait_for_count_on(&stack.db, UNTIMED_ROWS, EACH, Duration::from_secs(60)).await;
+    let refused = common::run_dataviz(with(&stack.env(), &nats), &["migrate"]);
+    assert!(
+        !refused.0 && refused.1.contains("stop the bridge first"),
+        "{refused:?}"
+    );
+    bridge.terminate(Duration::from_secs(30));
+    // Kept for the stopped bridge's session.
+    publish(&mut device, EACH).await;
+    let (ok, out) = common::run_dataviz(with(&stack.env(), &nats), &["migrate"]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(&format!(
+            "the bridge's session (dataviz-bridge) ended; the processor takes the {EACH} \
+             message(s) it held"
+        )),
+        "{out}"
+    );
+    // Kept for the processor's consumer.
+    publish(&mut device, EACH).await;
+    let _all = stack.spawn("all", &nats);
+    common::wait_for_count_on(&stack.db, UNTIMED_ROWS, 3 * EACH, Duration::from_secs(60)).await;
+    common::wait_drained(&stack.nats.url()).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_each_untimed_reading_once(&stack, 3 * EACH).await;
+    // The session is gone: nats-server keeps nothing more for it.
+    let (ok, out) = common::run_dataviz(with(&stack.env(), &nats), &["migrate"]);
+    assert!(ok && !out.contains("the bridge's session"), "{out}");
+}
+
+/// With the nats intake, QoS 0 messages, which nats-server does not store, are taken as they
+/// come (best effort, as the bridge takes them), and QoS 2 messages, which it stores once the
+/// device released them, as QoS 1 ones are: each reading stored once, with `ts` or without.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_nats_intake_qos_0_and_qos_2_messages_are_stored_once() {
+    use rumqttc::QoS;
+    let stack = BrokerStack::start_with_intake("nats").await;
+    let all = spawn_logged("all", &stack.env(), &[("LOG_FORMAT", "text")]);
+    all.expect_line(
+        &["taking QoS 0 messages as they come"],
+        "the QoS 0 subscription",
+    )
+    .await;
+    let mut device = stack.publisher();
+    for (qos, device_code) in [(QoS::AtMostOnce, "qos0"), (QoS::ExactlyOnce, "qos2")] {
+        let topic = format!("gateways/1/{device_code}");
+        for i in 0..50 {
+            device.publish_at(qos, &topic, timed_reading(i)).await;
+            let untimed = format!(r#"{{"d": [{{"tag": "untimed", "value": {i}}}]}}"#);
+            device.publish_at(qos, &topic, untimed).await;
+        }
+    }
+    device.wait_acked(Duration::from_secs(10)).await;
+    let all_rows = "SELECT count(*) FROM tag_reading";
+    common::wait_for_count_on(&stack.db, all_rows, 200, Duration::from_secs(60)).await;
+    common::wait_drained(&stack.nats.url()).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for code in ["qos0", "qos2"] {
+        let per_device = format!(
+            "SELECT count(DISTINCT (t.code, r.value_num))::bigint FROM tag_reading r \
+             JOIN tag t ON t.id = r.tag_id JOIN device d ON d.id = r.device_id \
+             WHERE d.code = '{code}'"
+        );
+        assert_eq!(count_on(&stack.db, &per_device).await, 100, "{code}");
+    }
+    assert_eq!(
+        count_on(&stack.db, all_rows).await,
+        200,
+        "each reading once"
+    );
+}
+
+/// `env` with `extra` set over it.
+fn with(env: &[(String, String)], extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut env: Vec<_> = env
+        .iter()
+        .filter(|(k, _)| !extra.iter().any(|(e, _)| e == k))
+        .cloned()
+        .collect();
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    env
+}
+
 fn timed_reading(i: i64) -> String {
     format!(r#"{{"d": [{{"tag": "seq", "value": {i}}}], "ts": "2024-01-01T00:00:{i:02}Z"}}"#)
 }

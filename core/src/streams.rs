@@ -335,6 +335,26 @@ impl StreamSettings {
         }
     }
 
+    /// [`StreamSettings::intake_consumer`] taking over where a bridge's session stopped: from
+    /// the first message after `taken_up_to`, which the stream still holds for that session.
+    pub fn intake_consumer_after(&self, taken_up_to: u64) -> consumer::pull::Config {
+        consumer::pull::Config {
+            deliver_policy: DeliverPolicy::ByStartSequence {
+                start_sequence: taken_up_to + 1,
+            },
+            ..self.intake_consumer()
+        }
+    }
+
+    /// [`StreamSettings::intake_consumer`] for the consumer `made`, starting where it started
+    /// (which nats-server sets once, when a consumer is made).
+    pub fn intake_consumer_as(&self, made: &consumer::Info) -> consumer::pull::Config {
+        consumer::pull::Config {
+            deliver_policy: made.config.deliver_policy,
+            ..self.intake_consumer()
+        }
+    }
+
     /// The writer's durable consumer of READINGS.
     pub fn writer_consumer(&self) -> consumer::pull::Config {
         consumer::pull::Config {
@@ -439,6 +459,7 @@ pub enum IntakeConsumer {
 pub async fn ensure_intake(
     js: &jetstream::Context,
     settings: &StreamSettings,
+    after: Option<u64>,
 ) -> anyhow::Result<IntakeConsumer> {
     let stream = match js.get_stream(MQTT_STREAM).await {
         Ok(stream) => stream,
@@ -453,9 +474,15 @@ pub async fn ensure_intake(
         }
         Err(e) => return Err(e).context("opening nats-server's MQTT stream"),
     };
-    let existed = stream.consumer_info(INTAKE_CONSUMER).await.is_ok();
+    let existing = stream.consumer_info(INTAKE_CONSUMER).await.ok();
+    let existed = existing.is_some();
+    let config = match (existing, after) {
+        (Some(info), _) => settings.intake_consumer_as(&info),
+        (None, Some(taken_up_to)) => settings.intake_consumer_after(taken_up_to),
+        (None, None) => settings.intake_consumer(),
+    };
     stream
-        .create_consumer(settings.intake_consumer())
+        .create_consumer(config)
         .await
         .with_context(|| format!("creating the processor consumer on {MQTT_STREAM}"))?;
     Ok(if existed {
@@ -463,6 +490,62 @@ pub async fn ensure_intake(
     } else {
         IntakeConsumer::Made
     })
+}
+
+/// The name nats-server's MQTT listener gives the session of an MQTT client id, which begins
+/// the names of the session's consumers on its stream (`<name>_<unique>`): the first eight
+/// bytes of the id's SHA-256, each made one of 62 characters (nats-server's `getHash`). Written
+/// here because nats-server offers no lookup of a session by client id; the broker tests check
+/// it against the server.
+pub fn mqtt_session_name(client_id: &str) -> String {
+    use sha2::Digest as _;
+    const DIGITS: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    sha2::Sha256::digest(client_id.as_bytes())[..8]
+        .iter()
+        .map(|b| char::from(DIGITS[usize::from(*b) % DIGITS.len()]))
+        .collect()
+}
+
+/// What an MQTT session on nats-server holds in its stream, read from its consumers there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MqttSession {
+    /// Messages kept for the session and not acknowledged by it.
+    pub held: u64,
+    /// The stream sequence up to which the session acknowledged every message.
+    pub taken_up_to: u64,
+    /// Whether a client holds the session now.
+    pub connected: bool,
+}
+
+/// The session of MQTT client `client_id` on nats-server, as its consumers on the MQTT stream
+/// show it; `None` when it has none there (no session, or one without a subscription).
+pub async fn mqtt_session(
+    js: &jetstream::Context,
+    client_id: &str,
+) -> anyhow::Result<Option<MqttSession>> {
+    use futures::TryStreamExt as _;
+    let Ok(stream) = js.get_stream(MQTT_STREAM).await else {
+        return Ok(None);
+    };
+    let prefix = format!("{}_", mqtt_session_name(client_id));
+    let consumers: Vec<consumer::Info> = stream
+        .consumers()
+        .try_filter(|c| std::future::ready(c.name.starts_with(&prefix)))
+        .try_collect()
+        .await
+        .with_context(|| format!("listing the consumers of {MQTT_STREAM}"))?;
+    Ok(consumers
+        .iter()
+        .map(|c| MqttSession {
+            held: c.num_pending + c.num_ack_pending as u64,
+            taken_up_to: c.ack_floor.stream_sequence,
+            connected: c.push_bound,
+        })
+        .reduce(|a, b| MqttSession {
+            held: a.held + b.held,
+            taken_up_to: a.taken_up_to.min(b.taken_up_to),
+            connected: a.connected || b.connected,
+        }))
 }
 
 /// The consumers of nats-server's MQTT stream that hold messages nobody may read, with how many
