@@ -65,9 +65,9 @@ pub struct BenchArgs {
     /// Skip the runs with `dataviz all` pinned to one core, then to two (taskset).
     #[arg(long)]
     no_scaling: bool,
-    /// How the pipeline on nats-server takes MQTT messages (MQTT_INTAKE): `bridge`, as on
-    /// Mosquitto, or `nats`, the processor reading nats-server's MQTT stream.
-    #[arg(long, value_enum, default_value_t = Intake::Bridge)]
+    /// How the pipeline on nats-server takes MQTT messages (MQTT_INTAKE): `nats`, the processor
+    /// reading nats-server's MQTT stream (the default), or `bridge`, as on Mosquitto.
+    #[arg(long, value_enum, default_value_t = Intake::Nats)]
     mqtt_intake: Intake,
     /// A PostgreSQL superuser URL: the bench creates (and drops) a database of its own there.
     #[arg(

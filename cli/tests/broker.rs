@@ -74,13 +74,13 @@ async fn acknowledged(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_default_broker_sigkilled_twice_loses_no_acknowledged_message_and_stores_none_twice() {
+async fn the_default_broker_sigkilled_twice_through_the_bridge_loses_nothing_and_stores_none_twice()
+{
     broker_sigkilled_twice("bridge").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_default_broker_sigkilled_twice_with_the_nats_intake_loses_nothing_and_stores_none_twice()
- {
+async fn the_default_broker_sigkilled_twice_loses_no_acknowledged_message_and_stores_none_twice() {
     broker_sigkilled_twice("nats").await;
 }
 
@@ -125,8 +125,7 @@ async fn what_devices_publish_before_the_bridge_first_runs_is_kept_for_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn what_devices_publish_before_the_processor_first_runs_is_kept_for_it_with_the_nats_intake()
-{
+async fn what_devices_publish_before_the_processor_first_runs_is_kept_for_it() {
     published_before_dataviz_first_runs("nats").await;
 }
 

@@ -52,6 +52,7 @@ async fn two_of_each_role_on_a_nats_cluster_lose_nothing_when_a_node_dies() {
         ("NATS_REPLICAS", "3".to_owned()),
         ("MQTT_HOST", "127.0.0.1".to_owned()),
         ("MQTT_PORT", mosquitto.port().to_string()),
+        ("MQTT_INTAKE", "bridge".to_owned()),
         ("MQTT_TOPICS", SHARED_TOPICS.to_owned()),
         ("DATABASE_URL", db.url().to_owned()),
         // A short ack wait, so that what was delivered through the lost node comes back soon.

@@ -106,7 +106,7 @@ fn a_nats_server_older_than_2_12_is_refused() {
         .unwrap();
     assert!(wait_for_port(port, Duration::from_secs(10)));
     let url = format!("nats://127.0.0.1:{port}");
-    let out = dataviz(&["bridge"], &[("NATS_URL", &url)]);
+    let out = dataviz(&["writer"], &[("NATS_URL", &url)]);
     let _ = server.kill();
     let _ = server.wait();
     assert_eq!(out.status.code(), Some(1));

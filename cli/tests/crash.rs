@@ -1,5 +1,5 @@
-//! SIGKILL of every role in the middle of a run, on the default broker (through the bridge and
-//! with `MQTT_INTAKE=nats`) and on Mosquitto: nothing lost, nothing stored twice. And a bridge
+//! SIGKILL of every role in the middle of a run, on the default broker (with the default intake
+//! and through the bridge) and on Mosquitto: nothing lost, nothing stored twice. And a bridge
 //! away longer than RAW's duplicate window.
 
 mod common;
@@ -14,7 +14,7 @@ const MESSAGES: i64 = 10_000;
 const BURST: i64 = 1_000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_of_every_role_mid_run_loses_nothing_and_stores_nothing_twice() {
+async fn sigkill_of_every_role_mid_run_through_the_bridge_loses_nothing_and_stores_nothing_twice() {
     let stack = BrokerStack::start().await;
     let mqtt = stack.publisher();
     every_role_killed_twice(BRIDGED, |role, env| stack.spawn(role, env), mqtt, &stack.db).await;
@@ -23,8 +23,7 @@ async fn sigkill_of_every_role_mid_run_loses_nothing_and_stores_nothing_twice() 
 /// The processor reads nats-server's MQTT stream: no bridge, so each of the two roles dies
 /// three times.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_of_every_role_mid_run_with_the_nats_intake_loses_nothing_and_stores_nothing_twice()
-{
+async fn sigkill_of_every_role_mid_run_loses_nothing_and_stores_nothing_twice() {
     let stack = BrokerStack::start_with_intake("nats").await;
     let mqtt = stack.publisher();
     let roles = ["processor", "writer"];

@@ -207,9 +207,10 @@ pub struct StreamSettings {
     /// How long a consumer waits for an ack before delivering a message again (after a crash).
     #[arg(long, env = "ACK_WAIT", value_name = "ACK_WAIT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub ack_wait: Duration,
-    /// How MQTT messages reach the processor: `bridge` (an MQTT session on any broker, stored in
-    /// RAW) or `nats` (nats-server is the broker; the processor reads what it stored, no bridge).
-    #[arg(long, env = "MQTT_INTAKE", value_name = "MQTT_INTAKE", value_enum, default_value_t = Intake::Bridge)]
+    /// How MQTT messages reach the processor: `nats` (nats-server is the broker; the processor
+    /// reads what it stored, no bridge) or `bridge` (an MQTT session on any broker, stored in
+    /// RAW; Mosquitto needs it).
+    #[arg(long, env = "MQTT_INTAKE", value_name = "MQTT_INTAKE", value_enum, default_value_t = Intake::Nats)]
     pub mqtt_intake: Intake,
     /// Replicas of each stream (3 on a 3-node cluster).
     #[arg(long, env = "NATS_REPLICAS", value_name = "NATS_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]

@@ -63,9 +63,11 @@ impl Stack {
         let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
     }
 
-    /// The environment of a `dataviz` process pointed at this stack.
+    /// The environment of a `dataviz` process pointed at this stack: Mosquitto, so the bridge.
     pub fn env(&self) -> Vec<(String, String)> {
-        role_env(&self.nats, self.mosquitto.port(), &self.db, &self.log_dir)
+        let mut env = role_env(&self.nats, self.mosquitto.port(), &self.db, &self.log_dir);
+        env.push(("MQTT_INTAKE".into(), "bridge".into()));
+        env
     }
 
     /// Starts `dataviz <role>` with this stack's environment plus `extra`.
