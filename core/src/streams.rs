@@ -493,6 +493,22 @@ pub async fn ensure_intake(
     })
 }
 
+/// The settings of the processor's consumer of nats-server's MQTT stream as it was made (where
+/// it starts: `migrate` may have made it start where a bridge's session stopped), or as it is
+/// made new when it is not there: what its consume loops make sure of.
+pub async fn intake_consumer_as_made(
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+) -> consumer::pull::Config {
+    match js.get_stream(MQTT_STREAM).await {
+        Ok(stream) => match stream.consumer_info(INTAKE_CONSUMER).await {
+            Ok(made) => settings.intake_consumer_as(&made),
+            Err(_) => settings.intake_consumer(),
+        },
+        Err(_) => settings.intake_consumer(),
+    }
+}
+
 /// The name nats-server's MQTT listener gives the session of an MQTT client id, which begins
 /// the names of the session's consumers on its stream (`<name>_<unique>`): the first eight
 /// bytes of the id's SHA-256, each made one of 62 characters (nats-server's `getHash`). Written

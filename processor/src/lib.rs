@@ -454,14 +454,7 @@ pub async fn run(
     let loops = match settings.mqtt_intake {
         Intake::Bridge => vec![(streams::RAW_STREAM, settings.processor_consumer()); workers],
         Intake::Nats => {
-            // As made (`migrate` may have made it start where a bridge's session stopped).
-            let intake = match js.get_stream(streams::MQTT_STREAM).await {
-                Ok(stream) => match stream.consumer_info(streams::INTAKE_CONSUMER).await {
-                    Ok(made) => settings.intake_consumer_as(&made),
-                    Err(_) => settings.intake_consumer(),
-                },
-                Err(_) => settings.intake_consumer(),
-            };
+            let intake = streams::intake_consumer_as_made(&js, settings).await;
             std::iter::repeat_n((streams::MQTT_STREAM, intake), workers)
                 .chain([(streams::RAW_STREAM, settings.processor_consumer())])
                 .collect()
