@@ -472,6 +472,88 @@ async fn with_the_nats_intake_qos_0_and_qos_2_messages_are_stored_once() {
     );
 }
 
+/// The nats intake's size limits, each at its edge. The server takes 4 MB (`max_payload` in
+/// nats/nats-server.conf): the processor's copy in RAW must fit in that less 4 KiB of headers,
+/// the READINGS message of its readings less 1 KiB. With the processor's own limit raised over
+/// them (`MAX_PAYLOAD_BYTES`): a payload at the copy's very limit whose readings fit is stored;
+/// one of the same size whose thousand readings take more in READINGS, and one a byte over the
+/// copy's limit, go to DEAD as oversized, whole (the second beside its letter); the message
+/// after them is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_nats_intake_payloads_at_the_size_limits_are_stored_or_dead_whole() {
+    const LIMIT: usize = 4 * 1024 * 1024 - 4096;
+    let stack = BrokerStack::start_with_intake("nats").await;
+    let _all = stack.spawn("all", &[("MAX_PAYLOAD_BYTES", "8388608")]);
+    // One text reading; the payload `size` bytes long.
+    let text = |size: usize, second: u32| {
+        let head = r#"{"d": [{"tag": "big", "value": ""#;
+        let tail = format!(r#""}}], "ts": "2024-01-01T00:00:{second:02}Z"}}"#);
+        format!("{head}{}{tail}", "x".repeat(size - head.len() - tail.len()))
+    };
+    // 999 small readings beside the text: each takes more room in READINGS than in the payload.
+    let many = {
+        let small: Vec<String> = (0..999)
+            .map(|i| format!(r#"{{"tag": "t{i}", "value": 1}}, "#))
+            .collect();
+        let head = format!(r#"{{"d": [{}{{"tag": "big", "value": ""#, small.concat());
+        let tail = r#""}], "ts": "2024-01-01T00:00:02Z"}"#;
+        format!(
+            "{head}{}{tail}",
+            "x".repeat(LIMIT - head.len() - tail.len())
+        )
+    };
+    assert_eq!(many.len(), LIMIT);
+    let mut device = stack.publisher();
+    device.publish("gateways/1/fits", text(LIMIT, 1)).await;
+    device.publish("gateways/1/readings-over", many).await;
+    device
+        .publish("gateways/1/copy-over", text(LIMIT + 1, 3))
+        .await;
+    device.publish("gateways/1/after", timed_reading(4)).await;
+    device.wait_acked(Duration::from_secs(30)).await;
+
+    let rows = "SELECT count(*) FROM tag_reading";
+    common::wait_for_count_on(&stack.db, rows, 2, Duration::from_secs(60)).await;
+    let stored = format!(
+        "SELECT count(*) FROM tag_reading r JOIN device d ON d.id = r.device_id \
+         WHERE (d.code = 'fits' AND length(r.value_text) = {}) OR d.code = 'after'",
+        LIMIT - 66
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let listed = loop {
+        let (ok, out) = stack.dataviz(&["dlq", "list", "--reason", "oversized"]);
+        if ok && out.contains("2 dead letter(s)") {
+            break out;
+        }
+        assert!(Instant::now() < deadline, "two oversized letters: {out}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let id_of = |topic: &str| {
+        listed
+            .lines()
+            .find(|l| l.contains(topic))
+            .and_then(|l| l.split_whitespace().next())
+            .unwrap_or_else(|| panic!("{topic} in {listed}"))
+            .to_owned()
+    };
+    let (ok, shown) = stack.dataviz(&["dlq", "show", &id_of("gateways/1/readings-over")]);
+    assert!(ok, "{shown}");
+    assert!(
+        shown.contains(&format!("payload:      {LIMIT} bytes\n"))
+            && shown.contains("in READINGS, over what the NATS server accepts"),
+        "{shown}"
+    );
+    let (ok, shown) = stack.dataviz(&["dlq", "show", &id_of("gateways/1/copy-over")]);
+    assert!(ok, "{shown}");
+    assert!(
+        shown.contains(&format!("payload:      {} bytes, kept whole", LIMIT + 1)),
+        "{shown}"
+    );
+    common::wait_drained(&stack.nats.url()).await;
+    assert_eq!(count_on(&stack.db, &stored).await, 2);
+    assert_eq!(count_on(&stack.db, rows).await, 2, "nothing else stored");
+}
+
 /// `env` with `extra` set over it.
 fn with(env: &[(String, String)], extra: &[(&str, &str)]) -> Vec<(String, String)> {
     let mut env: Vec<_> = env

@@ -180,22 +180,35 @@ impl Processor {
         let read = join_all(messages.iter().map(|m| self.read(m, max_payload))).await;
         // The futures made first: a stream holding the closure would not be `Send` for every
         // lifetime, which the consume loop needs.
-        let decided: Vec<_> = read.into_iter().map(|r| self.outcome(r)).collect();
+        let decided: Vec<_> = read
+            .into_iter()
+            .map(|r| self.outcome(r, max_payload))
+            .collect();
         futures::stream::iter(decided)
             .buffered(RESOLVE_CONCURRENCY)
             .collect()
             .await
     }
 
-    async fn outcome(&self, read: Read) -> Outcome {
+    async fn outcome(&self, read: Read, max_payload: usize) -> Outcome {
         match read {
-            Read::Raw(raw, raw_seq) => match self.decide(raw).await {
-                Outcome::Readings(mut unit) => {
-                    unit.raw_seq = raw_seq;
-                    Outcome::Readings(unit)
+            Read::Raw(raw, raw_seq) => {
+                // A unit's JSON takes under three times its payload (each reading gains its
+                // tag id and type, some thirty bytes, and takes twenty at least in the payload):
+                // only a payload over a quarter of the server's limit can make a READINGS
+                // message over it, and only such a one is measured.
+                let large = (raw.payload.len() > max_payload / 4).then(|| raw.clone());
+                match self.decide(raw).await {
+                    Outcome::Readings(mut unit) => {
+                        unit.raw_seq = raw_seq;
+                        match large.and_then(|raw| too_large(raw, &unit, max_payload)) {
+                            Some(letter) => letter,
+                            None => Outcome::Readings(unit),
+                        }
+                    }
+                    other => other,
                 }
-                other => other,
-            },
+            }
             Read::Settled(outcome) => outcome,
         }
     }
@@ -329,6 +342,27 @@ impl Processor {
             Err(e) => Err(e),
         }
     }
+}
+
+/// The dead letter of a message whose readings would make a READINGS message larger than the
+/// server takes (a larger unit travels alone, [`ReadingsMessage::pack`]): publishing it could
+/// only fail again and again. `None` when it fits.
+fn too_large(raw: RawMessage, unit: &MessageReadings, max_payload: usize) -> Option<Outcome> {
+    let (packed, _) = ReadingsMessage::pack([unit]);
+    let size = packed.first().map_or(0, |m| m.payload().len());
+    // Its one header, the deduplication id, takes under a hundred bytes.
+    let limit = max_payload.saturating_sub(1024);
+    if size <= limit {
+        return None;
+    }
+    Some(dead(
+        raw,
+        DeadReason::Oversized,
+        format!(
+            "its readings take {size} bytes in READINGS, over what the NATS server accepts \
+             ({max_payload} bytes, {limit} with headers)"
+        ),
+    ))
 }
 
 fn dead(raw: RawMessage, reason: DeadReason, error: String) -> Outcome {
