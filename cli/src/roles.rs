@@ -10,7 +10,7 @@ use dataviz_core::{
     ops::{Ops, OpsConfig},
     retention::{self, RetentionConfig},
     shutdown::{self, Shutdown},
-    streams::{self, Intake, IntakeConsumer, StreamSettings},
+    streams::{self, Intake, IntakeConsumer, IntakeRetired, StreamSettings},
 };
 use dataviz_mercure::{Hub, HubConfig, MercureKeysConfig, MercurePublisher, Transport, UpdateSink};
 use dataviz_processor::ProcessorConfig;
@@ -502,7 +502,48 @@ pub async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
         if present { "exists" } else { "made" },
         args.bridge.mqtt_topics.0.join(", ")
     );
+    retire_intake(&args.nats).await;
     Ok(())
+}
+
+/// With `MQTT_INTAKE=bridge` and the bridge's session there: removes the processor's consumer
+/// an earlier `MQTT_INTAKE=nats` left on nats-server's MQTT stream, once it is drained
+/// ([`streams::retire_intake`]), and says what it did. NATS out of reach is no failure here
+/// (the broker may be any other): the roles warn of a leftover at start.
+async fn retire_intake(nats: &dataviz_core::config::NatsConfig) {
+    let connect = tokio::time::timeout(std::time::Duration::from_secs(10), nats.connect("migrate"));
+    let Ok(Ok(client)) = connect.await else {
+        println!(
+            "MQTT: NATS not reached within 10 s: a consumer {} left on nats-server's MQTT \
+             stream by MQTT_INTAKE=nats is not checked.",
+            streams::INTAKE_CONSUMER
+        );
+        return;
+    };
+    let js = dataviz_core::config::jetstream(client.clone());
+    match streams::retire_intake(&js).await {
+        Ok(IntakeRetired::Absent) => {}
+        Ok(IntakeRetired::Removed) => println!(
+            "MQTT: the consumer {} of nats-server's stream {} held nothing and is removed: \
+             nats-server keeps nothing more for it.",
+            streams::INTAKE_CONSUMER,
+            streams::MQTT_STREAM
+        ),
+        Ok(IntakeRetired::Kept { held, read }) => println!(
+            "MQTT: the consumer {} of nats-server's stream {} is kept: it holds {held} \
+             message(s){}. Run the processors with MQTT_INTAKE=nats until it holds none, stop \
+             them, then run `dataviz migrate` again.",
+            streams::INTAKE_CONSUMER,
+            streams::MQTT_STREAM,
+            if read {
+                " and a processor reads it"
+            } else {
+                ""
+            }
+        ),
+        Err(e) => println!("MQTT: {e:#}"),
+    }
+    client.flush().await.ok();
 }
 
 pub async fn bridge(args: BridgeArgs) -> anyhow::Result<()> {

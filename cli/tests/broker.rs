@@ -430,6 +430,66 @@ async fn a_change_to_the_nats_intake_takes_over_from_the_bridge_s_session() {
     assert!(ok && !out.contains("the bridge's session"), "{out}");
 }
 
+/// The change back, from the nats intake to the bridge, as README's "MQTT intake" says: `dataviz
+/// migrate` with `MQTT_INTAKE=bridge` while the processors still run makes the bridge's session
+/// and keeps their consumer (read, saying so); once they stopped, a second `migrate` removes it,
+/// drained, so that nats-server keeps nothing more for it. Each reading is stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_back_to_the_bridge_removes_the_processor_s_consumer_once_drained() {
+    const EACH: i64 = 500;
+    let stack = BrokerStack::start_with_intake("nats").await;
+    let bridge = with(&stack.env(), &[("MQTT_INTAKE", "bridge")]);
+    let mut device = dataviz_testkit::Publisher::connect_as(
+        stack.nats.mqtt_port(),
+        "untimed-device",
+        common::DEVICE.name,
+        common::DEVICE.password,
+    );
+    let mut sent = 0;
+    let mut publish = async |device: &mut dataviz_testkit::Publisher, count: i64| {
+        for i in sent..sent + count {
+            let untimed = format!(r#"{{"d": [{{"tag": "seq", "value": {i}}}]}}"#);
+            device
+                .publish(format!("gateways/1/dev-{}", i % 10), untimed)
+                .await
+                .expect("published");
+        }
+        sent += count;
+        device
+            .wait_acked(Duration::from_secs(30))
+            .await
+            .expect("acknowledged");
+    };
+    let mut nats = stack.spawn("all", &[]);
+    publish(&mut device, EACH).await;
+    common::wait_for_count_on(&stack.db, UNTIMED_ROWS, EACH, Duration::from_secs(60)).await;
+    let (ok, out) = common::run_dataviz(bridge.clone(), &["migrate"]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("the bridge's session (dataviz-bridge)")
+            && out.contains("processor-mqtt of nats-server's stream $MQTT_msgs is kept")
+            && out.contains("a processor reads it"),
+        "{out}"
+    );
+    nats.terminate(Duration::from_secs(30));
+    let (ok, out) = common::run_dataviz(bridge.clone(), &["migrate"]);
+    assert!(
+        ok && out.contains(
+            "processor-mqtt of nats-server's stream $MQTT_msgs held nothing and is removed"
+        ),
+        "{out}"
+    );
+    // Kept for the bridge's session only.
+    publish(&mut device, EACH).await;
+    let _bridged = common::spawn_role("all", bridge.clone(), &[]);
+    common::wait_for_count_on(&stack.db, UNTIMED_ROWS, 2 * EACH, Duration::from_secs(60)).await;
+    common::wait_drained(&stack.nats.url()).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_each_untimed_reading_once(&stack, 2 * EACH).await;
+    let (ok, out) = common::run_dataviz(bridge, &["migrate"]);
+    assert!(ok && !out.contains("processor-mqtt"), "{out}");
+}
+
 /// With the nats intake, QoS 0 messages, which nats-server does not store, are taken as they
 /// come (best effort, as the bridge takes them), and QoS 2 messages, which it stores once the
 /// device released them, as QoS 1 ones are: each reading stored once, with `ts` or without.

@@ -493,6 +493,41 @@ pub async fn ensure_intake(
     })
 }
 
+/// What [`retire_intake`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IntakeRetired {
+    /// No processor's consumer on the MQTT stream (or no stream).
+    Absent,
+    /// It held nothing and nothing read it: removed.
+    Removed,
+    /// Kept: it holds messages, or a processor reads it.
+    Kept { held: u64, read: bool },
+}
+
+/// Removes the processor's consumer of nats-server's MQTT stream once it holds nothing and no
+/// processor reads it (after a change to `MQTT_INTAKE=bridge`, with the bridge's session there,
+/// which keeps what devices publish from then on): nats-server would otherwise keep every
+/// message for it. An empty consumer loses nothing when removed; one that holds messages does.
+pub async fn retire_intake(js: &jetstream::Context) -> anyhow::Result<IntakeRetired> {
+    let Ok(stream) = js.get_stream(MQTT_STREAM).await else {
+        return Ok(IntakeRetired::Absent);
+    };
+    let Ok(info) = stream.consumer_info(INTAKE_CONSUMER).await else {
+        return Ok(IntakeRetired::Absent);
+    };
+    let held = info.num_pending + info.num_ack_pending as u64;
+    // A running processor always has a pull request waiting.
+    let read = info.num_waiting > 0;
+    if held > 0 || read {
+        return Ok(IntakeRetired::Kept { held, read });
+    }
+    stream
+        .delete_consumer(INTAKE_CONSUMER)
+        .await
+        .with_context(|| format!("removing the consumer {INTAKE_CONSUMER} of {MQTT_STREAM}"))?;
+    Ok(IntakeRetired::Removed)
+}
+
 /// The settings of the processor's consumer of nats-server's MQTT stream as it was made (where
 /// it starts: `migrate` may have made it start where a bridge's session stopped), or as it is
 /// made new when it is not there: what its consume loops make sure of.
