@@ -241,20 +241,48 @@ const UNTIMED_ROWS: &str =
 /// A device publishing `messages` readings without `ts` (tag `seq`, values 0 to messages - 1)
 /// for gateway 1, over ten devices; returned with the PUBACKs still coming.
 async fn publish_untimed(stack: &BrokerStack, messages: i64) -> dataviz_testkit::Publisher {
-    let mut device = dataviz_testkit::Publisher::connect_as(
-        stack.nats.mqtt_port(),
-        "untimed-device",
-        DEVICE.name,
-        DEVICE.password,
-    );
-    for i in 0..messages {
-        let untimed = format!(r#"{{"d": [{{"tag": "seq", "value": {i}}}]}}"#);
-        device
-            .publish(format!("gateways/1/dev-{}", i % 10), untimed)
-            .await
-            .expect("published");
+    let mut device = UntimedDevice::connect(stack);
+    device.send(messages).await;
+    device.publisher
+}
+
+/// The device of [`publish_untimed`], numbering its readings on from one call to the next.
+struct UntimedDevice {
+    publisher: dataviz_testkit::Publisher,
+    sent: i64,
+}
+
+impl UntimedDevice {
+    fn connect(stack: &BrokerStack) -> UntimedDevice {
+        let publisher = dataviz_testkit::Publisher::connect_as(
+            stack.nats.mqtt_port(),
+            "untimed-device",
+            DEVICE.name,
+            DEVICE.password,
+        );
+        UntimedDevice { publisher, sent: 0 }
     }
-    device
+
+    /// Queues the next `count` readings.
+    async fn send(&mut self, count: i64) {
+        for i in self.sent..self.sent + count {
+            let untimed = format!(r#"{{"d": [{{"tag": "seq", "value": {i}}}]}}"#);
+            self.publisher
+                .publish(format!("gateways/1/dev-{}", i % 10), untimed)
+                .await
+                .expect("published");
+        }
+        self.sent += count;
+    }
+
+    /// Publishes the next `count` readings, and waits until the broker acknowledged them.
+    async fn publish(&mut self, count: i64) {
+        self.send(count).await;
+        self.publisher
+            .wait_acked(Duration::from_secs(30))
+            .await
+            .expect("acknowledged");
+    }
 }
 
 /// Every reading of [`publish_untimed`] is stored, once.
@@ -377,29 +405,9 @@ async fn a_change_to_the_nats_intake_takes_over_from_the_bridge_s_session() {
     const EACH: i64 = 1_000;
     let stack = BrokerStack::start_with_intake("bridge").await;
     let nats = [("MQTT_INTAKE", "nats")];
-    let mut device = dataviz_testkit::Publisher::connect_as(
-        stack.nats.mqtt_port(),
-        "untimed-device",
-        common::DEVICE.name,
-        common::DEVICE.password,
-    );
-    let mut sent = 0;
-    let mut publish = async |device: &mut dataviz_testkit::Publisher, count: i64| {
-        for i in sent..sent + count {
-            let untimed = format!(r#"{{"d": [{{"tag": "seq", "value": {i}}}]}}"#);
-            device
-                .publish(format!("gateways/1/dev-{}", i % 10), untimed)
-                .await
-                .expect("published");
-        }
-        sent += count;
-        device
-            .wait_acked(Duration::from_secs(30))
-            .await
-            .expect("acknowledged");
-    };
+    let mut device = UntimedDevice::connect(&stack);
     let mut bridge = stack.spawn("all", &[]);
-    publish(&mut device, EACH).await;
+    device.publish(EACH).await;
     common::wait_for_count_on(&stack.db, UNTIMED_ROWS, EACH, Duration::from_secs(60)).await;
     let refused = common::run_dataviz(with(&stack.env(), &nats), &["migrate"]);
     assert!(
@@ -408,7 +416,7 @@ async fn a_change_to_the_nats_intake_takes_over_from_the_bridge_s_session() {
     );
     bridge.terminate(Duration::from_secs(30));
     // Kept for the stopped bridge's session.
-    publish(&mut device, EACH).await;
+    device.publish(EACH).await;
     let (ok, out) = common::run_dataviz(with(&stack.env(), &nats), &["migrate"]);
     assert!(ok, "{out}");
     assert!(
@@ -419,7 +427,7 @@ async fn a_change_to_the_nats_intake_takes_over_from_the_bridge_s_session() {
         "{out}"
     );
     // Kept for the processor's consumer.
-    publish(&mut device, EACH).await;
+    device.publish(EACH).await;
     let _all = stack.spawn("all", &nats);
     common::wait_for_count_on(&stack.db, UNTIMED_ROWS, 3 * EACH, Duration::from_secs(60)).await;
     common::wait_drained(&stack.nats.url()).await;
@@ -439,29 +447,9 @@ async fn a_change_back_to_the_bridge_removes_the_processor_s_consumer_once_drain
     const EACH: i64 = 500;
     let stack = BrokerStack::start_with_intake("nats").await;
     let bridge = with(&stack.env(), &[("MQTT_INTAKE", "bridge")]);
-    let mut device = dataviz_testkit::Publisher::connect_as(
-        stack.nats.mqtt_port(),
-        "untimed-device",
-        common::DEVICE.name,
-        common::DEVICE.password,
-    );
-    let mut sent = 0;
-    let mut publish = async |device: &mut dataviz_testkit::Publisher, count: i64| {
-        for i in sent..sent + count {
-            let untimed = format!(r#"{{"d": [{{"tag": "seq", "value": {i}}}]}}"#);
-            device
-                .publish(format!("gateways/1/dev-{}", i % 10), untimed)
-                .await
-                .expect("published");
-        }
-        sent += count;
-        device
-            .wait_acked(Duration::from_secs(30))
-            .await
-            .expect("acknowledged");
-    };
+    let mut device = UntimedDevice::connect(&stack);
     let mut nats = stack.spawn("all", &[]);
-    publish(&mut device, EACH).await;
+    device.publish(EACH).await;
     common::wait_for_count_on(&stack.db, UNTIMED_ROWS, EACH, Duration::from_secs(60)).await;
     let (ok, out) = common::run_dataviz(bridge.clone(), &["migrate"]);
     assert!(ok, "{out}");
@@ -480,7 +468,7 @@ async fn a_change_back_to_the_bridge_removes_the_processor_s_consumer_once_drain
         "{out}"
     );
     // Kept for the bridge's session only.
-    publish(&mut device, EACH).await;
+    device.publish(EACH).await;
     let _bridged = common::spawn_role("all", bridge.clone(), &[]);
     common::wait_for_count_on(&stack.db, UNTIMED_ROWS, 2 * EACH, Duration::from_secs(60)).await;
     common::wait_drained(&stack.nats.url()).await;
