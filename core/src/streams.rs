@@ -456,7 +456,9 @@ pub enum IntakeConsumer {
 }
 
 /// Creates or updates the processor's consumer of nats-server's MQTT stream
-/// ([`StreamSettings::intake_consumer`]), and says what it found.
+/// ([`StreamSettings::intake_consumer`]), and says what it found. Made now, it starts after
+/// `after` when given (where a bridge's session stopped), else with new messages; there
+/// already, it keeps where it started.
 pub async fn ensure_intake(
     js: &jetstream::Context,
     settings: &StreamSettings,
