@@ -11,8 +11,20 @@ use common::{BrokerStack, DEVICE, assert_every_numbered_message_once, count_on, 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Starts the paho device: `messages` numbered readings at `rate` a second for gateway 1.
+/// Starts the paho device: `messages` numbered readings at `rate` a second for gateway 1, at
+/// QoS 1.
 fn resending_device(
+    port: u16,
+    messages: i64,
+    rate: u32,
+    acked: &std::path::Path,
+) -> std::process::Child {
+    resending_device_at(1, port, messages, rate, acked)
+}
+
+/// [`resending_device`] at `qos` (1 or 2).
+fn resending_device_at(
+    qos: u8,
     port: u16,
     messages: i64,
     rate: u32,
@@ -37,6 +49,7 @@ fn resending_device(
         .args(["--rate", &rate.to_string()])
         .arg("--acked")
         .arg(acked)
+        .args(["--qos", &qos.to_string()])
         .stdout(Stdio::inherit())
         .stderr(Stdio::inherit())
         .spawn()
@@ -600,6 +613,31 @@ async fn with_the_nats_intake_payloads_at_the_size_limits_are_stored_or_dead_who
     common::wait_drained(&stack.nats.url()).await;
     assert_eq!(count_on(&stack.db, &stored).await, 2);
     assert_eq!(count_on(&stack.db, rows).await, 2, "nothing else stored");
+}
+
+/// A QoS 2 device that is not ours (paho-mqtt, persistent session) through the nats intake,
+/// `dataviz all` SIGKILLed mid-run and back a second later: nats-server stores a QoS 2 message
+/// in its stream once the device released it, and each reading the device got a PUBCOMP for is
+/// stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qos_2_device_not_ours_loses_nothing_through_the_nats_intake_when_dataviz_dies() {
+    const MESSAGES: i64 = 3_000;
+    let stack = BrokerStack::start_with_intake("nats").await;
+    let mut all = stack.spawn("all", &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let acked = dir.path().join("acked");
+    let mut device = resending_device_at(2, stack.nats.mqtt_port(), MESSAGES, 1_000, &acked);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    all.kill();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    all.start_again();
+    let numbers = acknowledged(&mut device, &acked, Duration::from_secs(60)).await;
+    assert_eq!(
+        numbers.len() as i64,
+        MESSAGES,
+        "the device got every PUBCOMP"
+    );
+    assert_every_numbered_message_once(&stack.db, MESSAGES, Duration::from_secs(60)).await;
 }
 
 /// `env` with `extra` set over it.

@@ -1,14 +1,14 @@
-"""A device independent of Dataviz: paho-mqtt, MQTT 3.1.1, QoS 1, a persistent session.
+"""A device independent of Dataviz: paho-mqtt, MQTT 3.1.1, QoS 1 (or --qos), a persistent session.
 
 Publishes numbered readings (the `seq` tag holds the number, `ts` is 2024-01-01 plus that many
 milliseconds, as common::numbered_reading) at a steady rate to gateways/<gateway>/dev-<n % 20>.
 When the broker goes away, paho keeps what it could not send and, on reconnect, sends again
 what was in flight (DUP flag, same packet id): what a real device does. Writes the numbers the
-broker acknowledged to --acked, one per line, and exits 0 once all are acknowledged (1 if not
-within --timeout seconds).
+broker acknowledged to --acked (PUBACK, or PUBCOMP at QoS 2), one per line, and exits 0 once
+all are acknowledged (1 if not within --timeout seconds).
 
 Usage: resending_device.py --port P --user U --password W --gateway G --messages N --rate R
-                           --acked FILE [--timeout S]
+                           --acked FILE [--timeout S] [--qos 1|2]
 """
 
 import argparse
@@ -40,6 +40,7 @@ def main():
     parser.add_argument("--rate", type=float, required=True)
     parser.add_argument("--acked", required=True)
     parser.add_argument("--timeout", type=float, default=180.0)
+    parser.add_argument("--qos", type=int, choices=[1, 2], default=1)
     args = parser.parse_args()
 
     # paho's callbacks run on its network thread holding its lock: they only append here.
@@ -74,7 +75,7 @@ def main():
         if wait > 0:
             time.sleep(wait)
         info = client.publish(
-            "gateways/%d/dev-%d" % (args.gateway, i % 20), reading(i), qos=1
+            "gateways/%d/dev-%d" % (args.gateway, i % 20), reading(i), qos=args.qos
         )
         mid_of.append(info.mid)
 
