@@ -160,7 +160,7 @@ pub fn home(user: String, state: PipelineState) -> Html<String> {
                 <dl class="pipeline">
                     <dt>"Last message received"</dt>
                     <dd id="last-received">{figure(&state.last_received, |t| t.map_or("never".to_owned(), when))}</dd>
-                    <dt>"Messages in RAW not yet processed"</dt>
+                    <dt>"Messages received, not yet processed"</dt>
                     <dd id="raw-pending">{figure(&state.raw_pending, u64::to_string)}
                         {state.raw_in_progress.as_ref().ok().filter(|n| **n > 0).map(|n| format!(" (and {n} in progress)"))}
                     </dd>

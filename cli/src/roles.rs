@@ -464,10 +464,11 @@ pub async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
         client.flush().await.ok();
         println!(
             "MQTT: nats-server's stream {} read by the processor (consumer {}, {}): it keeps \
-             what devices publish from now on.",
+             what devices publish from now on, for {} (RAW_RETENTION, the replay window).",
             streams::MQTT_STREAM,
             streams::INTAKE_CONSUMER,
             if start.made { "made" } else { "exists" },
+            humantime::format_duration(args.streams.raw_retention),
         );
         if let Some(session) = start.handed_over {
             println!(
@@ -525,7 +526,8 @@ async fn retire_intake(nats: &dataviz_core::config::NatsConfig) {
         Ok(IntakeRetired::Absent) => {}
         Ok(IntakeRetired::Removed) => println!(
             "MQTT: the consumer {} of nats-server's stream {} held nothing and is removed: \
-             nats-server keeps nothing more for it.",
+             nats-server keeps nothing more for it, and the stream keeps each message only \
+             until every session took it, as nats-server makes it.",
             streams::INTAKE_CONSUMER,
             streams::MQTT_STREAM
         ),

@@ -135,11 +135,16 @@ pub async fn settle(
                 for letter in &mut letters {
                     letter.source_seq = letter.source_seq.or(seq);
                 }
-                let stored = join_all(letters.iter().map(|letter| letter.store(js))).await;
+                let stored = join_all(
+                    letters
+                        .iter_mut()
+                        .map(|letter| crate::dead::store(js, letter)),
+                )
+                .await;
                 match stored.into_iter().find_map(Result::err) {
                     None => Settle::Dead(letters),
                     Some(e) => {
-                        Settle::retry(Failure::Nats, format_args!("dead letter not stored: {e}"))
+                        Settle::retry(Failure::Nats, format_args!("dead letter not stored: {e:#}"))
                     }
                 }
             }),

@@ -104,7 +104,7 @@ pub async fn list(
             let info = message
                 .info()
                 .map_err(|e| anyhow::anyhow!("reading DEAD: {e}"))?;
-            let time = DateTime::from_timestamp_nanos(info.published.unix_timestamp_nanos() as i64);
+            let time = crate::message::chrono_time(info.published);
             let found = entry(
                 info.stream_sequence,
                 time,
@@ -130,7 +130,7 @@ pub async fn get(js: &jetstream::Context, seq: u64) -> anyhow::Result<DeadEntry>
         .get_raw_message(seq)
         .await
         .with_context(|| format!("no dead letter {seq}"))?;
-    let time = DateTime::from_timestamp_nanos(message.time.unix_timestamp_nanos() as i64);
+    let time = crate::message::chrono_time(message.time);
     Ok(entry(seq, time, Some(&message.headers), message.payload))
 }
 
@@ -142,25 +142,47 @@ pub fn oversized(
     stage: &str,
     max_payload: usize,
 ) -> Option<DeadLetter> {
+    let mut letter = DeadLetter {
+        raw: raw.clone(),
+        stage: stage.into(),
+        reason: DeadReason::Oversized,
+        error: String::new(),
+        source_seq: None,
+        whole_size: None,
+    };
+    let kept = cut(&mut letter, max_payload)?;
+    letter.error = format!(
+        "payload of {} bytes is over what the NATS server accepts ({max_payload} bytes); the first {kept} bytes are kept",
+        raw.payload.len()
+    );
+    Some(letter)
+}
+
+/// Cuts the payload of `letter` to its first bytes when it is too large for DEAD with headers,
+/// and says how many it keeps; [`DeadLetter::whole_size`] then says it was cut.
+fn cut(letter: &mut DeadLetter, max_payload: usize) -> Option<usize> {
     // Headers take a few hundred bytes; keep a margin.
     let limit = max_payload.saturating_sub(4096);
-    if raw.payload.len() <= limit {
+    let size = letter.raw.payload.len();
+    if size <= limit {
         return None;
     }
     let kept = limit.min(64 * 1024);
-    let mut truncated = raw.clone();
-    truncated.payload = bytes::Bytes::copy_from_slice(&raw.payload[..kept]);
-    Some(DeadLetter {
-        raw: truncated,
-        stage: stage.into(),
-        reason: DeadReason::Oversized,
-        error: format!(
-            "payload of {} bytes is over what the NATS server accepts ({max_payload} bytes); the first {kept} bytes are kept",
-            raw.payload.len()
-        ),
-        source_seq: None,
-        whole_size: Some(raw.payload.len() as u64),
-    })
+    letter.raw.payload = letter.raw.payload.slice(..kept);
+    letter.whole_size = Some(size as u64);
+    Some(kept)
+}
+
+/// Stores `letter` in DEAD. One too large for DEAD with headers (a stage refused a message as
+/// large as the server takes) keeps its first bytes there, and its whole payload beside
+/// ([`keep_whole`]).
+pub async fn store(js: &jetstream::Context, letter: &mut DeadLetter) -> anyhow::Result<()> {
+    let whole = letter.raw.payload.clone();
+    if cut(letter, js.client().server_info().max_payload).is_some() {
+        keep_whole(js, letter.raw.id, &whole).await?;
+    }
+    letter.store(js).await?;
+    Ok(())
 }
 
 /// Keeps the whole `payload` of the letter of raw message `id`, whose own payload is only its

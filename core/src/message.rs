@@ -62,6 +62,11 @@ pub struct HeaderError {
     pub problem: String,
 }
 
+/// A time as JetStream gives it ([`time`]), as Dataviz keeps it ([`chrono`]).
+pub fn chrono_time(t: time::OffsetDateTime) -> DateTime<Utc> {
+    DateTime::from_timestamp_nanos(i64::try_from(t.unix_timestamp_nanos()).unwrap_or(i64::MAX))
+}
+
 impl RawMessage {
     /// A message received now, with a fresh id.
     pub fn received(topic: String, payload: Bytes) -> RawMessage {
@@ -98,6 +103,22 @@ impl RawMessage {
             received_at: stored_at,
             payload,
         })
+    }
+
+    /// The raw message a stream holds at `seq`, stored at `stored_at` under `subject`: one
+    /// nats-server's MQTT listener stored ([`RawMessage::stored_by_broker`]), or one a Dataviz
+    /// stage stored in RAW with its headers ([`RawMessage::from_parts`]).
+    pub fn stored(
+        subject: &str,
+        seq: u64,
+        stored_at: DateTime<Utc>,
+        headers: Option<&HeaderMap>,
+        payload: Bytes,
+    ) -> Result<RawMessage, HeaderError> {
+        match RawMessage::stored_by_broker(subject, seq, stored_at, payload.clone()) {
+            Some(raw) => Ok(raw),
+            None => RawMessage::from_parts(headers, payload),
+        }
     }
 
     /// The id its readings are stored under ([`crate::identity::readings_id`]), when its topic

@@ -8,9 +8,11 @@
 //! | LIVE     | `dataviz.live.<gateway>`                  | `LIVE_MAX_AGE` and `LIVE_MAX_BYTES`    |
 //!
 //! With `MQTT_INTAKE=nats` the processor reads what nats-server's MQTT listener stored, in its
-//! own stream `$MQTT_msgs` (consumer `processor-mqtt`), and keeps a copy of each message in RAW
-//! on `dataviz.raw.intake.<gateway>`, for replay; the processor's consumer of RAW then takes only
-//! `dataviz.raw.<gateway>` (re-queued dead letters).
+//! own stream `$MQTT_msgs` (consumer `processor-mqtt`), which then keeps its messages for
+//! `RAW_RETENTION`, for replay, as RAW keeps the bridge's; RAW then holds QoS 0 messages and
+//! re-queued dead letters (`dataviz.raw.<gateway>`, the processor's consumer of RAW), and the
+//! copies earlier versions kept of what the processor read (`dataviz.raw.intake.<gateway>`,
+//! which only replay reads).
 //!
 //! Beside them, the object store `dead_payloads` (stream `OBJ_dead_payloads`) keeps, for as long
 //! as DEAD keeps letters, the whole payload of a letter too large for DEAD itself.
@@ -88,7 +90,8 @@ pub enum Intake {
     /// message in RAW, which the processor reads.
     Bridge,
     /// nats-server is the broker: the processor reads the messages its MQTT listener stored
-    /// (stream `$MQTT_msgs`), with no bridge, and keeps a copy of each in RAW for replay.
+    /// (stream `$MQTT_msgs`), with no bridge; that stream keeps them for replay, as RAW does the
+    /// bridge's ([`StreamSettings::mqtt_stream`]).
     Nats,
 }
 
@@ -159,32 +162,48 @@ pub async fn publish_readings(
     Ok(stored)
 }
 
-/// The raw message whose readings have the id `id` ([`crate::identity`]), as RAW stored it at
-/// `seq`, if RAW still holds it: the original topic and payload of a unit a later stage refuses.
+/// The raw message whose readings have the id `id` ([`crate::identity`]), as RAW or
+/// nats-server's MQTT stream (`MQTT_INTAKE=nats`) stored it at `seq`, if that stream still
+/// holds it: the original topic and payload of a unit a later stage refuses. The id tells
+/// which of the two streams it is in.
 pub async fn raw_original(
     js: &jetstream::Context,
     seq: u64,
     id: uuid::Uuid,
 ) -> Option<crate::message::RawMessage> {
-    let stored = js
-        .get_stream(RAW_STREAM)
-        .await
-        .ok()?
-        .get_raw_message(seq)
-        .await
-        .ok()?;
-    crate::message::RawMessage::from_parts(Some(&stored.headers), stored.payload)
-        .ok()
-        .filter(|raw| raw.id == id || raw.readings_id() == Some(id))
+    for name in [RAW_STREAM, MQTT_STREAM] {
+        let Ok(stream) = js.get_stream_no_info(name).await else {
+            continue;
+        };
+        let Ok(stored) = stream.get_raw_message(seq).await else {
+            continue;
+        };
+        let raw = crate::message::RawMessage::stored(
+            &stored.subject,
+            seq,
+            crate::message::chrono_time(stored.time),
+            Some(&stored.headers),
+            stored.payload,
+        );
+        if let Ok(raw) = raw
+            && (raw.id == id || raw.readings_id() == Some(id))
+        {
+            return Some(raw);
+        }
+    }
+    None
 }
 
 /// Stream settings, from the environment.
 #[derive(Debug, Clone, clap::Args)]
 pub struct StreamSettings {
-    /// How long RAW keeps raw messages (the replay window).
+    /// How long RAW keeps raw messages (the replay window), and with `MQTT_INTAKE=nats`
+    /// nats-server's MQTT stream.
     #[arg(long, env = "RAW_RETENTION", value_name = "RAW_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
     pub raw_retention: Duration,
-    /// Largest size of RAW in bytes (-1: no limit but the disk). Full means backpressure.
+    /// Largest size of RAW in bytes (-1: no limit but the disk), and with `MQTT_INTAKE=nats` of
+    /// nats-server's MQTT stream. Full means backpressure (the broker then refuses QoS 1 and 2
+    /// messages).
     #[arg(long, env = "RAW_MAX_BYTES", value_name = "RAW_MAX_BYTES", default_value_t = -1, allow_negative_numbers = true)]
     pub raw_max_bytes: i64,
     /// Window in which the broker's redeliveries of one MQTT message are stored once in RAW: for
@@ -229,7 +248,8 @@ impl StreamSettings {
         stream::Config {
             name: RAW_STREAM.into(),
             description: Some(
-                "Raw MQTT messages as the bridge received them or the processor read them".into(),
+                "Raw MQTT messages as the bridge received them, QoS 0 ones, re-queued letters"
+                    .into(),
             ),
             subjects: vec![RAW_SUBJECTS.into()],
             max_age: self.raw_retention,
@@ -306,6 +326,35 @@ impl StreamSettings {
             max_messages: -1,
             max_bytes: -1,
             ..Default::default()
+        }
+    }
+
+    /// nats-server's MQTT stream `made` as the processor reads it (`MQTT_INTAKE=nats`): the
+    /// replay store of what devices publish at QoS 1 and 2, as RAW is the bridge's. It keeps
+    /// messages for `RAW_RETENTION` and up to `RAW_MAX_BYTES` (then refuses new ones: the device
+    /// gets no PUBACK and sends again), not only until every session took them, as nats-server
+    /// makes it; so the processor copies nothing to RAW. Only the limits change: the stream is
+    /// nats-server's.
+    pub fn mqtt_stream(&self, made: stream::Config) -> stream::Config {
+        stream::Config {
+            retention: RetentionPolicy::Limits,
+            max_age: self.raw_retention,
+            max_bytes: self.raw_max_bytes,
+            discard: DiscardPolicy::New,
+            ..made
+        }
+    }
+
+    /// nats-server's MQTT stream `kept` with the limits nats-server gives it: once the processor
+    /// no longer reads it (`MQTT_INTAKE=bridge`), each message is kept until every MQTT session
+    /// took it.
+    pub fn mqtt_stream_as_nats_server_makes_it(kept: stream::Config) -> stream::Config {
+        stream::Config {
+            retention: RetentionPolicy::Interest,
+            max_age: Duration::ZERO,
+            max_bytes: -1,
+            discard: DiscardPolicy::Old,
+            ..kept
         }
     }
 
@@ -477,6 +526,7 @@ pub async fn ensure_intake(
         }
         Err(e) => return Err(e).context("opening nats-server's MQTT stream"),
     };
+    keep_for_replay(js, &stream, settings).await?;
     let existing = stream.consumer_info(INTAKE_CONSUMER).await.ok();
     let existed = existing.is_some();
     let config = match (existing, after) {
@@ -493,6 +543,31 @@ pub async fn ensure_intake(
     } else {
         IntakeConsumer::Made
     })
+}
+
+/// Makes nats-server's MQTT stream keep its messages as RAW would ([`StreamSettings::mqtt_stream`]),
+/// when it does not yet.
+async fn keep_for_replay(
+    js: &jetstream::Context,
+    stream: &stream::Stream,
+    settings: &StreamSettings,
+) -> anyhow::Result<()> {
+    let made = stream.cached_info().config.clone();
+    let wanted = settings.mqtt_stream(made.clone());
+    if format!("{made:?}") == format!("{wanted:?}") {
+        return Ok(());
+    }
+    let info = js
+        .update_stream(wanted.clone())
+        .await
+        .with_context(|| format!("making {MQTT_STREAM} keep its messages for replay"))?;
+    verify_stream(&wanted, &info.config)?;
+    tracing::info!(
+        stream = MQTT_STREAM,
+        retention = ?settings.raw_retention,
+        "nats-server's MQTT stream keeps its messages for replay (RAW_RETENTION, RAW_MAX_BYTES)"
+    );
+    Ok(())
 }
 
 /// What [`retire_intake`] found.
@@ -527,6 +602,10 @@ pub async fn retire_intake(js: &jetstream::Context) -> anyhow::Result<IntakeReti
         .delete_consumer(INTAKE_CONSUMER)
         .await
         .with_context(|| format!("removing the consumer {INTAKE_CONSUMER} of {MQTT_STREAM}"))?;
+    let kept = stream.cached_info().config.clone();
+    js.update_stream(StreamSettings::mqtt_stream_as_nats_server_makes_it(kept))
+        .await
+        .with_context(|| format!("giving {MQTT_STREAM} back nats-server's own settings"))?;
     Ok(IntakeRetired::Removed)
 }
 

@@ -8,10 +8,10 @@
 //! is acknowledged only once READINGS (or DEAD) stored its result.
 //!
 //! With `MQTT_INTAKE=nats` it also reads, with no bridge, what nats-server's MQTT listener
-//! stored (stream `$MQTT_msgs`): each such message gets its id and receive time from its place
-//! in that stream ([`RawMessage::stored_by_broker`]), and is copied to RAW for replay before it
-//! is processed. QoS 0 messages, which nats-server does not store, it takes as they come and
-//! stores in RAW ([`at_most_once`]).
+//! stored (stream `$MQTT_msgs`, which keeps it for replay as RAW keeps the bridge's): each such
+//! message gets its id and receive time from its place in that stream
+//! ([`RawMessage::stored_by_broker`]). QoS 0 messages, which nats-server does not store, it
+//! takes as they come and stores in RAW ([`at_most_once`]).
 //!
 //! Failures are sorted in one place, [`Outcome`]: a message that can never succeed (bad topic,
 //! bad payload, unknown gateway, a value PostgreSQL cannot store) goes to DEAD with the reason;
@@ -27,7 +27,10 @@ use dataviz_core::{
     consume::{self, Failure, Settle, Stage, Transient},
     db::ErrorKind,
     identity,
-    message::{DeadLetter, DeadReason, MessageReadings, RawMessage, ReadingsMessage, TagReading},
+    message::{
+        DeadLetter, DeadReason, HeaderError, MessageReadings, RawMessage, ReadingsMessage,
+        TagReading, chrono_time,
+    },
     ops::{Progress, metric},
     payload::{self, Payload, PayloadLimits},
     shutdown::Shutdown,
@@ -177,12 +180,11 @@ impl Processor {
     pub(crate) async fn outcomes(&self, messages: &[jetstream::Message]) -> Vec<Outcome> {
         // Read once per fetch: `server_info` copies the server's whole description.
         let max_payload = self.js.client().server_info().max_payload;
-        let read = join_all(messages.iter().map(|m| self.read(m, max_payload))).await;
         // The futures made first: a stream holding the closure would not be `Send` for every
         // lifetime, which the consume loop needs.
-        let decided: Vec<_> = read
-            .into_iter()
-            .map(|r| self.outcome(r, max_payload))
+        let decided: Vec<_> = messages
+            .iter()
+            .map(|m| self.outcome(Self::read(m), max_payload))
             .collect();
         futures::stream::iter(decided)
             .buffered(RESOLVE_CONCURRENCY)
@@ -213,61 +215,17 @@ impl Processor {
         }
     }
 
-    /// The raw message of a message of RAW, or of nats-server's MQTT stream once its copy is in
-    /// RAW ([`Processor::keep`]).
-    async fn read(&self, message: &jetstream::Message, max_payload: usize) -> Read {
+    /// The raw message of a message of RAW or of nats-server's MQTT stream, and where that
+    /// stream keeps it.
+    fn read(message: &jetstream::Message) -> Read {
         let info = message.info().ok();
-        if let Some(info) = &info {
-            let stored_at = DateTime::from_timestamp_nanos(
-                i64::try_from(info.published.unix_timestamp_nanos()).unwrap_or(i64::MAX),
-            );
-            if let Some(raw) = RawMessage::stored_by_broker(
-                &message.subject,
-                info.stream_sequence,
-                stored_at,
-                message.payload.clone(),
-            ) {
-                return self.keep(raw, max_payload).await;
-            }
-        }
-        match RawMessage::from_parts(message.headers.as_ref(), message.payload.clone()) {
+        match raw_at(message, info.as_ref()) {
             Ok(raw) => Read::Raw(raw, info.map(|i| i.stream_sequence)),
             Err(e) => {
                 let raw =
                     RawMessage::received(message.subject.to_string(), message.payload.clone());
                 Read::Settled(dead(raw, DeadReason::ForeignMessage, e.to_string()))
             }
-        }
-    }
-
-    /// Copies a message read from nats-server's MQTT stream to RAW, where replay finds it (on
-    /// [`RawMessage::intake_subject`], which the processor's consumer of RAW does not read),
-    /// under its id: a redelivery is stored once within `RAW_DUPLICATE_WINDOW`, and a later
-    /// copy too many has the same id, which the writer knows. A message too large for RAW
-    /// with headers goes to DEAD as the bridge sends it there, its whole payload kept beside.
-    async fn keep(&self, raw: RawMessage, max_payload: usize) -> Read {
-        if let Some(letter) = dataviz_core::dead::oversized(&raw, Self::NAME, max_payload) {
-            return Read::Settled(
-                match dataviz_core::dead::keep_whole(&self.js, raw.id, &raw.payload).await {
-                    Ok(()) => Outcome::Dead(letter),
-                    Err(e) => Outcome::Retry(Transient {
-                        failure: Failure::Nats,
-                        error: format!("{e:#}"),
-                    }),
-                },
-            );
-        }
-        let mut id = [0u8; uuid::fmt::Hyphenated::LENGTH];
-        let id = raw.id.hyphenated().encode_lower(&mut id);
-        let headers = raw.headers(Some(id));
-        match streams::publish_stored(&self.js, raw.intake_subject(), headers, raw.payload.clone())
-            .await
-        {
-            Ok(ack) => Read::Raw(raw, Some(ack.sequence)),
-            Err(e) => Read::Settled(Outcome::Retry(Transient {
-                failure: Failure::Nats,
-                error: format!("RAW did not store the message's copy: {e}"),
-            })),
         }
     }
 
@@ -363,6 +321,30 @@ fn too_large(raw: RawMessage, unit: &MessageReadings, max_payload: usize) -> Opt
              ({max_payload} bytes, {limit} with headers)"
         ),
     ))
+}
+
+/// The raw message a message of RAW or of nats-server's MQTT stream holds
+/// ([`RawMessage::stored`]).
+pub fn raw_of(message: &jetstream::Message) -> Result<RawMessage, HeaderError> {
+    raw_at(message, message.info().ok().as_ref())
+}
+
+/// [`raw_of`] with the message's place in its stream read already.
+fn raw_at(
+    message: &jetstream::Message,
+    info: Option<&jetstream::message::Info>,
+) -> Result<RawMessage, HeaderError> {
+    let (seq, stored_at) = match info {
+        Some(info) => (info.stream_sequence, chrono_time(info.published)),
+        None => (0, Utc::now()),
+    };
+    RawMessage::stored(
+        &message.subject,
+        seq,
+        stored_at,
+        message.headers.as_ref(),
+        message.payload.clone(),
+    )
 }
 
 fn dead(raw: RawMessage, reason: DeadReason, error: String) -> Outcome {

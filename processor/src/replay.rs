@@ -1,4 +1,5 @@
-//! Replay: the processor run again over a range of RAW.
+//! Replay: the processor run again over a range of RAW, and of nats-server's MQTT stream where
+//! it keeps messages for replay (`MQTT_INTAKE=nats`).
 //!
 //! The raw messages keep their ids, so what was stored before is not stored again: a replay of
 //! a range already ingested writes no row, and one over messages that were refused (say, for a
@@ -15,7 +16,6 @@ use async_nats::jetstream::{self, consumer};
 use chrono::{DateTime, Utc};
 use dataviz_core::{
     consume::{self, Settle, Stage},
-    message::RawMessage,
     shutdown::Shutdown,
     streams::{self, RAW_STREAM},
     topic,
@@ -99,15 +99,7 @@ pub async fn replay(
         anyhow::ensure!(until > range.since, "--until must be after --since");
     }
     let js = &processor.js;
-    let stream = js
-        .get_stream(RAW_STREAM)
-        .await
-        .context("opening RAW (has the bridge run?)")?;
-    let end_seq = stream.get_info().await?.state.last_sequence;
     let name = consumer_name(range);
-    if options.restart || options.dry_run {
-        let _ = stream.delete_consumer(&name).await;
-    }
     let start = time::OffsetDateTime::from_unix_timestamp_nanos(
         range
             .since
@@ -115,82 +107,122 @@ pub async fn replay(
             .context("--since out of range")?
             .into(),
     )?;
-    let mut reader: consumer::PullConsumer = stream
-        .create_consumer(consumer::pull::Config {
-            // A dry run keeps no position and acknowledges nothing.
-            durable_name: (!options.dry_run).then(|| name.clone()),
-            ack_policy: if options.dry_run {
-                consumer::AckPolicy::None
-            } else {
-                consumer::AckPolicy::Explicit
-            },
-            description: Some(format!("dataviz replay since {}", range.since.to_rfc3339())),
-            deliver_policy: consumer::DeliverPolicy::ByStartTime { start_time: start },
-            // A gateway's messages, as the bridge stored them and as the processor copied them
-            // from nats-server's MQTT stream (MQTT_INTAKE=nats).
-            filter_subjects: match range.gateway {
-                Some(id) => vec![
-                    streams::raw_subject(Some(id)),
-                    streams::raw_intake_subject(Some(id)),
-                ],
-                None => vec![streams::RAW_SUBJECTS.into()],
-            },
-            ack_wait: Duration::from_secs(60),
-            max_ack_pending: 10_000,
-            // An abandoned replay's position is kept a week, then the server forgets it.
-            inactive_threshold: Duration::from_secs(7 * 24 * 3600),
-            ..Default::default()
-        })
-        .await
-        .context("creating the replay consumer (an interrupted replay of this range with other settings? use --restart)")?;
-    observer.start(reader.info().await?.num_pending);
+    let mut readers = Vec::new();
+    for (stream, filter) in stores(js, range).await? {
+        let end_seq = stream.get_info().await?.state.last_sequence;
+        if options.restart || options.dry_run {
+            let _ = stream.delete_consumer(&name).await;
+        }
+        let reader: consumer::PullConsumer = stream
+            .create_consumer(consumer::pull::Config {
+                // A dry run keeps no position and acknowledges nothing.
+                durable_name: (!options.dry_run).then(|| name.clone()),
+                ack_policy: if options.dry_run {
+                    consumer::AckPolicy::None
+                } else {
+                    consumer::AckPolicy::Explicit
+                },
+                description: Some(format!("dataviz replay since {}", range.since.to_rfc3339())),
+                deliver_policy: consumer::DeliverPolicy::ByStartTime { start_time: start },
+                filter_subjects: filter,
+                ack_wait: Duration::from_secs(60),
+                max_ack_pending: 10_000,
+                // An abandoned replay's position is kept a week, then the server forgets it.
+                inactive_threshold: Duration::from_secs(7 * 24 * 3600),
+                ..Default::default()
+            })
+            .await
+            .context("creating the replay consumer (an interrupted replay of this range with other settings? use --restart)")?;
+        readers.push((stream, reader, end_seq));
+    }
+    let mut pending = 0;
+    for (_, reader, _) in &mut readers {
+        pending += reader.info().await?.num_pending;
+    }
+    observer.start(pending);
     let started = Instant::now();
     let mut summary = Summary::default();
     let mut new_ids: Vec<Uuid> = Vec::new();
-    loop {
-        let (messages, end) = fetch(&mut reader, end_seq, range.until).await?;
-        if messages.is_empty() && (end || reader.info().await?.num_pending == 0) {
-            break;
-        }
-        summary.read += messages.len() as u64;
-        // The messages of the device asked for; the others are settled as done at once.
-        let (wanted, others): (Vec<_>, Vec<_>) = messages.into_iter().partition(|message| {
-            let Some(device) = &range.device else {
-                return true;
-            };
-            RawMessage::from_parts(message.headers.as_ref(), message.payload.clone())
-                .is_ok_and(|raw| topic::parse(&raw.topic).is_ok_and(|t| t.device_code == device))
-        });
-        summary.skipped += others.len() as u64;
-        if options.dry_run {
-            for message in &wanted {
-                *summary
-                    .would
-                    .entry(dry_run(processor, message).await?)
-                    .or_default() += 1;
+    'streams: for (_, reader, end_seq) in &mut readers {
+        loop {
+            let (messages, end) = fetch(reader, *end_seq, range.until).await?;
+            if messages.is_empty() && (end || reader.info().await?.num_pending == 0) {
+                break;
             }
-        } else {
-            let settles = others.iter().map(|_| Settle::Done).collect();
-            consume::settle(js, Processor::NAME, &others, settles).await;
-            replay_fetch(processor, pool, &wanted, &mut summary, &mut new_ids).await?;
-        }
-        observer.read(summary.read);
-        if end {
-            break;
-        }
-        if stop.is_cancelled() {
-            summary.interrupted = true;
-            break;
+            summary.read += messages.len() as u64;
+            // The messages of the device asked for; the others are settled as done at once.
+            let (wanted, others): (Vec<_>, Vec<_>) = messages.into_iter().partition(|message| {
+                let Some(device) = &range.device else {
+                    return true;
+                };
+                crate::raw_of(message).is_ok_and(|raw| {
+                    topic::parse(&raw.topic).is_ok_and(|t| t.device_code == device)
+                })
+            });
+            summary.skipped += others.len() as u64;
+            if options.dry_run {
+                for message in &wanted {
+                    *summary
+                        .would
+                        .entry(dry_run(processor, message).await?)
+                        .or_default() += 1;
+                }
+            } else {
+                let settles = others.iter().map(|_| Settle::Done).collect();
+                consume::settle(js, Processor::NAME, &others, settles).await;
+                replay_fetch(processor, pool, &wanted, &mut summary, &mut new_ids).await?;
+            }
+            observer.read(summary.read);
+            if end {
+                break;
+            }
+            if stop.is_cancelled() {
+                summary.interrupted = true;
+                break 'streams;
+            }
         }
     }
     if !options.dry_run && !summary.interrupted {
-        let _ = stream.delete_consumer(&name).await;
+        for (stream, _, _) in &readers {
+            let _ = stream.delete_consumer(&name).await;
+        }
         summary.written = wait_for_writer(pool, &new_ids, options.wait).await? as u64;
     }
     summary.elapsed = started.elapsed();
     Ok(summary)
 }
 
+/// The streams that keep raw messages, each with the subjects of `range`'s gateway there: RAW,
+/// with what the bridge stored, QoS 0 messages, re-queued letters (and the copies the processor
+/// kept of what it read from nats-server before that stream kept it); and nats-server's MQTT
+/// stream when it keeps messages for replay (`MQTT_INTAKE=nats`,
+/// [`streams::StreamSettings::mqtt_stream`]). Only there: a replay's consumer on a stream
+/// that keeps a message until every consumer took it would hold messages for itself.
+async fn stores(
+    js: &jetstream::Context,
+    range: &Range,
+) -> anyhow::Result<Vec<(jetstream::stream::Stream, Vec<String>)>> {
+    let raw = js
+        .get_stream(RAW_STREAM)
+        .await
+        .context("opening RAW (has dataviz migrate run?)")?;
+    let raw_subjects = match range.gateway {
+        Some(id) => vec![
+            streams::raw_subject(Some(id)),
+            streams::raw_intake_subject(Some(id)),
+        ],
+        None => vec![streams::RAW_SUBJECTS.into()],
+    };
+    let mut stores = vec![(raw, raw_subjects)];
+    if let Ok(mqtt) = js.get_stream(streams::MQTT_STREAM).await
+        && mqtt.cached_info().config.retention == jetstream::stream::RetentionPolicy::Limits
+    {
+        let gateway = range.gateway.map_or("*".to_owned(), |id| id.to_string());
+        let subject = format!("{}gateways.{gateway}.>", streams::MQTT_SUBJECT_PREFIX);
+        stores.push((mqtt, vec![subject]));
+    }
+    Ok(stores)
+}
 /// The next messages of the range, and whether the range ends with them.
 async fn fetch(
     reader: &mut consumer::PullConsumer,
@@ -210,8 +242,7 @@ async fn fetch(
         let info = message
             .info()
             .map_err(|e| anyhow::anyhow!("reading RAW: {e}"))?;
-        let published =
-            DateTime::from_timestamp_nanos(info.published.unix_timestamp_nanos() as i64);
+        let published = dataviz_core::message::chrono_time(info.published);
         if info.stream_sequence > end_seq || until.is_some_and(|u| published > u) {
             return Ok((messages, true));
         }
@@ -222,7 +253,7 @@ async fn fetch(
 
 /// What a dry run says of one message.
 async fn dry_run(processor: &Processor, message: &jetstream::Message) -> anyhow::Result<String> {
-    let Ok(raw) = RawMessage::from_parts(message.headers.as_ref(), message.payload.clone()) else {
+    let Ok(raw) = crate::raw_of(message) else {
         return Ok("would go to DEAD: foreign_message".to_owned());
     };
     Ok(match processor.dry_run(&raw).await? {
