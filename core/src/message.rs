@@ -144,12 +144,6 @@ impl RawMessage {
         crate::streams::raw_subject(crate::topic::gateway_of(&self.topic))
     }
 
-    /// The RAW subject of the copy the processor keeps of a message it read from nats-server's
-    /// MQTT stream (`MQTT_INTAKE=nats`).
-    pub fn intake_subject(&self) -> String {
-        crate::streams::raw_intake_subject(crate::topic::gateway_of(&self.topic))
-    }
-
     /// Headers carrying the topic, receive time and id; `dedup_id` becomes `Nats-Msg-Id`.
     pub fn headers(&self, dedup_id: Option<&str>) -> HeaderMap {
         // Built once per message on the bridge's path: names known at compile time, values
@@ -244,9 +238,9 @@ pub fn mqtt_topic(subject: &str) -> String {
 }
 
 /// The headers of a READINGS message: its deduplication id.
-pub fn readings_headers(message: &ReadingsMessage) -> HeaderMap {
+pub fn readings_headers(message: &ReadingsMessage, scope: Option<&str>) -> HeaderMap {
     let mut headers = HeaderMap::new();
-    headers.insert(HEADER_MSG_ID, message.dedup_id().as_str());
+    headers.insert(HEADER_MSG_ID, message.dedup_id_in(scope).as_str());
     headers
 }
 

@@ -54,8 +54,8 @@ pub const MQTT_SUBJECT_PREFIX: &str = "$MQTT.msgs.";
 pub const INTAKE_CONSUMER: &str = "processor-mqtt";
 /// The RAW subjects the processor's consumer of RAW reads: `dataviz.raw.<gateway>`.
 pub const RAW_TO_PROCESS: &str = "dataviz.raw.*";
-/// The RAW subjects of the copies of the messages the processor read from [`MQTT_STREAM`]: kept
-/// for replay, not for the processor's consumer of RAW.
+/// The RAW subjects of the copies earlier versions kept of the messages the processor read from
+/// [`MQTT_STREAM`]: for replay, not for the processor's consumer of RAW.
 pub const RAW_INTAKE_PREFIX: &str = "dataviz.raw.intake.";
 /// Durable consumer of READINGS shared by every writer instance.
 pub const WRITER_CONSUMER: &str = "writer";
@@ -73,9 +73,10 @@ pub fn raw_subject(gateway_id: Option<i32>) -> String {
     }
 }
 
-/// The RAW subject of the copy of a message read from nats-server's MQTT stream. One token
-/// under `dataviz.raw`, whatever the gateways: the processor's consumer of RAW
-/// (`dataviz.raw.*`) is matched against that level's subjects at each new message.
+/// The RAW subject of the copy earlier versions kept of a message read from nats-server's MQTT
+/// stream, which replay still reads. One token under `dataviz.raw`, whatever the gateways: the
+/// processor's consumer of RAW (`dataviz.raw.*`) is matched against that level's subjects at
+/// each new message.
 pub fn raw_intake_subject(gateway_id: Option<i32>) -> String {
     match gateway_id {
         Some(id) => format!("{RAW_INTAKE_PREFIX}{id}"),
@@ -144,7 +145,20 @@ pub async fn publish_readings(
     js: &jetstream::Context,
     message: &crate::message::ReadingsMessage,
 ) -> Result<jetstream::publish::PublishAck, jetstream::context::PublishError> {
-    let (headers, payload) = (crate::message::readings_headers(message), message.payload());
+    publish_readings_in(js, message, None).await
+}
+
+/// [`publish_readings`] under a deduplication id within `scope`, who publishes
+/// ([`ReadingsMessage::dedup_id_in`](crate::message::ReadingsMessage::dedup_id_in)).
+pub async fn publish_readings_in(
+    js: &jetstream::Context,
+    message: &crate::message::ReadingsMessage,
+    scope: Option<&str>,
+) -> Result<jetstream::publish::PublishAck, jetstream::context::PublishError> {
+    let (headers, payload) = (
+        crate::message::readings_headers(message, scope),
+        message.payload(),
+    );
     let stored = publish_stored(
         js,
         readings_subject(message.gateway_id),
@@ -164,8 +178,8 @@ pub async fn publish_readings(
 
 /// The raw message whose readings have the id `id` ([`crate::identity`]), as RAW or
 /// nats-server's MQTT stream (`MQTT_INTAKE=nats`) stored it at `seq`, if that stream still
-/// holds it: the original topic and payload of a unit a later stage refuses. The id tells
-/// which of the two streams it is in.
+/// holds it: the original topic and payload of a unit a later stage refuses. Each stream has
+/// its own sequences: the id tells the message sought from the other stream's at `seq`.
 pub async fn raw_original(
     js: &jetstream::Context,
     seq: u64,
@@ -554,7 +568,7 @@ async fn keep_for_replay(
 ) -> anyhow::Result<()> {
     let made = stream.cached_info().config.clone();
     let wanted = settings.mqtt_stream(made.clone());
-    if format!("{made:?}") == format!("{wanted:?}") {
+    if made == wanted {
         return Ok(());
     }
     let info = js
@@ -682,8 +696,9 @@ pub async fn mqtt_session(
 }
 
 /// The consumers of nats-server's MQTT stream that hold messages nobody may read, with how many
-/// each holds: the stream keeps a message until every consumer took it, so such a consumer
-/// fills the disk. With `MQTT_INTAKE=bridge`, the processor's former consumer
+/// each holds: with nats-server's own settings the stream keeps a message until every consumer
+/// took it, so such a consumer fills the disk (with `MQTT_INTAKE=nats` it keeps them for
+/// `RAW_RETENTION` anyway, and such a consumer waits for a reader that does not come). With `MQTT_INTAKE=bridge`, the processor's former consumer
 /// ([`INTAKE_CONSUMER`], after a change back from `nats`); with `nats`, every other consumer
 /// holding messages (MQTT sessions, the bridge's after a change from `bridge`: a session that
 /// reads keeps few). Empty when the stream is not there.

@@ -230,11 +230,24 @@ impl ReadingsMessage {
     /// The deduplication id (JetStream's `Nats-Msg-Id`) names the units it holds: a
     /// processor that dies before its ack and packs the same units again publishes them once.
     pub fn dedup_id(&self) -> String {
+        self.dedup_id_in(None)
+    }
+
+    /// [`dedup_id`](Self::dedup_id) within `scope`, the name of who publishes: a replay
+    /// publishes units again on purpose, so its messages are told from the live path's and
+    /// from another replay's (READINGS would otherwise drop, within its window, a message of
+    /// the same units as one it stored: rows deleted by hand would not come back), and a replay
+    /// resumed publishes its own once.
+    pub fn dedup_id_in(&self, scope: Option<&str>) -> String {
         let mut ids = Vec::with_capacity(16 * self.ids.len());
         for id in &self.ids {
             ids.extend_from_slice(id.as_bytes());
         }
-        format!("readings:{:032x}", xxhash_rust::xxh3::xxh3_128(&ids))
+        let hash = xxhash_rust::xxh3::xxh3_128(&ids);
+        match scope {
+            None => format!("readings:{hash:032x}"),
+            Some(scope) => format!("readings:{scope}:{hash:032x}"),
+        }
     }
 
     pub fn payload(&self) -> Bytes {
@@ -402,6 +415,11 @@ mod tests {
         assert_eq!(again[0].dedup_id(), messages[0].dedup_id());
         let fewer = ReadingsMessage::pack([&units[0], &units[2]]).0;
         assert_ne!(fewer[0].dedup_id(), messages[0].dedup_id());
+        // A replay's messages are its own.
+        let replay = messages[0].dedup_id_in(Some("replay_1"));
+        assert_ne!(replay, messages[0].dedup_id());
+        assert_eq!(replay, again[0].dedup_id_in(Some("replay_1")));
+        assert_ne!(replay, messages[0].dedup_id_in(Some("replay_2")));
         // A single unit, as READINGS carried them before packing, still reads.
         assert_eq!(
             ReadingsMessage::parse(&units[1].to_json()).unwrap(),

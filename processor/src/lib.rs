@@ -234,6 +234,16 @@ impl Processor {
     /// a READINGS message per gateway ([`ReadingsMessage::pack`]); each message gets the result
     /// of the READINGS message that holds its readings.
     pub(crate) async fn publish(&self, outcomes: Vec<Outcome>) -> Vec<Settle> {
+        self.publish_in(outcomes, None).await
+    }
+
+    /// [`Processor::publish`] under deduplication ids within `scope`, who publishes
+    /// ([`ReadingsMessage::dedup_id_in`]): a replay.
+    pub(crate) async fn publish_in(
+        &self,
+        outcomes: Vec<Outcome>,
+        scope: Option<&str>,
+    ) -> Vec<Settle> {
         let (packed, homes) = ReadingsMessage::pack(outcomes.iter().filter_map(|o| match o {
             Outcome::Readings(unit) => Some(unit),
             _ => None,
@@ -241,7 +251,7 @@ impl Processor {
         let stored = join_all(
             packed
                 .iter()
-                .map(|m| streams::publish_readings(&self.js, m)),
+                .map(|m| streams::publish_readings_in(&self.js, m, scope)),
         )
         .await;
         let mut homes = homes.into_iter();

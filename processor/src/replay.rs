@@ -170,7 +170,7 @@ pub async fn replay(
             } else {
                 let settles = others.iter().map(|_| Settle::Done).collect();
                 consume::settle(js, Processor::NAME, &others, settles).await;
-                replay_fetch(processor, pool, &wanted, &mut summary, &mut new_ids).await?;
+                replay_fetch(processor, pool, &name, &wanted, &mut summary, &mut new_ids).await?;
             }
             observer.read(summary.read);
             if end {
@@ -262,10 +262,12 @@ async fn dry_run(processor: &Processor, message: &jetstream::Message) -> anyhow:
     })
 }
 
-/// Processes and settles one fetch of the replay, counting what became of each message.
+/// Processes and settles one fetch of the replay `name`, counting what became of each message.
+/// Its READINGS messages are its own ([`Processor::publish_in`]).
 async fn replay_fetch(
     processor: &Processor,
     pool: &deadpool_postgres::Pool,
+    name: &str,
     messages: &[jetstream::Message],
     summary: &mut Summary,
     new_ids: &mut Vec<Uuid>,
@@ -281,7 +283,7 @@ async fn replay_fetch(
         .collect();
     let ids: Vec<Uuid> = readings.iter().flatten().map(|(id, _)| *id).collect();
     let known = already_stored(pool, &ids).await?;
-    let settles = processor.publish(outcomes).await;
+    let settles = processor.publish_in(outcomes, Some(name)).await;
     let mut stopped = None;
     for (settle, readings) in settles.iter().zip(&readings) {
         match (settle, readings) {
