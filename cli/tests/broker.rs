@@ -252,7 +252,7 @@ async fn readings_without_ts_held_by_a_processor_away_past_the_window_are_stored
 
 /// The processor's consumer of nats-server's MQTT stream, as the server has it.
 async fn intake_consumer(stack: &BrokerStack) -> async_nats::jetstream::consumer::Info {
-    let js = async_nats::jetstream::new(async_nats::connect(stack.nats.url()).await.unwrap());
+    let js = stack.jetstream().await;
     js.get_stream(streams::MQTT_STREAM)
         .await
         .unwrap()
@@ -403,7 +403,7 @@ async fn with_the_nats_intake_requeue_goes_through_raw_and_a_replay_reads_the_br
     let (ok, out) = letters();
     assert!(ok && out.contains("0 dead letter(s)"), "{out}");
 
-    let js = async_nats::jetstream::new(async_nats::connect(stack.nats.url()).await.unwrap());
+    let js = stack.jetstream().await;
     let kept = js
         .get_stream(streams::MQTT_STREAM)
         .await
@@ -750,7 +750,7 @@ fn with(env: &[(String, String)], extra: &[(&str, &str)]) -> Vec<(String, String
 
 /// The settings of nats-server's MQTT stream, as the server has them.
 async fn mqtt_stream_config(stack: &BrokerStack) -> async_nats::jetstream::stream::Config {
-    let js = async_nats::jetstream::new(async_nats::connect(stack.nats.url()).await.unwrap());
+    let js = stack.jetstream().await;
     let mut stream = js.get_stream(streams::MQTT_STREAM).await.unwrap();
     stream.info().await.unwrap().config.clone()
 }

@@ -181,6 +181,11 @@ impl BrokerStack {
         stack
     }
 
+    /// A JetStream context on the stack's nats-server.
+    pub async fn jetstream(&self) -> async_nats::jetstream::Context {
+        async_nats::jetstream::new(async_nats::connect(self.nats.url()).await.expect("NATS"))
+    }
+
     pub fn env(&self) -> Vec<(String, String)> {
         let mut env = role_env(&self.nats, self.nats.mqtt_port(), &self.db, &self.log_dir);
         env.push(("MQTT_USERNAME".into(), "dataviz-bridge".into()));
