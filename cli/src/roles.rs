@@ -434,6 +434,7 @@ async fn warn_of_stream_holders(js: &async_nats::jetstream::Context, settings: &
 }
 
 pub async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
+    args.streams.check()?;
     let mut client = db::connect(&args.database.database_url).await?;
     let report = db::migrate(&mut client).await?;
     let retention = retention::apply_retention(&client, &args.retention).await?;

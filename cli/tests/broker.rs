@@ -758,3 +758,54 @@ async fn mqtt_stream_config(stack: &BrokerStack) -> async_nats::jetstream::strea
 fn timed_reading(i: i64) -> String {
     format!(r#"{{"d": [{{"tag": "seq", "value": {i}}}], "ts": "2024-01-01T00:00:{i:02}Z"}}"#)
 }
+
+/// nats-server's MQTT stream at its size limit (`RAW_MAX_BYTES`), its messages aging out fast
+/// (`RAW_RETENTION`): the broker refuses what does not fit, with no PUBACK, and the device (paho,
+/// persistent session) sends it again; each reading it got a PUBACK for is stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_nats_intake_a_full_broker_stream_refuses_and_the_device_sends_again() {
+    const MESSAGES: i64 = 1_500;
+    let stack = BrokerStack::start_with_intake("nats").await;
+    let limits = [
+        ("RAW_MAX_BYTES", "131072"),
+        ("RAW_RETENTION", "1s"),
+        ("RAW_DUPLICATE_WINDOW", "1s"),
+    ];
+    let (ok, out) = common::run_dataviz(with(&stack.env(), &limits), &["migrate"]);
+    assert!(ok, "{out}");
+    let config = mqtt_stream_config(&stack).await;
+    assert_eq!(
+        (config.max_bytes, config.max_age),
+        (131_072, Duration::from_secs(1))
+    );
+    let _all = stack.spawn("all", &limits);
+    let dir = tempfile::tempdir().unwrap();
+    let acked = dir.path().join("acked");
+    let mut device = resending_device(stack.nats.mqtt_port(), MESSAGES, 1_000, &acked);
+    let numbers = acknowledged(&mut device, &acked, Duration::from_secs(170)).await;
+    assert_eq!(
+        numbers.len() as i64,
+        MESSAGES,
+        "the device got every PUBACK"
+    );
+    assert_every_numbered_message_once(&stack.db, MESSAGES, Duration::from_secs(60)).await;
+    let log = stack.nats.log();
+    let refused = log
+        .lines()
+        .filter(|l| l.contains("maximum bytes exceeded") && l.contains("closing the connection"))
+        .count();
+    assert!(refused > 0, "the broker refused no message:\n{log}");
+    eprintln!("the broker refused {refused} time(s)");
+    // And past RAW_RETENTION, nothing is left in the stream.
+    let js = stack.jetstream().await;
+    let mut stream = js.get_stream(streams::MQTT_STREAM).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let state = stream.info().await.unwrap().state.clone();
+        if state.messages == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still in the stream: {state:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

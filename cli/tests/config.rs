@@ -81,6 +81,19 @@ fn an_unreachable_database_is_named() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("DATABASE_URL"));
 }
 
+/// A duplicate window longer than the retention JetStream refuses with a message naming
+/// neither: `migrate` refuses it first, naming both settings (before it touches anything).
+#[test]
+fn a_duplicate_window_longer_than_the_retention_is_named() {
+    let out = dataviz(&["migrate"], &[("RAW_RETENTION", "10s")]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("RAW_DUPLICATE_WINDOW (30s) is longer than RAW_RETENTION (10s)"),
+        "{stderr}"
+    );
+}
+
 /// Servers before 2.12 accept stream settings they then ignore: refused at start.
 #[test]
 fn a_nats_server_older_than_2_12_is_refused() {

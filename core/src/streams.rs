@@ -355,8 +355,28 @@ impl StreamSettings {
             max_age: self.raw_retention,
             max_bytes: self.raw_max_bytes,
             discard: DiscardPolicy::New,
+            // JetStream refuses a duplicate window longer than the stream's max_age; nats-server
+            // makes this one with its default (2 minutes), longer than a short RAW_RETENTION.
+            duplicate_window: match self.raw_retention {
+                Duration::ZERO => made.duplicate_window,
+                retention => made.duplicate_window.min(retention),
+            },
             ..made
         }
+    }
+
+    /// Settings JetStream would refuse, named as the user set them (its own error names neither).
+    pub fn check(&self) -> anyhow::Result<()> {
+        if !self.raw_retention.is_zero() && self.raw_duplicate_window > self.raw_retention {
+            bail!(
+                "RAW_DUPLICATE_WINDOW ({}) is longer than RAW_RETENTION ({}): a stream cannot \
+                 recognise a copy of a message it no longer keeps; shorten the window or keep \
+                 messages longer",
+                humantime::format_duration(self.raw_duplicate_window),
+                humantime::format_duration(self.raw_retention)
+            );
+        }
+        Ok(())
     }
 
     /// nats-server's MQTT stream `kept` with the limits nats-server gives it: once the processor
@@ -477,6 +497,7 @@ pub async fn ensure(
     settings: &StreamSettings,
 ) -> anyhow::Result<()> {
     check_server_version(&client.server_info().version)?;
+    settings.check()?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let mut backoff = crate::retry::Backoff::default();
     loop {
@@ -872,5 +893,35 @@ mod tests {
             assert_eq!(config.discard, DiscardPolicy::New, "{}", config.name);
             assert_eq!(config.storage, StorageType::File, "{}", config.name);
         }
+    }
+
+    #[test]
+    fn a_retention_shorter_than_a_duplicate_window() {
+        let short = StreamSettings {
+            raw_retention: Duration::from_secs(10),
+            ..StreamSettings::default()
+        };
+        let error = short.check().unwrap_err().to_string();
+        assert!(
+            error.contains("RAW_DUPLICATE_WINDOW (30s) is longer than RAW_RETENTION (10s)"),
+            "{error}"
+        );
+        let window = StreamSettings {
+            raw_duplicate_window: Duration::from_secs(10),
+            ..short.clone()
+        };
+        assert!(window.check().is_ok());
+        assert!(StreamSettings::default().check().is_ok());
+        // nats-server's MQTT stream: its own window (2 minutes) cut to the retention.
+        let made = stream::Config {
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        };
+        let mqtt = window.mqtt_stream(made.clone());
+        assert_eq!(mqtt.duplicate_window, Duration::from_secs(10));
+        assert_eq!(
+            StreamSettings::default().mqtt_stream(made).duplicate_window,
+            Duration::from_secs(120)
+        );
     }
 }
