@@ -84,6 +84,7 @@ pub async fn run(args: AppArgs) -> anyhow::Result<()> {
         ops.serve(addr, shutdown.clone()).await?;
     }
     let state = AppState::new(pool, js, &args.app, live);
+    ops.started();
     dataviz_app::serve(state, args.app.app_addr, async move {
         shutdown.cancelled().await
     })

@@ -557,7 +557,9 @@ pub async fn bridge(args: BridgeArgs) -> anyhow::Result<()> {
     );
     let role = Role::start(&args.ops, 9101).await?;
     let (client, js) = role.jetstream(&args.nats, &args.streams, "bridge").await?;
-    role.bridge(args.bridge, &client, js).await?;
+    let bridge = role.bridge(args.bridge, &client, js);
+    role.ops.started();
+    bridge.await?;
     client.flush().await.ok();
     Ok(())
 }
@@ -572,8 +574,9 @@ pub async fn processor(args: ProcessorArgs) -> anyhow::Result<()> {
         ensure_intake(&js, &args.streams, &args.mqtt, None).await?;
     }
     warn_of_stream_holders(&js, &args.streams).await;
-    role.processor(args.processor, &args.streams, js, pool)
-        .await?;
+    let processor = role.processor(args.processor, &args.streams, js, pool);
+    role.ops.started();
+    processor.await?;
     client.flush().await.ok();
     Ok(())
 }
@@ -582,8 +585,9 @@ pub async fn writer(args: WriterArgs) -> anyhow::Result<()> {
     let role = Role::start(&args.ops, 9103).await?;
     let (client, js) = role.jetstream(&args.nats, &args.streams, "writer").await?;
     let pool = role.database(&args.database).await?;
-    role.writer(args.writer, &args.retention, &args.streams, js, pool)
-        .await?;
+    let writer = role.writer(args.writer, &args.retention, &args.streams, js, pool);
+    role.ops.started();
+    writer.await?;
     client.flush().await.ok();
     Ok(())
 }
@@ -597,8 +601,9 @@ pub async fn publisher(args: PublisherArgs) -> anyhow::Result<()> {
     let key = args.keys.keys()?.publisher;
     let hub = MercurePublisher::new(&args.publisher.mercure_url, key)?;
     tracing::info!(hub = %args.publisher.mercure_url, "publishing readings to the Mercure hub");
-    role.publisher(args.publisher, &args.streams, js, UpdateSink::Http(hub))
-        .await?;
+    let publisher = role.publisher(args.publisher, &args.streams, js, UpdateSink::Http(hub));
+    role.ops.started();
+    publisher.await?;
     client.flush().await.ok();
     Ok(())
 }
@@ -616,6 +621,7 @@ pub async fn hub(args: HubArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("MERCURE_ADDR {}: cannot listen", args.mercure_addr))?;
     tracing::info!(addr = %listener.local_addr()?, "Mercure hub at /.well-known/mercure");
+    role.ops.started();
     dataviz_mercure::serve(listener, hub, role.shutdown.clone()).await?;
     Ok(())
 }
@@ -747,6 +753,7 @@ pub async fn all(args: AllArgs) -> anyhow::Result<()> {
         ),
         ("site", Box::pin(served)),
     ]);
+    role.ops.started();
     let result = supervise(roles, &role.shutdown).await;
     client.flush().await.ok();
     result

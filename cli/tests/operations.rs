@@ -283,6 +283,38 @@ async fn readyz_fails_while_nats_is_down_and_recovers() {
     }
 }
 
+/// NATS hanging (SIGSTOP) for the first 12 s of `dataviz all`: its connection and its
+/// requests go unanswered past the client's timeouts (5 s to connect, 10 s a request). It
+/// answers /healthz, says it is not ready while it starts, waits instead of stopping, and once
+/// NATS answers it is ready and carries readings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_hanging_while_dataviz_starts_stops_nothing() {
+    let stack = Stack::start().await;
+    stack.create_gateway(1).await;
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    stack.nats.pause();
+    let paused = Instant::now();
+    let mut all = stack.spawn("all", &[("HTTP_ADDR", &addr)]);
+    wait_status(port, "/healthz", 200, Duration::from_secs(20)).await;
+    let (status, why) = http_get(port, "/readyz").await.expect("/readyz answers");
+    assert!(status == 503 && why.contains("starting"), "{status} {why}");
+    tokio::time::sleep(Duration::from_secs(12).saturating_sub(paused.elapsed())).await;
+    stack.nats.resume();
+    wait_status(port, "/readyz", 200, Duration::from_secs(60)).await;
+    assert!(all.is_running(), "dataviz all stopped");
+    let mut mqtt = Publisher::connect(stack.mosquitto.port()).await;
+    mqtt.publish("gateways/1/d", reading(1)).await;
+    mqtt.wait_acked(Duration::from_secs(10)).await;
+    stack
+        .wait_for_count(
+            "SELECT count(*) FROM tag_reading",
+            2,
+            Duration::from_secs(30),
+        )
+        .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_mid_run_loses_nothing() {
     const MESSAGES: i64 = 5_000;

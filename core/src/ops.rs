@@ -2,7 +2,8 @@
 //!
 //! - `GET /healthz`: 200 while the process runs.
 //! - `GET /readyz`: 200 when every check passes, else 503 with the failing checks. A role is
-//!   not ready when NATS is disconnected, when its database does not answer, when another link
+//!   not ready while it starts (until it has made its streams, consumers and hub), when NATS
+//!   is disconnected, when its database does not answer, when another link
 //!   it needs is down (the bridge's MQTT connection), or when it has work waiting and has made
 //!   no progress for `READY_STALL_AFTER`.
 //! - `GET /metrics`: Prometheus text format; the names are the constants of [`metric`].
@@ -152,6 +153,9 @@ struct Inner {
     db: Mutex<Option<deadpool_postgres::Pool>>,
     stages: Mutex<Vec<Arc<Progress>>>,
     links: Mutex<Vec<(&'static str, Arc<AtomicBool>)>>,
+    /// Until [`Ops::started`]: the role is still making its streams, consumers and hub, and a
+    /// fault then can still stop it.
+    starting: AtomicBool,
     stall_after: Duration,
 }
 
@@ -185,9 +189,15 @@ impl Ops {
                 db: Mutex::new(None),
                 stages: Mutex::new(Vec::new()),
                 links: Mutex::new(Vec::new()),
+                starting: AtomicBool::new(true),
                 stall_after: config.ready_stall_after,
             }),
         }
+    }
+
+    /// The role has started every part it runs: until then it is not ready.
+    pub fn started(&self) {
+        self.inner.starting.store(false, Ordering::Relaxed);
     }
 
     /// Readiness requires this NATS connection.
@@ -268,6 +278,9 @@ impl Ops {
     /// The failing readiness checks; empty when ready.
     pub async fn not_ready(&self) -> Vec<String> {
         let mut failing = Vec::new();
+        if self.inner.starting.load(Ordering::Relaxed) {
+            failing.push("starting".to_owned());
+        }
         let nats = self
             .inner
             .nats

@@ -29,6 +29,7 @@ use async_nats::jetstream::{
     consumer::{self, AckPolicy, DeliverPolicy},
     stream::{self, DiscardPolicy, RetentionPolicy, StorageType},
 };
+use std::future::Future;
 use std::time::Duration;
 
 pub const RAW_STREAM: &str = "RAW";
@@ -498,11 +499,21 @@ pub async fn ensure(
 ) -> anyhow::Result<()> {
     check_server_version(&client.server_info().version)?;
     settings.check()?;
+    while_unavailable(|| ensure_once(js, settings)).await
+}
+
+/// Runs `attempt` until it succeeds, again while JetStream does not answer in time (NATS
+/// restarting, a fresh cluster electing its meta leader) for up to a minute: a request sent as
+/// the connection dropped is never answered, and a role starting then must not stop for it.
+pub async fn while_unavailable<T, F>(mut attempt: impl FnMut() -> F) -> anyhow::Result<T>
+where
+    F: Future<Output = anyhow::Result<T>>,
+{
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let mut backoff = crate::retry::Backoff::default();
     loop {
-        match ensure_once(js, settings).await {
-            Ok(()) => return Ok(()),
+        match attempt().await {
+            Ok(done) => return Ok(done),
             Err(e) if tokio::time::Instant::now() < deadline && is_unavailable(&e) => {
                 let wait = backoff.next_delay();
                 tracing::warn!(error = format!("{e:#}"), retry_in = ?wait, "JetStream did not answer in time; retrying");
@@ -518,13 +529,16 @@ pub async fn ensure_publisher(
     js: &jetstream::Context,
     settings: &StreamSettings,
 ) -> anyhow::Result<()> {
-    js.get_stream(LIVE_STREAM)
-        .await
-        .context("opening LIVE")?
-        .create_consumer(settings.publisher_consumer())
-        .await
-        .context("creating the publisher consumer on LIVE")?;
-    Ok(())
+    while_unavailable(|| async {
+        js.get_stream(LIVE_STREAM)
+            .await
+            .context("opening LIVE")?
+            .create_consumer(settings.publisher_consumer())
+            .await
+            .context("creating the publisher consumer on LIVE")?;
+        Ok(())
+    })
+    .await
 }
 
 /// What [`ensure_intake`] found.
@@ -544,6 +558,14 @@ pub enum IntakeConsumer {
 /// `after` when given (where a bridge's session stopped), else with new messages; there
 /// already, it keeps where it started.
 pub async fn ensure_intake(
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+    after: Option<u64>,
+) -> anyhow::Result<IntakeConsumer> {
+    while_unavailable(|| ensure_intake_once(js, settings, after)).await
+}
+
+async fn ensure_intake_once(
     js: &jetstream::Context,
     settings: &StreamSettings,
     after: Option<u64>,

@@ -40,6 +40,36 @@ const RECONNECT_CHECK: Duration = Duration::from_millis(250);
 /// Delay before following the stream again after a failure, at most.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
 
+/// How long a starting hub waits for JetStream to make or update its stream.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Creates or updates the hub's stream, again while JetStream does not answer (NATS restarting
+/// as the hub starts, a cluster electing its leader) for up to [`OPEN_TIMEOUT`]: a request
+/// sent just before the connection dropped is never answered, and a hub that gave up on it
+/// would stop the whole process.
+async fn create_or_update(
+    js: &jetstream::Context,
+    wanted: stream::Config,
+) -> Result<stream::Info, async_nats::Error> {
+    use jetstream::context::CreateStreamErrorKind as Kind;
+    let deadline = tokio::time::Instant::now() + OPEN_TIMEOUT;
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match js.create_or_update_stream(wanted.clone()).await {
+            Ok(info) => return Ok(info),
+            Err(e)
+                if matches!(e.kind(), Kind::TimedOut | Kind::JetStreamUnavailable)
+                    && tokio::time::Instant::now() + delay < deadline =>
+            {
+                tracing::warn!(stream = wanted.name, error = %e, retry_in = ?delay, "JetStream did not answer; asking again");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(MAX_RETRY_DELAY);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// How long a publish may wait for JetStream's acknowledgement.
 pub(crate) const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -117,7 +147,7 @@ impl Transport {
             storage: stream::StorageType::File,
             ..Default::default()
         };
-        let info = js.create_or_update_stream(wanted).await?;
+        let info = create_or_update(&js, wanted).await?;
         Ok(Transport {
             js,
             stream: config.mercure_stream.clone(),

@@ -1454,6 +1454,29 @@ async fn a_batch_nats_did_not_acknowledge_is_dispatched_once_when_sent_again() {
     );
 }
 
+/// NATS hanging as a hub starts (`jetstream` only): its request to make the stream goes
+/// unanswered past the client's request timeout (10 s); the hub asks again instead of failing, which
+/// would stop the process it runs in, and starts once NATS answers.
+#[tokio::test]
+async fn a_hub_starting_while_nats_hangs_starts_once_it_answers() {
+    if super::TRANSPORT != Transport::Jetstream {
+        return;
+    }
+    let nats = NatsServer::start();
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let mut config = config();
+    config.mercure_transport = Transport::Jetstream;
+    nats.pause();
+    let starting = tokio::spawn(async move { Hub::with_jetstream(&config, js).await });
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    nats.resume();
+    let hub = tokio::time::timeout(Duration::from_secs(60), starting)
+        .await
+        .expect("the hub starts within a minute of NATS answering")
+        .unwrap();
+    assert!(hub.is_ok(), "{:?}", hub.err());
+}
+
 /// Sizes at NATS's limit in the middle of a batch (`jetstream` only): an update just under the
 /// largest message goes alone and reaches the subscriber; one just over it is refused for its
 /// size, alone; the updates around both go through, in order.
