@@ -509,7 +509,7 @@ impl Hub {
                 !held
             });
         }
-        let forms: Vec<String> = valid.iter().map(|(_, u)| u.to_form()).collect();
+        let forms: Vec<String> = valid.iter().map(|(_, u)| u.to_stored()).collect();
         let id = |i: usize| valid[i].1.id.as_deref().unwrap_or_default();
         let budget = transport.pack_bytes();
         let (mut start, mut last_sequence) = (0, None);

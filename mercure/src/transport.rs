@@ -11,9 +11,11 @@
 //! - **Limits** are the history's: `MERCURE_HISTORY_SIZE` updates, `MERCURE_HISTORY_BYTES`
 //!   bytes, `MERCURE_HISTORY_MAX_AGE`; the oldest go first.
 //! - **Packs**: the publisher inside `dataviz all` hands over the updates of a whole batch at
-//!   once ([`crate::Hub::publish_many`]), and they travel as one stream message, a pack: their
-//!   forms one per line (a form has no raw newline), with the header [`PACK_HEADER`] giving
-//!   their count. Storing and delivering one message per update cost nats-server as much as
+//!   once ([`crate::Hub::publish_many`]), and they travel as one stream message, a pack: one
+//!   update per line, with the header [`PACK_HEADER`] giving their count.
+//! - **Encoding**: an update is stored as a line of JSON ([`Update::to_stored`]), marked by the
+//!   header [`ENCODING_HEADER`]; a message without it holds forms, as the publish request
+//!   carries them (what earlier versions stored; still read back). Storing and delivering one message per update cost nats-server as much as
 //!   every other stream of the pipeline together. An update keeps its own id and place: its
 //!   position is the pack's sequence and its index in the pack ([`position`]).
 
@@ -75,6 +77,10 @@ pub(crate) const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The header of a pack: how many updates it holds.
 pub(crate) const PACK_HEADER: &str = "Dataviz-Updates";
+/// The header naming how the updates of a stream message are encoded, and its one value:
+/// [`Update::to_stored`]. Without it, they are forms ([`Update::to_form`]).
+pub(crate) const ENCODING_HEADER: &str = "Dataviz-Encoding";
+const ENCODING_JSON: &str = "json";
 /// Updates in one pack, at most: an update's position keeps its index in 16 bits.
 pub(crate) const PACK_UPDATES: usize = 4096;
 /// Room kept in a pack for its headers, below the server's largest message.
@@ -170,7 +176,8 @@ impl Transport {
             .saturating_sub(PACK_HEADROOM)
     }
 
-    /// Stores updates as one message: `forms` (a single update's form, or a pack's, each
+    /// Stores updates as one message: `forms` (a single update's stored form
+    /// ([`Update::to_stored`]), or a pack's, each
     /// within [`Transport::pack_bytes`] together and at most [`PACK_UPDATES`]), `ids` their
     /// ids, in order. Returns the message's stream sequence, that of the first copy when the
     /// stream already held one: the deduplication id is the update's id, and for a pack its
@@ -184,6 +191,7 @@ impl Transport {
         forms: &[String],
     ) -> Result<u64, PublishFailure> {
         let mut headers = async_nats::HeaderMap::new();
+        headers.insert(ENCODING_HEADER, ENCODING_JSON);
         let payload = match forms {
             [form] => {
                 let id = ids.into_iter().next().unwrap_or_default();
@@ -321,17 +329,20 @@ impl Transport {
             let message = message?;
             let info = message.info()?;
             let (sequence, published) = (info.stream_sequence, info.published.into());
-            let packed = message
-                .headers
-                .as_ref()
-                .is_some_and(|h| h.get(PACK_HEADER).is_some());
+            let header = |name| message.headers.as_ref().and_then(|h| h.get(name));
+            let packed = header(PACK_HEADER).is_some();
+            let json = header(ENCODING_HEADER).is_some_and(|e| e.as_str() == ENCODING_JSON);
             let forms: Vec<&[u8]> = match packed {
                 true => message.payload.split(|b| *b == b'\n').collect(),
                 false => vec![&message.payload],
             };
+            let read = |form: &[u8]| match json {
+                true => Update::from_stored(form).map_err(|e| e.to_string()),
+                false => Update::from_form(form).map_err(|e| e.to_string()),
+            };
             let updates = forms
                 .into_iter()
-                .filter_map(|form| match Update::from_form(form) {
+                .filter_map(|form| match read(form) {
                     Ok(update) if update.id.is_some() => Some(update),
                     Ok(_) => {
                         tracing::warn!(sequence, "an update without an id in the stream; skipped");

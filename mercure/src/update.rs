@@ -15,7 +15,7 @@ pub const MAX_TOPICS: usize = 1000;
 pub const RESERVED_TOPIC_PART: &str = "/.well-known/mercure";
 
 /// One update.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Update {
     /// Every topic the update belongs to (the first is its canonical topic, the others
     /// alternates). A subscriber receives it when any of them matches its selectors.
@@ -26,6 +26,7 @@ pub struct Update {
     /// The event id; the hub generates a `urn:uuid:` one when the publisher gives none.
     pub id: Option<String>,
     /// The SSE event type.
+    #[serde(rename = "type")]
     pub event_type: Option<String>,
     /// The SSE reconnection delay, in milliseconds.
     pub retry: Option<u64>,
@@ -138,6 +139,19 @@ impl Update {
         form.finish()
     }
 
+    /// The update as the `jetstream` transport stores it: one line of JSON (serde_json escapes
+    /// every newline inside a string). Its form ([`Update::to_form`]) percent-encodes nearly
+    /// every character of JSON data, which made encoding and reading it back a tenth of
+    /// `dataviz all`'s CPU.
+    pub fn to_stored(&self) -> String {
+        serde_json::to_string(self).expect("an update serializes to JSON")
+    }
+
+    /// An update as the `jetstream` transport stores it ([`Update::to_stored`]).
+    pub fn from_stored(line: &[u8]) -> Result<Update, serde_json::Error> {
+        serde_json::from_slice(line)
+    }
+
     /// Checks what would let a publisher forge events or inject SSE fields.
     pub fn validate(&self) -> Result<(), UpdateError> {
         if self.topics.is_empty() {
@@ -190,6 +204,27 @@ mod tests {
 
     fn parse(body: &str) -> Result<Update, UpdateError> {
         Update::from_form(body.as_bytes())
+    }
+
+    #[test]
+    fn the_stored_form_is_one_line_and_reads_back_alike() {
+        let update = Update {
+            topics: vec!["https://e.com/1".into(), "b".into()],
+            data: "{\"a\": \"x\\ny\"}\r\nsecond line\u{2028}é".into(),
+            private: true,
+            id: Some("urn:uuid:1".into()),
+            event_type: Some("t".into()),
+            retry: Some(5),
+        };
+        let stored = update.to_stored();
+        assert!(!stored.contains('\n'), "{stored}");
+        assert_eq!(Update::from_stored(stored.as_bytes()).unwrap(), update);
+        let bare = Update::new(vec!["a".into()], "");
+        assert_eq!(
+            Update::from_stored(bare.to_stored().as_bytes()).unwrap(),
+            bare
+        );
+        assert!(Update::from_stored(b"topic=a&data=x").is_err());
     }
 
     #[test]

@@ -1303,6 +1303,53 @@ async fn a_pack_of_updates_with_long_ids_just_under_the_payload_limit_goes_throu
     );
 }
 
+/// Updates an earlier version stored (`jetstream` only): forms, alone and in a pack, without
+/// the encoding header. A hub following the stream reads them as it reads its own JSON lines,
+/// and a subscriber gets them in order.
+#[tokio::test]
+async fn updates_stored_as_forms_by_an_earlier_version_are_read_back() {
+    let served = serve(config()).await;
+    let Some(nats) = &served.hub._nats else {
+        return;
+    };
+    let mut live = subscribe(&served.url, &["t"], None).await;
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let subject = format!("{}.updates", config().mercure_stream);
+    let old = |updates: &[Update]| {
+        updates
+            .iter()
+            .map(Update::to_form)
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let alone = old(&[update(&["t"], "old-1", "{\"a\": 1}")]);
+    js.publish(subject.clone(), alone.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Dataviz-Updates", "2");
+    let pack = old(&[
+        update(&["t"], "old-2", "two\nlines"),
+        update(&["t"], "old-3", "{}"),
+    ]);
+    js.publish_with_headers(subject, headers, pack.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    served
+        .hub
+        .publish(update(&["t"], "new-4", "{\"b\": 2}"))
+        .await
+        .unwrap();
+    let events = collect(&mut live, 4).await;
+    assert_eq!(ids(&events), ["old-1", "old-2", "old-3", "new-4"]);
+    assert_eq!(events[1].data, "two\nlines");
+    assert_eq!(events[3].data, "{\"b\": 2}");
+}
+
 /// The messages in `hub`'s stream; `None` on the `local` transport.
 async fn stream_messages(hub: &TestHub) -> Option<u64> {
     let nats = hub._nats.as_ref()?;
