@@ -509,23 +509,23 @@ impl Hub {
                 !held
             });
         }
-        let forms: Vec<String> = valid.iter().map(|(_, u)| u.to_stored()).collect();
+        let lines: Vec<String> = valid.iter().map(|(_, u)| u.to_stored()).collect();
         let id = |i: usize| valid[i].1.id.as_deref().unwrap_or_default();
         let budget = transport.pack_bytes();
         let (mut start, mut last_sequence) = (0, None);
         while start < valid.len() {
             // The first update always goes: alone, one too large is refused for its size.
             let mut end = start + 1;
-            let mut bytes = forms[start].len();
+            let mut bytes = lines[start].len();
             while end < valid.len()
                 && end - start < transport::PACK_UPDATES
-                && bytes + 1 + forms[end].len() <= budget
+                && bytes + 1 + lines[end].len() <= budget
             {
-                bytes += 1 + forms[end].len();
+                bytes += 1 + lines[end].len();
                 end += 1;
             }
             let stored = transport
-                .publish((start..end).map(id), &forms[start..end])
+                .publish((start..end).map(id), &lines[start..end])
                 .await;
             match stored {
                 Ok(sequence) => last_sequence = Some(sequence),

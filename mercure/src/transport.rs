@@ -12,12 +12,13 @@
 //!   bytes, `MERCURE_HISTORY_MAX_AGE`; the oldest go first.
 //! - **Packs**: the publisher inside `dataviz all` hands over the updates of a whole batch at
 //!   once ([`crate::Hub::publish_many`]), and they travel as one stream message, a pack: one
-//!   update per line, with the header [`PACK_HEADER`] giving their count.
+//!   update per line, with the header [`PACK_HEADER`] giving their count. Storing and
+//!   delivering one message per update cost nats-server as much as every other stream of the
+//!   pipeline together. An update keeps its own id and place: its position is the pack's
+//!   sequence and its index in the pack ([`position`]).
 //! - **Encoding**: an update is stored as a line of JSON ([`Update::to_stored`]), marked by the
 //!   header [`ENCODING_HEADER`]; a message without it holds forms, as the publish request
-//!   carries them (what earlier versions stored; still read back). Storing and delivering one message per update cost nats-server as much as
-//!   every other stream of the pipeline together. An update keeps its own id and place: its
-//!   position is the pack's sequence and its index in the pack ([`position`]).
+//!   carries them (what earlier versions stored; still read back).
 
 use crate::config::HubConfig;
 use crate::update::Update;
@@ -176,9 +177,8 @@ impl Transport {
             .saturating_sub(PACK_HEADROOM)
     }
 
-    /// Stores updates as one message: `forms` (a single update's stored form
-    /// ([`Update::to_stored`]), or a pack's, each
-    /// within [`Transport::pack_bytes`] together and at most [`PACK_UPDATES`]), `ids` their
+    /// Stores updates as one message: `lines` (one update as [`Update::to_stored`] makes it, or
+    /// a pack's, within [`Transport::pack_bytes`] together and at most [`PACK_UPDATES`]), `ids` their
     /// ids, in order. Returns the message's stream sequence, that of the first copy when the
     /// stream already held one: the deduplication id is the update's id, and for a pack its
     /// count and a digest of its ids, so that a pack's headers stay a few bytes however long
@@ -188,15 +188,15 @@ impl Transport {
     pub(crate) async fn publish<'a>(
         &self,
         ids: impl IntoIterator<Item = &'a str>,
-        forms: &[String],
+        lines: &[String],
     ) -> Result<u64, PublishFailure> {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(ENCODING_HEADER, ENCODING_JSON);
-        let payload = match forms {
-            [form] => {
+        let payload = match lines {
+            [line] => {
                 let id = ids.into_iter().next().unwrap_or_default();
                 headers.insert("Nats-Msg-Id", id);
-                form.clone()
+                line.clone()
             }
             _ => {
                 let mut digest = sha2::Sha256::new();
@@ -204,10 +204,10 @@ impl Transport {
                     digest.update(id.as_bytes());
                     digest.update(b"\n");
                 }
-                let id = format!("pack/{}/{:x}", forms.len(), digest.finalize());
+                let id = format!("pack/{}/{:x}", lines.len(), digest.finalize());
                 headers.insert("Nats-Msg-Id", id.as_str());
-                headers.insert(PACK_HEADER, forms.len().to_string().as_str());
-                forms.join("\n")
+                headers.insert(PACK_HEADER, lines.len().to_string().as_str());
+                lines.join("\n")
             }
         };
         self.store(headers, payload.into()).await
@@ -332,17 +332,17 @@ impl Transport {
             let header = |name| message.headers.as_ref().and_then(|h| h.get(name));
             let packed = header(PACK_HEADER).is_some();
             let json = header(ENCODING_HEADER).is_some_and(|e| e.as_str() == ENCODING_JSON);
-            let forms: Vec<&[u8]> = match packed {
+            let lines: Vec<&[u8]> = match packed {
                 true => message.payload.split(|b| *b == b'\n').collect(),
                 false => vec![&message.payload],
             };
-            let read = |form: &[u8]| match json {
-                true => Update::from_stored(form).map_err(|e| e.to_string()),
-                false => Update::from_form(form).map_err(|e| e.to_string()),
+            let read = |line: &[u8]| match json {
+                true => Update::from_stored(line).map_err(|e| e.to_string()),
+                false => Update::from_form(line).map_err(|e| e.to_string()),
             };
-            let updates = forms
+            let updates = lines
                 .into_iter()
-                .filter_map(|form| match read(form) {
+                .filter_map(|line| match read(line) {
                     Ok(update) if update.id.is_some() => Some(update),
                     Ok(_) => {
                         tracing::warn!(sequence, "an update without an id in the stream; skipped");

@@ -1,5 +1,6 @@
 //! An update: what a publisher posts and a subscriber receives, its form encoding (the publish
-//! request body) and its server-sent-event encoding.
+//! request body), the line of JSON the `jetstream` transport stores, and its server-sent-event
+//! encoding.
 //!
 //! Validation follows the reference hub: at least one topic and at most [`MAX_TOPICS`]; `retry`
 //! an unsigned integer; no CR, LF or NUL in `id` or `type` (they would let a publisher inject
