@@ -829,22 +829,19 @@ async fn ensure_once(js: &jetstream::Context, settings: &StreamSettings) -> anyh
         .context("creating the writer consumer on READINGS")?;
     // The publisher read READINGS before LIVE existed: its consumer there would keep every
     // message of READINGS (interest retention) for a reader that no longer comes.
-    // Roles starting together race to remove it: one that finds it gone has nothing to do.
-    if readings.consumer_info(PUBLISHER_CONSUMER).await.is_ok() {
-        match readings.delete_consumer(PUBLISHER_CONSUMER).await {
-            Ok(_) => tracing::info!(
-                "the publisher reads LIVE now: its former consumer on READINGS removed"
-            ),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    stream::ConsumerErrorKind::JetStream(e)
-                        if e.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND
-                ) => {}
-            Err(e) => {
-                return Err(e).context("removing the publisher's former consumer on READINGS");
-            }
+    // Removed where found, in one request: roles starting together race to remove it, and one
+    // that finds it gone has nothing to do.
+    match readings.delete_consumer(PUBLISHER_CONSUMER).await {
+        Ok(_) => {
+            tracing::info!("the publisher reads LIVE now: its former consumer on READINGS removed")
         }
+        Err(e)
+            if matches!(
+                e.kind(),
+                stream::ConsumerErrorKind::JetStream(e)
+                    if e.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND
+            ) => {}
+        Err(e) => return Err(e).context("removing the publisher's former consumer on READINGS"),
     }
     Ok(())
 }
