@@ -33,6 +33,17 @@ fn reading(i: i64) -> String {
     )
 }
 
+/// Waits until `tag_reading` holds `rows` rows, within 30 s.
+async fn wait_for_rows(stack: &Stack, rows: i64) {
+    stack
+        .wait_for_count(
+            "SELECT count(*) FROM tag_reading",
+            rows,
+            Duration::from_secs(30),
+        )
+        .await;
+}
+
 /// A reading without `ts`: its time is when it was received, so identical ones are distinct.
 fn untimed(i: i64) -> String {
     format!(r#"{{"d": [{{"tag": "untimed", "value": {}}}]}}"#, i % 3)
@@ -156,13 +167,7 @@ async fn a_dead_letter_requeued_once_its_gateway_exists_is_ingested_once() {
     // are stored after all, and its re-queue must add nothing.
     mqtt.publish("gateways/5/early-device", reading(3)).await;
     mqtt.wait_acked(Duration::from_secs(10)).await;
-    stack
-        .wait_for_count(
-            "SELECT count(*) FROM tag_reading",
-            2,
-            Duration::from_secs(30),
-        )
-        .await;
+    wait_for_rows(&stack, 2).await;
     let (ok, out) = dataviz(
         &stack,
         &[
@@ -176,13 +181,7 @@ async fn a_dead_letter_requeued_once_its_gateway_exists_is_ingested_once() {
         ],
     );
     assert!(ok && out.contains("re-queued 4 dead letter(s)"), "{out}");
-    stack
-        .wait_for_count(
-            "SELECT count(*) FROM tag_reading",
-            8,
-            Duration::from_secs(30),
-        )
-        .await;
+    wait_for_rows(&stack, 8).await;
     wait_drained(&stack.nats.url()).await;
     assert_eq!(
         stack.count("SELECT count(*) FROM tag_reading").await,
@@ -264,13 +263,7 @@ async fn readyz_fails_while_nats_is_down_and_recovers() {
     mqtt.publish("gateways/1/d", reading(1)).await;
     mqtt.publish("gateways/404/d", reading(2)).await;
     mqtt.wait_acked(Duration::from_secs(10)).await;
-    stack
-        .wait_for_count(
-            "SELECT count(*) FROM tag_reading",
-            2,
-            Duration::from_secs(30),
-        )
-        .await;
+    wait_for_rows(&stack, 2).await;
     let metrics = wait_status(port, "/metrics", 200, Duration::from_secs(5)).await;
     for line in [
         "dataviz_bridge_messages_received_total 2",
@@ -306,13 +299,7 @@ async fn nats_hanging_while_dataviz_starts_stops_nothing() {
     let mut mqtt = Publisher::connect(stack.mosquitto.port()).await;
     mqtt.publish("gateways/1/d", reading(1)).await;
     mqtt.wait_acked(Duration::from_secs(10)).await;
-    stack
-        .wait_for_count(
-            "SELECT count(*) FROM tag_reading",
-            2,
-            Duration::from_secs(30),
-        )
-        .await;
+    wait_for_rows(&stack, 2).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
