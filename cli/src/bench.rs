@@ -69,6 +69,11 @@ pub struct BenchArgs {
     /// reading nats-server's MQTT stream (the default), or `bridge`, as on Mosquitto.
     #[arg(long, value_enum, default_value_t = Intake::Nats)]
     mqtt_intake: Intake,
+    /// Message ids `ingested_message` holds before the runs, as the writer stores them, of
+    /// messages spread over the past month (the writer keeps a month of ids by default): the
+    /// index its transactions insert into is then as large as in a system long in service.
+    #[arg(long, default_value_t = 0)]
+    held_ids: u64,
     /// A PostgreSQL superuser URL: the bench creates (and drops) a database of its own there.
     #[arg(
         long,
@@ -207,15 +212,17 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
-        "dataviz bench: {} messages × {} readings, {} devices; {cores} cores; nats-server, Mosquitto and PostgreSQL on this machine; MQTT_INTAKE={} on nats-server\n",
+        "dataviz bench: {} messages × {} readings, {} devices; {cores} cores; nats-server, Mosquitto and PostgreSQL on this machine; MQTT_INTAKE={} on nats-server; {} message ids held before\n",
         args.messages,
         args.tags,
         args.devices,
-        args.mqtt_intake.name()
+        args.mqtt_intake.name(),
+        args.held_ids
     );
 
     let mut client = db.connect().await;
     dataviz_core::db::migrate(&mut client).await?;
+    hold_ids(&client, args.held_ids).await?;
 
     // 1. The limits, and the writer alone beside COPY alone.
     let nats_limits = broker_alone(&default, &args).await?;
@@ -823,7 +830,7 @@ struct Copied {
 }
 
 /// PostgreSQL binary COPY alone and the writer alone on the same rows, in alternating rounds
-/// into emptied tables; the median of each (COPY's rate and CPU apart), rows per second.
+/// into emptied reading tables; the median of each (COPY's rate and CPU apart), rows per second.
 async fn copy_and_writer_alone(db: &TestDb, args: &BenchArgs) -> anyhow::Result<(Copied, f64)> {
     let mut client = db.connect().await;
     client
@@ -833,18 +840,20 @@ async fn copy_and_writer_alone(db: &TestDb, args: &BenchArgs) -> anyhow::Result<
         )
         .await?;
     let pool = dataviz_core::db::pool(db.url(), 2)?;
-    let units = writer_batches(args);
     let (mut copies, mut copy_cpu, mut writes) = (Vec::new(), Vec::new(), Vec::new());
     for round in 1..=LIMIT_ROUNDS {
         eprintln!(
             "limits: PostgreSQL binary COPY alone, then the writer alone (round {round} of {LIMIT_ROUNDS})…"
         );
+        // Each round its own messages: the ids of the rounds before stay, as they do in
+        // `ingested_message`'s month of ids.
+        let units = writer_batches(args, round);
         let copied = copy_alone(&mut client, &units).await?;
         copies.push(copied.rate);
         copy_cpu.push(copied.us);
         writes.push(writer_alone(&pool, &units, args).await?);
         client
-            .batch_execute("TRUNCATE bench_copy, tag_reading, ingested_message")
+            .batch_execute("TRUNCATE bench_copy, tag_reading")
             .await?;
     }
     let copied = Copied {
@@ -891,39 +900,104 @@ async fn copy_alone(
 }
 
 /// The rows of the pipeline run as the processor hands them to the writer: each message its own
-/// time, a microsecond apart, and the values of [`payload`] (doubles, booleans, integers, text).
-/// Rows of one time and one type would flatter PostgreSQL: equal keys share an index entry.
-fn writer_batches(args: &BenchArgs) -> Vec<dataviz_core::message::MessageReadings> {
-    use dataviz_core::message::{MessageReadings, TagReading};
-    use dataviz_core::value::Value;
-    let start = chrono::Utc::now() - chrono::Duration::hours(1);
+/// time, a microsecond apart (round `round` a second after the one before), the values of
+/// [`payload`] (doubles, booleans, integers, text), and the id the processor gives a message
+/// with `ts`. Rows of one time and one type would flatter PostgreSQL: equal keys share an
+/// index entry.
+fn writer_batches(args: &BenchArgs, round: usize) -> Vec<dataviz_core::message::MessageReadings> {
+    let start =
+        chrono::Utc::now() - chrono::Duration::hours(1) + chrono::Duration::seconds(round as i64);
     (0..args.messages)
         .map(|m| {
-            let device = m % args.devices;
             let time = start + chrono::Duration::microseconds(m as i64);
-            MessageReadings {
-                raw_seq: None,
-                id: uuid::Uuid::now_v7(),
-                gateway_id: 1,
-                device_id: device as i64,
-                device_code: format!("dev-{device}"),
-                time,
-                received_at: time,
-                readings: (0..args.tags)
-                    .map(|t| TagReading {
-                        tag_id: (device * args.tags + t) as i64,
-                        tag: format!("T.{t}"),
-                        value: match t % 10 {
-                            0..=5 => Value::Double((20 + (m + t) % 60) as f64 + 0.25),
-                            6 | 7 => Value::Boolean((m + t).is_multiple_of(2)),
-                            8 => Value::Integer(m as i64),
-                            _ => Value::Text("RUN".to_owned()),
-                        },
-                    })
-                    .collect(),
-            }
+            message_readings(m, args.devices, args.tags, time)
         })
         .collect()
+}
+
+/// Message `m` of [`writer_batches`], taken at `time`.
+fn message_readings(
+    m: u64,
+    devices: u64,
+    tags: u64,
+    time: chrono::DateTime<chrono::Utc>,
+) -> dataviz_core::message::MessageReadings {
+    use dataviz_core::message::{MessageReadings, TagReading};
+    use dataviz_core::value::Value;
+    let device = m % devices;
+    let readings: Vec<TagReading> = (0..tags)
+        .map(|t| TagReading {
+            tag_id: (device * tags + t) as i64,
+            tag: format!("T.{t}"),
+            value: match t % 10 {
+                0..=5 => Value::Double((20 + (m + t) % 60) as f64 + 0.25),
+                6 | 7 => Value::Boolean((m + t).is_multiple_of(2)),
+                8 => Value::Integer(m as i64),
+                _ => Value::Text("RUN".to_owned()),
+            },
+        })
+        .collect();
+    let device_code = format!("dev-{device}");
+    let payload = dataviz_core::payload::Payload {
+        readings: readings
+            .iter()
+            .map(|r| (r.tag.clone(), r.value.clone()))
+            .collect(),
+        ts: Some(time),
+    };
+    MessageReadings {
+        raw_seq: None,
+        id: dataviz_core::identity::readings_id(uuid::Uuid::now_v7(), 1, &device_code, &payload),
+        gateway_id: 1,
+        device_id: device as i64,
+        device_code,
+        time,
+        received_at: time,
+        readings,
+    }
+}
+
+/// Fills `ingested_message` with the ids of `count` messages of [`message_readings`] spread
+/// evenly over the 31 days before the runs' messages, as the writer stores them, with their
+/// times as ingestion times, saying how far it is.
+async fn hold_ids(client: &tokio_postgres::Client, count: u64) -> anyhow::Result<()> {
+    use tokio_postgres::{binary_copy::BinaryCopyInWriter, types::Type};
+    if count == 0 {
+        return Ok(());
+    }
+    let month = chrono::Duration::days(31);
+    let start = chrono::Utc::now() - month - chrono::Duration::hours(2);
+    let step_us = month.num_microseconds().unwrap_or(i64::MAX) / count as i64;
+    let begun = Instant::now();
+    let mut last = Instant::now();
+    const CHUNK: u64 = 100_000;
+    for first in (0..count).step_by(CHUNK as usize) {
+        let sink = client
+            .copy_in("COPY ingested_message (id, ingested_at) FROM STDIN BINARY")
+            .await?;
+        let mut writer = std::pin::pin!(BinaryCopyInWriter::new(
+            sink,
+            &[Type::UUID, Type::TIMESTAMPTZ]
+        ));
+        for m in first..(first + CHUNK).min(count) {
+            let time = start + chrono::Duration::microseconds(step_us * m as i64);
+            let unit = message_readings(m, 1_000, 10, time);
+            writer.as_mut().write(&[&unit.id, &time]).await?;
+        }
+        writer.as_mut().finish().await?;
+        if last.elapsed() > Duration::from_secs(5) {
+            eprintln!("held ids: {} of {count} stored…", first + CHUNK);
+            last = Instant::now();
+        }
+    }
+    client
+        .batch_execute("VACUUM ANALYZE ingested_message")
+        .await?;
+    eprintln!(
+        "held ids: {count} in ingested_message, stored in {:.0} s",
+        begun.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 /// The writer's own transactions ([`dataviz_writer::write`]: message ids into
