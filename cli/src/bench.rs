@@ -982,7 +982,8 @@ async fn hold_ids(client: &tokio_postgres::Client, count: u64) -> anyhow::Result
         for m in first..(first + CHUNK).min(count) {
             let time = start + chrono::Duration::microseconds(step_us * m as i64);
             let unit = message_readings(m, 1_000, 10, time);
-            writer.as_mut().write(&[&unit.id, &time]).await?;
+            let key = dataviz_core::ingested::key(&unit);
+            writer.as_mut().write(&[&key, &time]).await?;
         }
         writer.as_mut().finish().await?;
         if last.elapsed() > Duration::from_secs(5) {
@@ -1011,7 +1012,9 @@ async fn writer_alone(
     let start = Instant::now();
     let mut rows = 0;
     for chunk in units.chunks(2_000) {
-        rows += dataviz_writer::write(pool, chunk).await?.rows;
+        rows += dataviz_writer::write(pool, &Default::default(), chunk)
+            .await?
+            .rows;
     }
     let elapsed = start.elapsed();
     anyhow::ensure!(

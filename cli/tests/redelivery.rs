@@ -116,10 +116,7 @@ fn ids(payload: &[u8]) -> std::collections::BTreeSet<uuid::Uuid> {
 const MESSAGES: usize = 20;
 
 fn writer_stage(hop: &Hop) -> dataviz_writer::Writer {
-    dataviz_writer::Writer {
-        pool: hop.pool.clone(),
-        js: hop.js.clone(),
-    }
+    dataviz_writer::Writer::new(hop.pool.clone(), hop.js.clone())
 }
 
 async fn publish_raw(hop: &Hop) {
@@ -229,7 +226,9 @@ async fn a_writer_dying_before_its_ack_stores_each_row_once() {
     let first = take(&readings, 1).await;
     let units = ReadingsMessage::parse(&first[0].payload).unwrap();
     // Committed, then the "crash": no ack.
-    let written = dataviz_writer::write(&hop.pool, &units).await.unwrap();
+    let written = dataviz_writer::write(&hop.pool, &Default::default(), &units)
+        .await
+        .unwrap();
     assert_eq!(
         (written.messages, written.rows),
         (MESSAGES, 2 * MESSAGES as u64)
@@ -261,7 +260,9 @@ async fn a_writer_dying_before_its_ack_stores_each_row_once() {
     );
 
     // A replay long after, past JetStream's duplicate window: still no new row.
-    let again = dataviz_writer::write(&hop.pool, &units).await.unwrap();
+    let again = dataviz_writer::write(&hop.pool, &Default::default(), &units)
+        .await
+        .unwrap();
     assert_eq!(
         (again.messages, again.duplicates, again.rows),
         (0, MESSAGES, 0)
@@ -516,5 +517,156 @@ async fn a_unit_that_cannot_be_read_takes_no_neighbour_with_it() {
     assert_eq!(
         letters[0].1.raw, original,
         "the letter carries the original message"
+    );
+}
+
+/// An upgrade from a version that stored message ids as they were, not under their keys:
+/// copies of the messages it stored are still recognised (by the id itself) while such ids
+/// remain, and not looked for once the retention forgot them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_stored_before_the_keys_are_stored_once_after_the_upgrade() {
+    use dataviz_core::ingested::{self, EarlierIds};
+    let hop = hop().await;
+    // Half with `ts` (their ids derived from their content), half without (the raw ids).
+    for i in 0..MESSAGES {
+        let ts = match i % 2 {
+            0 => format!(r#", "ts": "2026-01-01T00:00:{i:02}.5Z""#),
+            _ => String::new(),
+        };
+        let raw = RawMessage::received(
+            format!("gateways/1/dev-{}", i % 3),
+            Bytes::from(format!(r#"{{"d": [{{"tag": "seq", "value": {i}}}]{ts}}}"#)),
+        );
+        hop.js
+            .publish_with_headers(raw.subject(), raw.headers(None), raw.payload.clone())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let processor = Processor::new(hop.pool.clone(), hop.js.clone(), PayloadLimits::default());
+    let raw = consumer(&hop, streams::RAW_STREAM, hop.settings.processor_consumer()).await;
+    consume::handle(&processor, &hop.js, &take(&raw, MESSAGES).await).await;
+    let readings = consumer(
+        &hop,
+        streams::READINGS_STREAM,
+        hop.settings.writer_consumer(),
+    )
+    .await;
+    let message = take(&readings, 1).await.remove(0);
+    let units = ReadingsMessage::parse(&message.payload).unwrap();
+    assert_eq!(units.len(), MESSAGES);
+    let (earlier, later) = units.split_at(MESSAGES / 2);
+
+    // The database as the earlier version left it: migration 5 not applied, and the first
+    // half stored with their ids as they are.
+    let mut admin = hop.db.connect().await;
+    admin
+        .batch_execute(
+            "DROP TABLE ingested_message_keyed; DELETE FROM schema_migration WHERE version = 5",
+        )
+        .await
+        .unwrap();
+    let earlier_ids: Vec<uuid::Uuid> = earlier.iter().map(|u| u.id).collect();
+    {
+        let tx = admin.transaction().await.unwrap();
+        tx.execute(
+            "INSERT INTO ingested_message (id, ingested_at)
+             SELECT unnest($1::uuid[]), now() - interval '1 hour'",
+            &[&earlier_ids],
+        )
+        .await
+        .unwrap();
+        dataviz_writer::copy_rows(&tx, "tag_reading", earlier.iter())
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    }
+    assert!(
+        earlier
+            .iter()
+            .filter(|u| u.time != u.received_at)
+            .all(|u| ingested::key(u) != u.id),
+        "a content id is not its key"
+    );
+    let report = dataviz_core::db::migrate(&mut admin).await.unwrap();
+    assert_eq!(report.applied, ["0005_ingested_keys"]);
+
+    // The upgraded writer gets every unit: the earlier half again (a redelivery, a replay),
+    // the later half for the first time.
+    let writer = writer_stage(&hop);
+    let client = hop.pool.get().await.unwrap();
+    assert_eq!(
+        ingested::stored(&client, &writer.earlier, &units)
+            .await
+            .unwrap(),
+        earlier_ids.iter().copied().collect(),
+        "found by their ids"
+    );
+    let written = dataviz_writer::write(&hop.pool, &writer.earlier, &units)
+        .await
+        .unwrap();
+    assert_eq!(
+        (written.messages, written.duplicates, written.rows),
+        (later.len(), earlier.len(), later.len() as u64)
+    );
+    let count = |sql: &'static str| {
+        let admin = &admin;
+        async move { admin.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) }
+    };
+    assert_eq!(
+        count("SELECT count(*) FROM tag_reading").await,
+        MESSAGES as i64
+    );
+    // Every unit is now stored under its key too: later copies meet their key.
+    let keys: Vec<uuid::Uuid> = units.iter().map(ingested::key).collect();
+    assert_eq!(
+        ingested::stored_keys(&client, &keys).await.unwrap().len(),
+        MESSAGES
+    );
+    let again = dataviz_writer::write(&hop.pool, &writer.earlier, &units)
+        .await
+        .unwrap();
+    assert_eq!((again.messages, again.rows), (0, 0));
+
+    // Past the id retention the earlier ids are gone, and no longer looked for.
+    admin
+        .batch_execute(
+            "DELETE FROM ingested_message WHERE ingested_at < now() - interval '30 minutes';
+             UPDATE ingested_message_keyed SET since = now() - interval '2 days'",
+        )
+        .await
+        .unwrap();
+    let fresh = EarlierIds::default();
+    assert!(!fresh.held(&client).await.unwrap());
+    assert!(
+        writer.earlier.held(&client).await.unwrap(),
+        "known for ten minutes"
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM tag_reading").await,
+        MESSAGES as i64
+    );
+}
+
+/// A database that never held an id before the keys has nothing to look for.
+#[tokio::test]
+async fn a_new_database_looks_for_no_earlier_id() {
+    let db = TestDb::create().await;
+    dataviz_core::db::migrate(&mut db.connect().await)
+        .await
+        .unwrap();
+    let client = db.connect().await;
+    let marks: i64 = client
+        .query_one("SELECT count(*) FROM ingested_message_keyed", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(marks, 0);
+    assert!(
+        !dataviz_core::ingested::EarlierIds::default()
+            .held(&client)
+            .await
+            .unwrap()
     );
 }

@@ -84,6 +84,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "ingested_at",
         sql: Sql::Both(include_str!("../../migrations/0004_ingested_at.sql")),
     },
+    Migration {
+        version: 5,
+        name: "ingested_keys",
+        sql: Sql::Both(include_str!("../../migrations/0005_ingested_keys.sql")),
+    },
 ];
 
 /// An arbitrary constant naming the migration lock among the database's advisory locks.

@@ -12,6 +12,7 @@
 //! - [`streams`]: stream and consumer names, subjects and settings, created and checked at start.
 //! - [`dead`]: dead letters as an operator sees them: list, show, re-queue, purge.
 //! - [`db`]: the PostgreSQL pool, the migrations, and errors by kind.
+//! - [`ingested`]: which messages' readings are stored, by the keys the writer records.
 //! - [`retention`]: how long readings and message ids are kept, and the pruning that keeps it.
 //! - [`config`]: connection settings read from the environment, shared by every role.
 //! - [`telemetry`]: logging setup, including the `mqtt` channel.
@@ -24,6 +25,7 @@ pub mod config;
 pub mod consume;
 pub mod db;
 pub mod dead;
+pub mod ingested;
 pub mod message;
 pub mod ops;
 pub mod retention;

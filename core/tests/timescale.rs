@@ -191,7 +191,8 @@ async fn timescale_flavour_on_real_timescaledb() {
             "0001_registry",
             "0002_tag_reading",
             "0003_users",
-            "0004_ingested_at"
+            "0004_ingested_at",
+            "0005_ingested_keys"
         ]
     );
     assert_eq!(report.already, 0);
@@ -202,7 +203,7 @@ async fn timescale_flavour_on_real_timescaledb() {
         "applied again: {:?}",
         again.applied
     );
-    assert_eq!(again.already, 4);
+    assert_eq!(again.already, 5);
     db::check_migrated(&client).await.unwrap();
     let flavors: Vec<Option<String>> = client
         .query("SELECT flavor FROM schema_migration ORDER BY version", &[])
@@ -211,7 +212,10 @@ async fn timescale_flavour_on_real_timescaledb() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(flavors, [None, Some("timescale".to_owned()), None, None]);
+    assert_eq!(
+        flavors,
+        [None, Some("timescale".to_owned()), None, None, None]
+    );
 
     let described = db::describe(&client).await.unwrap();
     assert!(

@@ -19,8 +19,12 @@
 //!   re-queue of that RAW message is recognised at any horizon, and a redelivery by the broker
 //!   only within RAW's duplicate window (`RAW_DUPLICATE_WINDOW`), where the bridge's
 //!   deduplication id (the MQTT packet id and content) finds it.
+//!
+//! The writer stores each id under a key that leads with the time of the message's readings
+//! ([`stored_key`]).
 
 use crate::payload::Payload;
+use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
@@ -54,6 +58,25 @@ pub fn readings_id(raw_id: Uuid, gateway_id: i32, device_code: &str, payload: &P
     bytes.copy_from_slice(&digest[..16]);
     // A version 8 (custom) UUID: never equal to the bridge's version 7 ids.
     uuid::Builder::from_custom_bytes(bytes).into_uuid()
+}
+
+/// The key the writer stores the id `id` of a message whose readings are of `time` under: the
+/// id with its first 48 bits replaced by `time` in Unix milliseconds (clamped to what 48 bits
+/// hold).
+///
+/// Content ids are hashes: stored as they are, each lands at a random place in the primary key
+/// of `ingested_message`, so every insert dirties a page of its own, and the month of ids the
+/// writer keeps outgrows memory. Readings arrive nearly in time order, so keys led by their
+/// time go to the index's right edge. Every copy of a message has the same time (its `ts`, or
+/// when it has none its raw message's receive time, which a replay or a re-queue keeps, and
+/// with which that raw message's id, a UUIDv7, already leads), hence the same key. Two messages share a key only
+/// if they share the millisecond and the id's last 80 bits (74 of them hash bits for a content
+/// id): crafting a message with another's key takes a second preimage of 74 bits of SHA-256.
+pub fn stored_key(time: DateTime<Utc>, id: Uuid) -> Uuid {
+    let millis = time.timestamp_millis().clamp(0, (1 << 48) - 1) as u64;
+    let mut bytes = *id.as_bytes();
+    bytes[..6].copy_from_slice(&millis.to_be_bytes()[2..]);
+    Uuid::from_bytes(bytes)
 }
 
 /// A length-prefixed field, so that no two sequences of fields hash alike.
@@ -117,6 +140,44 @@ mod tests {
                 r#"{"d":[{"tag":"bc","value":1}],"ts":"2024-01-01T00:00:00Z"}"#
             )
         );
+    }
+
+    #[test]
+    fn keys_follow_the_time_of_the_readings_and_keep_the_rest_of_the_id() {
+        let at = |s: &str| s.parse::<DateTime<Utc>>().unwrap();
+        let first = id(1, "dev", READING);
+        let key = stored_key(at("2024-01-01T00:00:00.250Z"), first);
+        assert_eq!(key, stored_key(at("2024-01-01T00:00:00.250Z"), first));
+        assert_eq!(key.as_bytes()[6..], first.as_bytes()[6..]);
+        // The time leads, so keys sort as their messages' times do, whatever the ids.
+        let later = id(1, "dev", &READING.replace("00.250Z", "00.251Z"));
+        let later_key = stored_key(at("2024-01-01T00:00:00.251Z"), later);
+        assert!(later_key > key);
+        assert!(
+            stored_key(at("2024-01-01T00:00:01Z"), Uuid::from_bytes([0; 16]))
+                > stored_key(at("2024-01-01T00:00:00.999Z"), Uuid::from_bytes([0xff; 16]))
+        );
+        // Other messages of the same millisecond keep other keys.
+        let other = id(2, "dev", READING);
+        assert_ne!(stored_key(at("2024-01-01T00:00:00.250Z"), other), key);
+        // Times out of 48 bits' range are clamped, never wrapped.
+        assert_eq!(
+            stored_key(at("1900-01-01T00:00:00Z"), first).as_bytes()[..6],
+            [0; 6]
+        );
+        assert_eq!(
+            stored_key(DateTime::<Utc>::MAX_UTC, first).as_bytes()[..6],
+            [0xff; 6]
+        );
+    }
+
+    #[test]
+    fn a_raw_message_s_id_of_its_receive_time_is_its_own_key() {
+        let received = Utc::now();
+        let raw =
+            uuid::Builder::from_unix_timestamp_millis(received.timestamp_millis() as u64, &[7; 10])
+                .into_uuid();
+        assert_eq!(stored_key(received, raw), raw);
     }
 
     #[test]

@@ -16,12 +16,13 @@ use async_nats::jetstream::{self, consumer};
 use chrono::{DateTime, Utc};
 use dataviz_core::{
     consume::{self, Settle, Stage},
+    ingested::{self, EarlierIds},
     shutdown::Shutdown,
     streams::{self, RAW_STREAM},
     topic,
 };
 use futures::StreamExt;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
@@ -142,7 +143,9 @@ pub async fn replay(
     observer.start(pending);
     let started = Instant::now();
     let mut summary = Summary::default();
-    let mut new_ids: Vec<Uuid> = Vec::new();
+    // The keys of the messages it publishes for the first time.
+    let mut new_keys: Vec<Uuid> = Vec::new();
+    let earlier = EarlierIds::default();
     'streams: for (_, reader, end_seq) in &mut readers {
         loop {
             let (messages, end) = fetch(reader, *end_seq, range.until).await?;
@@ -170,7 +173,16 @@ pub async fn replay(
             } else {
                 let settles = others.iter().map(|_| Settle::Done).collect();
                 consume::settle(js, Processor::NAME, &others, settles).await;
-                replay_fetch(processor, pool, &name, &wanted, &mut summary, &mut new_ids).await?;
+                let stored = (pool, &earlier);
+                replay_fetch(
+                    processor,
+                    stored,
+                    &name,
+                    &wanted,
+                    &mut summary,
+                    &mut new_keys,
+                )
+                .await?;
             }
             observer.read(summary.read);
             if end {
@@ -186,7 +198,7 @@ pub async fn replay(
         for (stream, _, _) in &readers {
             let _ = stream.delete_consumer(&name).await;
         }
-        summary.written = wait_for_writer(pool, &new_ids, options.wait).await? as u64;
+        summary.written = wait_for_writer(pool, &new_keys, options.wait).await? as u64;
     }
     summary.elapsed = started.elapsed();
     Ok(summary)
@@ -262,36 +274,40 @@ async fn dry_run(processor: &Processor, message: &jetstream::Message) -> anyhow:
     })
 }
 
-/// Processes and settles one fetch of the replay `name`, counting what became of each message.
-/// Its READINGS messages are its own ([`Processor::publish_in`]).
+/// Processes and settles one fetch of the replay `name`, counting what became of each message
+/// (`stored`: where the ids of stored messages are looked up). Its READINGS messages are its
+/// own ([`Processor::publish_in`]).
 async fn replay_fetch(
     processor: &Processor,
-    pool: &deadpool_postgres::Pool,
+    (pool, earlier): (&deadpool_postgres::Pool, &EarlierIds),
     name: &str,
     messages: &[jetstream::Message],
     summary: &mut Summary,
-    new_ids: &mut Vec<Uuid>,
+    new_keys: &mut Vec<Uuid>,
 ) -> anyhow::Result<()> {
     let outcomes = processor.outcomes(messages).await;
-    // Per message: its id and readings, when it has readings.
-    let readings: Vec<Option<(Uuid, u64)>> = outcomes
+    // Per message: its id, key and readings, when it has readings.
+    let readings: Vec<Option<(Uuid, Uuid, u64)>> = outcomes
         .iter()
         .map(|o| match o {
-            Outcome::Readings(b) => Some((b.id, b.readings.len() as u64)),
+            Outcome::Readings(b) => Some((b.id, ingested::key(b), b.readings.len() as u64)),
             _ => None,
         })
         .collect();
-    let ids: Vec<Uuid> = readings.iter().flatten().map(|(id, _)| *id).collect();
-    let known = already_stored(pool, &ids).await?;
+    let units = outcomes.iter().filter_map(|o| match o {
+        Outcome::Readings(b) => Some(b),
+        _ => None,
+    });
+    let known = ingested::stored(&*pool.get().await?, earlier, units).await?;
     let settles = processor.publish_in(outcomes, Some(name)).await;
     let mut stopped = None;
     for (settle, readings) in settles.iter().zip(&readings) {
         match (settle, readings) {
-            (Settle::Done, Some((id, _))) if known.contains(id) => summary.already_stored += 1,
-            (Settle::Done, Some((id, rows))) => {
+            (Settle::Done, Some((id, _, _))) if known.contains(id) => summary.already_stored += 1,
+            (Settle::Done, Some((_, key, rows))) => {
                 summary.new_messages += 1;
                 summary.new_rows += rows;
-                new_ids.push(*id);
+                new_keys.push(*key);
             }
             (Settle::Done, None) => {}
             (Settle::Dead(_), _) => summary.dead += 1,
@@ -323,37 +339,21 @@ fn consumer_name(range: &Range) -> String {
     format!("replay_{hash:016x}")
 }
 
-/// The ids among `ids` whose rows are already stored.
-async fn already_stored(
-    pool: &deadpool_postgres::Pool,
-    ids: &[Uuid],
-) -> anyhow::Result<HashSet<Uuid>> {
-    if ids.is_empty() {
-        return Ok(Default::default());
-    }
-    let db = pool.get().await?;
-    let rows = db
-        .query(
-            "SELECT id FROM ingested_message WHERE id = ANY($1)",
-            &[&ids],
-        )
-        .await?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
-}
-
-/// Waits until the writer stored the messages `ids`; returns how many it has.
+/// Waits until the writer stored the messages of the keys `keys`; returns how many it has.
 async fn wait_for_writer(
     pool: &deadpool_postgres::Pool,
-    ids: &[Uuid],
+    keys: &[Uuid],
     wait: Duration,
 ) -> anyhow::Result<usize> {
     let deadline = Instant::now() + wait;
     loop {
         let mut stored = 0;
-        for chunk in ids.chunks(10_000) {
-            stored += already_stored(pool, chunk).await?.len();
+        for chunk in keys.chunks(10_000) {
+            stored += ingested::stored_keys(&*pool.get().await?, chunk)
+                .await?
+                .len();
         }
-        if stored == ids.len() || Instant::now() >= deadline {
+        if stored == keys.len() || Instant::now() >= deadline {
             return Ok(stored);
         }
         tokio::time::sleep(Duration::from_millis(250)).await;

@@ -2,8 +2,9 @@
 //!
 //! The units of each fetch of READINGS messages (a unit: one raw message's readings,
 //! [`MessageReadings`]) are written in one transaction: their ids (the messages' identities,
-//! [`dataviz_core::identity`]) go into `ingested_message` (ids already there are skipped: a
-//! redelivery, a replay, a copy), and the rows of the new ones are streamed with binary COPY,
+//! [`dataviz_core::identity`]) go into `ingested_message` under their keys
+//! ([`dataviz_core::ingested`]; ids already there are skipped: a redelivery, a replay, a
+//! copy), and the rows of the new ones are streamed with binary COPY,
 //! the fastest path PostgreSQL offers. The messages are acknowledged after the commit; a crash
 //! before that means a redelivery, which the ids absorb, so a unit stored once or five times,
 //! packed alike or not, leaves the same rows.
@@ -17,6 +18,7 @@ use async_nats::jetstream;
 use dataviz_core::{
     consume::{self, Failure, Settle, Stage},
     db::{self, DbError, ErrorKind},
+    ingested::{self, EarlierIds},
     message::{DeadLetter, DeadReason, MessageReadings, RawMessage, ReadingsMessage, Unreadable},
     ops::{Progress, metric},
     shutdown::Shutdown,
@@ -60,20 +62,26 @@ pub struct Written {
 
 /// Writes units in one transaction, skipping those already written.
 ///
-/// Nearly every write holds new messages only, and a plain insert of their ids costs about
-/// two thirds of one that must skip the ids already there (`ON CONFLICT DO NOTHING RETURNING`).
-/// So the plain insert goes first; when an id is already stored (a redelivery, a replay, a
-/// unit held twice), the key refuses it, the transaction is rolled back and run again keeping
-/// the new messages only.
-pub async fn write(pool: &Pool, units: &[MessageReadings]) -> Result<Written, DbError> {
+/// Nearly every write holds new messages only, and a plain insert of their keys costs about
+/// two thirds of one that must skip the keys already there (`ON CONFLICT DO NOTHING
+/// RETURNING`). So the plain insert goes first; when a key is already stored (a redelivery, a
+/// replay, a unit held twice), the primary key refuses it, the transaction is rolled back and
+/// run again keeping the new messages only. While ids stored before the keys may remain
+/// (`earlier`), they are looked up first, and a unit stored under its id is skipped alike.
+pub async fn write(
+    pool: &Pool,
+    earlier: &EarlierIds,
+    units: &[MessageReadings],
+) -> Result<Written, DbError> {
     let mut client = pool.get().await?;
-    let ids: Vec<Uuid> = units.iter().map(|b| b.id).collect();
-    {
+    let keys: Vec<Uuid> = units.iter().map(ingested::key).collect();
+    let stored_as_ids = ingested::stored_before_keys(&client, earlier, units).await?;
+    if stored_as_ids.is_empty() {
         let tx = client.transaction().await?;
         let inserted = tx
             .execute(
                 "INSERT INTO ingested_message (id) SELECT unnest($1::uuid[])",
-                &[&ids],
+                &[&keys],
             )
             .await;
         match inserted {
@@ -96,24 +104,29 @@ pub async fn write(pool: &Pool, units: &[MessageReadings]) -> Result<Written, Db
         .query(
             "INSERT INTO ingested_message (id) SELECT unnest($1::uuid[])
              ON CONFLICT DO NOTHING RETURNING id",
-            &[&ids],
+            &[&keys],
         )
         .await?
         .iter()
         .map(|row| row.get(0))
         .collect();
+    // Each unit once, even when a fetch holds it twice.
+    let mut done = std::collections::HashSet::with_capacity(new.len());
+    let fresh: Vec<&MessageReadings> = units
+        .iter()
+        .zip(&keys)
+        .filter(|(unit, key)| {
+            new.contains(key) && !stored_as_ids.contains(&unit.id) && done.insert(**key)
+        })
+        .map(|(unit, _)| unit)
+        .collect();
     let mut written = Written {
-        messages: new.len(),
-        duplicates: units.len() - new.len(),
+        messages: fresh.len(),
+        duplicates: units.len() - fresh.len(),
         rows: 0,
     };
-    if !new.is_empty() {
-        // Each unit once, even when a fetch holds it twice.
-        let mut done = std::collections::HashSet::with_capacity(new.len());
-        let fresh = units
-            .iter()
-            .filter(|b| new.contains(&b.id) && done.insert(b.id));
-        written.rows = copy_rows(&tx, "tag_reading", fresh).await?;
+    if !fresh.is_empty() {
+        written.rows = copy_rows(&tx, "tag_reading", fresh.into_iter()).await?;
     }
     tx.commit().await?;
     Ok(written)
@@ -175,6 +188,18 @@ pub struct Writer {
     pub pool: Pool,
     /// Where the originals of refused units are read (RAW) and their letters stored.
     pub js: jetstream::Context,
+    /// Whether ids stored before the keys may remain.
+    pub earlier: EarlierIds,
+}
+
+impl Writer {
+    pub fn new(pool: Pool, js: jetstream::Context) -> Writer {
+        Writer {
+            pool,
+            js,
+            earlier: EarlierIds::default(),
+        }
+    }
 }
 
 impl Stage for Writer {
@@ -226,7 +251,7 @@ impl Stage for Writer {
         if units.is_empty() {
             return settles;
         }
-        match write(&self.pool, &units).await {
+        match write(&self.pool, &self.earlier, &units).await {
             Ok(written) => {
                 tracing::debug!(
                     messages = written.messages,
@@ -241,9 +266,10 @@ impl Stage for Writer {
                     tracing::warn!(error = %e, units = units.len(), "write refused for its data; writing its units one by one");
                 }
                 for (unit, home) in units.iter().zip(homes) {
-                    let outcome = match write(&self.pool, std::slice::from_ref(unit)).await {
+                    let one = std::slice::from_ref(unit);
+                    let outcome = match write(&self.pool, &self.earlier, one).await {
                         Ok(written) => {
-                            count_written(&written, std::slice::from_ref(unit));
+                            count_written(&written, one);
                             continue;
                         }
                         Err(e) if e.kind() == ErrorKind::Permanent => {
@@ -351,10 +377,7 @@ pub async fn run(
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     consume::run(
-        &Writer {
-            pool,
-            js: js.clone(),
-        },
+        &Writer::new(pool, js.clone()),
         &js,
         streams::READINGS_STREAM,
         consumer,
