@@ -63,6 +63,9 @@ pub async fn run(
         "taking QoS 0 messages as they come (nats-server stores none)"
     );
     let stored = metrics::counter!(metric::PROCESSOR_AT_MOST_ONCE);
+    // Read once, as the bridge does: a copy of the server's whole description per message
+    // would cost more than the check.
+    let max_payload = js.client().server_info().max_payload;
     let mut in_flight = FuturesUnordered::new();
     loop {
         tokio::select! {
@@ -80,7 +83,7 @@ pub async fn run(
                         dataviz_core::message::mqtt_topic(&message.subject),
                         message.payload,
                     );
-                    in_flight.push(store(&js, raw, &shutdown));
+                    in_flight.push(store(&js, raw, max_payload, &shutdown));
                 }
             }
         }
@@ -91,13 +94,17 @@ pub async fn run(
     Ok(())
 }
 
-/// Stores one message in RAW (in DEAD when it can never fit there), retrying until it is
-/// stored or `shutdown` fires. Stored under its id: a retry whose first attempt was stored
-/// after all is a duplicate RAW drops.
-async fn store(js: &jetstream::Context, raw: RawMessage, shutdown: &Shutdown) -> bool {
+/// Stores one message in RAW (in DEAD when it can never fit there, a server taking at most
+/// `max_payload` bytes), retrying until it is stored or `shutdown` fires. Stored under its id:
+/// a retry whose first attempt was stored after all is a duplicate RAW drops.
+async fn store(
+    js: &jetstream::Context,
+    raw: RawMessage,
+    max_payload: usize,
+    shutdown: &Shutdown,
+) -> bool {
     let mut backoff = Backoff::default();
     loop {
-        let max_payload = js.client().server_info().max_payload;
         let attempt = async {
             match dataviz_core::dead::oversized(&raw, STAGE, max_payload) {
                 Some(letter) => {

@@ -173,10 +173,10 @@ pub async fn replay(
             } else {
                 let settles = others.iter().map(|_| Settle::Done).collect();
                 consume::settle(js, Processor::NAME, &others, settles).await;
-                let stored = (pool, &earlier);
                 replay_fetch(
                     processor,
-                    stored,
+                    pool,
+                    &earlier,
                     &name,
                     &wanted,
                     &mut summary,
@@ -274,12 +274,12 @@ async fn dry_run(processor: &Processor, message: &jetstream::Message) -> anyhow:
     })
 }
 
-/// Processes and settles one fetch of the replay `name`, counting what became of each message
-/// (`stored`: where the ids of stored messages are looked up). Its READINGS messages are its
-/// own ([`Processor::publish_in`]).
+/// Processes and settles one fetch of the replay `name`, counting what became of each message.
+/// Its READINGS messages are its own ([`Processor::publish_in`]).
 async fn replay_fetch(
     processor: &Processor,
-    (pool, earlier): (&deadpool_postgres::Pool, &EarlierIds),
+    pool: &deadpool_postgres::Pool,
+    earlier: &EarlierIds,
     name: &str,
     messages: &[jetstream::Message],
     summary: &mut Summary,
