@@ -958,14 +958,15 @@ fn message_readings(
 }
 
 /// Fills `ingested_message` with the ids of `count` messages of [`message_readings`] spread
-/// evenly over the 31 days before the runs' messages, as the writer stores them, with their
-/// times as ingestion times, saying how far it is.
+/// evenly over the 30 days before the runs' messages, as the writer stores them, with their
+/// times as ingestion times, saying how far it is. Within the 31 days the writer keeps ids by
+/// default: its retention deletes none of them during the runs.
 async fn hold_ids(client: &tokio_postgres::Client, count: u64) -> anyhow::Result<()> {
     use tokio_postgres::{binary_copy::BinaryCopyInWriter, types::Type};
     if count == 0 {
         return Ok(());
     }
-    let month = chrono::Duration::days(31);
+    let month = chrono::Duration::days(30);
     let start = chrono::Utc::now() - month - chrono::Duration::hours(2);
     let step_us = month.num_microseconds().unwrap_or(i64::MAX) / count as i64;
     let begun = Instant::now();
