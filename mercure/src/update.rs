@@ -150,7 +150,11 @@ impl Update {
 
     /// An update as the `jetstream` transport stores it ([`Update::to_stored`]).
     pub fn from_stored(line: &[u8]) -> Result<Update, serde_json::Error> {
-        serde_json::from_slice(line)
+        // Checked as UTF-8 once, then read as text, as `ReadingsMessage::parse` does.
+        match std::str::from_utf8(line) {
+            Ok(text) => serde_json::from_str(text),
+            Err(_) => serde_json::from_slice(line),
+        }
     }
 
     /// Checks what would let a publisher forge events or inject SSE fields.
