@@ -120,13 +120,17 @@ fn writer_stage(hop: &Hop) -> dataviz_writer::Writer {
 }
 
 async fn publish_raw(hop: &Hop) {
+    publish_each(hop, |i| {
+        format!(r#"{{"d": [{{"tag": "seq", "value": {i}}}, {{"tag": "AI.0", "value": 1.5}}]}}"#)
+    })
+    .await;
+}
+
+/// Stores [`MESSAGES`] raw messages in RAW, message `i` of `payload(i)`, for three devices.
+async fn publish_each(hop: &Hop, payload: impl Fn(usize) -> String) {
     for i in 0..MESSAGES {
-        let raw = RawMessage::received(
-            format!("gateways/1/dev-{}", i % 3),
-            Bytes::from(format!(
-                r#"{{"d": [{{"tag": "seq", "value": {i}}}, {{"tag": "AI.0", "value": 1.5}}]}}"#
-            )),
-        );
+        let raw =
+            RawMessage::received(format!("gateways/1/dev-{}", i % 3), Bytes::from(payload(i)));
         hop.js
             .publish_with_headers(raw.subject(), raw.headers(None), raw.payload.clone())
             .await
@@ -528,22 +532,14 @@ async fn messages_stored_before_the_keys_are_stored_once_after_the_upgrade() {
     use dataviz_core::ingested::{self, EarlierIds};
     let hop = hop().await;
     // Half with `ts` (their ids derived from their content), half without (the raw ids).
-    for i in 0..MESSAGES {
+    publish_each(&hop, |i| {
         let ts = match i % 2 {
             0 => format!(r#", "ts": "2026-01-01T00:00:{i:02}.5Z""#),
             _ => String::new(),
         };
-        let raw = RawMessage::received(
-            format!("gateways/1/dev-{}", i % 3),
-            Bytes::from(format!(r#"{{"d": [{{"tag": "seq", "value": {i}}}]{ts}}}"#)),
-        );
-        hop.js
-            .publish_with_headers(raw.subject(), raw.headers(None), raw.payload.clone())
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-    }
+        format!(r#"{{"d": [{{"tag": "seq", "value": {i}}}]{ts}}}"#)
+    })
+    .await;
     let processor = Processor::new(hop.pool.clone(), hop.js.clone(), PayloadLimits::default());
     let raw = consumer(&hop, streams::RAW_STREAM, hop.settings.processor_consumer()).await;
     consume::handle(&processor, &hop.js, &take(&raw, MESSAGES).await).await;
