@@ -69,9 +69,10 @@ pub fn readings_id(raw_id: Uuid, gateway_id: i32, device_code: &str, payload: &P
 /// writer keeps outgrows memory. Readings arrive nearly in time order, so keys led by their
 /// time go to the index's right edge. Every copy of a message has the same time (its `ts`, or
 /// when it has none its raw message's receive time, which a replay or a re-queue keeps, and
-/// with which that raw message's id, a UUIDv7, already leads), hence the same key. Two messages share a key only
-/// if they share the millisecond and the id's last 80 bits (74 of them hash bits for a content
-/// id): crafting a message with another's key takes a second preimage of 74 bits of SHA-256.
+/// with which that raw message's id, a UUIDv7, already leads), hence the same key. Two
+/// messages share a key only if they share the millisecond and the id's last 80 bits (74 of
+/// them hash bits for a content id): crafting a message with another's key takes a second
+/// preimage of 74 bits of SHA-256.
 pub fn stored_key(time: DateTime<Utc>, id: Uuid) -> Uuid {
     let millis = time.timestamp_millis().clamp(0, (1 << 48) - 1) as u64;
     let mut bytes = *id.as_bytes();
