@@ -204,12 +204,7 @@ async fn a_processor_packing_its_redelivery_otherwise_still_stores_each_row_once
     )
     .await;
     consume::handle(&writer_stage(&hop), &hop.js, &take(&writer, 3).await).await;
-    let client = hop.db.connect().await;
-    let rows: i64 = client
-        .query_one("SELECT count(*) FROM tag_reading", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let rows = common::count_on(&hop.db, "SELECT count(*) FROM tag_reading").await;
     assert_eq!(rows, 2 * MESSAGES as i64, "each reading once");
 }
 
@@ -243,11 +238,7 @@ async fn a_writer_dying_before_its_ack_stores_each_row_once() {
     assert_eq!(again[0].info().unwrap().delivered, 2);
     consume::handle(&writer_stage(&hop), &hop.js, &again).await;
 
-    let client = hop.db.connect().await;
-    let count = |sql: &'static str| {
-        let client = &client;
-        async move { client.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) }
-    };
+    let count = |sql| common::count_on(&hop.db, sql);
     assert_eq!(
         count("SELECT count(*) FROM tag_reading").await,
         2 * MESSAGES as i64
@@ -606,10 +597,7 @@ async fn messages_stored_before_the_keys_are_stored_once_after_the_upgrade() {
         (written.messages, written.duplicates, written.rows),
         (later.len(), earlier.len(), later.len() as u64)
     );
-    let count = |sql: &'static str| {
-        let admin = &admin;
-        async move { admin.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) }
-    };
+    let count = |sql| common::count_on(&hop.db, sql);
     assert_eq!(
         count("SELECT count(*) FROM tag_reading").await,
         MESSAGES as i64
@@ -625,11 +613,20 @@ async fn messages_stored_before_the_keys_are_stored_once_after_the_upgrade() {
         .unwrap();
     assert_eq!((again.messages, again.rows), (0, 0));
 
-    // Past the id retention the earlier ids are gone, and no longer looked for.
+    // Past the id retention the ids from before the keys are gone. What remains is looked
+    // for while any of it was stored up to a day after the keys began (a writer of an earlier
+    // version stopped late), and no longer once all of it is later than that.
     admin
         .batch_execute(
             "DELETE FROM ingested_message WHERE ingested_at < now() - interval '30 minutes';
-             UPDATE ingested_message_keyed SET since = now() - interval '2 days'",
+             UPDATE ingested_message_keyed SET since = now() - interval '1 day' + interval '1 minute'",
+        )
+        .await
+        .unwrap();
+    assert!(EarlierIds::default().held(&client).await.unwrap());
+    admin
+        .batch_execute(
+            "UPDATE ingested_message_keyed SET since = now() - interval '1 day' - interval '1 minute'",
         )
         .await
         .unwrap();
@@ -652,13 +649,9 @@ async fn a_new_database_looks_for_no_earlier_id() {
     dataviz_core::db::migrate(&mut db.connect().await)
         .await
         .unwrap();
-    let client = db.connect().await;
-    let marks: i64 = client
-        .query_one("SELECT count(*) FROM ingested_message_keyed", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let marks = common::count_on(&db, "SELECT count(*) FROM ingested_message_keyed").await;
     assert_eq!(marks, 0);
+    let client = db.connect().await;
     assert!(
         !dataviz_core::ingested::EarlierIds::default()
             .held(&client)
