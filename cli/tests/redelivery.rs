@@ -447,6 +447,21 @@ async fn a_letter_the_writer_makes_carries_the_original_and_requeues_into_rows()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_unit_that_cannot_be_read_takes_no_neighbour_with_it() {
+    unit_that_cannot_be_read(|units| ReadingsMessage::pack(units).0[0].payload()).await;
+}
+
+/// The same with a message in the JSON form that READINGS carried before the binary encoding
+/// (what an earlier processor left in the stream).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unit_of_the_json_form_that_cannot_be_read_takes_no_neighbour_with_it() {
+    unit_that_cannot_be_read(|units| serde_json::to_vec(units).unwrap().into()).await;
+}
+
+/// A READINGS message (made by `payload_of`) of a unit too deep for serde_json to read back
+/// (its JSON value) between two good ones, written.
+async fn unit_that_cannot_be_read(
+    payload_of: impl Fn(&[dataviz_core::message::MessageReadings]) -> Bytes,
+) {
     use dataviz_core::message::{MessageReadings, TagReading};
     use dataviz_core::value::Value;
     let hop = hop().await;
@@ -455,7 +470,7 @@ async fn a_unit_that_cannot_be_read_takes_no_neighbour_with_it() {
         Bytes::from_static(br#"{"d": [{"tag": "deep", "value": 1}]}"#),
     );
     let raw_seq = publish_to_raw(&hop, &original).await;
-    let good = |device_id: i64| MessageReadings {
+    let unit = |device_id: i64, value: Value| MessageReadings {
         raw_seq: None,
         id: uuid::Uuid::now_v7(),
         gateway_id: 1,
@@ -466,25 +481,28 @@ async fn a_unit_that_cannot_be_read_takes_no_neighbour_with_it() {
         readings: vec![TagReading {
             tag_id: 1,
             tag: "good".into(),
-            value: Value::Integer(1),
+            value,
         }],
     };
-    // Between two good units, one too deep for serde_json to read back.
-    let deep = format!(
-        r#"{{"id":"{}","raw_seq":{raw_seq},"gateway_id":1,"device_id":1,"device_code":"plc-deep","time":"2024-01-01T00:00:00Z","received_at":"2024-01-01T00:00:00Z","readings":[{{"tag_id":1,"tag":"deep","type":"jsonb","value":{}1{}}}]}}"#,
-        original.id,
-        "[".repeat(130),
-        "]".repeat(130)
-    );
-    let (first, last) = (good(101), good(102));
-    let payload = format!(
-        "[{},{deep},{}]",
-        String::from_utf8(first.to_json().to_vec()).unwrap(),
-        String::from_utf8(last.to_json().to_vec()).unwrap()
-    );
-    assert!(ReadingsMessage::parse(payload.as_bytes()).is_err());
+    let mut deep_value = serde_json::json!(1);
+    for _ in 0..130 {
+        deep_value = serde_json::json!([deep_value]);
+    }
+    let deep = MessageReadings {
+        raw_seq: Some(raw_seq),
+        id: original.id,
+        device_code: "plc-deep".into(),
+        ..unit(1, Value::Json(deep_value))
+    };
+    let units = [
+        unit(101, Value::Integer(1)),
+        deep,
+        unit(102, Value::Integer(1)),
+    ];
+    let payload = payload_of(&units);
+    assert!(ReadingsMessage::parse(&payload).is_err());
     hop.js
-        .publish(streams::readings_subject(1), payload.into())
+        .publish(streams::readings_subject(1), payload)
         .await
         .unwrap()
         .await

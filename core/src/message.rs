@@ -3,8 +3,8 @@
 //! - RAW: the MQTT message as received, payload untouched; topic, receive time and a unique id
 //!   in headers ([`RawMessage`]).
 //! - READINGS: [`MessageReadings`]es, one per raw message with the registry ids resolved, packed
-//!   per gateway and processor fetch into JSON arrays ([`ReadingsMessage`], from the model
-//!   crate; [`readings_headers`] gives its headers).
+//!   per gateway and processor fetch into one message, encoded in binary ([`ReadingsMessage`],
+//!   from the model crate; [`readings_headers`] gives its headers).
 //! - DEAD: the raw message again, with the stage and reason that refused it ([`DeadLetter`]).
 
 pub use dataviz_model::readings::{

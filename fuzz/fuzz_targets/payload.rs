@@ -11,12 +11,12 @@
 //!   (`NotUtf8` at the first invalid byte, counts over the limit);
 //! - what was accepted, written out again (tags, values as published, `ts` in RFC 3339),
 //!   parses to the same;
-//! - the READINGS batch the processor would make of it is read back the same by the writer and
-//!   the publisher (`MessageReadings` to JSON and back).
+//! - the READINGS message the processor would make of it is read back the same by the writer
+//!   and the publisher (packed in binary and read; and in the JSON form of earlier versions).
 #![no_main]
 
 use chrono::{DateTime, Utc};
-use dataviz_model::readings::{TagReading, MessageReadings};
+use dataviz_model::readings::{MessageReadings, ReadingsMessage, TagReading};
 use dataviz_model::payload::{self, Payload, PayloadError, PayloadLimits};
 use libfuzzer_sys::fuzz_target;
 
@@ -106,6 +106,10 @@ fn accepted(data: &[u8], limits: &PayloadLimits, p: &Payload) {
         )
     });
     assert_eq!(back, batch, "{text:?}");
+    let (packed, _) = ReadingsMessage::pack([&batch]);
+    let back = ReadingsMessage::parse(&packed[0].payload())
+        .unwrap_or_else(|e| panic!("{text:?}: READINGS message not read back: {e}"));
+    assert_eq!(back, [batch], "{text:?}");
 }
 
 fn refused(data: &[u8], limits: &PayloadLimits, e: &PayloadError) {

@@ -339,14 +339,15 @@ impl Writer {
     }
 
     /// The dead letter of a unit that cannot be read: its original from RAW when its id and
-    /// sequence can be read, else the unit's JSON as it travelled.
+    /// sequence can be read, else the unit as it travelled.
     async fn unreadable(&self, message: &jetstream::Message, unit: Unreadable) -> DeadLetter {
         let original = match (unit.raw_seq, unit.id) {
             (Some(seq), Some(id)) => streams::raw_original(&self.js, seq, id).await,
             _ => None,
         };
-        let raw = original
-            .unwrap_or_else(|| RawMessage::received(message.subject.to_string(), unit.json.into()));
+        let raw = original.unwrap_or_else(|| {
+            RawMessage::received(message.subject.to_string(), unit.bytes.into())
+        });
         let error = format!(
             "a unit of a readings message cannot be read: {}",
             unit.error
