@@ -65,6 +65,10 @@ pub const CACHE_BYTES: usize = 64 * 1024 * 1024;
 /// map's own share.
 const ENTRY_BYTES: usize = 64;
 
+/// The weight of a device's own map of tags, beside its entries: its first table and its
+/// place in the map of devices.
+const TAG_MAP_BYTES: usize = 256;
+
 #[derive(Default)]
 struct Cache {
     /// The most `devices` and `tags` may weigh ([`CACHE_BYTES`] but in tests).
@@ -74,8 +78,10 @@ struct Cache {
     weight: usize,
     gateways: HashMap<i32, bool>,
     unknown_gateways: HashMap<i32, Instant>,
-    devices: HashMap<(i32, String), i64>,
-    tags: HashMap<(i64, String), (i64, DataType)>,
+    /// Devices by gateway, then code; tags by device, then code: nested, so that a lookup by
+    /// a borrowed code allocates nothing (ten tags per message, each looked up).
+    devices: HashMap<i32, HashMap<String, i64>>,
+    tags: HashMap<i64, HashMap<String, (i64, DataType)>>,
     /// Last receive time per device, written to `device.last_seen_at` by [`Registry::flush_last_seen`].
     last_seen: HashMap<i64, DateTime<Utc>>,
 }
@@ -85,14 +91,14 @@ struct Cache {
 const UNKNOWN_GATEWAYS_KEPT: usize = 10_000;
 
 impl Cache {
-    /// Makes room for an entry with a code of `code_len` bytes: past the limit, the devices and
-    /// tags are forgotten.
-    fn weigh(&mut self, code_len: usize) {
-        let entry = code_len + ENTRY_BYTES;
+    /// Makes room for an entry with a code of `code_len` bytes and `more` bytes of its own:
+    /// past the limit, the devices and tags are forgotten.
+    fn weigh(&mut self, code_len: usize, more: usize) {
+        let entry = code_len + ENTRY_BYTES + more;
         if self.weight + entry > self.limit {
             tracing::info!(
-                devices = self.devices.len(),
-                tags = self.tags.len(),
+                devices = self.devices.values().map(HashMap::len).sum::<usize>(),
+                tags = self.tags.values().map(HashMap::len).sum::<usize>(),
                 bytes = self.weight,
                 "registry cache full: starting over (what it forgets is read again when needed)"
             );
@@ -104,13 +110,19 @@ impl Cache {
     }
 
     fn keep_device(&mut self, gateway_id: i32, code: &str, id: i64) {
-        self.weigh(code.len());
-        self.devices.insert((gateway_id, code.to_owned()), id);
+        self.weigh(code.len(), 0);
+        (self.devices.entry(gateway_id).or_default()).insert(code.to_owned(), id);
     }
 
     fn keep_tag(&mut self, device_id: i64, code: &str, tag: (i64, DataType)) {
-        self.weigh(code.len());
-        self.tags.insert((device_id, code.to_owned()), tag);
+        // A device's first tag brings its map (counted again if the cache starts over here:
+        // early, never late).
+        self.weigh(code.len(), TAG_MAP_BYTES);
+        let tags = self.tags.entry(device_id).or_default();
+        if !tags.is_empty() {
+            self.weight -= TAG_MAP_BYTES;
+        }
+        tags.insert(code.to_owned(), tag);
     }
 
     /// Remembers that `gateway_id` does not exist, for [`UNKNOWN_GATEWAY_TTL`].
@@ -230,8 +242,13 @@ impl Registry {
     }
 
     async fn device(&self, gateway_id: i32, code: &str) -> Result<i64, RegistryError> {
-        if let Some(id) = self.cache().devices.get(&(gateway_id, code.to_owned())) {
-            return Ok(*id);
+        let cached = self
+            .cache()
+            .devices
+            .get(&gateway_id)
+            .and_then(|d| d.get(code).copied());
+        if let Some(id) = cached {
+            return Ok(id);
         }
         let client = self.pool.get().await?;
         // Read first, as for tags: an existing device costs no commit.
@@ -272,8 +289,10 @@ impl Registry {
 
     fn forget_device(&self, gateway_id: i32, code: &str, device_id: i64) {
         let mut cache = self.cache();
-        cache.devices.remove(&(gateway_id, code.to_owned()));
-        cache.tags.retain(|(d, _), _| *d != device_id);
+        if let Some(devices) = cache.devices.get_mut(&gateway_id) {
+            devices.remove(code);
+        }
+        cache.tags.remove(&device_id);
         cache.last_seen.remove(&device_id);
     }
 
@@ -288,8 +307,9 @@ impl Registry {
         let mut retype: Vec<(i64, DataType, DataType, String)> = Vec::new();
         {
             let mut cache = self.cache();
+            let mut tags = cache.tags.get_mut(&device_id);
             for (i, (code, value)) in readings.iter().enumerate() {
-                match cache.tags.get_mut(&(device_id, code.clone())) {
+                match tags.as_mut().and_then(|tags| tags.get_mut(code)) {
                     Some((id, current)) => {
                         ids[i] = *id;
                         let wanted = current.merge(value.data_type());
