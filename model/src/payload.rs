@@ -166,6 +166,10 @@ fn json_error(e: serde_json::Error) -> PayloadError {
 /// Whether a value nests arrays and objects over [`MAX_VALUE_DEPTH`] levels deep. Walked with a
 /// stack of its own, not by recursion: the value may be as deep as serde_json let it be.
 fn too_deep(value: &serde_json::Value) -> bool {
+    // A number, a string (nearly every value): nothing to walk, so no stack to allocate.
+    if !(value.is_array() || value.is_object()) {
+        return false;
+    }
     let mut stack = vec![(value, 0usize)];
     while let Some((value, depth)) = stack.pop() {
         let children: Box<dyn Iterator<Item = &serde_json::Value>> = match value {
