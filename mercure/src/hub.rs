@@ -509,25 +509,26 @@ impl Hub {
                 !held
             });
         }
-        let lines: Vec<String> = valid.iter().map(|(_, u)| u.to_stored()).collect();
+        let stored: Vec<Vec<u8>> = valid.iter().map(|(_, u)| u.to_stored()).collect();
         let id = |i: usize| valid[i].1.id.as_deref().unwrap_or_default();
         let budget = transport.pack_bytes();
         let (mut start, mut last_sequence) = (0, None);
         while start < valid.len() {
             // The first update always goes: alone, one too large is refused for its size.
             let mut end = start + 1;
-            let mut bytes = lines[start].len();
+            let frame = |i: usize| transport::FRAME_BYTES + stored[i].len();
+            let mut bytes = frame(start);
             while end < valid.len()
                 && end - start < transport::PACK_UPDATES
-                && bytes + 1 + lines[end].len() <= budget
+                && bytes + frame(end) <= budget
             {
-                bytes += 1 + lines[end].len();
+                bytes += frame(end);
                 end += 1;
             }
-            let stored = transport
-                .publish((start..end).map(id), &lines[start..end])
+            let published = transport
+                .publish((start..end).map(id), &stored[start..end])
                 .await;
-            match stored {
+            match published {
                 Ok(sequence) => last_sequence = Some(sequence),
                 // Larger than NATS takes, alone in its message: refused for its size, as an
                 // invalid update is; the others go on.

@@ -16,9 +16,10 @@
 //!   delivering one message per update cost nats-server as much as every other stream of the
 //!   pipeline together. An update keeps its own id and place: its position is the pack's
 //!   sequence and its index in the pack ([`position`]).
-//! - **Encoding**: an update is stored as a line of JSON ([`Update::to_stored`]), marked by the
-//!   header [`ENCODING_HEADER`]; a message without it holds forms, as the publish request
-//!   carries them (what earlier versions stored; still read back).
+//! - **Encoding**: a message holds its updates in postcard ([`Update::to_stored`], each as a
+//!   byte string, so that one that cannot be read is skipped alone), marked by the header
+//!   [`ENCODING_HEADER`]. What earlier versions stored is still read back: lines of JSON
+//!   (`json`), and forms as the publish request carries them (no header).
 
 use crate::config::HubConfig;
 use crate::update::Update;
@@ -78,10 +79,15 @@ pub(crate) const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The header of a pack: how many updates it holds.
 pub(crate) const PACK_HEADER: &str = "Dataviz-Updates";
-/// The header naming how the updates of a stream message are encoded, and its one value:
-/// [`Update::to_stored`]. Without it, they are forms ([`Update::to_form`]).
+/// The header naming how the updates of a stream message are encoded: [`ENCODING_POSTCARD`],
+/// or `json` (lines of [`Update::from_json_line`], what earlier versions stored). Without it,
+/// they are forms ([`Update::to_form`]), one per line.
 pub(crate) const ENCODING_HEADER: &str = "Dataviz-Encoding";
+/// A sequence of byte strings ([`pack`]), each an update as [`Update::to_stored`] makes it.
+const ENCODING_POSTCARD: &str = "postcard";
 const ENCODING_JSON: &str = "json";
+/// What an update's length adds to it in a message, at most ([`pack`]: a varint of 32 bits).
+pub(crate) const FRAME_BYTES: usize = 5;
 /// Updates in one pack, at most: an update's position keeps its index in 16 bits.
 pub(crate) const PACK_UPDATES: usize = 4096;
 /// Room kept in a pack for its headers, below the server's largest message.
@@ -92,6 +98,29 @@ const PACK_HEADROOM: usize = 4096;
 /// grow, along the stream.
 pub(crate) fn position(sequence: u64, index: usize) -> u64 {
     (sequence << 16) | index as u64
+}
+
+/// A message's payload of `stored` updates: postcard's sequence of byte strings (their count,
+/// then each with its length), so that an update that cannot be read is skipped alone.
+fn pack(stored: &[Vec<u8>]) -> Vec<u8> {
+    postcard::to_stdvec(stored).expect("byte strings encode")
+}
+
+/// The updates of a message of an earlier version, one per line when it is a pack.
+fn lines(payload: &[u8], packed: bool) -> Vec<&[u8]> {
+    match packed {
+        true => payload.split(|b| *b == b'\n').collect(),
+        false => vec![payload],
+    }
+}
+
+/// The updates of a payload [`pack`] made, each still encoded.
+fn unpack(payload: &[u8]) -> Result<Vec<&[u8]>, String> {
+    match postcard::take_from_bytes(payload) {
+        Ok((parts, [])) => Ok(parts),
+        Ok((_, rest)) => Err(format!("{} bytes past the updates' end", rest.len())),
+        Err(e) => Err(format!("not a pack of updates: {e}")),
+    }
 }
 
 /// Why the stream did not take an update.
@@ -177,8 +206,9 @@ impl Transport {
             .saturating_sub(PACK_HEADROOM)
     }
 
-    /// Stores updates as one message: `lines` (one update as [`Update::to_stored`] makes it, or
-    /// a pack's, within [`Transport::pack_bytes`] together and at most [`PACK_UPDATES`]), `ids` their
+    /// Stores updates as one message: `stored` (one update as [`Update::to_stored`] makes it,
+    /// or a pack's, within [`Transport::pack_bytes`] together with [`FRAME_BYTES`] each, and at
+    /// most [`PACK_UPDATES`]), `ids` their
     /// ids, in order. Returns the message's stream sequence, that of the first copy when the
     /// stream already held one: the deduplication id is the update's id, and for a pack its
     /// count and a digest of its ids, so that a pack's headers stay a few bytes however long
@@ -188,15 +218,14 @@ impl Transport {
     pub(crate) async fn publish<'a>(
         &self,
         ids: impl IntoIterator<Item = &'a str>,
-        lines: &[String],
+        stored: &[Vec<u8>],
     ) -> Result<u64, PublishFailure> {
         let mut headers = async_nats::HeaderMap::new();
-        headers.insert(ENCODING_HEADER, ENCODING_JSON);
-        let payload = match lines {
-            [line] => {
+        headers.insert(ENCODING_HEADER, ENCODING_POSTCARD);
+        match stored {
+            [_] => {
                 let id = ids.into_iter().next().unwrap_or_default();
                 headers.insert("Nats-Msg-Id", id);
-                line.clone()
             }
             _ => {
                 let mut digest = sha2::Sha256::new();
@@ -204,13 +233,12 @@ impl Transport {
                     digest.update(id.as_bytes());
                     digest.update(b"\n");
                 }
-                let id = format!("pack/{}/{:x}", lines.len(), digest.finalize());
+                let id = format!("pack/{}/{:x}", stored.len(), digest.finalize());
                 headers.insert("Nats-Msg-Id", id.as_str());
-                headers.insert(PACK_HEADER, lines.len().to_string().as_str());
-                lines.join("\n")
+                headers.insert(PACK_HEADER, stored.len().to_string().as_str());
             }
         };
-        self.store(headers, payload.into()).await
+        self.store(headers, pack(stored).into()).await
     }
 
     async fn store(
@@ -331,18 +359,22 @@ impl Transport {
             let (sequence, published) = (info.stream_sequence, info.published.into());
             let header = |name| message.headers.as_ref().and_then(|h| h.get(name));
             let packed = header(PACK_HEADER).is_some();
-            let json = header(ENCODING_HEADER).is_some_and(|e| e.as_str() == ENCODING_JSON);
-            let lines: Vec<&[u8]> = match packed {
-                true => message.payload.split(|b| *b == b'\n').collect(),
-                false => vec![&message.payload],
-            };
-            let read = |line: &[u8]| match json {
-                true => Update::from_stored(line).map_err(|e| e.to_string()),
-                false => Update::from_form(line).map_err(|e| e.to_string()),
-            };
-            let updates = lines
+            let read: Vec<Result<Update, String>> =
+                match header(ENCODING_HEADER).map(|e| e.as_str()) {
+                    Some(ENCODING_POSTCARD) => match unpack(&message.payload) {
+                        Ok(parts) => parts.into_iter().map(Update::from_stored).collect(),
+                        Err(e) => vec![Err(e)],
+                    },
+                    Some(ENCODING_JSON) => (lines(&message.payload, packed).into_iter())
+                        .map(|line| Update::from_json_line(line).map_err(|e| e.to_string()))
+                        .collect(),
+                    _ => (lines(&message.payload, packed).into_iter())
+                        .map(|line| Update::from_form(line).map_err(|e| e.to_string()))
+                        .collect(),
+                };
+            let updates = read
                 .into_iter()
-                .filter_map(|line| match read(line) {
+                .filter_map(|read| match read {
                     Ok(update) if update.id.is_some() => Some(update),
                     Ok(_) => {
                         tracing::warn!(sequence, "an update without an id in the stream; skipped");
@@ -359,5 +391,42 @@ impl Transport {
             }
         }
         Err("the stream's consumer ended".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pack_reads_back_update_by_update() {
+        let updates: Vec<Update> = (0..3)
+            .map(|n| Update::new(vec![format!("t/{n}")], format!("{{\"n\": {n}}}\nline")))
+            .collect();
+        let mut stored: Vec<Vec<u8>> = updates.iter().map(Update::to_stored).collect();
+        let payload = pack(&stored);
+        // Each update's length adds at most FRAME_BYTES; the count, a few bytes of headroom.
+        let framed: usize = stored.iter().map(|s| s.len() + FRAME_BYTES).sum();
+        assert!(payload.len() <= framed + 3);
+        let read: Vec<Update> = (unpack(&payload).unwrap().into_iter())
+            .map(|part| Update::from_stored(part).unwrap())
+            .collect();
+        assert_eq!(read, updates);
+        // One that cannot be read is skipped alone.
+        stored[1] = b"\xff\xff".to_vec();
+        let payload = pack(&stored);
+        let parts = unpack(&payload).unwrap();
+        assert_eq!(Update::from_stored(parts[0]).unwrap(), updates[0]);
+        assert!(Update::from_stored(parts[1]).is_err());
+        assert_eq!(Update::from_stored(parts[2]).unwrap(), updates[2]);
+        // A payload cut short, or with bytes past its end, is not a pack.
+        let payload = pack(&stored[..1]);
+        assert!(unpack(&payload[..payload.len() - 1]).is_err());
+        assert!(unpack(&[&payload[..], b"x"].concat()).is_err());
+        assert_eq!(
+            lines(b"a\nb", true),
+            [b"a".as_slice(), b"b"],
+            "earlier packs, one update per line"
+        );
     }
 }

@@ -1303,9 +1303,9 @@ async fn a_pack_of_updates_with_long_ids_just_under_the_payload_limit_goes_throu
     );
 }
 
-/// Updates an earlier version stored (`jetstream` only): forms, alone and in a pack, without
-/// the encoding header. A hub following the stream reads them as it reads its own JSON lines,
-/// and a subscriber gets them in order.
+/// Updates earlier versions stored (`jetstream` only): forms, alone and in a pack, without
+/// the encoding header, and lines of JSON in a pack. A hub following the stream reads them as
+/// it reads its own, and a subscriber gets them in order.
 #[tokio::test]
 async fn updates_stored_as_forms_by_an_earlier_version_are_read_back() {
     let served = serve(config()).await;
@@ -1334,20 +1334,40 @@ async fn updates_stored_as_forms_by_an_earlier_version_are_read_back() {
         update(&["t"], "old-2", "two\nlines"),
         update(&["t"], "old-3", "{}"),
     ]);
-    js.publish_with_headers(subject, headers, pack.into())
+    js.publish_with_headers(subject.clone(), headers, pack.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Dataviz-Updates", "2");
+    headers.insert("Dataviz-Encoding", "json");
+    let json = [
+        update(&["t"], "json-4", "{\"c\": \"x\ny\"}"),
+        update(&["t"], "json-5", "{}"),
+    ]
+    .iter()
+    .map(|u| serde_json::to_string(u).unwrap())
+    .collect::<Vec<_>>()
+    .join("\n");
+    js.publish_with_headers(subject, headers, json.into())
         .await
         .unwrap()
         .await
         .unwrap();
     served
         .hub
-        .publish(update(&["t"], "new-4", "{\"b\": 2}"))
+        .publish(update(&["t"], "new-6", "{\"b\": 2}"))
         .await
         .unwrap();
-    let events = collect(&mut live, 4).await;
-    assert_eq!(ids(&events), ["old-1", "old-2", "old-3", "new-4"]);
+    let events = collect(&mut live, 6).await;
+    assert_eq!(
+        ids(&events),
+        ["old-1", "old-2", "old-3", "json-4", "json-5", "new-6"]
+    );
     assert_eq!(events[1].data, "two\nlines");
-    assert_eq!(events[3].data, "{\"b\": 2}");
+    assert_eq!(events[3].data, "{\"c\": \"x\ny\"}");
+    assert_eq!(events[5].data, "{\"b\": 2}");
 }
 
 /// The messages in `hub`'s stream; `None` on the `local` transport.
