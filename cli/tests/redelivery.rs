@@ -533,6 +533,62 @@ async fn unit_that_cannot_be_read(
     );
 }
 
+/// Writers racing on the same units (the writer's loops, or several writers, holding a unit
+/// and its redelivery at once), each in its own order: every write succeeds, no deadlock
+/// between them, and each unit is stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writers_racing_on_the_same_units_store_each_once() {
+    use dataviz_core::ingested::EarlierIds;
+    use dataviz_core::message::{MessageReadings, TagReading};
+    use dataviz_core::value::Value;
+    const UNITS: usize = 3000;
+    const WRITERS: usize = 4;
+    // Rounds of their own units: a deadlock between orders is a race, not a certainty.
+    const ROUNDS: usize = 3;
+    let hop = hop().await;
+    let earlier = EarlierIds::default();
+    for round in 0..ROUNDS {
+        let units: Vec<MessageReadings> = (0..UNITS)
+            .map(|i| MessageReadings {
+                raw_seq: None,
+                id: uuid::Uuid::now_v7(),
+                gateway_id: 1,
+                device_id: i as i64,
+                device_code: format!("dev-{i}"),
+                time: chrono::Utc::now(),
+                received_at: chrono::Utc::now(),
+                readings: vec![TagReading {
+                    tag_id: 1,
+                    tag: "t".into(),
+                    value: Value::Integer(i as i64),
+                }],
+            })
+            .collect();
+        let writes = (0..WRITERS).map(|w| {
+            // Each writer its own order of the same units.
+            let mut mine = units.clone();
+            mine.rotate_left(w * UNITS / WRITERS);
+            if w % 2 == 1 {
+                mine.reverse();
+            }
+            let (pool, earlier) = (hop.pool.clone(), earlier.clone());
+            tokio::spawn(async move { dataviz_writer::write(&pool, &earlier, &mine).await })
+        });
+        let written: Vec<_> = futures::future::join_all(writes)
+            .await
+            .into_iter()
+            .map(|w| w.unwrap().expect("every write succeeds"))
+            .collect();
+        assert_eq!(written.iter().map(|w| w.messages).sum::<usize>(), UNITS);
+        assert_eq!(
+            written.iter().map(|w| w.duplicates).sum::<usize>(),
+            UNITS * (WRITERS - 1)
+        );
+        let rows = common::count_on(&hop.db, "SELECT count(*) FROM tag_reading").await;
+        assert_eq!(rows, (UNITS * (round + 1)) as i64);
+    }
+}
+
 /// An upgrade from a version that stored message ids as they were, not under their keys:
 /// copies of the messages it stored are still recognised (by the id itself) while such ids
 /// remain, and not looked for once the retention forgot them.

@@ -44,6 +44,10 @@ pub struct WriterConfig {
         default_value_t = 16
     )]
     pub writer_batch_size: usize,
+    /// Concurrent consume loops in this process, each writing its own transactions: one at a
+    /// time, the writer waits on a single PostgreSQL backend while the others sit idle.
+    #[arg(long, env = "WRITER_WORKER_COUNT", value_name = "WRITER_WORKER_COUNT", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub writer_worker_count: u16,
     /// How often old readings (plain PostgreSQL) and old message ids are deleted, the first
     /// time 15 s after start. Ids are kept as long as RAW or DEAD keeps messages, plus a day.
     #[arg(long, env = "RETENTION_CHECK_EVERY", value_name = "RETENTION_CHECK_EVERY", default_value = "1h", value_parser = humantime::parse_duration)]
@@ -75,13 +79,19 @@ pub async fn write(
 ) -> Result<Written, DbError> {
     let mut client = pool.get().await?;
     let keys: Vec<Uuid> = units.iter().map(ingested::key).collect();
+    // Inserted in one order whoever writes: two transactions holding some of the same keys
+    // (the writer's loops, several writers, a unit and its redelivery) then wait on the first
+    // key they share, where in their own orders each could hold a key the other waits for,
+    // a deadlock PostgreSQL breaks only after a second (`deadlock_timeout`).
+    let mut sorted = keys.clone();
+    sorted.sort_unstable();
     let stored_as_ids = ingested::stored_before_keys(&client, earlier, units).await?;
     if stored_as_ids.is_empty() {
         let tx = client.transaction().await?;
         let inserted = tx
             .execute(
                 "INSERT INTO ingested_message (id) SELECT unnest($1::uuid[])",
-                &[&keys],
+                &[&sorted],
             )
             .await;
         match inserted {
@@ -104,7 +114,7 @@ pub async fn write(
         .query(
             "INSERT INTO ingested_message (id) SELECT unnest($1::uuid[])
              ON CONFLICT DO NOTHING RETURNING id",
-            &[&keys],
+            &[&sorted],
         )
         .await?
         .iter()
@@ -368,7 +378,10 @@ fn refused(raw: RawMessage, reason: DeadReason, error: String) -> DeadLetter {
 }
 
 /// Consumes READINGS until `shutdown`, on the durable `consumer`
-/// ([`dataviz_core::streams::StreamSettings::writer_consumer`]).
+/// ([`dataviz_core::streams::StreamSettings::writer_consumer`]), in `writer_worker_count`
+/// loops. Each message is written by one of them; a unit two of them hold at once (a
+/// redelivery racing its first copy) is stored once, as with several writers
+/// ([`write`]: the second insert of its key waits for the first transaction, then skips it).
 pub async fn run(
     config: WriterConfig,
     consumer: async_nats::jetstream::consumer::pull::Config,
@@ -377,14 +390,18 @@ pub async fn run(
     progress: &Progress,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
-    consume::run(
-        &Writer::new(pool, js.clone()),
-        &js,
-        streams::READINGS_STREAM,
-        consumer,
-        config.writer_batch_size,
-        progress,
-        &shutdown,
-    )
-    .await
+    let writer = Writer::new(pool, js.clone());
+    let loops = (0..config.writer_worker_count).map(|_| {
+        consume::run(
+            &writer,
+            &js,
+            streams::READINGS_STREAM,
+            consumer.clone(),
+            config.writer_batch_size,
+            progress,
+            &shutdown,
+        )
+    });
+    futures::future::try_join_all(loops).await?;
+    Ok(())
 }
