@@ -230,10 +230,12 @@ const BINARY_TAG: &[u8] = b"\0DVR1";
 ///
 /// The units are encoded in binary ([`BINARY_TAG`], then each unit as its length in 4 bytes,
 /// little-endian, and its postcard encoding): the writer and the publisher each read every
-/// unit, and reading JSON was most of their work (4.0 µs per unit of ten readings). Each unit
-/// is framed on its own, so that one that cannot be read takes no other with it. The length
-/// prefix is written by hand: postcard's own framing (COBS) would cost a pass over every byte
-/// to find what a length gives at once.
+/// unit, and reading JSON was most of their work (2.1 µs per unit of ten readings, against
+/// 0.9 in binary; writing it 1.2 against 0.2; five times the bytes). Each unit
+/// is framed on its own, so that one that cannot be read takes no other with it. The lengths
+/// are written by hand rather than as postcard's sequence of byte strings, which begins with
+/// their count: units are appended one by one, and a message's count is known only once it
+/// is full.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ReadingsMessage {
     pub gateway_id: i32,
