@@ -631,8 +631,9 @@ async fn with_the_nats_intake_qos_0_and_qos_2_messages_are_stored_once() {
 /// 1 KiB, and a dead letter in DEAD keeps its first bytes when the whole would not fit there
 /// with its headers. With the processor's own limit raised over them (`MAX_PAYLOAD_BYTES`): a
 /// payload 2 KiB under the server's limit whose readings fit is stored; one of the same size
-/// whose thousand readings take more in READINGS, and one unreadable nearly as large as the
-/// server takes, go to DEAD, whole (beside their letters); the message after them is stored.
+/// whose value takes more room in READINGS (an array of `1E9`, each written out as
+/// `1000000000.0`), and one unreadable nearly as large as the server takes, go to DEAD, whole
+/// (beside their letters); the message after them is stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_nats_intake_payloads_at_the_size_limits_are_stored_or_dead_whole() {
     const MAX_PAYLOAD: usize = 4 * 1024 * 1024;
@@ -645,24 +646,21 @@ async fn with_the_nats_intake_payloads_at_the_size_limits_are_stored_or_dead_who
         let tail = format!(r#""}}], "ts": "2024-01-01T00:00:{second:02}Z"}}"#);
         format!("{head}{}{tail}", "x".repeat(size - head.len() - tail.len()))
     };
-    // 999 small readings beside the text: each takes more room in READINGS than in the payload.
-    let many = {
-        let small: Vec<String> = (0..999)
-            .map(|i| format!(r#"{{"tag": "t{i}", "value": 1}}, "#))
-            .collect();
-        let head = format!(r#"{{"d": [{}{{"tag": "big", "value": ""#, small.concat());
-        let tail = r#""}], "ts": "2024-01-01T00:00:02Z"}"#;
-        format!(
-            "{head}{}{tail}",
-            "x".repeat(LIMIT - head.len() - tail.len())
-        )
+    // A JSON value of numbers in exponent form: READINGS holds each written out, four times
+    // its bytes in the payload.
+    let wide = {
+        let head = r#"{"d": [{"tag": "big", "value": ["#;
+        let tail = r#"]}], "ts": "2024-01-01T00:00:02Z"}"#;
+        let room = LIMIT - head.len() - tail.len();
+        let numbers = vec!["1E9"; (room + 1) / 4].join(",");
+        format!("{head}{numbers}{}{tail}", " ".repeat(room - numbers.len()))
     };
-    assert_eq!(many.len(), LIMIT);
+    assert_eq!(wide.len(), LIMIT);
     // The MQTT message's header in the broker's stream takes some 30 bytes.
     let unreadable = "{".repeat(MAX_PAYLOAD - 512);
     let mut device = stack.publisher();
     device.publish("gateways/1/fits", text(LIMIT, 1)).await;
-    device.publish("gateways/1/readings-over", many).await;
+    device.publish("gateways/1/readings-over", wide).await;
     device.publish("gateways/1/unreadable", unreadable).await;
     device.publish("gateways/1/after", timed_reading(4)).await;
     device.wait_acked(Duration::from_secs(30)).await;
