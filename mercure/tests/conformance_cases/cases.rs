@@ -1315,46 +1315,39 @@ async fn updates_stored_as_forms_by_an_earlier_version_are_read_back() {
     let mut live = subscribe(&served.url, &["t"], None).await;
     let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
     let subject = format!("{}.updates", config().mercure_stream);
-    let old = |updates: &[Update]| {
-        updates
-            .iter()
-            .map(Update::to_form)
-            .collect::<Vec<_>>()
-            .join("\n")
+    // One stream message of `lines` with `headers`, as an earlier version stored it.
+    let store = |headers: &[(&str, &str)], lines: Vec<String>| {
+        let mut map = async_nats::HeaderMap::new();
+        for (name, value) in headers {
+            map.insert(*name, *value);
+        }
+        let (js, subject) = (js.clone(), subject.clone());
+        async move {
+            js.publish_with_headers(subject, map, lines.join("\n").into())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
     };
-    let alone = old(&[update(&["t"], "old-1", "{\"a\": 1}")]);
-    js.publish(subject.clone(), alone.into())
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert("Dataviz-Updates", "2");
-    let pack = old(&[
+    let forms = |updates: &[Update]| updates.iter().map(Update::to_form).collect();
+    store(&[], forms(&[update(&["t"], "old-1", "{\"a\": 1}")])).await;
+    let pack = [
         update(&["t"], "old-2", "two\nlines"),
         update(&["t"], "old-3", "{}"),
-    ]);
-    js.publish_with_headers(subject.clone(), headers, pack.into())
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert("Dataviz-Updates", "2");
-    headers.insert("Dataviz-Encoding", "json");
+    ];
+    store(&[("Dataviz-Updates", "2")], forms(&pack)).await;
     let json = [
         update(&["t"], "json-4", "{\"c\": \"x\ny\"}"),
         update(&["t"], "json-5", "{}"),
-    ]
-    .iter()
-    .map(|u| serde_json::to_string(u).unwrap())
-    .collect::<Vec<_>>()
-    .join("\n");
-    js.publish_with_headers(subject, headers, json.into())
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    ];
+    store(
+        &[("Dataviz-Updates", "2"), ("Dataviz-Encoding", "json")],
+        json.iter()
+            .map(|u| serde_json::to_string(u).unwrap())
+            .collect(),
+    )
+    .await;
     served
         .hub
         .publish(update(&["t"], "new-6", "{\"b\": 2}"))
