@@ -497,8 +497,8 @@ fn seq_of(data: &str) -> Option<i64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readings_stream_at_its_size_limit_pushes_back_and_loses_nothing() {
-    // Several READINGS messages, and far less than the 10,000 batches need.
-    const LIMIT: i64 = 2 * 1024 * 1024;
+    // Several READINGS messages, and far less than the 10,000 batches need (about 860 KB).
+    const LIMIT: i64 = 512 * 1024;
     let _serial = SERIAL.lock().await;
     let stack = Stack::start().await;
     stack.create_gateway(1).await;
@@ -603,8 +603,10 @@ async fn stream_state(stack: &Stack, stream: &str) -> (u64, u64) {
 }
 
 /// Live updates never hold storage back: with the hub down for the whole run and READINGS
-/// capped at 4 MiB, every reading is stored. (When the publisher read READINGS itself, the
-/// stream kept each message for it and filled up: 47,890 of 200,000 readings stored, then none.)
+/// capped at 1 MiB (the run's READINGS messages take about 1.7 MB), every reading is stored,
+/// and LIVE, capped at 512 KiB, drops its oldest. (When the publisher read READINGS itself,
+/// the stream kept each message for it and filled up: 47,890 of 200,000 readings stored, then
+/// none.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hub_down_the_whole_run_holds_no_reading_back() {
     const RUN: i64 = 20_000;
@@ -612,8 +614,8 @@ async fn a_hub_down_the_whole_run_holds_no_reading_back() {
     let stack = Stack::start().await;
     stack.create_gateway(1).await;
     let nowhere = format!("http://127.0.0.1:{}/.well-known/mercure", free_port());
-    let capped = ("READINGS_MAX_BYTES", "4194304");
-    let live = ("LIVE_MAX_BYTES", "2097152");
+    let capped = ("READINGS_MAX_BYTES", "1048576");
+    let live = ("LIVE_MAX_BYTES", "524288");
     let _publisher = stack.spawn(
         "publisher",
         &[
@@ -644,7 +646,7 @@ async fn a_hub_down_the_whole_run_holds_no_reading_back() {
         "LIVE holds the newest updates for when the hub is back"
     );
     assert!(
-        bytes <= 2 * 1024 * 1024,
+        bytes <= 512 * 1024,
         "LIVE within LIVE_MAX_BYTES: {bytes} bytes"
     );
 }
@@ -675,7 +677,8 @@ async fn without_a_publisher_readings_stays_bounded() {
             .await
             .unwrap();
     }
-    let live = ("LIVE_MAX_BYTES", "1048576");
+    // Under what the run's READINGS messages take (about 860 KB): LIVE drops its oldest.
+    let live = ("LIVE_MAX_BYTES", "524288");
     let _bridge = stack.spawn("bridge", &[ENV[0], ENV[1], live]);
     let _processor = stack.spawn("processor", &[ENV[0], ENV[1], live]);
     let _writer = stack.spawn("writer", &[ENV[0], ENV[1], live]);
@@ -688,7 +691,7 @@ async fn without_a_publisher_readings_stays_bounded() {
     readings_emptied(&stack).await;
     let (_, bytes) = stream_state(&stack, "LIVE").await;
     assert!(
-        bytes <= 1024 * 1024,
+        bytes <= 512 * 1024,
         "LIVE within LIVE_MAX_BYTES: {bytes} bytes"
     );
 }
