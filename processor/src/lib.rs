@@ -195,10 +195,12 @@ impl Processor {
     async fn outcome(&self, read: Read, max_payload: usize) -> Outcome {
         match read {
             Read::Raw(raw, raw_seq) => {
-                // A unit's JSON takes under three times its payload (each reading gains its
-                // tag id and type, some thirty bytes, and takes twenty at least in the payload):
+                // A unit takes under four times its payload in READINGS: a reading's id and
+                // type take less than the twenty bytes it takes at least in the payload, but a
+                // JSON value is held as serde_json writes it, and a number in exponent form
+                // grows (`1E15,`, five bytes, becomes `1000000000000000.0,`, 3.8 times). So
                 // only a payload over a quarter of the server's limit can make a READINGS
-                // message over it, and only such a one is measured.
+                // message over it, and only such a one is measured (tested below).
                 let large = (raw.payload.len() > max_payload / 4).then(|| raw.clone());
                 match self.decide(raw).await {
                     Outcome::Readings(mut unit) => {
@@ -580,6 +582,41 @@ mod tests {
         let without = payload(r#"{"d":[{"tag":"a","value":1},{"tag":"b","value":true}]}"#);
         let b = unit(&raw, 1, "d".into(), without, resolved);
         assert_eq!((b.time, b.id), (raw.received_at, raw.id));
+    }
+
+    /// The bound [`Processor::outcome`] relies on, with the payloads that grow the most in
+    /// READINGS: a JSON value of numbers in exponent form, and many minimal readings with the
+    /// largest tag ids. Just under a quarter of the server's limit, the message still fits.
+    #[test]
+    fn readings_take_under_four_times_their_payload() {
+        const MAX_PAYLOAD: usize = 1024 * 1024;
+        let raw = RawMessage::received("gateways/1/d".into(), Bytes::new());
+        let size = MAX_PAYLOAD / 4;
+        let exponents = {
+            let (head, tail) = (r#"{"d":[{"tag":"a","value":["#, "]}]}");
+            let room = size - head.len() - tail.len();
+            let numbers = vec!["1E15"; (room + 1) / 5].join(",");
+            format!("{head}{numbers}{}{tail}", " ".repeat(room - numbers.len()))
+        };
+        assert_eq!(exponents.len(), size);
+        let minimal = {
+            let readings = vec![r#"{"tag":"a","value":0}"#; 1000].join(",");
+            format!(r#"{{"d":[{readings}]}}"#)
+        };
+        for json in [exponents, minimal] {
+            let parsed = payload::parse(json.as_bytes(), &PayloadLimits::default()).unwrap();
+            let resolved = Resolved {
+                device_id: i64::MAX,
+                tag_ids: vec![i64::MAX; parsed.readings.len()],
+            };
+            let unit = unit(&raw, i32::MAX, "d".repeat(255), parsed, resolved);
+            let (packed, _) = ReadingsMessage::pack([&unit]);
+            let read = packed[0].payload().len();
+            assert!(read < 4 * json.len(), "{read} bytes for {}", json.len());
+            if json.len() == size {
+                assert!(too_large(raw.clone(), &unit, MAX_PAYLOAD).is_none());
+            }
+        }
     }
 
     #[test]
