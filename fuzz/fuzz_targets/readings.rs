@@ -8,11 +8,8 @@
 //!   a double read from any bytes may be NaN, which equals nothing).
 #![no_main]
 
-use dataviz_model::readings::{MessageReadings, ReadingsMessage};
+use dataviz_model::readings::{BINARY_TAG, MessageReadings, ReadingsMessage};
 use libfuzzer_sys::fuzz_target;
-
-/// The binary encoding's first bytes (`readings.rs`, `BINARY_TAG`).
-const TAG: &[u8] = b"\0DVR1";
 
 /// The encoding of `units`, in order: how two lists of units are compared.
 fn encoded(units: &[MessageReadings]) -> Vec<Vec<u8>> {
@@ -20,7 +17,7 @@ fn encoded(units: &[MessageReadings]) -> Vec<Vec<u8>> {
 }
 
 fuzz_target!(|body: &[u8]| {
-    let payload = [TAG, body].concat();
+    let payload = [BINARY_TAG, body].concat();
     let whole = ReadingsMessage::parse(&payload);
     let parts = ReadingsMessage::parse_each(&payload).expect("a tagged message is always framed");
     let read: Vec<MessageReadings> = parts.iter().filter_map(|p| p.as_ref().ok().cloned()).collect();

@@ -220,7 +220,7 @@ pub const READINGS_MESSAGE_BYTES: usize = 256 * 1024;
 /// The first bytes of a READINGS message in the binary encoding: its format and version. A
 /// zero byte begins no JSON text, so a message of the JSON form that an earlier processor
 /// stored (READINGS and LIVE may still hold some after an upgrade) is told apart and read.
-const BINARY_TAG: &[u8] = b"\0DVR1";
+pub const BINARY_TAG: &[u8] = b"\0DVR1";
 
 /// One READINGS message: units of one gateway from one processor fetch.
 ///
