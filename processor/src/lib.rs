@@ -123,6 +123,66 @@ enum Read {
     Settled(Outcome),
 }
 
+/// What [`Processor::decide_now`] could say of a message.
+enum Decision {
+    Now(Outcome),
+    Waits(Pending),
+}
+
+/// A raw message read and classified, waiting on the registry for its device and tags.
+struct Pending {
+    raw: RawMessage,
+    raw_seq: Option<u64>,
+    gateway_id: i32,
+    device_code: String,
+    payload: Payload,
+}
+
+/// What becomes of a message once the registry answered for its device and tags.
+fn conclude(
+    pending: Pending,
+    resolved: Result<Resolved, RegistryError>,
+    max_payload: usize,
+) -> Outcome {
+    let Pending {
+        raw,
+        raw_seq,
+        gateway_id,
+        device_code,
+        payload,
+    } = pending;
+    match resolved {
+        Ok(resolved) => {
+            let mut unit = unit(&raw, gateway_id, device_code, payload, resolved);
+            unit.raw_seq = raw_seq;
+            // A unit takes under four times its payload in READINGS: a reading's id and type
+            // take less than the twenty bytes it takes at least in the payload, but a JSON
+            // value is held as serde_json writes it, and a number in exponent form grows
+            // (`1E15,`, five bytes, becomes `1000000000000000.0,`, 3.8 times). So only a
+            // payload over a quarter of the server's limit can make a READINGS message over
+            // it, and only such a one is measured (tested below).
+            if raw.payload.len() > max_payload / 4
+                && let Some(letter) = too_large(raw, &unit, max_payload)
+            {
+                return letter;
+            }
+            Outcome::Readings(unit)
+        }
+        Err(e @ RegistryError::UnknownGateway(_)) => {
+            dead(raw, DeadReason::UnknownGateway, e.to_string())
+        }
+        Err(RegistryError::Database(e)) if e.kind() == ErrorKind::Permanent => dead(
+            raw,
+            DeadReason::Unstorable,
+            format!("refused by PostgreSQL: {e}"),
+        ),
+        Err(e @ RegistryError::Database(_)) => Outcome::Retry(Transient {
+            failure: Failure::Database,
+            error: e.to_string(),
+        }),
+    }
+}
+
 impl Processor {
     pub fn new(
         pool: deadpool_postgres::Pool,
@@ -140,80 +200,92 @@ impl Processor {
         &self.registry
     }
 
-    /// Decides what becomes of one raw message.
-    async fn decide(&self, raw: RawMessage) -> Outcome {
+    /// What becomes of each RAW message, nothing published yet, in order.
+    ///
+    /// Most messages are decided by the registry's cache alone, here, without waiting. The
+    /// others (a device or tag not cached, a tag whose type changes: after a start, every
+    /// device once) cost database round trips, so up to [`RESOLVE_CONCURRENCY`] of them are
+    /// decided at once. Only those are made futures: one waiting on the registry takes
+    /// kilobytes, and made for every message of a fetch they were megabytes of fresh memory
+    /// per fetch.
+    pub(crate) async fn outcomes(&self, messages: &[jetstream::Message]) -> Vec<Outcome> {
+        // Read once per fetch: `server_info` copies the server's whole description.
+        let max_payload = self.js.client().server_info().max_payload;
+        let mut outcomes = Vec::with_capacity(messages.len());
+        let mut waiting = Vec::new();
+        for (index, message) in messages.iter().enumerate() {
+            match self.decide_now(Self::read(message), max_payload) {
+                Decision::Now(outcome) => outcomes.push(Some(outcome)),
+                Decision::Waits(pending) => {
+                    outcomes.push(None);
+                    waiting.push((index, pending));
+                }
+            }
+        }
+        if !waiting.is_empty() {
+            // The futures made first: a stream holding the closure would not be `Send` for
+            // every lifetime, which the consume loop needs.
+            let decided: Vec<_> = waiting
+                .into_iter()
+                .map(|(index, pending)| async move {
+                    let resolved = self
+                        .registry
+                        .resolve(
+                            pending.gateway_id,
+                            &pending.device_code,
+                            &pending.payload.readings,
+                            pending.raw.received_at,
+                        )
+                        .await;
+                    (index, conclude(pending, resolved, max_payload))
+                })
+                .collect();
+            let decided: Vec<(usize, Outcome)> = futures::stream::iter(decided)
+                .buffered(RESOLVE_CONCURRENCY)
+                .collect()
+                .await;
+            for (index, outcome) in decided {
+                outcomes[index] = Some(outcome);
+            }
+        }
+        outcomes
+            .into_iter()
+            .map(|outcome| outcome.expect("every message decided"))
+            .collect()
+    }
+
+    /// What becomes of one message, when that can be said without waiting: it cannot be read,
+    /// or the registry's cache knows its device and tags. Otherwise the message, read, waits
+    /// on the registry.
+    fn decide_now(&self, read: Read, max_payload: usize) -> Decision {
+        let (raw, raw_seq) = match read {
+            Read::Raw(raw, raw_seq) => (raw, raw_seq),
+            Read::Settled(outcome) => return Decision::Now(outcome),
+        };
         let (gateway_id, device_code, payload) = match classify(&raw, &self.limits) {
             Ok(Readable {
                 gateway_id,
                 device_code,
                 payload,
             }) => (gateway_id, device_code.to_owned(), payload),
-            Err((reason, error)) => return dead(raw, reason, error),
+            Err((reason, error)) => return Decision::Now(dead(raw, reason, error)),
         };
-        let resolved = self
-            .registry
-            .resolve(gateway_id, &device_code, &payload.readings, raw.received_at)
-            .await;
-        match resolved {
-            Ok(resolved) => {
-                Outcome::Readings(unit(&raw, gateway_id, device_code, payload, resolved))
-            }
-            Err(e @ RegistryError::UnknownGateway(_)) => {
-                dead(raw, DeadReason::UnknownGateway, e.to_string())
-            }
-            Err(RegistryError::Database(e)) if e.kind() == ErrorKind::Permanent => dead(
-                raw,
-                DeadReason::Unstorable,
-                format!("refused by PostgreSQL: {e}"),
-            ),
-            Err(e @ RegistryError::Database(_)) => Outcome::Retry(Transient {
-                failure: Failure::Database,
-                error: e.to_string(),
-            }),
-        }
-    }
-
-    /// What becomes of each RAW message, nothing published yet, in order. A message whose
-    /// device or tags the registry has not cached yet costs database round trips; after a
-    /// start every device is such a message once, so up to [`RESOLVE_CONCURRENCY`] messages
-    /// are decided at once (a cached one costs no wait).
-    pub(crate) async fn outcomes(&self, messages: &[jetstream::Message]) -> Vec<Outcome> {
-        // Read once per fetch: `server_info` copies the server's whole description.
-        let max_payload = self.js.client().server_info().max_payload;
-        // The futures made first: a stream holding the closure would not be `Send` for every
-        // lifetime, which the consume loop needs.
-        let decided: Vec<_> = messages
-            .iter()
-            .map(|m| self.outcome(Self::read(m), max_payload))
-            .collect();
-        futures::stream::iter(decided)
-            .buffered(RESOLVE_CONCURRENCY)
-            .collect()
-            .await
-    }
-
-    async fn outcome(&self, read: Read, max_payload: usize) -> Outcome {
-        match read {
-            Read::Raw(raw, raw_seq) => {
-                // A unit takes under four times its payload in READINGS: a reading's id and
-                // type take less than the twenty bytes it takes at least in the payload, but a
-                // JSON value is held as serde_json writes it, and a number in exponent form
-                // grows (`1E15,`, five bytes, becomes `1000000000000000.0,`, 3.8 times). So
-                // only a payload over a quarter of the server's limit can make a READINGS
-                // message over it, and only such a one is measured (tested below).
-                let large = (raw.payload.len() > max_payload / 4).then(|| raw.clone());
-                match self.decide(raw).await {
-                    Outcome::Readings(mut unit) => {
-                        unit.raw_seq = raw_seq;
-                        match large.and_then(|raw| too_large(raw, &unit, max_payload)) {
-                            Some(letter) => letter,
-                            None => Outcome::Readings(unit),
-                        }
-                    }
-                    other => other,
-                }
-            }
-            Read::Settled(outcome) => outcome,
+        let pending = Pending {
+            raw,
+            raw_seq,
+            gateway_id,
+            device_code,
+            payload,
+        };
+        let cached = self.registry.resolve_cached(
+            pending.gateway_id,
+            &pending.device_code,
+            &pending.payload.readings,
+            pending.raw.received_at,
+        );
+        match cached {
+            Some(resolved) => Decision::Now(conclude(pending, resolved, max_payload)),
+            None => Decision::Waits(pending),
         }
     }
 
@@ -379,7 +451,7 @@ pub struct Readable<'a> {
 }
 
 /// What a raw message is before the registry is asked: readable, or why it can only go to
-/// DEAD. Pure, and the one classification of the live path ([`Processor::decide`]) and of
+/// DEAD. Pure, and the one classification of the live path ([`Processor::outcomes`]) and of
 /// `replay --dry-run` ([`Processor::dry_run`]).
 pub fn classify<'a>(
     raw: &'a RawMessage,

@@ -171,6 +171,39 @@ impl Registry {
         self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// What the cache alone says of a message's device and tags, under one lock, as
+    /// [`Registry::resolve`] would: `None` when the database must be asked (a gateway, device
+    /// or tag not cached, or a tag whose type the message changes).
+    pub fn resolve_cached(
+        &self,
+        gateway_id: i32,
+        device_code: &str,
+        readings: &[(String, Value)],
+        seen_at: DateTime<Utc>,
+    ) -> Option<Result<Resolved, RegistryError>> {
+        let mut cache = self.cache();
+        if !cache.gateways.contains_key(&gateway_id) {
+            return cache
+                .unknown_gateways
+                .get(&gateway_id)
+                .is_some_and(|at| at.elapsed() < UNKNOWN_GATEWAY_TTL)
+                .then_some(Err(RegistryError::UnknownGateway(gateway_id)));
+        }
+        let device_id = *cache.devices.get(&gateway_id)?.get(device_code)?;
+        let tags = cache.tags.get(&device_id);
+        let mut tag_ids = Vec::with_capacity(readings.len());
+        for (code, value) in readings {
+            let (id, current) = tags?.get(code.as_str())?;
+            if current.merge(value.data_type()) != *current {
+                return None;
+            }
+            tag_ids.push(*id);
+        }
+        let last = cache.last_seen.entry(device_id).or_insert(seen_at);
+        *last = (*last).max(seen_at);
+        Some(Ok(Resolved { device_id, tag_ids }))
+    }
+
     /// Finds or creates the device and its tags, updating tag types as values require.
     pub async fn resolve(
         &self,

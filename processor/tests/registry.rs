@@ -203,3 +203,85 @@ async fn a_cold_registry_reads_what_exists_and_writes_only_what_is_new() {
         .get(0);
     assert_eq!(tags, 3);
 }
+
+/// The cache alone answers a message the way the database would, or says it cannot: a known
+/// device and tags give the same ids, and mark the device seen; a new device or tag, a type
+/// change or a gateway never asked about are left to the database; an unknown gateway is
+/// believed as `resolve` believes it.
+#[tokio::test(start_paused = true)]
+async fn the_cache_alone_answers_as_the_database_would_or_not_at_all() {
+    let db = TestDb::create().await;
+    let registry = registry(&db).await;
+    let client = db.connect().await;
+    client
+        .execute("INSERT INTO gateway (id, name) VALUES (1, 'g')", &[])
+        .await
+        .unwrap();
+    let readings = vec![
+        ("AI.0".to_owned(), Value::Double(1.5)),
+        ("DI.0".to_owned(), Value::Boolean(true)),
+    ];
+    let cached = |code: &str, readings: &[(String, Value)], at| {
+        registry.resolve_cached(1, code, readings, at)
+    };
+    assert!(
+        cached("plc-1", &readings, Utc::now()).is_none(),
+        "nothing cached yet"
+    );
+    // Past the row's default (its creation time), so that each sighting moves it on.
+    let first = Utc::now() + chrono::Duration::hours(1);
+    let known = registry
+        .resolve(1, "plc-1", &readings, first)
+        .await
+        .unwrap();
+    registry.flush_last_seen().await.unwrap();
+
+    let later = first + chrono::Duration::minutes(30);
+    let again = cached("plc-1", &readings, later).expect("known").unwrap();
+    assert_eq!(again, known);
+    // An integer into a double tag keeps its type: still the cache's to answer.
+    let integer = vec![("AI.0".to_owned(), Value::Integer(2))];
+    let ids = cached("plc-1", &integer, later).expect("known").unwrap();
+    assert_eq!(ids.tag_ids, known.tag_ids[..1]);
+    // Seen, as through `resolve`: the device's last sighting moves on.
+    registry.flush_last_seen().await.unwrap();
+    let seen: chrono::DateTime<Utc> = client
+        .query_one(
+            "SELECT last_seen_at FROM device WHERE id = $1",
+            &[&known.device_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(seen.timestamp_micros(), later.timestamp_micros());
+
+    // What only the database can answer.
+    let mut more = readings.clone();
+    more.push(("AI.1".to_owned(), Value::Double(2.0)));
+    assert!(cached("plc-1", &more, later).is_none(), "a new tag");
+    let text = vec![("AI.0".to_owned(), Value::Text("on".into()))];
+    assert!(cached("plc-1", &text, later).is_none(), "a type change");
+    assert!(cached("plc-2", &readings, later).is_none(), "a new device");
+    assert!(
+        registry
+            .resolve_cached(2, "plc-1", &readings, later)
+            .is_none(),
+        "a gateway never asked about"
+    );
+
+    // An unknown gateway, as `resolve` believes it: for a second.
+    assert!(matches!(
+        registry.resolve(99, "plc-1", &readings, later).await,
+        Err(RegistryError::UnknownGateway(99))
+    ));
+    assert!(matches!(
+        registry.resolve_cached(99, "plc-1", &readings, later),
+        Some(Err(RegistryError::UnknownGateway(99)))
+    ));
+    tokio::time::advance(Duration::from_millis(1001)).await;
+    assert!(
+        registry
+            .resolve_cached(99, "plc-1", &readings, later)
+            .is_none()
+    );
+}
