@@ -41,6 +41,7 @@ use dataviz_core::{
 use futures::StreamExt;
 use futures::future::join_all;
 use registry::{Registry, RegistryError, Resolved};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -213,10 +214,12 @@ impl Processor {
         let max_payload = self.js.client().server_info().max_payload;
         let mut outcomes = Vec::with_capacity(messages.len());
         let mut waiting = Vec::new();
+        let mut waiting_devices = HashSet::new();
         for (index, message) in messages.iter().enumerate() {
-            match self.decide_now(Self::read(message), max_payload) {
+            match self.decide_now(Self::read(message), max_payload, &waiting_devices) {
                 Decision::Now(outcome) => outcomes.push(Some(outcome)),
                 Decision::Waits(pending) => {
+                    waiting_devices.insert((pending.gateway_id, pending.device_code.clone()));
                     outcomes.push(None);
                     waiting.push((index, pending));
                 }
@@ -256,8 +259,16 @@ impl Processor {
 
     /// What becomes of one message, when that can be said without waiting: it cannot be read,
     /// or the registry's cache knows its device and tags. Otherwise the message, read, waits
-    /// on the registry.
-    fn decide_now(&self, read: Read, max_payload: usize) -> Decision {
+    /// on the registry; so does every later message of a device in `waiting` (a device with a
+    /// message of the fetch waiting already), which then keeps its order: a tag's type is the
+    /// latest message's, and a message the cache would answer with the type an earlier one is
+    /// changing would otherwise be decided before it.
+    fn decide_now(
+        &self,
+        read: Read,
+        max_payload: usize,
+        waiting: &HashSet<(i32, String)>,
+    ) -> Decision {
         let (raw, raw_seq) = match read {
             Read::Raw(raw, raw_seq) => (raw, raw_seq),
             Read::Settled(outcome) => return Decision::Now(outcome),
@@ -277,6 +288,12 @@ impl Processor {
             device_code,
             payload,
         };
+        // Nearly always empty: a device waits only while the cache does not know it yet.
+        if !waiting.is_empty()
+            && waiting.contains(&(pending.gateway_id, pending.device_code.clone()))
+        {
+            return Decision::Waits(pending);
+        }
         let cached = self.registry.resolve_cached(
             pending.gateway_id,
             &pending.device_code,
@@ -597,6 +614,70 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A message the cache can answer is decided at once, one it cannot waits; and once a
+    /// device has a message waiting, its later ones wait behind it, so that a tag's type is
+    /// the latest message's whatever the cache knew.
+    #[tokio::test]
+    async fn a_device_with_a_message_waiting_keeps_its_order() {
+        let db = dataviz_testkit::TestDb::create().await;
+        dataviz_core::db::migrate(&mut db.connect().await)
+            .await
+            .unwrap();
+        db.connect()
+            .await
+            .execute("INSERT INTO gateway (id, name) VALUES (1, 'g')", &[])
+            .await
+            .unwrap();
+        // Never connects: nothing here publishes.
+        let client = async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connect("127.0.0.1:1")
+            .await
+            .unwrap();
+        let pool = dataviz_core::db::pool(db.url(), 2).unwrap();
+        let processor = Processor::new(pool, jetstream::new(client), PayloadLimits::DEFAULT);
+        for device in ["plc-1", "plc-2"] {
+            let readings = [("T".to_owned(), Value::Integer(1))];
+            let resolved = processor
+                .registry()
+                .resolve(1, device, &readings, Utc::now())
+                .await;
+            resolved.unwrap();
+        }
+        let read = |device: &str, value: &str| {
+            let payload = format!(r#"{{"d":[{{"tag":"T","value":{value}}}]}}"#);
+            let topic = format!("gateways/1/{device}");
+            Read::Raw(RawMessage::received(topic, payload.into()), None)
+        };
+        let decide =
+            |read, waiting: &HashSet<(i32, String)>| processor.decide_now(read, 1 << 20, waiting);
+        let mut waiting = HashSet::new();
+        assert!(matches!(
+            decide(read("plc-1", "2"), &waiting),
+            Decision::Now(Outcome::Readings(_))
+        ));
+        // A type change is the database's to make.
+        assert!(matches!(
+            decide(read("plc-1", r#""on""#), &waiting),
+            Decision::Waits(_)
+        ));
+        waiting.insert((1, "plc-1".to_owned()));
+        // Behind it, a message the cache alone would answer waits too; another device's not.
+        assert!(matches!(
+            decide(read("plc-1", "3"), &waiting),
+            Decision::Waits(_)
+        ));
+        assert!(matches!(
+            decide(read("plc-2", "3"), &waiting),
+            Decision::Now(Outcome::Readings(_))
+        ));
+        // What cannot be read is decided at once, waiting device or not.
+        assert!(matches!(
+            decide(read("plc-1", "not json"), &waiting),
+            Decision::Now(Outcome::Dead(_))
+        ));
+    }
 
     #[test]
     fn classification_names_why_a_message_can_only_go_to_dead() {
