@@ -23,6 +23,24 @@ fn readings() -> Vec<(String, Value)> {
     vec![("AI.0".into(), Value::Double(1.5))]
 }
 
+/// A double and a boolean, as one message of device `plc-1` carries them.
+fn two_readings() -> Vec<(String, Value)> {
+    vec![
+        ("AI.0".to_owned(), Value::Double(1.5)),
+        ("DI.0".to_owned(), Value::Boolean(true)),
+    ]
+}
+
+/// Creates gateway 1 in the migrated `db`; a connection to it.
+async fn gateway_one(db: &TestDb) -> tokio_postgres::Client {
+    let client = db.connect().await;
+    client
+        .execute("INSERT INTO gateway (id, name) VALUES (1, 'g')", &[])
+        .await
+        .unwrap();
+    client
+}
+
 #[tokio::test(start_paused = true)]
 async fn an_unknown_gateway_is_believed_for_a_second_then_asked_again() {
     let db = TestDb::create().await;
@@ -146,15 +164,8 @@ async fn the_cache_of_devices_and_tags_is_bounded_by_bytes() {
 async fn a_cold_registry_reads_what_exists_and_writes_only_what_is_new() {
     let db = TestDb::create().await;
     let first = registry(&db).await;
-    let client = db.connect().await;
-    client
-        .execute("INSERT INTO gateway (id, name) VALUES (1, 'g')", &[])
-        .await
-        .unwrap();
-    let readings = vec![
-        ("AI.0".to_owned(), Value::Double(1.5)),
-        ("DI.0".to_owned(), Value::Boolean(true)),
-    ];
+    let client = gateway_one(&db).await;
+    let readings = two_readings();
     let known = first
         .resolve(1, "plc-1", &readings, Utc::now())
         .await
@@ -212,15 +223,8 @@ async fn a_cold_registry_reads_what_exists_and_writes_only_what_is_new() {
 async fn the_cache_alone_answers_as_the_database_would_or_not_at_all() {
     let db = TestDb::create().await;
     let registry = registry(&db).await;
-    let client = db.connect().await;
-    client
-        .execute("INSERT INTO gateway (id, name) VALUES (1, 'g')", &[])
-        .await
-        .unwrap();
-    let readings = vec![
-        ("AI.0".to_owned(), Value::Double(1.5)),
-        ("DI.0".to_owned(), Value::Boolean(true)),
-    ];
+    let client = gateway_one(&db).await;
+    let readings = two_readings();
     let cached = |code: &str, readings: &[(String, Value)], at| {
         registry.resolve_cached(1, code, readings, at)
     };
