@@ -91,6 +91,28 @@ struct Cache {
 const UNKNOWN_GATEWAYS_KEPT: usize = 10_000;
 
 impl Cache {
+    /// What is known of a gateway without asking: it exists, or it was found missing less than
+    /// [`UNKNOWN_GATEWAY_TTL`] ago; `None` when the database must be asked.
+    fn gateway(&self, gateway_id: i32) -> Option<Result<(), RegistryError>> {
+        if self.gateways.contains_key(&gateway_id) {
+            return Some(Ok(()));
+        }
+        self.unknown_gateways
+            .get(&gateway_id)
+            .is_some_and(|at| at.elapsed() < UNKNOWN_GATEWAY_TTL)
+            .then_some(Err(RegistryError::UnknownGateway(gateway_id)))
+    }
+
+    fn device(&self, gateway_id: i32, code: &str) -> Option<i64> {
+        self.devices.get(&gateway_id)?.get(code).copied()
+    }
+
+    /// Notes a device's sighting, kept until [`Registry::flush_last_seen`] writes it.
+    fn seen(&mut self, device_id: i64, at: DateTime<Utc>) {
+        let last = self.last_seen.entry(device_id).or_insert(at);
+        *last = (*last).max(at);
+    }
+
     /// Makes room for an entry with a code of `code_len` bytes and `more` bytes of its own:
     /// past the limit, the devices and tags are forgotten.
     fn weigh(&mut self, code_len: usize, more: usize) {
@@ -182,14 +204,10 @@ impl Registry {
         seen_at: DateTime<Utc>,
     ) -> Option<Result<Resolved, RegistryError>> {
         let mut cache = self.cache();
-        if !cache.gateways.contains_key(&gateway_id) {
-            return cache
-                .unknown_gateways
-                .get(&gateway_id)
-                .is_some_and(|at| at.elapsed() < UNKNOWN_GATEWAY_TTL)
-                .then_some(Err(RegistryError::UnknownGateway(gateway_id)));
+        if let Err(unknown) = cache.gateway(gateway_id)? {
+            return Some(Err(unknown));
         }
-        let device_id = *cache.devices.get(&gateway_id)?.get(device_code)?;
+        let device_id = cache.device(gateway_id, device_code)?;
         let tags = cache.tags.get(&device_id);
         let mut tag_ids = Vec::with_capacity(readings.len());
         for (code, value) in readings {
@@ -199,8 +217,7 @@ impl Registry {
             }
             tag_ids.push(*id);
         }
-        let last = cache.last_seen.entry(device_id).or_insert(seen_at);
-        *last = (*last).max(seen_at);
+        cache.seen(device_id, seen_at);
         Some(Ok(Resolved { device_id, tag_ids }))
     }
 
@@ -234,9 +251,7 @@ impl Registry {
     }
 
     fn seen(&self, device_id: i64, tag_ids: Vec<i64>, seen_at: DateTime<Utc>) -> Resolved {
-        let mut cache = self.cache();
-        let last = cache.last_seen.entry(device_id).or_insert(seen_at);
-        *last = (*last).max(seen_at);
+        self.cache().seen(device_id, seen_at);
         Resolved { device_id, tag_ids }
     }
 
@@ -247,16 +262,9 @@ impl Registry {
 
     /// Fails unless the gateway exists (cached; an unknown id is asked again after a few seconds).
     pub async fn check_gateway(&self, gateway_id: i32) -> Result<(), RegistryError> {
-        {
-            let cache = self.cache();
-            if cache.gateways.contains_key(&gateway_id) {
-                return Ok(());
-            }
-            if let Some(at) = cache.unknown_gateways.get(&gateway_id)
-                && at.elapsed() < UNKNOWN_GATEWAY_TTL
-            {
-                return Err(RegistryError::UnknownGateway(gateway_id));
-            }
+        let known = self.cache().gateway(gateway_id);
+        if let Some(known) = known {
+            return known;
         }
         let client = self.pool.get().await?;
         let exists = client
@@ -275,11 +283,7 @@ impl Registry {
     }
 
     async fn device(&self, gateway_id: i32, code: &str) -> Result<i64, RegistryError> {
-        let cached = self
-            .cache()
-            .devices
-            .get(&gateway_id)
-            .and_then(|d| d.get(code).copied());
+        let cached = self.cache().device(gateway_id, code);
         if let Some(id) = cached {
             return Ok(id);
         }
