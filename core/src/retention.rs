@@ -121,7 +121,8 @@ pub async fn apply_retention(
 /// only by VACUUM, which may not have run, and an unsummarized range must be read whole), and
 /// the planner is kept from a sequential scan, which it picks when the table has no statistics
 /// and which reads the whole table to find nothing in the common case. The ranges it deleted
-/// from are summarized again after, so that the next pass skips them.
+/// from are summarized again after, so that the next pass skips them. Old ids are found through
+/// the index on `ingested_at`, the planner kept from a sequential scan alike.
 pub async fn prune(
     client: &mut tokio_postgres::Client,
     readings: Period,
@@ -165,8 +166,12 @@ pub async fn prune(
         }
     }
     while let Some(ids) = ids {
-        // The index on ingested_at finds the old ids; the primary key deletes them.
-        let n = client
+        // The index on ingested_at finds the old ids; the primary key deletes them. Without
+        // statistics the planner guesses that a third of the ids are old and reads the table
+        // from its start until it has a slice: all of it, a month of ids, when none is.
+        let tx = client.transaction().await?;
+        tx.batch_execute("SET LOCAL enable_seqscan = off").await?;
+        let n = tx
             .execute(
                 "DELETE FROM ingested_message WHERE id = ANY (ARRAY(
                      SELECT id FROM ingested_message WHERE ingested_at < now() - $1::text::interval LIMIT $2))",
@@ -174,6 +179,7 @@ pub async fn prune(
             )
             .await
             .context("deleting old ingested-message ids")?;
+        tx.commit().await?;
         deleted += n;
         if n < SLICE as u64 {
             break;
