@@ -62,6 +62,11 @@ pub struct BenchArgs {
     /// Length of the latency run.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     latency_for: Duration,
+    /// Writes each message of the latency run to this CSV file: when it was published (ms
+    /// since the run's start), its latency to its row and to its Mercure event (ms). A tail
+    /// is then seen as stalls or as spread.
+    #[arg(long, value_name = "FILE")]
+    latency_dump: Option<std::path::PathBuf>,
     /// Skip the runs with `dataviz all` pinned to one core, then to two (taskset).
     #[arg(long)]
     no_scaling: bool,
@@ -1475,6 +1480,26 @@ async fn latency(
         missing == 0,
         "latency run: {missing} Mercure events never arrived"
     );
+    if let Some(path) = &args.latency_dump {
+        let ms = |from: Instant, to: Option<Instant>| {
+            to.map_or(String::new(), |to| {
+                format!("{:.3}", to.duration_since(from).as_secs_f64() * 1000.0)
+            })
+        };
+        let mut csv = String::from("published_ms,row_ms,event_ms\n");
+        for seq in 1..=total {
+            let Some(at) = sent[seq] else { continue };
+            csv.push_str(&format!(
+                "{},{},{}\n",
+                ms(start, Some(at)),
+                ms(at, seen[seq]),
+                ms(at, evented[seq])
+            ));
+        }
+        std::fs::write(path, csv)
+            .with_context(|| format!("writing the latency dump {}", path.display()))?;
+        eprintln!("latency: each message's latencies in {}", path.display());
+    }
     let (row50, row99) = percentiles(&sent, &seen);
     let (event50, event99) = percentiles(&sent, &evented);
     Ok((row50, row99, event50, event99))
