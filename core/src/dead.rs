@@ -142,6 +142,9 @@ pub fn oversized(
     stage: &str,
     max_payload: usize,
 ) -> Option<DeadLetter> {
+    if fits(raw, max_payload) {
+        return None;
+    }
     let mut letter = DeadLetter {
         raw: raw.clone(),
         stage: stage.into(),
@@ -158,11 +161,21 @@ pub fn oversized(
     Some(letter)
 }
 
+/// The largest payload a message may have, with its headers, under the server's `max_payload`:
+/// headers take a few hundred bytes; this keeps a margin.
+fn payload_limit(max_payload: usize) -> usize {
+    max_payload.saturating_sub(4096)
+}
+
+/// Whether `raw` fits in a stream with its headers, so that [`oversized`] says nothing of it.
+pub fn fits(raw: &crate::message::RawMessage, max_payload: usize) -> bool {
+    raw.payload.len() <= payload_limit(max_payload)
+}
+
 /// Cuts the payload of `letter` to its first bytes when it is too large for DEAD with headers,
 /// and says how many it keeps; [`DeadLetter::whole_size`] then says it was cut.
 fn cut(letter: &mut DeadLetter, max_payload: usize) -> Option<usize> {
-    // Headers take a few hundred bytes; keep a margin.
-    let limit = max_payload.saturating_sub(4096);
+    let limit = payload_limit(max_payload);
     let size = letter.raw.payload.len();
     if size <= limit {
         return None;
