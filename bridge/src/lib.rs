@@ -635,6 +635,83 @@ fn topic_seed(topic: &str) -> u64 {
 mod tests {
     use super::*;
 
+    async fn messages_in_raw(js: &jetstream::Context) -> u64 {
+        let mut raw = js.get_stream(streams::RAW_STREAM).await.unwrap();
+        raw.info().await.unwrap().state.messages
+    }
+
+    /// RAW's first answer, when it is not "stored", is carried on by the whole store as its own
+    /// first attempt's would be, against a real nats-server: a duplicate that is this message
+    /// sent again, a duplicate that is another message reusing the packet id with the same
+    /// content, and a failure whose message JetStream stored all the same (its ack lost).
+    #[tokio::test]
+    async fn a_first_answer_other_than_stored_is_carried_on_by_the_whole_store() {
+        let nats = dataviz_testkit::NatsServer::start();
+        let client = async_nats::connect(nats.url()).await.unwrap();
+        let js = dataviz_core::config::jetstream(client.clone());
+        streams::ensure(&client, &js, &streams::StreamSettings::default())
+            .await
+            .unwrap();
+        let store = RawStore {
+            js: js.clone(),
+            client_id: "dataviz-bridge".into(),
+            max_payload: client.server_info().max_payload,
+            connection: Arc::new(AtomicU64::new(1)),
+            shutdown: Shutdown::new(),
+        };
+        let permits = Arc::new(Semaphore::new(64));
+        let received = |payload: &'static [u8], dup: bool| {
+            let mut publish = Publish::new("gateways/1/d", QoS::AtLeastOnce, "");
+            (publish.pkid, publish.dup) = (7, dup);
+            Received {
+                raw: RawMessage::received("gateways/1/d".into(), Bytes::from_static(payload)),
+                publish,
+                connection: 1,
+                _slot: permits.clone().try_acquire_owned().unwrap(),
+                _budget: permits.clone().try_acquire_owned().unwrap(),
+            }
+        };
+        let first_answer = |received: Received| async {
+            let (received, sent) = store.send(received).await;
+            acknowledged(received, sent.unwrap()).await
+        };
+
+        let (_, acked) = first_answer(received(b"one", false)).await;
+        assert!(
+            !acked.unwrap().duplicate,
+            "a first delivery is stored at once"
+        );
+
+        // The broker sends it again (DUP): RAW holds this message already.
+        let (again, acked) = first_answer(received(b"one", true)).await;
+        assert!(acked.as_ref().unwrap().duplicate);
+        assert!(store.store(again, Some(acked)).await.is_some());
+        assert_eq!(
+            messages_in_raw(&js).await,
+            1,
+            "a redelivery is not stored twice"
+        );
+
+        // Another message reusing the packet id with the same content, once the first was
+        // acknowledged (no DUP, the same connection, received later): stored under its own id.
+        let (other, acked) = first_answer(received(b"one", false)).await;
+        assert!(acked.as_ref().unwrap().duplicate);
+        assert!(store.store(other, Some(acked)).await.is_some());
+        assert_eq!(messages_in_raw(&js).await, 2, "another message is not lost");
+
+        // Stored, but the bridge was told the attempt failed: the next attempt meets its own
+        // copy (the same raw id) and takes it as stored.
+        let (lost, acked) = first_answer(received(b"two", false)).await;
+        assert!(!acked.unwrap().duplicate);
+        let failed = PublishError::new(jetstream::context::PublishErrorKind::TimedOut);
+        assert!(store.store(lost, Some(Err(failed))).await.is_some());
+        assert_eq!(
+            messages_in_raw(&js).await,
+            3,
+            "an attempt whose answer was lost is not stored twice"
+        );
+    }
+
     /// Every message in flight holds one such future (`BRIDGE_MAX_IN_FLIGHT`, 4,096 by
     /// default): nearly always the one that waits for RAW's acknowledgement, and the whole
     /// store's only after a failure or a duplicate. With the rare paths inline, the store's took
