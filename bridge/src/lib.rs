@@ -49,6 +49,7 @@ use dataviz_core::retry::Backoff;
 use dataviz_core::{MQTT_LOG_TARGET, shutdown::Shutdown, streams};
 use futures::{StreamExt, stream::FuturesUnordered};
 use rumqttc::{AsyncClient, Event, Packet, Publish, QoS};
+use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -483,7 +484,12 @@ impl RawStore {
         (publish.qos != QoS::AtMostOnce).then(|| {
             let hash =
                 xxhash_rust::xxh3::xxh3_64_with_seed(raw.payload.as_ref(), topic_seed(&raw.topic));
-            format!("{}:{}:{hash:016x}", self.client_id, publish.pkid)
+            // Written into a string of its final size: `format!` starts this one empty and
+            // reallocates as it writes.
+            let mut id = String::with_capacity(self.client_id.len() + 24);
+            id.push_str(&self.client_id);
+            let _ = write!(id, ":{}:{hash:016x}", publish.pkid);
+            id
         })
     }
 

@@ -15,20 +15,26 @@ pub use dataviz_model::reason::DeadReason;
 use async_nats::HeaderMap;
 use async_nats::header::HeaderName;
 use bytes::Bytes;
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use percent_encoding::{AsciiSet, CONTROLS, percent_decode_str, utf8_percent_encode};
-use std::borrow::Cow;
+use std::fmt::Write as _;
 use thiserror::Error;
 use uuid::Uuid;
 
 /// JetStream's deduplication header.
 pub const HEADER_MSG_ID: &str = "Nats-Msg-Id";
-/// The raw message's id, a UUIDv7 given by the bridge at receipt; it names the RAW message in
-/// every stage (its readings' id may be derived from its content: [`crate::identity`]).
+/// A raw message's id, receive time and topic, in one header: `<id> <seconds>.<nanoseconds>
+/// <topic>`, the time since the Unix epoch, the topic percent-encoded (MQTT topics may hold any
+/// UTF-8; NATS headers may not, and NATS trims spaces, which the encoding escapes, so the
+/// topic is all that follows the second space). The id is a UUIDv7 given at receipt; it names
+/// the RAW message in every stage (its readings' id may be derived from its content:
+/// [`crate::identity`]). One header rather than three: on the bridge's path every header is a
+/// map entry and two allocations on each side of NATS, for every message.
+pub const HEADER_RAW: &str = "Dataviz-Raw";
+/// Earlier versions wrote the id, topic and receive time (RFC 3339) as three headers, which
+/// RAW and DEAD may still hold: read, never written.
 pub const HEADER_ID: &str = "Dataviz-Id";
-/// The MQTT topic, percent-encoded (MQTT topics may hold any UTF-8; NATS headers may not).
 pub const HEADER_TOPIC: &str = "Dataviz-Topic";
-/// When the bridge received the message, RFC 3339 with nanoseconds.
 pub const HEADER_RECEIVED_AT: &str = "Dataviz-Received-At";
 /// Dead letters: the stage that refused the message.
 pub const HEADER_DEAD_STAGE: &str = "Dataviz-Dead-Stage";
@@ -144,61 +150,78 @@ impl RawMessage {
         crate::streams::raw_subject(crate::topic::gateway_of(&self.topic))
     }
 
-    /// Headers carrying the topic, receive time and id; `dedup_id` becomes `Nats-Msg-Id`.
+    /// Headers carrying the id, receive time and topic ([`HEADER_RAW`]); `dedup_id` becomes
+    /// `Nats-Msg-Id`.
     pub fn headers(&self, dedup_id: Option<&str>) -> HeaderMap {
-        // Built once per message on the bridge's path: names known at compile time, values
-        // moved in as they are made rather than formatted and copied again.
+        // Built once per message on the bridge's path: names known at compile time, the value
+        // written once into a string of its final size.
         const MSG_ID: HeaderName = HeaderName::from_static(HEADER_MSG_ID);
-        const ID: HeaderName = HeaderName::from_static(HEADER_ID);
-        const TOPIC: HeaderName = HeaderName::from_static(HEADER_TOPIC);
-        const RECEIVED_AT: HeaderName = HeaderName::from_static(HEADER_RECEIVED_AT);
+        const RAW: HeaderName = HeaderName::from_static(HEADER_RAW);
         let mut headers = HeaderMap::new();
         if let Some(dedup_id) = dedup_id {
             headers.insert(MSG_ID, dedup_id);
         }
         let mut id = [0u8; uuid::fmt::Hyphenated::LENGTH];
-        headers.insert(ID, &*self.id.hyphenated().encode_lower(&mut id));
-        let topic: Cow<'_, str> = utf8_percent_encode(&self.topic, HEADER_ESCAPES).into();
-        headers.insert(TOPIC, topic.into_owned());
-        headers.insert(
-            RECEIVED_AT,
-            self.received_at.to_rfc3339_opts(SecondsFormat::Nanos, true),
+        let mut raw = String::with_capacity(id.len() + 32 + self.topic.len());
+        raw.push_str(self.id.hyphenated().encode_lower(&mut id));
+        let (secs, nanos) = (
+            self.received_at.timestamp(),
+            self.received_at.timestamp_subsec_nanos(),
         );
+        let _ = write!(raw, " {secs}.{nanos:09} ");
+        raw.extend(utf8_percent_encode(&self.topic, HEADER_ESCAPES));
+        headers.insert(RAW, raw);
         headers
     }
 
-    /// Reads a message written by [`RawMessage::headers`].
+    /// Reads a message written by [`RawMessage::headers`], or by an earlier version.
     pub fn from_parts(
         headers: Option<&HeaderMap>,
         payload: Bytes,
     ) -> Result<RawMessage, HeaderError> {
-        let get = |header: &'static str| {
-            headers
-                .and_then(|h| h.get(header))
-                .map(|v| v.as_str())
-                .ok_or(HeaderError {
-                    header,
-                    problem: "missing".into(),
-                })
+        let problem = |header: &'static str, problem: String| HeaderError { header, problem };
+        let get = |header: &'static str| headers.and_then(|h| h.get(header)).map(|v| v.as_str());
+        // Each field with the header it came from, for the error.
+        let ((id, id_header), (topic, topic_header), received_at) = match get(HEADER_RAW) {
+            Some(value) => {
+                let mut fields = value.splitn(3, ' ');
+                let (Some(id), Some(time), Some(topic)) =
+                    (fields.next(), fields.next(), fields.next())
+                else {
+                    return Err(problem(
+                        HEADER_RAW,
+                        format!("{value:?} is not `<id> <seconds>.<nanoseconds> <topic>`"),
+                    ));
+                };
+                let received_at = time
+                    .split_once('.')
+                    .and_then(|(secs, nanos)| {
+                        let nanos = (nanos.len() == 9).then(|| nanos.parse().ok()).flatten()?;
+                        DateTime::from_timestamp(secs.parse().ok()?, nanos)
+                    })
+                    .ok_or_else(|| problem(HEADER_RAW, format!("{time:?} is not a time")))?;
+                ((id, HEADER_RAW), (topic, HEADER_RAW), received_at)
+            }
+            // Written by an earlier version; neither header: not a Dataviz message at all.
+            None => {
+                let missing = |header| problem(header, "missing".into());
+                let Some(id) = get(HEADER_ID) else {
+                    return Err(missing(HEADER_RAW));
+                };
+                let topic = get(HEADER_TOPIC).ok_or_else(|| missing(HEADER_TOPIC))?;
+                let received_at =
+                    get(HEADER_RECEIVED_AT).ok_or_else(|| missing(HEADER_RECEIVED_AT))?;
+                let received_at = DateTime::parse_from_rfc3339(received_at)
+                    .map_err(|e| problem(HEADER_RECEIVED_AT, e.to_string()))?
+                    .with_timezone(&Utc);
+                ((id, HEADER_ID), (topic, HEADER_TOPIC), received_at)
+            }
         };
-        let id = get(HEADER_ID)?;
-        let id = Uuid::parse_str(id).map_err(|e| HeaderError {
-            header: HEADER_ID,
-            problem: e.to_string(),
-        })?;
-        let topic = percent_decode_str(get(HEADER_TOPIC)?)
+        let id = Uuid::parse_str(id).map_err(|e| problem(id_header, e.to_string()))?;
+        let topic = percent_decode_str(topic)
             .decode_utf8()
-            .map_err(|e| HeaderError {
-                header: HEADER_TOPIC,
-                problem: e.to_string(),
-            })?
+            .map_err(|e| problem(topic_header, e.to_string()))?
             .into_owned();
-        let received_at = DateTime::parse_from_rfc3339(get(HEADER_RECEIVED_AT)?)
-            .map_err(|e| HeaderError {
-                header: HEADER_RECEIVED_AT,
-                problem: e.to_string(),
-            })?
-            .with_timezone(&Utc);
         Ok(RawMessage {
             id,
             topic,
@@ -383,10 +406,58 @@ mod tests {
         );
         let headers = raw.headers(Some("abc"));
         assert_eq!(headers.get(HEADER_MSG_ID).unwrap().as_str(), "abc");
-        assert!(!headers.get(HEADER_TOPIC).unwrap().as_str().contains('\n'));
+        assert_eq!(headers.len(), 2);
+        let value = headers.get(HEADER_RAW).unwrap().as_str();
+        assert!(
+            !value.contains('\n') && value.ends_with("ice%20%2520%20"),
+            "{value}"
+        );
         let back = RawMessage::from_parts(Some(&headers), raw.payload.clone()).unwrap();
         assert_eq!(back, raw);
         assert_eq!(raw.subject(), "dataviz.raw.7");
+        // Times before the epoch and at its second boundaries come back alike.
+        for at in ["1969-12-31T23:59:59.999999999Z", "2026-12-03T09:00:00Z"] {
+            let at = DateTime::parse_from_rfc3339(at)
+                .unwrap()
+                .with_timezone(&Utc);
+            let raw = RawMessage {
+                received_at: at,
+                ..raw.clone()
+            };
+            let back = RawMessage::from_parts(Some(&raw.headers(None)), raw.payload.clone());
+            assert_eq!(back.unwrap(), raw);
+        }
+    }
+
+    #[test]
+    fn raw_messages_of_earlier_versions_still_read() {
+        let mut headers = HeaderMap::new();
+        headers.insert(HEADER_ID, "0193d9a1-2b3c-7d4e-8f00-112233445566");
+        headers.insert(HEADER_TOPIC, "gateways/7/%20d%C3%A9v");
+        headers.insert(HEADER_RECEIVED_AT, "2026-12-03T09:00:00.123456789Z");
+        let raw = RawMessage::from_parts(Some(&headers), Bytes::from_static(b"{}")).unwrap();
+        assert_eq!(raw.id.to_string(), "0193d9a1-2b3c-7d4e-8f00-112233445566");
+        assert_eq!(raw.topic, "gateways/7/ dév");
+        assert_eq!(raw.received_at.timestamp_subsec_nanos(), 123_456_789);
+        headers.insert(HEADER_RECEIVED_AT, "yesterday");
+        let err = RawMessage::from_parts(Some(&headers), Bytes::new()).unwrap_err();
+        assert_eq!(err.header, HEADER_RECEIVED_AT);
+    }
+
+    #[test]
+    fn a_raw_header_out_of_shape_is_named() {
+        for value in [
+            "0193d9a1-2b3c-7d4e-8f00-112233445566 1733216400.000000000",
+            "0193d9a1-2b3c-7d4e-8f00-112233445566 1733216400.5 gateways/7/a",
+            "0193d9a1-2b3c-7d4e-8f00-112233445566 soon.000000000 gateways/7/a",
+            "not-an-id 1733216400.000000000 gateways/7/a",
+            "0193d9a1-2b3c-7d4e-8f00-112233445566 1733216400.000000000 %FF",
+        ] {
+            let mut headers = HeaderMap::new();
+            headers.insert(HEADER_RAW, value);
+            let err = RawMessage::from_parts(Some(&headers), Bytes::new()).unwrap_err();
+            assert_eq!(err.header, HEADER_RAW, "{value}");
+        }
     }
 
     #[test]
@@ -427,7 +498,7 @@ mod tests {
     #[test]
     fn foreign_messages_are_named_as_such() {
         let err = RawMessage::from_parts(None, Bytes::new()).unwrap_err();
-        assert_eq!(err.header, HEADER_ID);
+        assert_eq!((err.header, err.problem.as_str()), (HEADER_RAW, "missing"));
     }
 
     #[test]
