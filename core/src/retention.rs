@@ -123,10 +123,18 @@ pub async fn apply_retention(
 /// and which reads the whole table to find nothing in the common case. The ranges it deleted
 /// from are summarized again after, so that the next pass skips them. Old ids are found through
 /// the index on `ingested_at`, the planner kept from a sequential scan alike.
+///
+/// Summarizing a range keeps every row a running transaction may still see, deleted ones
+/// included, and a transaction of any database begun before a deletion holds that horizon
+/// back (a writer's always does under load): a range summarized then keeps the deleted times,
+/// and every later pass would read it. So `deleted_from` carries the ranges deleted from over
+/// to the next pass, which summarizes them once more first, when no transaction of the time is
+/// left.
 pub async fn prune(
     client: &mut tokio_postgres::Client,
     readings: Period,
     ids: Option<Duration>,
+    deleted_from: &mut DeletedRanges,
 ) -> anyhow::Result<u64> {
     let timescale = client
         .query_opt(
@@ -138,7 +146,8 @@ pub async fn prune(
     let mut deleted = 0;
     if let (false, Some(keep)) = (timescale, readings.0) {
         let mut summaries = true;
-        summarize_time_index(client, &[], &mut summaries).await;
+        let again = std::mem::take(&mut deleted_from.0);
+        summarize_time_index(client, &again, &mut summaries).await;
         loop {
             let tx = client.transaction().await?;
             tx.batch_execute("SET LOCAL enable_seqscan = off").await?;
@@ -160,10 +169,13 @@ pub async fn prune(
             // again from what they hold now, the next slice and the next pass skip them.
             let ranges: Vec<i64> = gone.iter().map(|row| row.get(0)).collect();
             summarize_time_index(client, &ranges, &mut summaries).await;
+            deleted_from.0.extend(ranges);
             if n < SLICE {
                 break;
             }
         }
+        deleted_from.0.sort_unstable();
+        deleted_from.0.dedup();
     }
     while let Some(ids) = ids {
         // The index on ingested_at finds the old ids; the primary key deletes them. Without
@@ -228,6 +240,11 @@ async fn summarize_time_index(
     }
 }
 
+/// The page ranges of `tag_reading` a pass of [`prune`] deleted readings from (their first
+/// pages), for the next pass to summarize again.
+#[derive(Debug, Default)]
+pub struct DeletedRanges(Vec<i64>);
+
 /// Rows deleted per transaction, at most.
 const SLICE: i64 = 10_000;
 
@@ -277,6 +294,7 @@ pub async fn prune_loop(
     let start = tokio::time::Instant::now() + FIRST_PRUNE_AFTER.min(every);
     let mut tick = tokio::time::interval_at(start, every);
     let mut told = None;
+    let mut deleted_from = DeletedRanges::default();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -300,7 +318,7 @@ pub async fn prune_loop(
             if !locked {
                 return Ok(0);
             }
-            let result = prune(&mut client, readings, ids).await;
+            let result = prune(&mut client, readings, ids, &mut deleted_from).await;
             client
                 .execute("SELECT pg_advisory_unlock($1)", &[&PRUNE_LOCK])
                 .await?;

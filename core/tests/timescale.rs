@@ -591,6 +591,7 @@ async fn timescale_flavour_on_real_timescaledb() {
         &mut client,
         configured.readings_retention,
         Some(Duration::from_secs(8 * 86_400)),
+        &mut retention::DeletedRanges::default(),
     )
     .await
     .unwrap();
