@@ -65,7 +65,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header}
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures::{Stream, StreamExt, stream};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
@@ -158,17 +158,9 @@ struct Log {
     ids: HashMap<String, u64>,
     /// The sequence of the last message applied; sequences only grow.
     applied: u64,
-    /// The updates of the messages this hub stored and has not applied yet, by sequence: the
-    /// follower applies them as they are instead of decoding its copy from the stream (a
-    /// decoding per update, every field a fresh string). Never more than [`OWN_HELD`].
-    own: BTreeMap<u64, Vec<Update>>,
     /// The subscribers, by the topics they name.
     dispatch: Dispatch,
 }
-
-/// Stored messages whose updates [`Log::own`] holds at most: a follower that lags (reading
-/// the stream back after a reconnection) decodes the rest.
-const OWN_HELD: usize = 64;
 
 impl HubInner {
     fn new(config: &HubConfig, transport: Option<transport::Transport>) -> Result<Self, KeyError> {
@@ -194,7 +186,6 @@ impl HubInner {
                 bytes: 0,
                 ids: HashMap::new(),
                 applied: 0,
-                own: BTreeMap::new(),
                 dispatch: Dispatch::default(),
             }),
             applied: tokio::sync::watch::Sender::new(0),
@@ -253,9 +244,8 @@ impl HubInner {
             };
             let from =
                 |hub: &std::sync::Weak<HubInner>| hub.upgrade().map(|hub| hub.log().applied + 1);
-            let own = |sequence| hub.upgrade()?.log().own.remove(&sequence);
             tokio::select! {
-                _ = transport.follow(|| from(&hub), own, apply) => {}
+                _ = transport.follow(|| from(&hub), apply) => {}
                 _ = closed.cancelled() => {}
             }
         });
@@ -312,13 +302,6 @@ impl Log {
             return 0;
         }
         self.applied = sequence;
-        // Held for a message applied now or passed over: its copy from the stream served.
-        while let Some(held) = self.own.first_entry() {
-            if *held.key() > sequence {
-                break;
-            }
-            held.remove();
-        }
         let mut dispatched = 0;
         for (index, update) in updates.into_iter().enumerate() {
             let id = update.id.as_deref().unwrap_or_default();
@@ -527,6 +510,7 @@ impl Hub {
             });
         }
         let stored: Vec<Vec<u8>> = valid.iter().map(|(_, u)| u.to_stored()).collect();
+        let id = |i: usize| valid[i].1.id.as_deref().unwrap_or_default();
         let budget = transport.pack_bytes();
         let (mut start, mut last_sequence) = (0, None);
         while start < valid.len() {
@@ -542,36 +526,18 @@ impl Hub {
                 end += 1;
             }
             let published = transport
-                .publish(
-                    (valid[start..end].iter()).map(|(_, u)| u.id.as_deref().unwrap_or_default()),
-                    &stored[start..end],
-                )
+                .publish((start..end).map(id), &stored[start..end])
                 .await;
             match published {
-                Ok(stored) => {
-                    last_sequence = Some(stored.sequence);
-                    // This hub's follower applies these as they are when the stream delivers
-                    // them, unless it is there already. A copy the stream held (a retry) is
-                    // applied as the stream holds it.
-                    let mut log = self.inner.log();
-                    if !stored.duplicate
-                        && stored.sequence > log.applied
-                        && log.own.len() < OWN_HELD
-                    {
-                        let pack = (valid[start..end].iter_mut())
-                            .map(|(_, update)| std::mem::take(update))
-                            .collect();
-                        log.own.insert(stored.sequence, pack);
-                    }
-                }
+                Ok(sequence) => last_sequence = Some(sequence),
                 // Larger than NATS takes, alone in its message: refused for its size, as an
                 // invalid update is; the others go on.
                 Err(PublishFailure::TooLarge(e)) if end - start == 1 => {
                     results[valid[start].0] = Err(UpdateError::TooLarge(e).into());
                 }
                 Err(failure) => {
-                    for (position, (index, update)) in valid.iter().enumerate().skip(start) {
-                        let id = update.id.clone().unwrap_or_default();
+                    for (position, (index, _)) in valid.iter().enumerate().skip(start) {
+                        let id = id(position).to_owned();
                         results[*index] = Err(match &failure {
                             _ if position >= end => PublishRefused::Unavailable(format!(
                                 "not sent: an earlier update was not stored ({failure})"
@@ -1251,65 +1217,5 @@ impl Drop for Registered {
         if let Some(hub) = self.hub.upgrade() {
             hub.log().dispatch.unregister(self.registration);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use dataviz_testkit::NatsServer;
-
-    /// The history as (id, topics, event) of each update.
-    fn history(hub: &Hub) -> Vec<(Option<String>, Vec<String>, Bytes)> {
-        let log = hub.inner.log();
-        (log.history.iter())
-            .map(|e| {
-                (
-                    e.update.id.clone(),
-                    e.update.topics.clone(),
-                    e.frame.clone(),
-                )
-            })
-            .collect()
-    }
-
-    fn held(hub: &Hub) -> usize {
-        hub.inner.log().own.len()
-    }
-
-    /// A hub applies what it stored from what it holds, and holds nothing once applied; what
-    /// another hub stored, or a copy the stream had already, is read from the stream. Both give
-    /// the same history.
-    #[tokio::test]
-    async fn updates_a_hub_stored_are_applied_as_held_and_not_kept() {
-        let nats = NatsServer::start();
-        let mut config = HubConfig::default();
-        config.keys.mercure_publisher_jwt_key = Some("publisher-key".into());
-        config.keys.mercure_subscriber_jwt_key = Some("subscriber-key".into());
-        let js = || async { jetstream::new(async_nats::connect(nats.url()).await.unwrap()) };
-        let (first, second) = (
-            Hub::with_jetstream(&config, js().await).await.unwrap(),
-            Hub::with_jetstream(&config, js().await).await.unwrap(),
-        );
-        let batch = || -> Vec<Update> {
-            (0..transport::PACK_UPDATES + 3)
-                .map(|n| Update {
-                    id: Some(format!("u-{n}")),
-                    ..Update::new(vec![format!("t/{}", n % 7)], format!("{{\"n\":{n}}}"))
-                })
-                .collect()
-        };
-        let expected: Vec<_> = (batch().into_iter())
-            .map(|u| (u.id.clone(), u.topics.clone(), u.to_frame()))
-            .collect();
-
-        assert!(first.publish_many(batch()).await.iter().all(Result::is_ok));
-        assert_eq!(held(&first), 0, "applied, so no longer held");
-        assert_eq!(history(&first), expected);
-        // The second hub holds none of these ids: it sends the packs, which the stream has.
-        assert!(second.publish_many(batch()).await.iter().all(Result::is_ok));
-        assert_eq!(held(&second), 0, "the stream's copies, read back");
-        assert_eq!(history(&second), expected);
-        assert_eq!(history(&first), expected, "nothing dispatched twice");
     }
 }

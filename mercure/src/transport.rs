@@ -123,14 +123,6 @@ fn unpack(payload: &[u8]) -> Result<Vec<&[u8]>, String> {
     }
 }
 
-/// Where the stream holds a message published ([`Transport::publish`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Stored {
-    pub(crate) sequence: u64,
-    /// The stream held a copy already (the duplicate window): `sequence` is that copy's.
-    pub(crate) duplicate: bool,
-}
-
 /// Why the stream did not take an update.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum PublishFailure {
@@ -216,18 +208,18 @@ impl Transport {
 
     /// Stores updates as one message: `stored` (one update as [`Update::to_stored`] makes it,
     /// or a pack's, within [`Transport::pack_bytes`] together with [`FRAME_BYTES`] each, and at
-    /// most [`PACK_UPDATES`]), `ids` their ids, in order. Returns the message's stream sequence,
-    /// that of the first copy when the stream already held one ([`Stored`]): the
-    /// deduplication id is the update's id, and for a pack its count and a digest of its ids,
-    /// so that a pack's headers stay a few bytes however long the ids. Fails at once while NATS
-    /// is disconnected, and after [`PUBLISH_TIMEOUT`] at most otherwise: a publisher is
-    /// answered, not held. A message sent and not acknowledged is
+    /// most [`PACK_UPDATES`]), `ids` their
+    /// ids, in order. Returns the message's stream sequence, that of the first copy when the
+    /// stream already held one: the deduplication id is the update's id, and for a pack its
+    /// count and a digest of its ids, so that a pack's headers stay a few bytes however long
+    /// the ids. Fails at once while NATS is disconnected, and after [`PUBLISH_TIMEOUT`] at most
+    /// otherwise: a publisher is answered, not held. A message sent and not acknowledged is
     /// [`PublishFailure::Unconfirmed`]: sent again alike, it is stored once either way.
     pub(crate) async fn publish<'a>(
         &self,
         ids: impl IntoIterator<Item = &'a str>,
         stored: &[Vec<u8>],
-    ) -> Result<Stored, PublishFailure> {
+    ) -> Result<u64, PublishFailure> {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(ENCODING_HEADER, ENCODING_POSTCARD);
         match stored {
@@ -253,7 +245,7 @@ impl Transport {
         &self,
         headers: async_nats::HeaderMap,
         payload: bytes::Bytes,
-    ) -> Result<Stored, PublishFailure> {
+    ) -> Result<u64, PublishFailure> {
         let unavailable = |e: &dyn std::fmt::Display| PublishFailure::Unavailable(e.to_string());
         let state = self.js.client().connection_state();
         if state != async_nats::connection::State::Connected {
@@ -266,10 +258,7 @@ impl Transport {
                 .await
         };
         match tokio::time::timeout(PUBLISH_TIMEOUT, stored).await {
-            Ok(Ok(ack)) => Ok(Stored {
-                sequence: ack.sequence,
-                duplicate: ack.duplicate,
-            }),
+            Ok(Ok(ack)) => Ok(ack.sequence),
             Ok(Err(e)) if e.kind() == PublishErrorKind::MaxPayloadExceeded => {
                 Err(PublishFailure::TooLarge(e.to_string()))
             }
@@ -292,12 +281,10 @@ impl Transport {
     /// the message's sequence and the time the stream stored it, in order, from the sequence
     /// `from` gives (asked again after each failure), until `from` or `apply` says the hub is
     /// gone. A message without an update that can be read is handed with none, so that its
-    /// sequence counts. `own` gives the updates of a message this hub published itself, which
-    /// it still holds: they are not decoded again.
+    /// sequence counts.
     pub(crate) async fn follow(
         &self,
         from: impl Fn() -> Option<u64>,
-        own: impl Fn(u64) -> Option<Vec<Update>>,
         apply: impl Fn(u64, Vec<Update>, SystemTime) -> bool,
     ) {
         const FIRST_DELAY: Duration = Duration::from_millis(100);
@@ -308,7 +295,7 @@ impl Transport {
             if failed_at != Some(start) {
                 delay = FIRST_DELAY;
             }
-            match self.read(start, &own, &apply).await {
+            match self.read(start, &apply).await {
                 Ok(()) => return,
                 Err(e) => {
                     tracing::warn!(
@@ -329,7 +316,6 @@ impl Transport {
     async fn read(
         &self,
         start: u64,
-        own: &impl Fn(u64) -> Option<Vec<Update>>,
         apply: &impl Fn(u64, Vec<Update>, SystemTime) -> bool,
     ) -> Result<(), async_nats::Error> {
         // An ephemeral consumer dies with the server it lives on; the ordered consumer would
@@ -371,48 +357,41 @@ impl Transport {
             let message = message?;
             let info = message.info()?;
             let (sequence, published) = (info.stream_sequence, info.published.into());
-            let updates = match own(sequence) {
-                Some(updates) => updates,
-                None => read_updates(&message, sequence),
-            };
+            let header = |name| message.headers.as_ref().and_then(|h| h.get(name));
+            let packed = header(PACK_HEADER).is_some();
+            let read: Vec<Result<Update, String>> =
+                match header(ENCODING_HEADER).map(|e| e.as_str()) {
+                    Some(ENCODING_POSTCARD) => match unpack(&message.payload) {
+                        Ok(parts) => parts.into_iter().map(Update::from_stored).collect(),
+                        Err(e) => vec![Err(e)],
+                    },
+                    Some(ENCODING_JSON) => (lines(&message.payload, packed).into_iter())
+                        .map(|line| Update::from_json_line(line).map_err(|e| e.to_string()))
+                        .collect(),
+                    _ => (lines(&message.payload, packed).into_iter())
+                        .map(|line| Update::from_form(line).map_err(|e| e.to_string()))
+                        .collect(),
+                };
+            let updates = read
+                .into_iter()
+                .filter_map(|read| match read {
+                    Ok(update) if update.id.is_some() => Some(update),
+                    Ok(_) => {
+                        tracing::warn!(sequence, "an update without an id in the stream; skipped");
+                        None
+                    }
+                    Err(e) => {
+                        tracing::warn!(sequence, error = %e, "not an update in the stream; skipped");
+                        None
+                    }
+                })
+                .collect();
             if !apply(sequence, updates, published) {
                 return Ok(());
             }
         }
         Err("the stream's consumer ended".into())
     }
-}
-
-/// The updates a message of the stream holds, in whichever encoding it was stored; those that
-/// cannot be read, or have no id, are skipped with a warning.
-fn read_updates(message: &jetstream::Message, sequence: u64) -> Vec<Update> {
-    let header = |name| message.headers.as_ref().and_then(|h| h.get(name));
-    let packed = header(PACK_HEADER).is_some();
-    let read: Vec<Result<Update, String>> = match header(ENCODING_HEADER).map(|e| e.as_str()) {
-        Some(ENCODING_POSTCARD) => match unpack(&message.payload) {
-            Ok(parts) => parts.into_iter().map(Update::from_stored).collect(),
-            Err(e) => vec![Err(e)],
-        },
-        Some(ENCODING_JSON) => (lines(&message.payload, packed).into_iter())
-            .map(|line| Update::from_json_line(line).map_err(|e| e.to_string()))
-            .collect(),
-        _ => (lines(&message.payload, packed).into_iter())
-            .map(|line| Update::from_form(line).map_err(|e| e.to_string()))
-            .collect(),
-    };
-    read.into_iter()
-        .filter_map(|read| match read {
-            Ok(update) if update.id.is_some() => Some(update),
-            Ok(_) => {
-                tracing::warn!(sequence, "an update without an id in the stream; skipped");
-                None
-            }
-            Err(e) => {
-                tracing::warn!(sequence, error = %e, "not an update in the stream; skipped");
-                None
-            }
-        })
-        .collect()
 }
 
 #[cfg(test)]
