@@ -166,7 +166,8 @@ pub async fn prune(
             let n: i64 = gone.iter().map(|row| row.get::<_, i64>(1)).sum();
             deleted += n as u64;
             // The ranges deleted from still hold the deleted times in their summaries: summarized
-            // again from what they hold now, the next slice and the next pass skip them.
+            // again from what they hold now, the next slice skips them; the next pass summarizes
+            // them once more (`deleted_from`), in case a running transaction kept those times.
             let ranges: Vec<i64> = gone.iter().map(|row| row.get(0)).collect();
             summarize_time_index(client, &ranges, &mut summaries).await;
             deleted_from.0.extend(ranges);
