@@ -518,8 +518,8 @@ impl RawStore {
         // A failed attempt may have been stored all the same (its ack lost with the connection):
         // the next one is then a duplicate of our own.
         let mut attempted = false;
-        let dead = dataviz_core::dead::oversized(&received.raw, STAGE, max_payload);
-        let mut whole_kept = dead.is_none();
+        let dead = dataviz_core::dead::unfit(&received.raw, STAGE, max_payload);
+        let mut whole_kept = dead.as_ref().is_none_or(|dead| dead.whole_size.is_none());
         loop {
             if !whole_kept {
                 // Boxed, as `stored_before` below: rare paths, whose state would otherwise

@@ -710,6 +710,49 @@ async fn with_the_nats_intake_payloads_at_the_size_limits_are_stored_or_dead_who
     assert_eq!(count_on(&stack.db, rows).await, 2, "nothing else stored");
 }
 
+/// A topic too long for a header through the nats intake: NATS takes headers of 64 KiB at most,
+/// where MQTT allows 65,535 bytes of topic, and a dead letter holds its topic in one. The
+/// processor's letter (`bad_topic`: its device code is over 255 bytes) keeps the topic's
+/// beginning and says so, rather than being refused by DEAD again and again; the message after
+/// it is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_nats_intake_a_topic_too_long_for_a_header_is_a_dead_letter() {
+    let stack = BrokerStack::start_with_intake("nats").await;
+    let _all = stack.spawn("all", &[]);
+    // 40,000 bytes of `é`: 120,000 escaped in a header.
+    let too_long = format!("gateways/1/{}", "é".repeat(20_000));
+    let mut device = stack.publisher();
+    device.publish(&too_long, timed_reading(1)).await;
+    device.publish("gateways/1/after", timed_reading(2)).await;
+    device.wait_acked(Duration::from_secs(30)).await;
+
+    let rows = "SELECT count(*) FROM tag_reading";
+    common::wait_for_count_on(&stack.db, rows, 1, Duration::from_secs(60)).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let listed = loop {
+        let (ok, out) = stack.dataviz(&["dlq", "list"]);
+        if ok && out.contains("1 dead letter(s)") {
+            break out;
+        }
+        assert!(Instant::now() < deadline, "one letter: {out}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let id = listed
+        .lines()
+        .find(|l| l.contains("bad_topic"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("a bad_topic letter in {listed}"))
+        .to_owned();
+    let (ok, shown) = stack.dataviz(&["dlq", "show", &id]);
+    assert!(
+        ok && shown.contains("the topic takes 40011 bytes, the first ")
+            && shown.contains("longer than 255 bytes"),
+        "{shown}"
+    );
+    common::wait_drained(&stack.nats.url()).await;
+    assert_eq!(count_on(&stack.db, rows).await, 1, "nothing else stored");
+}
+
 /// A QoS 2 device that is not ours (paho-mqtt, persistent session) through the nats intake,
 /// `dataviz all` SIGKILLed mid-run and back a second later: nats-server stores a QoS 2 message
 /// in its stream once the device released it, and each reading the device got a PUBCOMP for is

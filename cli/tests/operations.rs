@@ -508,6 +508,66 @@ async fn a_letter_the_bridge_makes_keeps_the_original_whole_and_requeues_into_ro
     );
 }
 
+/// The topic travels in RAW's header, escaped, and NATS takes headers of 64 KiB at most, where
+/// MQTT allows 65,535 bytes of topic. At the bridge: a payload that would fit beside a short
+/// topic but not beside its own long one is a dead letter `oversized`, whole; a topic too long
+/// for a header is one `bad_topic`, keeping the topic's beginning. Neither is a store retried
+/// for ever, and the message after them is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_whose_long_topics_do_not_fit_in_raw_are_dead_letters_of_the_bridge() {
+    let mut stack = Stack::start().await;
+    stack.create_gateway(8).await;
+    stack.nats.restart_with_config("max_payload: 512KB");
+    let _all = stack.spawn("all", &[("MAX_PAYLOAD_BYTES", "1048576")]);
+    // 8 KiB under the server's limit; its topic, 5,000 bytes of `é`, takes 15,000 escaped.
+    let payload = format!(
+        r#"{{"d": [{{"tag": "v", "value": "{}"}}]}}"#,
+        "0".repeat(512 * 1024 - 8 * 1024)
+    );
+    let long = format!("gateways/8/{}", "é".repeat(2_500));
+    // 40,000 bytes of `é`: 120,000 escaped.
+    let too_long = format!("gateways/8/{}", "é".repeat(20_000));
+    let mut mqtt = Publisher::connect(stack.mosquitto.port()).await;
+    mqtt.publish(&long, payload.as_str()).await;
+    mqtt.publish(&too_long, reading(1)).await;
+    mqtt.publish("gateways/8/after", reading(2)).await;
+    mqtt.wait_acked(Duration::from_secs(10)).await;
+
+    let listed = dlq_list_until(&stack, &[], "2 dead letter(s)").await;
+    assert!(listed.contains("2 dead letter(s)"), "{listed}");
+    let line = |reason: &str| {
+        listed
+            .lines()
+            .find(|l| l.contains(reason))
+            .unwrap_or_else(|| panic!("a letter {reason}: {listed}"))
+            .to_owned()
+    };
+    let oversized = line("oversized");
+    assert!(
+        oversized.contains("bridge") && oversized.contains(&payload.len().to_string()),
+        "the letter, with the whole payload's size: {oversized}"
+    );
+    let id = oversized.split_whitespace().next().unwrap();
+    let (ok, shown) = dataviz(&stack, &["dlq", "show", id]);
+    assert!(
+        ok && shown.contains(&format!(
+            "payload:      {} bytes, kept whole",
+            payload.len()
+        )) && shown.contains(&long),
+        "{shown}"
+    );
+    let bad_topic = line("bad_topic");
+    assert!(bad_topic.contains("bridge"), "{bad_topic}");
+    let id = bad_topic.split_whitespace().next().unwrap();
+    let (ok, shown) = dataviz(&stack, &["dlq", "show", id]);
+    assert!(
+        ok && shown.contains("the topic takes 40011 bytes, the first ")
+            && shown.contains(&reading(1)),
+        "{shown}"
+    );
+    wait_for_rows(&stack, 2).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn message_ids_are_kept_while_a_copy_can_come_back_and_pruned_from_the_first_minute() {
     let stack = Stack::start().await;

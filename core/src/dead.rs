@@ -7,8 +7,9 @@
 //! holds only the beginning of its payload (too large for DEAD: [`DeadLetter::whole_size`]) is
 //! re-queued whole, from the object store where it was kept.
 
-use crate::message::{DeadLetter, DeadReason, HeaderError};
+use crate::message::{DeadLetter, DeadReason, HeaderError, MAX_TOPIC_HEADER, header_len};
 use crate::streams::{self, DEAD_STREAM};
+use crate::topic::MAX_DEVICE_CODE_LEN;
 use anyhow::Context as _;
 use async_nats::jetstream::{self, consumer};
 use chrono::{DateTime, Utc};
@@ -134,10 +135,12 @@ pub async fn get(js: &jetstream::Context, seq: u64) -> anyhow::Result<DeadEntry>
     Ok(entry(seq, time, Some(&message.headers), message.payload))
 }
 
-/// A message too large for the NATS server once headers are added (RAW's, DEAD's) becomes a
-/// dead letter of `stage` holding its first bytes; the caller keeps the whole payload beside it
-/// ([`keep_whole`]), for `dlq requeue`.
-pub fn oversized(
+/// A message that cannot go to RAW as it is becomes a dead letter of `stage`: one whose topic
+/// is too long for a header ([`MAX_TOPIC_HEADER`]: never a topic Dataviz reads) as
+/// `bad_topic`, one too large for the NATS server once headers are added (RAW's, DEAD's) as
+/// `oversized`. A letter holding only its payload's beginning ([`DeadLetter::whole_size`]) needs
+/// the whole kept beside it by the caller ([`keep_whole`]), for `dlq requeue`.
+pub fn unfit(
     raw: &crate::message::RawMessage,
     stage: &str,
     max_payload: usize,
@@ -153,6 +156,15 @@ pub fn oversized(
         source_seq: None,
         whole_size: None,
     };
+    if header_len(&raw.topic) > MAX_TOPIC_HEADER {
+        letter.reason = DeadReason::BadTopic;
+        letter.error = format!(
+            "longer than any topic Dataviz reads (gateways/<id>/<device>, device codes of at \
+             most {MAX_DEVICE_CODE_LEN} bytes)"
+        );
+        cut(&mut letter, max_payload);
+        return Some(letter);
+    }
     let kept = cut(&mut letter, max_payload)?;
     letter.error = format!(
         "payload of {} bytes is over what the NATS server accepts ({max_payload} bytes); the first {kept} bytes are kept",
@@ -161,21 +173,36 @@ pub fn oversized(
     Some(letter)
 }
 
-/// The largest payload a message may have, with its headers, under the server's `max_payload`:
-/// headers take a few hundred bytes; this keeps a margin.
-fn payload_limit(max_payload: usize) -> usize {
-    max_payload.saturating_sub(4096)
+/// What headers take in the server's `max_payload` besides the topic and a dead letter's error:
+/// the raw id and receive time, the deduplication id, a letter's stage, reason and size, the
+/// header block's framing; with a margin.
+const HEADER_ROOM: usize = 4096;
+
+/// The largest payload a message of `topic` may have under the server's `max_payload`, with its
+/// headers: the topic travels in one, escaped ([`header_len`]: a byte outside ASCII takes
+/// three; [`MAX_TOPIC_HEADER`] at most), as does `error`, a dead letter's.
+fn payload_limit(topic: &str, error: &str, max_payload: usize) -> usize {
+    let topic = header_len(topic).min(MAX_TOPIC_HEADER);
+    max_payload.saturating_sub(HEADER_ROOM + topic + header_len(error))
 }
 
-/// Whether `raw` fits in a stream with its headers, so that [`oversized`] says nothing of it.
+/// Whether `raw` can go to a stream as it is, so that [`unfit`] says nothing of it: its topic
+/// fits in a header and its payload beside its headers.
 pub fn fits(raw: &crate::message::RawMessage, max_payload: usize) -> bool {
-    raw.payload.len() <= payload_limit(max_payload)
+    let (payload, topic) = (raw.payload.len(), raw.topic.len());
+    // Decided without escaping the topic for nearly every message: escaped, a byte takes three
+    // at most.
+    if 3 * topic <= MAX_TOPIC_HEADER && payload + HEADER_ROOM + 3 * topic <= max_payload {
+        return true;
+    }
+    let topic = header_len(&raw.topic);
+    topic <= MAX_TOPIC_HEADER && payload + HEADER_ROOM + topic <= max_payload
 }
 
 /// Cuts the payload of `letter` to its first bytes when it is too large for DEAD with headers,
 /// and says how many it keeps; [`DeadLetter::whole_size`] then says it was cut.
 fn cut(letter: &mut DeadLetter, max_payload: usize) -> Option<usize> {
-    let limit = payload_limit(max_payload);
+    let limit = payload_limit(&letter.raw.topic, &letter.error, max_payload);
     let size = letter.raw.payload.len();
     if size <= limit {
         return None;
@@ -263,8 +290,7 @@ pub async fn requeue(js: &jetstream::Context, seq: u64) -> anyhow::Result<()> {
     let payload = whole_payload(js, &letter)
         .await
         .with_context(|| format!("dead letter {seq} cannot be re-queued"))?;
-    // The margin for headers of `oversized`.
-    let fits = js.client().server_info().max_payload.saturating_sub(4096);
+    let fits = payload_limit(&letter.raw.topic, "", js.client().server_info().max_payload);
     anyhow::ensure!(
         payload.len() <= fits,
         "dead letter {seq} cannot be re-queued: its payload of {} bytes is over what the NATS \
@@ -348,14 +374,102 @@ mod tests {
     use crate::message::RawMessage;
     use bytes::Bytes;
 
+    /// The bytes `headers` take in a message, as the NATS client writes them.
+    fn header_bytes(headers: &async_nats::HeaderMap) -> usize {
+        let fields: usize = headers
+            .iter()
+            .flat_map(|(name, values)| values.iter().map(move |v| (name, v)))
+            .map(|(name, value)| {
+                AsRef::<str>::as_ref(name).len() + ": ".len() + value.as_str().len() + 2
+            })
+            .sum();
+        "NATS/1.0\r\n".len() + fields + 2
+    }
+
     #[test]
     fn oversized_messages_become_dead_letters() {
         let raw = RawMessage::received("gateways/1/d".into(), Bytes::from(vec![b'x'; 10_000]));
-        assert!(oversized(&raw, "bridge", 1 << 20).is_none());
-        let dead = oversized(&raw, "bridge", 8192).unwrap();
+        assert!(unfit(&raw, "bridge", 1 << 20).is_none());
+        let dead = unfit(&raw, "bridge", 8192).unwrap();
         assert_eq!(dead.reason, DeadReason::Oversized);
-        assert_eq!(dead.raw.payload.len(), 8192 - 4096);
+        assert_eq!(dead.raw.payload.len(), 8192 - 4096 - "gateways/1/d".len());
         assert_eq!((dead.raw.id, dead.stage.as_str()), (raw.id, "bridge"));
         assert_eq!(dead.whole_size, Some(10_000));
+    }
+
+    /// The topic travels in RAW's header, escaped: 5,000 bytes of `é` take 15,000 there. A
+    /// payload that fits beside a short topic does not beside such a one, and becomes a dead
+    /// letter that fits in turn; one just under the limit fits with its headers.
+    #[test]
+    fn a_long_topic_counts_against_the_payload_limit() {
+        const MAX_PAYLOAD: usize = 512 * 1024;
+        let topic = format!("gateways/1/{}", "é".repeat(2_500));
+        let message = |size: usize| RawMessage::received(topic.clone(), vec![b'x'; size].into());
+        let short =
+            |size: usize| RawMessage::received("gateways/1/d".into(), vec![b'x'; size].into());
+        let limit = payload_limit(&topic, "", MAX_PAYLOAD);
+        assert_eq!(limit, MAX_PAYLOAD - 4096 - "gateways/1/".len() - 15_000);
+
+        assert!(fits(&short(MAX_PAYLOAD - 8192), MAX_PAYLOAD));
+        assert!(!fits(&message(MAX_PAYLOAD - 8192), MAX_PAYLOAD));
+        assert!(!fits(&message(limit + 1), MAX_PAYLOAD));
+        let just_under = message(limit);
+        assert!(fits(&just_under, MAX_PAYLOAD));
+        let dedup_id = "x".repeat(200);
+        let headers = just_under.headers(Some(&dedup_id));
+        assert!(header_bytes(&headers) + limit <= MAX_PAYLOAD);
+
+        let over = message(MAX_PAYLOAD - 8192);
+        let letter = unfit(&over, "bridge", MAX_PAYLOAD).expect("a dead letter");
+        assert_eq!(letter.reason, DeadReason::Oversized);
+        assert_eq!(letter.raw.topic, topic);
+        assert_eq!(letter.whole_size, Some(over.payload.len() as u64));
+        assert!(
+            header_bytes(&letter.headers()) + letter.raw.payload.len() <= MAX_PAYLOAD,
+            "the letter fits in DEAD"
+        );
+    }
+
+    /// NATS refuses headers over 64 KiB, and MQTT allows 65,535 bytes of topic. A topic whose
+    /// escaped form takes over [`MAX_TOPIC_HEADER`] bytes (never one Dataviz reads) cannot go
+    /// to RAW: it makes a `bad_topic` letter, which keeps the topic's beginning and says so.
+    #[test]
+    fn a_topic_too_long_for_a_header_makes_a_letter_that_fits() {
+        let prefix = "gateways/1/";
+        let ascii = |extra: usize| {
+            let topic = format!(
+                "{prefix}{}",
+                "a".repeat(MAX_TOPIC_HEADER - prefix.len() + extra)
+            );
+            RawMessage::received(topic, Bytes::from_static(b"{}"))
+        };
+        assert!(fits(&ascii(0), 1 << 20));
+        assert!(unfit(&ascii(0), "bridge", 1 << 20).is_none());
+        let letter = unfit(&ascii(1), "bridge", 1 << 20).expect("a dead letter");
+        assert_eq!(letter.reason, DeadReason::BadTopic);
+
+        let topic = format!("{prefix}{}", "é".repeat(20_000));
+        let raw = RawMessage::received(topic.clone(), Bytes::from_static(b"{}"));
+        assert!(!fits(&raw, 1 << 20));
+        let letter = unfit(&raw, "bridge", 1 << 20).expect("a dead letter");
+        assert_eq!(
+            (letter.reason, letter.whole_size, &letter.raw.payload),
+            (DeadReason::BadTopic, None, &raw.payload)
+        );
+        let headers = letter.headers();
+        assert!(header_bytes(&headers) < 64 * 1024, "NATS takes its headers");
+        let back = DeadLetter::from_parts(Some(&headers), letter.raw.payload.clone()).unwrap();
+        assert!(topic.starts_with(&back.raw.topic));
+        assert!(header_len(&back.raw.topic) <= MAX_TOPIC_HEADER);
+        // Cut on a character: `é` takes six bytes escaped.
+        assert!(header_len(&back.raw.topic) > MAX_TOPIC_HEADER - 6);
+        assert!(
+            back.error.starts_with(&format!(
+                "the topic takes 40011 bytes, the first {} kept: longer than any topic",
+                back.raw.topic.len()
+            )),
+            "{}",
+            back.error
+        );
     }
 }

@@ -17,6 +17,7 @@ use async_nats::header::HeaderName;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use percent_encoding::{AsciiSet, CONTROLS, percent_decode_str, utf8_percent_encode};
+use std::borrow::Cow;
 use std::fmt::Write as _;
 use thiserror::Error;
 use uuid::Uuid;
@@ -49,6 +50,37 @@ pub const HEADER_DEAD_WHOLE_SIZE: &str = "Dataviz-Dead-Whole-Size";
 /// Characters escaped in header values: controls (CR and LF would end the header), `%` itself,
 /// spaces (NATS trims them at both ends of a value), and everything outside ASCII.
 const HEADER_ESCAPES: &AsciiSet = &CONTROLS.add(b'%').add(b' ');
+
+/// The bytes `text` takes as a header value, escaped as [`RawMessage::headers`] and
+/// [`DeadLetter::headers`] escape it: a byte outside ASCII takes three.
+pub fn header_len(text: &str) -> usize {
+    utf8_percent_encode(text, HEADER_ESCAPES)
+        .map(str::len)
+        .sum()
+}
+
+/// The most bytes a topic takes in a header, escaped. A topic Dataviz reads takes under 1 KiB
+/// (`gateways/<id>/<device>`, device codes of 255 bytes at most), and NATS refuses a message
+/// whose headers take over 64 KiB, where MQTT allows 65,535 bytes of topic: the bridge refuses
+/// a longer one ([`crate::dead::unfit`]), and a dead letter keeps its beginning ([`DeadLetter::headers`]).
+pub const MAX_TOPIC_HEADER: usize = 16 * 1024;
+
+/// The beginning of `topic` whose escaped form takes at most [`MAX_TOPIC_HEADER`] bytes; `None`
+/// when the whole does.
+fn topic_cut(topic: &str) -> Option<&str> {
+    if topic.len() * 3 <= MAX_TOPIC_HEADER || header_len(topic) <= MAX_TOPIC_HEADER {
+        return None;
+    }
+    let mut taken = 0;
+    let end = topic
+        .char_indices()
+        .find(|&(at, c)| {
+            taken += header_len(&topic[at..at + c.len_utf8()]);
+            taken > MAX_TOPIC_HEADER
+        })
+        .map_or(topic.len(), |(at, _)| at);
+    Some(&topic[..end])
+}
 
 /// A message as the bridge received it from MQTT.
 #[derive(Debug, Clone, PartialEq)]
@@ -338,13 +370,33 @@ impl DeadLetter {
             self.raw.id,
             self.source_seq.unwrap_or_default()
         );
-        let mut headers = self.raw.headers(Some(&dedup));
+        // A topic too long for a header (never one Dataviz reads) keeps its beginning, and
+        // the error says so.
+        let (mut headers, error) = match topic_cut(&self.raw.topic) {
+            None => (
+                self.raw.headers(Some(&dedup)),
+                Cow::Borrowed(self.error.as_str()),
+            ),
+            Some(kept) => {
+                let raw = RawMessage {
+                    topic: kept.to_owned(),
+                    ..self.raw.clone()
+                };
+                let error = format!(
+                    "the topic takes {} bytes, the first {} kept: {}",
+                    self.raw.topic.len(),
+                    kept.len(),
+                    self.error
+                );
+                (raw.headers(Some(&dedup)), Cow::Owned(error))
+            }
+        };
         headers.insert(HEADER_DEAD_STAGE, self.stage.as_str());
         headers.insert(HEADER_DEAD_REASON, self.reason.name());
         if let Some(size) = self.whole_size {
             headers.insert(HEADER_DEAD_WHOLE_SIZE, size.to_string().as_str());
         }
-        let error: String = self.error.chars().take(2000).collect();
+        let error: String = error.chars().take(2000).collect();
         headers.insert(
             HEADER_DEAD_ERROR,
             utf8_percent_encode(&error, HEADER_ESCAPES)

@@ -106,9 +106,11 @@ async fn store(
     let mut backoff = Backoff::default();
     loop {
         let attempt = async {
-            match dataviz_core::dead::oversized(&raw, STAGE, max_payload) {
+            match dataviz_core::dead::unfit(&raw, STAGE, max_payload) {
                 Some(letter) => {
-                    dataviz_core::dead::keep_whole(js, raw.id, &raw.payload).await?;
+                    if letter.whole_size.is_some() {
+                        dataviz_core::dead::keep_whole(js, raw.id, &raw.payload).await?;
+                    }
                     letter.store(js).await?;
                 }
                 None => {
