@@ -38,9 +38,8 @@ pub mod config;
 use anyhow::Context as _;
 use async_nats::jetstream::{
     self,
-    context::{PublishError, PublishErrorKind},
+    context::{PublishAckFuture, PublishError},
     publish::PublishAck,
-    response::Response,
 };
 use bytes::Bytes;
 use config::{BridgeConfig, MqttConnection};
@@ -50,7 +49,6 @@ use dataviz_core::retry::Backoff;
 use dataviz_core::{MQTT_LOG_TARGET, shutdown::Shutdown, streams};
 use futures::{StreamExt, stream::FuturesUnordered};
 use rumqttc::{AsyncClient, Event, Packet, Publish, QoS};
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -108,7 +106,6 @@ pub async fn run(
     let connection = Arc::new(AtomicU64::new(0));
 
     let raw_store = RawStore {
-        client: js.client(),
         js,
         client_id: config.mqtt_client_id.clone(),
         max_payload,
@@ -375,8 +372,6 @@ async fn event_loop(
 /// Where and how the bridge stores messages.
 struct RawStore {
     js: jetstream::Context,
-    /// The client of `js`, which the first attempt publishes with ([`RawStore::send`]).
-    client: async_nats::Client,
     /// Part of every deduplication id: packet ids are per MQTT session.
     client_id: String,
     /// The NATS server's largest message.
@@ -406,19 +401,18 @@ async fn store_loop(
         }
     });
     let stored_total = metrics::counter!(metric::BRIDGE_STORED);
-    let mut answers = RawAnswers::new(raw_store.client.clone()).await?;
-    let mut clock = tokio::time::interval(RawAnswers::TICK);
-    clock.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // A message in flight is, most of the time, sent to RAW (a step that waits only while the
-    // NATS client's queue is full), then waiting in `answers` for RAW's answer, where it holds
-    // little besides itself. Whatever else the first answer asks for (a failure, a duplicate to
+    // A message in flight is, most of the time, in one of the first two sets, whose futures
+    // hold little besides the message: sent to RAW (a step that waits only while the NATS
+    // client's queue or its acknowledgements in flight are full), then waiting for RAW's
+    // acknowledgement. Whatever else the first answer asks for (a failure, a duplicate to
     // look at, an oversized payload) goes on in `RawStore::store`, boxed: its state takes
     // kilobytes, and thousands of them polled one after another were mostly cache misses.
     let mut sending = FuturesUnordered::new();
+    let mut acking = FuturesUnordered::new();
     let mut storing = FuturesUnordered::new();
     let mut open = true;
     loop {
-        let in_flight = sending.len() + answers.len() + storing.len();
+        let in_flight = sending.len() + acking.len() + storing.len();
         if !open && in_flight == 0 {
             break;
         }
@@ -427,36 +421,27 @@ async fn store_loop(
             received = rx.recv(), if open => {
                 match received {
                     Some(received) if dataviz_core::dead::fits(&received.raw, raw_store.max_payload) => {
-                        let (token, reply) = answers.reply();
-                        sending.push(raw_store.send(received, token, reply));
+                        sending.push(raw_store.send(received));
                     }
                     Some(received) => storing.push(Box::pin(raw_store.store(received, None))),
                     None => open = false,
                 }
                 continue;
             }
-            Some((received, token, sent)) = sending.next() => {
+            Some((received, sent)) = sending.next() => {
                 match sent {
-                    Ok(()) => answers.wait(token, received),
+                    Ok(ack) => acking.push(acknowledged(received, ack)),
                     Err(e) => storing.push(Box::pin(raw_store.store(received, Some(Err(e))))),
                 }
                 continue;
             }
-            Some(answer) = answers.next() => match answer {
-                Some((received, Ok(ack))) if !ack.duplicate => received,
-                Some((received, answer)) => {
-                    storing.push(Box::pin(raw_store.store(received, Some(answer))));
+            Some((received, acked)) = acking.next() => match acked {
+                Ok(ack) if !ack.duplicate => received,
+                acked => {
+                    storing.push(Box::pin(raw_store.store(received, Some(acked))));
                     continue;
                 }
-                None => continue,
             },
-            _ = clock.tick() => {
-                for received in answers.expire() {
-                    let timed_out = PublishError::new(PublishErrorKind::TimedOut);
-                    storing.push(Box::pin(raw_store.store(received, Some(Err(timed_out)))));
-                }
-                continue;
-            }
             // Not stored: shutting down while JetStream was unreachable. Unacked, the message
             // comes back from the broker with the next session.
             Some(stored) = storing.next() => match stored {
@@ -483,108 +468,13 @@ async fn store_loop(
     Ok(())
 }
 
-/// RAW's answers to the messages sent ([`RawStore::send`]), on one subscription of the
-/// bridge's own: each message is published with a reply subject under it naming the message.
-///
-/// Written here rather than taken from async-nats' JetStream publish, whose answer per message
-/// is a future of its own (a oneshot channel, a timer, a boxed future, an entry in the
-/// client's map of requests): measured apart, 9.2–9.6 µs of the client's CPU per message
-/// against 4.2–4.4 this way, with the server's answer the same (BENCHMARKS.md).
-struct RawAnswers {
-    /// The subscription's subject, less its last token: `<inbox>.<token>` names a message.
-    inbox: String,
-    subscription: async_nats::Subscriber,
-    next_token: u64,
-    /// The messages sent and waiting for their answer, by token, with the tick they were sent
-    /// in. Tokens grow with time, so the oldest come first.
-    waiting: BTreeMap<u64, (Received, u64)>,
-    ticks: u64,
-}
-
-impl RawAnswers {
-    /// How often answers waited for too long are given up ([`RawAnswers::expire`]).
-    const TICK: Duration = Duration::from_secs(1);
-    /// Ticks after which an answer is given up: the JetStream context's timeout
-    /// ([`dataviz_core::config::jetstream`]). The message then goes through the whole store,
-    /// whose retry under the same deduplication id RAW recognises if the first was stored.
-    const TIMEOUT_TICKS: u64 = 10;
-
-    async fn new(client: async_nats::Client) -> anyhow::Result<RawAnswers> {
-        let inbox = client.new_inbox();
-        let subscription = client
-            .subscribe(format!("{inbox}.*"))
-            .await
-            .context("subscribing to RAW's answers")?;
-        Ok(RawAnswers {
-            inbox,
-            subscription,
-            next_token: 0,
-            waiting: BTreeMap::new(),
-            ticks: 0,
-        })
-    }
-
-    fn len(&self) -> usize {
-        self.waiting.len()
-    }
-
-    /// A new token and the reply subject that names it.
-    fn reply(&mut self) -> (u64, String) {
-        self.next_token += 1;
-        let mut reply = String::with_capacity(self.inbox.len() + 21);
-        reply.push_str(&self.inbox);
-        let _ = write!(reply, ".{}", self.next_token);
-        (self.next_token, reply)
-    }
-
-    /// `received`, sent under `token`, now waits for its answer.
-    fn wait(&mut self, token: u64, received: Received) {
-        self.waiting.insert(token, (received, self.ticks));
-    }
-
-    /// The next answer: the message it answers and what RAW said, or `None` for an answer to
-    /// no message waiting (one given up already). Never ends while the client lives.
-    async fn next(&mut self) -> Option<Option<(Received, Result<PublishAck, PublishError>)>> {
-        let message = self.subscription.next().await?;
-        let token = message
-            .subject
-            .rsplit('.')
-            .next()
-            .and_then(|token| token.parse::<u64>().ok());
-        Some(
-            token
-                .and_then(|token| self.waiting.remove(&token))
-                .map(|(received, _)| (received, answer(&message))),
-        )
-    }
-
-    /// Counts a tick, and gives back the messages whose answer has not come in
-    /// [`RawAnswers::TIMEOUT_TICKS`].
-    fn expire(&mut self) -> Vec<Received> {
-        self.ticks += 1;
-        let mut expired = Vec::new();
-        while let Some(entry) = self.waiting.first_entry() {
-            if entry.get().1 + Self::TIMEOUT_TICKS > self.ticks {
-                break;
-            }
-            expired.push(entry.remove().0);
-        }
-        expired
-    }
-}
-
-/// What an answer of JetStream to a publish says, read as async-nats reads it.
-fn answer(message: &async_nats::Message) -> Result<PublishAck, PublishError> {
-    if message.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
-        return Err(PublishError::new(PublishErrorKind::StreamNotFound));
-    }
-    match serde_json::from_slice::<Response<PublishAck>>(&message.payload) {
-        Ok(Response::Ok(ack)) => Ok(ack),
-        Ok(Response::Err { error }) => {
-            Err(PublishError::with_source(PublishErrorKind::Other, error))
-        }
-        Err(e) => Err(PublishError::with_source(PublishErrorKind::Other, e)),
-    }
+/// Waits for RAW's answer to a message sent ([`RawStore::send`]).
+async fn acknowledged(
+    received: Received,
+    ack: PublishAckFuture,
+) -> (Received, Result<PublishAck, PublishError>) {
+    let acked = ack.await;
+    (received, acked)
 }
 
 impl RawStore {
@@ -603,29 +493,14 @@ impl RawStore {
         })
     }
 
-    /// Sends a message that fits in RAW, its answer to come under `reply` ([`RawAnswers`]): the
-    /// first attempt [`RawStore::store`] would make. Waits while the NATS client's queue is
-    /// full, unless shutting down.
-    async fn send(
-        &self,
-        received: Received,
-        token: u64,
-        reply: String,
-    ) -> (Received, u64, Result<(), PublishError>) {
+    /// Sends a message that fits in RAW: the first attempt [`RawStore::store`] would make.
+    async fn send(&self, received: Received) -> (Received, Result<PublishAckFuture, PublishError>) {
         let raw = &received.raw;
         let headers = raw.headers(self.dedup_id(&received).as_deref());
-        let publish = self.client.publish_with_reply_and_headers(
-            raw.subject(),
-            reply,
-            headers,
-            raw.payload.clone(),
-        );
-        let sent = tokio::select! {
-            biased;
-            sent = publish => sent.map_err(|e| PublishError::with_source(PublishErrorKind::Other, e)),
-            _ = self.shutdown.cancelled() => Err(PublishError::new(PublishErrorKind::Other)),
-        };
-        (received, token, sent)
+        let sent = (self.js)
+            .publish_with_headers(raw.subject(), headers, raw.payload.clone())
+            .await;
+        (received, sent)
     }
 
     /// Stores one message in RAW (or DEAD when it can never fit), retrying until JetStream has
@@ -771,23 +646,6 @@ mod tests {
         raw.info().await.unwrap().state.messages
     }
 
-    /// Sends `received` as the store loop does, and waits for RAW's answer.
-    async fn first_answer(
-        store: &RawStore,
-        answers: &mut RawAnswers,
-        received: Received,
-    ) -> (Received, Result<PublishAck, PublishError>) {
-        let (token, reply) = answers.reply();
-        let (received, token, sent) = store.send(received, token, reply).await;
-        sent.unwrap();
-        answers.wait(token, received);
-        loop {
-            if let Some(answer) = answers.next().await.expect("the subscription lives") {
-                return answer;
-            }
-        }
-    }
-
     /// RAW's first answer, when it is not "stored", is carried on by the whole store as its own
     /// first attempt's would be, against a real nats-server: a duplicate that is this message
     /// sent again, a duplicate that is another message reusing the packet id with the same
@@ -802,13 +660,11 @@ mod tests {
             .unwrap();
         let store = RawStore {
             js: js.clone(),
-            client: client.clone(),
             client_id: "dataviz-bridge".into(),
             max_payload: client.server_info().max_payload,
             connection: Arc::new(AtomicU64::new(1)),
             shutdown: Shutdown::new(),
         };
-        let mut answers = RawAnswers::new(client.clone()).await.unwrap();
         let permits = Arc::new(Semaphore::new(64));
         let received = |payload: &'static [u8], dup: bool| {
             let mut publish = Publish::new("gateways/1/d", QoS::AtLeastOnce, "");
@@ -821,15 +677,19 @@ mod tests {
                 _budget: permits.clone().try_acquire_owned().unwrap(),
             }
         };
+        let first_answer = |received: Received| async {
+            let (received, sent) = store.send(received).await;
+            acknowledged(received, sent.unwrap()).await
+        };
 
-        let (_, acked) = first_answer(&store, &mut answers, received(b"one", false)).await;
+        let (_, acked) = first_answer(received(b"one", false)).await;
         assert!(
             !acked.unwrap().duplicate,
             "a first delivery is stored at once"
         );
 
         // The broker sends it again (DUP): RAW holds this message already.
-        let (again, acked) = first_answer(&store, &mut answers, received(b"one", true)).await;
+        let (again, acked) = first_answer(received(b"one", true)).await;
         assert!(acked.as_ref().unwrap().duplicate);
         assert!(store.store(again, Some(acked)).await.is_some());
         assert_eq!(
@@ -840,14 +700,14 @@ mod tests {
 
         // Another message reusing the packet id with the same content, once the first was
         // acknowledged (no DUP, the same connection, received later): stored under its own id.
-        let (other, acked) = first_answer(&store, &mut answers, received(b"one", false)).await;
+        let (other, acked) = first_answer(received(b"one", false)).await;
         assert!(acked.as_ref().unwrap().duplicate);
         assert!(store.store(other, Some(acked)).await.is_some());
         assert_eq!(messages_in_raw(&js).await, 2, "another message is not lost");
 
         // Stored, but the bridge was told the attempt failed: the next attempt meets its own
         // copy (the same raw id) and takes it as stored.
-        let (lost, acked) = first_answer(&store, &mut answers, received(b"two", false)).await;
+        let (lost, acked) = first_answer(received(b"two", false)).await;
         assert!(!acked.unwrap().duplicate);
         let failed = PublishError::new(jetstream::context::PublishErrorKind::TimedOut);
         assert!(store.store(lost, Some(Err(failed))).await.is_some());
@@ -856,67 +716,12 @@ mod tests {
             3,
             "an attempt whose answer was lost is not stored twice"
         );
-
-        // JetStream's refusal reads as a failure: no stream takes this subject.
-        let mut foreign = received(b"three", false);
-        foreign.raw.topic = "elsewhere".into();
-        let (token, reply) = answers.reply();
-        let publish = client.publish_with_reply_and_headers(
-            "nowhere",
-            reply,
-            foreign.raw.headers(None),
-            foreign.raw.payload.clone(),
-        );
-        publish.await.unwrap();
-        answers.wait(token, foreign);
-        let (_, answer) = answers.next().await.unwrap().unwrap();
-        assert_eq!(answer.unwrap_err().kind(), PublishErrorKind::StreamNotFound);
     }
 
-    /// A message whose answer does not come (NATS away, the answer lost) is given up after the
-    /// JetStream context's timeout, oldest first, and goes through the whole store; an answer
-    /// coming after that answers no message.
-    #[tokio::test]
-    async fn an_answer_that_does_not_come_is_given_up_after_the_timeout() {
-        let nats = dataviz_testkit::NatsServer::start();
-        let client = async_nats::connect(nats.url()).await.unwrap();
-        let mut answers = RawAnswers::new(client.clone()).await.unwrap();
-        let permits = Arc::new(Semaphore::new(8));
-        let received = |payload: &'static [u8]| Received {
-            raw: RawMessage::received("gateways/1/d".into(), Bytes::from_static(payload)),
-            publish: Publish::new("gateways/1/d", QoS::AtLeastOnce, ""),
-            connection: 1,
-            _slot: permits.clone().try_acquire_owned().unwrap(),
-            _budget: permits.clone().try_acquire_owned().unwrap(),
-        };
-        let (first, reply) = answers.reply();
-        answers.wait(first, received(b"first"));
-        answers.expire();
-        let (second, _) = answers.reply();
-        answers.wait(second, received(b"second"));
-        for _ in 2..RawAnswers::TIMEOUT_TICKS {
-            assert!(answers.expire().is_empty());
-        }
-        let expired = answers.expire();
-        assert_eq!(expired.len(), 1);
-        assert_eq!(expired[0].raw.payload, Bytes::from_static(b"first"));
-        assert_eq!(answers.len(), 1);
-        assert_eq!(
-            answers.expire()[0].raw.payload,
-            Bytes::from_static(b"second")
-        );
-
-        client
-            .publish(reply, r#"{"stream":"RAW","seq":1}"#.into())
-            .await
-            .unwrap();
-        assert!(answers.next().await.unwrap().is_none(), "a late answer");
-    }
-
-    /// Every message in flight holds one such entry or future (`BRIDGE_MAX_IN_FLIGHT`, 4,096 by
-    /// default): nearly always the one that waits for RAW's answer, and the whole store's only
-    /// after a failure or a duplicate. With the rare paths inline, the store's took several KiB
-    /// each, 27 MB in all under load.
+    /// Every message in flight holds one such future (`BRIDGE_MAX_IN_FLIGHT`, 4,096 by
+    /// default): nearly always the one that waits for RAW's acknowledgement, and the whole
+    /// store's only after a failure or a duplicate. With the rare paths inline, the store's took
+    /// several KiB each, 27 MB in all under load.
     #[tokio::test]
     async fn a_message_in_flight_costs_little_memory() {
         // Never connects: the futures are only made, not run.
@@ -925,10 +730,9 @@ mod tests {
             .connect("127.0.0.1:1")
             .await
             .unwrap();
-        let js = jetstream::new(client.clone());
+        let js = jetstream::new(client);
         let store = RawStore {
             js: js.clone(),
-            client,
             client_id: "dataviz-bridge".into(),
             max_payload: 1 << 20,
             connection: Arc::new(AtomicU64::new(1)),
@@ -942,16 +746,15 @@ mod tests {
             _slot: slots.clone().try_acquire_owned().unwrap(),
             _budget: budget.clone().try_acquire_owned().unwrap(),
         };
-        let size = std::mem::size_of::<(u64, (Received, u64))>();
+        // The client queues the message until it connects, which it never does.
+        let ack = js.publish("gateways.1.d", Bytes::new()).await.unwrap();
+        let waiting = acknowledged(received(), ack);
+        let size = std::mem::size_of_val(&waiting);
         assert!(
             size < 512,
-            "a message waiting for its answer takes {size} bytes"
+            "a message waiting for its acknowledgement takes {size} bytes"
         );
-        // Held only while the NATS client's queue is full.
-        let sending = store.send(received(), 1, "_INBOX.x.1".into());
-        let size = std::mem::size_of_val(&sending);
-        assert!(size < 2048, "a message being sent takes {size} bytes");
-        drop(sending);
+        drop(waiting);
         // Past a first answer other than stored (JetStream away: then every message in flight).
         let future = store.store(received(), None);
         let size = std::mem::size_of_val(&future);
