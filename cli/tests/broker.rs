@@ -362,17 +362,7 @@ async fn with_the_nats_intake_requeue_goes_through_raw_and_a_replay_reads_the_br
         device.publish("gateways/1/early", timed_reading(i)).await;
     }
     device.wait_acked(Duration::from_secs(10)).await;
-    // DEAD is made by `all` as it starts.
-    let letters = || stack.dataviz(&["dlq", "list"]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (ok, out) = letters();
-        if ok && out.contains("4 dead letter(s)") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no letters: {out}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    dlq_list_until(&stack, 4).await;
     db.execute("INSERT INTO gateway (id, name) VALUES (1, 'one')", &[])
         .await
         .unwrap();
@@ -400,7 +390,7 @@ async fn with_the_nats_intake_requeue_goes_through_raw_and_a_replay_reads_the_br
     );
     common::wait_drained(&stack.nats.url()).await;
     assert_eq!(count_on(&stack.db, all_rows).await, rows, "{out}");
-    let (ok, out) = letters();
+    let (ok, out) = stack.dataviz(&["dlq", "list"]);
     assert!(ok && out.contains("0 dead letter(s)"), "{out}");
 
     let js = stack.jetstream().await;
@@ -672,15 +662,7 @@ async fn with_the_nats_intake_payloads_at_the_size_limits_are_stored_or_dead_who
          WHERE (d.code = 'fits' AND length(r.value_text) = {}) OR d.code = 'after'",
         LIMIT - 66
     );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let listed = loop {
-        let (ok, out) = stack.dataviz(&["dlq", "list"]);
-        if ok && out.contains("2 dead letter(s)") {
-            break out;
-        }
-        assert!(Instant::now() < deadline, "two letters: {out}");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    };
+    let listed = dlq_list_until(&stack, 2).await;
     let id_of = |topic: &str| {
         listed
             .lines()
@@ -728,15 +710,7 @@ async fn with_the_nats_intake_a_topic_too_long_for_a_header_is_a_dead_letter() {
 
     let rows = "SELECT count(*) FROM tag_reading";
     common::wait_for_count_on(&stack.db, rows, 1, Duration::from_secs(60)).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let listed = loop {
-        let (ok, out) = stack.dataviz(&["dlq", "list"]);
-        if ok && out.contains("1 dead letter(s)") {
-            break out;
-        }
-        assert!(Instant::now() < deadline, "one letter: {out}");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    };
+    let listed = dlq_list_until(&stack, 1).await;
     let id = listed
         .lines()
         .find(|l| l.contains("bad_topic"))
@@ -798,6 +772,21 @@ async fn mqtt_stream_config(stack: &BrokerStack) -> async_nats::jetstream::strea
 
 fn timed_reading(i: i64) -> String {
     format!(r#"{{"d": [{{"tag": "seq", "value": {i}}}], "ts": "2024-01-01T00:00:{i:02}Z"}}"#)
+}
+
+/// `dataviz dlq list`, again until it lists `letters` dead letters (30 s at most); its output.
+/// DEAD is made by `all` as it starts.
+async fn dlq_list_until(stack: &BrokerStack, letters: usize) -> String {
+    let expected = format!("{letters} dead letter(s)");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (ok, out) = stack.dataviz(&["dlq", "list"]);
+        if ok && out.contains(&expected) {
+            return out;
+        }
+        assert!(Instant::now() < deadline, "{expected}: {out}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 }
 
 /// nats-server's MQTT stream at its size limit (`RAW_MAX_BYTES`), its messages aging out fast
