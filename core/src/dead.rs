@@ -7,7 +7,9 @@
 //! holds only the beginning of its payload (too large for DEAD: [`DeadLetter::whole_size`]) is
 //! re-queued whole, from the object store where it was kept.
 
-use crate::message::{DeadLetter, DeadReason, HeaderError, MAX_TOPIC_HEADER, header_len};
+use crate::message::{
+    DeadLetter, DeadReason, HeaderError, MAX_TOPIC_HEADER, error_kept, header_len,
+};
 use crate::streams::{self, DEAD_STREAM};
 use crate::topic::MAX_DEVICE_CODE_LEN;
 use anyhow::Context as _;
@@ -180,10 +182,10 @@ const HEADER_ROOM: usize = 4096;
 
 /// The largest payload a message of `topic` may have under the server's `max_payload`, with its
 /// headers: the topic travels in one, escaped ([`header_len`]: a byte outside ASCII takes
-/// three; [`MAX_TOPIC_HEADER`] at most), as does `error`, a dead letter's.
+/// three; [`MAX_TOPIC_HEADER`] at most), as does `error`, a dead letter's ([`error_kept`]).
 fn payload_limit(topic: &str, error: &str, max_payload: usize) -> usize {
     let topic = header_len(topic).min(MAX_TOPIC_HEADER);
-    max_payload.saturating_sub(HEADER_ROOM + topic + header_len(error))
+    max_payload.saturating_sub(HEADER_ROOM + topic + header_len(error_kept(error)))
 }
 
 /// Whether `raw` can go to a stream as it is, so that [`unfit`] says nothing of it: its topic
@@ -428,6 +430,31 @@ mod tests {
             header_bytes(&letter.headers()) + letter.raw.payload.len() <= MAX_PAYLOAD,
             "the letter fits in DEAD"
         );
+    }
+
+    /// A letter's error counts against its payload as its header holds it: 2,000 characters at
+    /// most, however long the error (one naming a long topic whole, say).
+    #[test]
+    fn a_letter_s_error_counts_as_its_header_keeps_it() {
+        let kept = "é".repeat(2000);
+        assert_eq!(error_kept(&"é".repeat(30_000)), kept);
+        assert_eq!(error_kept("short"), "short");
+        assert_eq!(
+            payload_limit("t", &"é".repeat(30_000), 1 << 20),
+            payload_limit("t", &kept, 1 << 20)
+        );
+        let raw = RawMessage::received("t".into(), Bytes::from_static(b"{}"));
+        let letter = DeadLetter {
+            raw,
+            stage: "processor".into(),
+            reason: DeadReason::BadTopic,
+            error: "é".repeat(30_000),
+            source_seq: None,
+            whole_size: None,
+        };
+        let error = letter.headers();
+        let error = error.get(crate::message::HEADER_DEAD_ERROR).unwrap();
+        assert_eq!(error.as_str().len(), header_len(&kept));
     }
 
     /// NATS refuses headers over 64 KiB, and MQTT allows 65,535 bytes of topic. A topic whose

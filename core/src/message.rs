@@ -82,6 +82,17 @@ fn topic_cut(topic: &str) -> Option<&str> {
     Some(&topic[..end])
 }
 
+/// The most characters of a dead letter's error its header keeps.
+const MAX_ERROR_CHARS: usize = 2000;
+
+/// What a dead letter's header keeps of `error`: its first [`MAX_ERROR_CHARS`] characters.
+pub(crate) fn error_kept(error: &str) -> &str {
+    error
+        .char_indices()
+        .nth(MAX_ERROR_CHARS)
+        .map_or(error, |(at, _)| &error[..at])
+}
+
 /// A message as the bridge received it from MQTT.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RawMessage {
@@ -396,10 +407,9 @@ impl DeadLetter {
         if let Some(size) = self.whole_size {
             headers.insert(HEADER_DEAD_WHOLE_SIZE, size.to_string().as_str());
         }
-        let error: String = error.chars().take(2000).collect();
         headers.insert(
             HEADER_DEAD_ERROR,
-            utf8_percent_encode(&error, HEADER_ESCAPES)
+            utf8_percent_encode(error_kept(&error), HEADER_ESCAPES)
                 .to_string()
                 .as_str(),
         );
