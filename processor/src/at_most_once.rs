@@ -104,9 +104,10 @@ async fn store(
     shutdown: &Shutdown,
 ) -> bool {
     let mut backoff = Backoff::default();
+    let letter = dataviz_core::dead::unfit(&raw, STAGE, max_payload);
     loop {
         let attempt = async {
-            match dataviz_core::dead::unfit(&raw, STAGE, max_payload) {
+            match &letter {
                 Some(letter) => {
                     if letter.whole_size.is_some() {
                         dataviz_core::dead::keep_whole(js, raw.id, &raw.payload).await?;
