@@ -696,9 +696,11 @@ async fn with_the_nats_intake_payloads_at_the_size_limits_are_stored_or_dead_who
 /// where MQTT allows 65,535 bytes of topic, and a dead letter holds its topic in one. The
 /// processor's letter (`bad_topic`: its device code is over 255 bytes) keeps the topic's
 /// beginning and says so, rather than being refused by DEAD again and again; the message after
-/// it is stored.
+/// it is stored. At QoS 0 (not stored by nats-server, the processor stores it in RAW) the same
+/// topic is a letter too, one that could never go to RAW.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_nats_intake_a_topic_too_long_for_a_header_is_a_dead_letter() {
+    use rumqttc::QoS;
     let stack = BrokerStack::start_with_intake("nats").await;
     let _all = stack.spawn("all", &[]);
     // 40,000 bytes of `é`: 120,000 escaped in a header.
@@ -711,18 +713,27 @@ async fn with_the_nats_intake_a_topic_too_long_for_a_header_is_a_dead_letter() {
     let rows = "SELECT count(*) FROM tag_reading";
     common::wait_for_count_on(&stack.db, rows, 1, Duration::from_secs(60)).await;
     let listed = dlq_list_until(&stack, 1).await;
-    let id = listed
-        .lines()
-        .find(|l| l.contains("bad_topic"))
-        .and_then(|l| l.split_whitespace().next())
-        .unwrap_or_else(|| panic!("a bad_topic letter in {listed}"))
-        .to_owned();
-    let (ok, shown) = stack.dataviz(&["dlq", "show", &id]);
-    assert!(
-        ok && shown.contains("the topic takes 40011 bytes, the first ")
-            && shown.contains("longer than 255 bytes"),
-        "{shown}"
-    );
+    let show = |listed: &str, error: &str| {
+        let shown = listed
+            .lines()
+            .filter(|l| l.contains("bad_topic"))
+            .filter_map(|l| l.split_whitespace().next())
+            .map(|id| stack.dataviz(&["dlq", "show", id]).1)
+            .find(|shown| shown.contains(error));
+        let shown = shown.unwrap_or_else(|| panic!("a bad_topic letter \"{error}\" in {listed}"));
+        assert!(
+            shown.contains("the topic takes 40011 bytes, the first "),
+            "{shown}"
+        );
+    };
+    show(&listed, "longer than 255 bytes");
+
+    // Published once `all` stored a message: its subscription to QoS 0 messages is up.
+    device
+        .publish_at(QoS::AtMostOnce, &too_long, timed_reading(3))
+        .await;
+    let listed = dlq_list_until(&stack, 2).await;
+    show(&listed, "longer than any topic Dataviz reads");
     common::wait_drained(&stack.nats.url()).await;
     assert_eq!(count_on(&stack.db, rows).await, 1, "nothing else stored");
 }
