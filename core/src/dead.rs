@@ -78,6 +78,16 @@ pub async fn list(
     filter: &DeadFilter,
     limit: usize,
 ) -> anyhow::Result<Vec<DeadEntry>> {
+    read(js, filter, limit, false).await
+}
+
+/// [`list`], with the letters' payloads left out when `headers_only`.
+async fn read(
+    js: &jetstream::Context,
+    filter: &DeadFilter,
+    limit: usize,
+    headers_only: bool,
+) -> anyhow::Result<Vec<DeadEntry>> {
     let stream = js
         .get_stream(DEAD_STREAM)
         .await
@@ -86,6 +96,7 @@ pub async fn list(
         .create_consumer(consumer::pull::Config {
             filter_subject: filter.subject(),
             ack_policy: consumer::AckPolicy::None,
+            headers_only,
             inactive_threshold: Duration::from_secs(60),
             ..Default::default()
         })
@@ -320,32 +331,55 @@ pub async fn requeue(js: &jetstream::Context, seq: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Deletes the dead letters matching `filter`; returns how many.
+/// Deletes the dead letters matching `filter`; returns how many. The whole payloads kept beside
+/// them ([`keep_whole`]) go with them.
 pub async fn purge(js: &jetstream::Context, filter: &DeadFilter) -> anyhow::Result<u64> {
     let stream = js.get_stream(DEAD_STREAM).await.context("opening DEAD")?;
-    // The whole payloads kept beside letters go with them; only the bridge's oversized letters
-    // have one, so only those are read first.
-    let oversized = DeadFilter {
-        stage: Some("bridge".into()),
-        reason: Some(DeadReason::Oversized),
-        gateway: filter.gateway,
-    };
-    let with_whole = if filter.stage.as_deref().is_none_or(|s| s == "bridge")
-        && filter.reason.is_none_or(|r| r == DeadReason::Oversized)
-    {
-        list(js, &oversized, usize::MAX).await?
-    } else {
-        Vec::new()
-    };
+    let with_whole = letters_kept_whole(js, filter).await?;
     let purged = purge_letters(js, &stream, filter).await?;
-    for entry in with_whole {
-        if let Ok(letter) = &entry.letter
-            && let Err(e) = forget_whole(js, letter).await
-        {
-            tracing::warn!(seq = entry.seq, error = %e, "purged; its whole payload is left to expire with DEAD_RETENTION");
+    if !with_whole.is_empty() {
+        let store = js
+            .get_object_store(streams::DEAD_PAYLOADS_BUCKET)
+            .await
+            .context("opening the object store of whole payloads")?;
+        for (seq, id) in with_whole {
+            if let Err(e) = store.delete(&id).await {
+                tracing::warn!(seq, error = %e, "purged; its whole payload is left to expire with DEAD_RETENTION");
+            }
         }
     }
     Ok(purged)
+}
+
+/// The letters matching `filter` whose whole payload is kept beside them: their sequences and
+/// the names of their whole payloads. Any stage's letter may have one (a message cut to fit
+/// DEAD), but few do: the letters are read, headers only, only while some whole payload is
+/// kept, and then only for those.
+async fn letters_kept_whole(
+    js: &jetstream::Context,
+    filter: &DeadFilter,
+) -> anyhow::Result<Vec<(u64, String)>> {
+    let store = js
+        .get_object_store(streams::DEAD_PAYLOADS_BUCKET)
+        .await
+        .context("opening the object store of whole payloads")?;
+    let mut kept = std::collections::HashSet::new();
+    let mut objects = store.list().await.context("listing the whole payloads")?;
+    while let Some(object) = objects.next().await {
+        kept.insert(object.context("listing the whole payloads")?.name);
+    }
+    if kept.is_empty() {
+        return Ok(Vec::new());
+    }
+    let letters = read(js, filter, usize::MAX, true).await?;
+    Ok(letters
+        .into_iter()
+        .filter_map(|entry| {
+            let letter = entry.letter.ok()?;
+            let id = letter.raw.id.to_string();
+            (letter.whole_size.is_some() && kept.contains(&id)).then_some((entry.seq, id))
+        })
+        .collect())
 }
 
 async fn purge_letters(
