@@ -521,12 +521,12 @@ impl RawStore {
         let dead = dataviz_core::dead::unfit(&received.raw, STAGE, max_payload);
         let mut whole_kept = dead.as_ref().is_none_or(|dead| dead.whole_size.is_none());
         loop {
-            if !whole_kept {
+            if let Some(letter) = dead.as_ref().filter(|_| !whole_kept) {
                 // Boxed, as `stored_before` below: rare paths, whose state would otherwise
                 // make every message's future in flight as large as theirs.
                 match Box::pin(dataviz_core::dead::keep_whole(
                     js,
-                    received.raw.id,
+                    letter,
                     &received.raw.payload,
                 ))
                 .await

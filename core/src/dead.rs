@@ -232,24 +232,24 @@ fn cut(letter: &mut DeadLetter, max_payload: usize) -> Option<usize> {
 pub async fn store(js: &jetstream::Context, letter: &mut DeadLetter) -> anyhow::Result<()> {
     let whole = letter.raw.payload.clone();
     if cut(letter, js.client().server_info().max_payload).is_some() {
-        keep_whole(js, letter.raw.id, &whole).await?;
+        keep_whole(js, letter, &whole).await?;
     }
     letter.store(js).await?;
     Ok(())
 }
 
-/// Keeps the whole `payload` of the letter of raw message `id`, whose own payload is only its
-/// beginning ([`DeadLetter::whole_size`]), for as long as DEAD keeps letters. Storing it again
-/// replaces it.
+/// Keeps the whole `payload` of `letter`, whose own payload is only its beginning
+/// ([`DeadLetter::whole_size`]), for as long as DEAD keeps letters. Storing it again replaces
+/// it.
 pub async fn keep_whole(
     js: &jetstream::Context,
-    id: uuid::Uuid,
+    letter: &DeadLetter,
     payload: &[u8],
 ) -> anyhow::Result<()> {
     js.get_object_store(streams::DEAD_PAYLOADS_BUCKET)
         .await
         .context("opening the object store of whole payloads")?
-        .put(id.to_string().as_str(), &mut &payload[..])
+        .put(letter.whole_name().as_str(), &mut &payload[..])
         .await
         .context("storing a dead letter's whole payload")?;
     Ok(())
@@ -274,7 +274,7 @@ pub async fn whole_payload(
         .get_object_store(streams::DEAD_PAYLOADS_BUCKET)
         .await
         .context("opening the object store of whole payloads")?
-        .get(letter.raw.id.to_string())
+        .get(letter.whole_name())
         .await
         .with_context(gone)?;
     let mut whole = Vec::with_capacity(usize::try_from(size).unwrap_or_default());
@@ -287,7 +287,7 @@ async fn forget_whole(js: &jetstream::Context, letter: &DeadLetter) -> anyhow::R
     if letter.whole_size.is_some() {
         js.get_object_store(streams::DEAD_PAYLOADS_BUCKET)
             .await?
-            .delete(letter.raw.id.to_string())
+            .delete(letter.whole_name())
             .await?;
     }
     Ok(())
@@ -342,8 +342,8 @@ pub async fn purge(js: &jetstream::Context, filter: &DeadFilter) -> anyhow::Resu
             .get_object_store(streams::DEAD_PAYLOADS_BUCKET)
             .await
             .context("opening the object store of whole payloads")?;
-        for (seq, id) in with_whole {
-            if let Err(e) = store.delete(&id).await {
+        for (seq, name) in with_whole {
+            if let Err(e) = store.delete(&name).await {
                 tracing::warn!(seq, error = %e, "purged; its whole payload is left to expire with DEAD_RETENTION");
             }
         }
@@ -376,8 +376,8 @@ async fn letters_kept_whole(
         .into_iter()
         .filter_map(|entry| {
             let letter = entry.letter.ok()?;
-            let id = letter.raw.id.to_string();
-            (letter.whole_size.is_some() && kept.contains(&id)).then_some((entry.seq, id))
+            let name = letter.whole_name();
+            (letter.whole_size.is_some() && kept.contains(&name)).then_some((entry.seq, name))
         })
         .collect())
 }

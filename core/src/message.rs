@@ -44,8 +44,11 @@ pub const HEADER_DEAD_REASON: &str = "Dataviz-Dead-Reason";
 /// Dead letters: the full error, for a human.
 pub const HEADER_DEAD_ERROR: &str = "Dataviz-Dead-Error";
 /// Dead letters holding only the beginning of their payload: the whole payload's size; the
-/// whole is in the object store `dead_payloads`, under the raw id.
+/// whole is in the object store `dead_payloads` ([`DeadLetter::whole_name`]).
 pub const HEADER_DEAD_WHOLE_SIZE: &str = "Dataviz-Dead-Whole-Size";
+/// Dead letters read from a stream: the refused message's sequence there
+/// ([`DeadLetter::source_seq`]).
+pub const HEADER_DEAD_SOURCE_SEQ: &str = "Dataviz-Dead-Source-Seq";
 
 /// Characters escaped in header values: controls (CR and LF would end the header), `%` itself,
 /// spaces (NATS trims them at both ends of a value), and everything outside ASCII.
@@ -322,15 +325,27 @@ pub struct DeadLetter {
     pub error: String,
     /// The sequence of the refused message in the stream it was read from, when it was read
     /// from one. With the raw id it makes the deduplication id: a redelivery of the same stored
-    /// message is refused once, a re-queued copy (a new sequence) is refused again. Not stored.
+    /// message is refused once, a re-queued copy (a new sequence) is refused again.
     pub source_seq: Option<u64>,
     /// When the payload here is only the beginning of the original (too large for DEAD), the
     /// original's size: the whole is kept in the object store
-    /// [`DEAD_PAYLOADS_BUCKET`](crate::streams::DEAD_PAYLOADS_BUCKET) under the raw id.
+    /// [`DEAD_PAYLOADS_BUCKET`](crate::streams::DEAD_PAYLOADS_BUCKET), under
+    /// [`DeadLetter::whole_name`].
     pub whole_size: Option<u64>,
 }
 
 impl DeadLetter {
+    /// The name its whole payload is kept under ([`DeadLetter::whole_size`]): the raw id, and
+    /// the source sequence when there is one. A message re-queued keeps its raw id, and may be
+    /// refused again with its payload cut again while the re-queue removes the first letter's
+    /// whole payload: the second letter's, read from another sequence, is another object.
+    pub fn whole_name(&self) -> String {
+        match self.source_seq {
+            None => self.raw.id.to_string(),
+            Some(seq) => format!("{}.{seq}", self.raw.id),
+        }
+    }
+
     pub fn subject(&self) -> String {
         crate::streams::dead_subject(&self.stage, self.reason.name())
     }
@@ -407,6 +422,9 @@ impl DeadLetter {
         if let Some(size) = self.whole_size {
             headers.insert(HEADER_DEAD_WHOLE_SIZE, size.to_string().as_str());
         }
+        if let Some(seq) = self.source_seq {
+            headers.insert(HEADER_DEAD_SOURCE_SEQ, seq.to_string().as_str());
+        }
         headers.insert(
             HEADER_DEAD_ERROR,
             utf8_percent_encode(error_kept(&error), HEADER_ESCAPES)
@@ -438,6 +456,15 @@ impl DeadLetter {
                 problem: format!("{:?} is not a size", size.as_str()),
             })?),
         };
+        // Written since whole payloads are kept per letter: without it, a letter's whole payload
+        // is under the raw id, as `whole_name` gives it.
+        let source_seq = match headers.and_then(|h| h.get(HEADER_DEAD_SOURCE_SEQ)) {
+            None => None,
+            Some(seq) => Some(seq.as_str().parse().map_err(|_| HeaderError {
+                header: HEADER_DEAD_SOURCE_SEQ,
+                problem: format!("{:?} is not a sequence", seq.as_str()),
+            })?),
+        };
         let reason = get(HEADER_DEAD_REASON)?;
         let reason = DeadReason::from_name(&reason).ok_or(HeaderError {
             header: HEADER_DEAD_REASON,
@@ -450,7 +477,7 @@ impl DeadLetter {
             error: percent_decode_str(&get(HEADER_DEAD_ERROR)?)
                 .decode_utf8_lossy()
                 .into_owned(),
-            source_seq: None,
+            source_seq,
             whole_size,
         })
     }
@@ -570,7 +597,7 @@ mod tests {
             stage: "processor".into(),
             reason: DeadReason::BadTopic,
             error: "topic \"bad topic\" is not of the form\nx".into(),
-            source_seq: None,
+            source_seq: Some(42),
             whole_size: Some(5_000_000),
         };
         assert_eq!(dead.subject(), "dataviz.dead.processor.bad_topic");

@@ -6,22 +6,35 @@ use dataviz_core::streams::{self, StreamSettings};
 use dataviz_testkit::NatsServer;
 use futures::StreamExt as _;
 
-/// A letter of `stage` whose payload is too large for DEAD with headers: `dead::store` keeps its
-/// beginning in DEAD and the whole beside it.
-async fn store_cut(js: &async_nats::jetstream::Context, stage: &str, reason: DeadReason) -> String {
-    let max_payload = js.client().server_info().max_payload;
-    let raw = RawMessage::received("gateways/1/d".into(), vec![b'x'; max_payload - 1024].into());
+/// A letter of `stage` whose payload is too large for DEAD with its headers, as read at
+/// `source_seq`: `dead::store` keeps its beginning in DEAD and the whole beside it. Its payload
+/// fits in RAW, where the letter's error does not go. Says the whole payload's name.
+async fn store_cut(
+    js: &async_nats::jetstream::Context,
+    raw: &RawMessage,
+    stage: &str,
+    reason: DeadReason,
+    source_seq: Option<u64>,
+) -> String {
     let mut letter = DeadLetter {
-        raw,
+        raw: raw.clone(),
         stage: stage.into(),
         reason,
-        error: "refused".into(),
-        source_seq: None,
+        error: "refused ".repeat(125),
+        source_seq,
         whole_size: None,
     };
     dead::store(js, &mut letter).await.unwrap();
     assert!(letter.whole_size.is_some(), "the letter is cut to fit");
-    letter.raw.id.to_string()
+    letter.whole_name()
+}
+
+/// A message whose payload fits in RAW (`max_payload` less 4 KiB, less its topic) but not
+/// beside a letter's error.
+fn large(js: &async_nats::jetstream::Context) -> RawMessage {
+    let max_payload = js.client().server_info().max_payload;
+    let size = max_payload - 4096 - "gateways/1/d".len() - 500;
+    RawMessage::received("gateways/1/d".into(), vec![b'x'; size].into())
 }
 
 async fn whole_payloads(js: &async_nats::jetstream::Context) -> Vec<String> {
@@ -51,9 +64,9 @@ async fn purging_letters_removes_their_whole_payloads_and_no_other() {
         .await
         .unwrap();
 
-    let bad_json = store_cut(&js, "processor", DeadReason::BadJson).await;
-    let unstorable = store_cut(&js, "writer", DeadReason::Unstorable).await;
-    let oversized = store_cut(&js, "bridge", DeadReason::Oversized).await;
+    let bad_json = store_cut(&js, &large(&js), "processor", DeadReason::BadJson, Some(3)).await;
+    let unstorable = store_cut(&js, &large(&js), "writer", DeadReason::Unstorable, Some(8)).await;
+    let oversized = store_cut(&js, &large(&js), "bridge", DeadReason::Oversized, None).await;
     let mut all = vec![bad_json.clone(), unstorable.clone(), oversized.clone()];
     all.sort();
     assert_eq!(whole_payloads(&js).await, all);
@@ -87,4 +100,41 @@ async fn purging_letters_removes_their_whole_payloads_and_no_other() {
     let purged = dead::purge(&js, &DeadFilter::default()).await.unwrap();
     assert_eq!(purged, 2);
     assert!(whole_payloads(&js).await.is_empty());
+}
+
+/// A re-queued message keeps its raw id. Refused again, its payload cut again, its new letter's
+/// whole payload is not the one the re-queue removes, even when the new letter is made before
+/// the re-queue removes the first's (the processor takes the message as soon as RAW has it).
+#[tokio::test]
+async fn a_message_refused_again_keeps_its_whole_payload_while_its_first_letter_is_requeued() {
+    let nats = NatsServer::start();
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = dataviz_core::config::jetstream(client.clone());
+    streams::ensure(&client, &js, &StreamSettings::default())
+        .await
+        .unwrap();
+    let raw = large(&js);
+    store_cut(&js, &raw, "processor", DeadReason::BadJson, Some(3)).await;
+    let first = dead::list(&js, &DeadFilter::default(), usize::MAX)
+        .await
+        .unwrap()[0]
+        .seq;
+    // The re-queued copy, at RAW's next sequence, refused again.
+    let again = store_cut(&js, &raw, "processor", DeadReason::BadJson, Some(4)).await;
+
+    dead::requeue(&js, first).await.unwrap();
+
+    let letters = dead::list(&js, &DeadFilter::default(), usize::MAX)
+        .await
+        .unwrap();
+    assert_eq!(
+        letters.len(),
+        1,
+        "the re-queued letter is gone, the new one stays"
+    );
+    let letter = letters[0].letter.as_ref().unwrap();
+    assert_eq!(letter.whole_name(), again);
+    let whole = dead::whole_payload(&js, letter).await.unwrap();
+    assert_eq!(whole, raw.payload, "the new letter's whole payload is kept");
+    assert_eq!(whole_payloads(&js).await, vec![again]);
 }

@@ -110,7 +110,7 @@ async fn store(
             match &letter {
                 Some(letter) => {
                     if letter.whole_size.is_some() {
-                        dataviz_core::dead::keep_whole(js, raw.id, &raw.payload).await?;
+                        dataviz_core::dead::keep_whole(js, letter, &raw.payload).await?;
                     }
                     letter.store(js).await?;
                 }
