@@ -28,7 +28,6 @@ pub mod dead;
 pub mod ingested;
 pub mod message;
 pub mod ops;
-pub mod pack;
 pub mod retention;
 pub mod retry;
 pub mod shutdown;
