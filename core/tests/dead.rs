@@ -53,16 +53,22 @@ async fn whole_payloads(js: &async_nats::jetstream::Context) -> Vec<String> {
     names
 }
 
-/// Any stage's letter cut to fit DEAD has its whole payload kept beside it; purging the letter
-/// removes that too, and only that: the whole payloads of the letters left stay.
-#[tokio::test]
-async fn purging_letters_removes_their_whole_payloads_and_no_other() {
+/// A nats-server with the streams every role relies on, and a JetStream context on it.
+async fn with_streams() -> (NatsServer, async_nats::jetstream::Context) {
     let nats = NatsServer::start();
     let client = async_nats::connect(nats.url()).await.unwrap();
     let js = dataviz_core::config::jetstream(client.clone());
     streams::ensure(&client, &js, &StreamSettings::default())
         .await
         .unwrap();
+    (nats, js)
+}
+
+/// Any stage's letter cut to fit DEAD has its whole payload kept beside it; purging the letter
+/// removes that too, and only that: the whole payloads of the letters left stay.
+#[tokio::test]
+async fn purging_letters_removes_their_whole_payloads_and_no_other() {
+    let (_nats, js) = with_streams().await;
 
     let bad_json = store_cut(&js, &large(&js), "processor", DeadReason::BadJson, Some(3)).await;
     let unstorable = store_cut(&js, &large(&js), "writer", DeadReason::Unstorable, Some(8)).await;
@@ -107,12 +113,7 @@ async fn purging_letters_removes_their_whole_payloads_and_no_other() {
 /// the re-queue removes the first's (the processor takes the message as soon as RAW has it).
 #[tokio::test]
 async fn a_message_refused_again_keeps_its_whole_payload_while_its_first_letter_is_requeued() {
-    let nats = NatsServer::start();
-    let client = async_nats::connect(nats.url()).await.unwrap();
-    let js = dataviz_core::config::jetstream(client.clone());
-    streams::ensure(&client, &js, &StreamSettings::default())
-        .await
-        .unwrap();
+    let (_nats, js) = with_streams().await;
     let raw = large(&js);
     store_cut(&js, &raw, "processor", DeadReason::BadJson, Some(3)).await;
     let first = dead::list(&js, &DeadFilter::default(), usize::MAX)
