@@ -100,7 +100,7 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
     }
     if options.dry_run {
         println!(
-            "dry run: {} raw messages read, {} skipped (other devices); nothing published",
+            "dry run: {} raw messages read, {} skipped (other gateways or devices); nothing published",
             summary.read, summary.skipped
         );
         for (label, n) in &summary.would {
@@ -110,7 +110,7 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
     }
     let elapsed = summary.elapsed.as_secs_f64().max(0.001);
     println!(
-        "replayed {} raw messages in {elapsed:.1} s ({:.0} msg/s): {} already stored, {} new ({} rows), {} to DEAD, {} skipped (other devices)",
+        "replayed {} raw messages in {elapsed:.1} s ({:.0} msg/s): {} already stored, {} new ({} rows), {} to DEAD, {} skipped (other gateways or devices)",
         summary.read,
         summary.read as f64 / elapsed,
         summary.already_stored,

@@ -618,3 +618,105 @@ async fn message_ids_are_kept_while_a_copy_can_come_back_and_pruned_from_the_fir
         "the id inside the horizon is kept"
     );
 }
+
+/// A pack in RAW (`dataviz_core::pack`): each member is processed as the same message stored
+/// alone would be. The good ones are stored; each refused one is a dead letter of its own,
+/// holding that member, re-queued alone; a pack that cannot be read is one letter, whole.
+/// Replay reads members, by gateway and device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pack_in_raw_is_processed_refused_and_replayed_member_by_member() {
+    use dataviz_core::{message::RawMessage, pack, streams};
+    let stack = Stack::start().await;
+    stack.create_gateway(1).await;
+    let all = stack.spawn("all", &[]);
+    let js = async_nats::jetstream::new(async_nats::connect(stack.nats.url()).await.unwrap());
+    let members = [
+        RawMessage::received("gateways/1/dev-a".into(), reading(1).into()),
+        RawMessage::received("gateways/1/dev-b".into(), reading(2).into()),
+        RawMessage::received("gateways/77/dev-a".into(), reading(3).into()),
+        RawMessage::received("gateways/1/dev-a".into(), "not json".into()),
+        RawMessage::received("gateways/1/dev-b".into(), reading(4).into()),
+    ];
+    let cut_short = pack::encode(&members[..1]);
+    let cut_short = cut_short.slice(..cut_short.len() - 1);
+    // RAW exists once `all` is up.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while js.get_stream(streams::RAW_STREAM).await.is_err() {
+        assert!(Instant::now() < deadline, "RAW made by `all`");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for payload in [pack::encode(&members), cut_short] {
+        streams::publish_stored(
+            &js,
+            streams::RAW_PACK_SUBJECT.into(),
+            pack::headers(),
+            payload,
+        )
+        .await
+        .unwrap();
+    }
+
+    wait_for_rows(&stack, 6).await;
+    let listed = dlq_list_until(&stack, &[], "3 dead letter(s)").await;
+    for reason in ["unknown_gateway", "bad_json", "foreign_message"] {
+        assert!(listed.contains(reason), "{reason} in {listed}");
+    }
+    let letter = |reason: &str| {
+        listed
+            .lines()
+            .find(|l| l.contains(reason))
+            .and_then(|l| l.split_whitespace().next())
+            .unwrap()
+            .to_owned()
+    };
+    let (ok, shown) = dataviz(&stack, &["dlq", "show", &letter("bad_json")]);
+    assert!(
+        ok && shown.contains("gateways/1/dev-a") && shown.contains("not json"),
+        "{shown}"
+    );
+    let (ok, shown) = dataviz(&stack, &["dlq", "show", &letter("foreign_message")]);
+    assert!(ok && shown.contains("is cut short or malformed"), "{shown}");
+
+    stack.create_gateway(77).await;
+    // The processor believes "unknown gateway" for a second before asking again.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (ok, out) = dataviz(&stack, &["dlq", "requeue", &letter("unknown_gateway")]);
+    assert!(ok && out.contains("re-queued 1 dead letter(s)"), "{out}");
+    wait_for_rows(&stack, 8).await;
+    wait_drained(&stack.nats.url()).await;
+
+    // Gateway 1's device dev-b: two members of the pack. The pack cut short and the members of
+    // other devices or gateways are skipped; the re-queued message, on gateway 77's subject, is
+    // not read.
+    let (ok, out) = dataviz(
+        &stack,
+        &[
+            "replay",
+            "--since",
+            "1h",
+            "--gateway",
+            "1",
+            "--device",
+            "dev-b",
+        ],
+    );
+    assert!(ok, "{out}");
+    assert!(out.contains("replayed 6 raw messages"), "{out}");
+    assert!(
+        out.contains("2 already stored, 0 new (0 rows), 0 to DEAD, 4 skipped"),
+        "{out}"
+    );
+    let (ok, out) = dataviz(
+        &stack,
+        &["replay", "--since", "1h", "--gateway", "77", "--dry-run"],
+    );
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("dry run: 7 raw messages read, 5 skipped"),
+        "{out}"
+    );
+    assert!(out.contains("2  would be processed"), "{out}");
+    wait_drained(&stack.nats.url()).await;
+    assert_eq!(stack.count("SELECT count(*) FROM tag_reading").await, 8);
+    drop(all);
+}

@@ -28,6 +28,7 @@ pub mod dead;
 pub mod ingested;
 pub mod message;
 pub mod ops;
+pub mod pack;
 pub mod retention;
 pub mod retry;
 pub mod shutdown;

@@ -1,11 +1,11 @@
 //! JetStream streams and consumers: names, subjects, settings, and their creation at start.
 //!
-//! | stream   | subjects                                  | kept                                   |
-//! |----------|-------------------------------------------|----------------------------------------|
-//! | RAW      | `dataviz.raw.<gateway id or "unrouted">`  | `RAW_RETENTION` (replay window)        |
-//! | READINGS | `dataviz.readings.<gateway>`              | until the writer acknowledged it       |
-//! | DEAD     | `dataviz.dead.<stage>.<reason>`           | `DEAD_RETENTION`                       |
-//! | LIVE     | `dataviz.live.<gateway>`                  | `LIVE_MAX_AGE` and `LIVE_MAX_BYTES`    |
+//! | stream   | subjects                                                     | kept                                |
+//! |----------|--------------------------------------------------------------|-------------------------------------|
+//! | RAW      | `dataviz.raw.<gateway id or "unrouted">`, `dataviz.raw.pack` | `RAW_RETENTION` (replay window)     |
+//! | READINGS | `dataviz.readings.<gateway>`                                 | until the writer acknowledged it    |
+//! | DEAD     | `dataviz.dead.<stage>.<reason>`                              | `DEAD_RETENTION`                    |
+//! | LIVE     | `dataviz.live.<gateway>`                                     | `LIVE_MAX_AGE` and `LIVE_MAX_BYTES` |
 //!
 //! With `MQTT_INTAKE=nats` the processor reads what nats-server's MQTT listener stored, in its
 //! own stream `$MQTT_msgs` (consumer `processor-mqtt`), which then keeps its messages for
@@ -55,6 +55,8 @@ pub const MQTT_SUBJECT_PREFIX: &str = "$MQTT.msgs.";
 pub const INTAKE_CONSUMER: &str = "processor-mqtt";
 /// The RAW subjects the processor's consumer of RAW reads: `dataviz.raw.<gateway>`.
 pub const RAW_TO_PROCESS: &str = "dataviz.raw.*";
+/// The RAW subject of packs ([`crate::pack`]): their members may be of any gateway.
+pub const RAW_PACK_SUBJECT: &str = "dataviz.raw.pack";
 /// The RAW subjects of the copies earlier versions kept of the messages the processor read from
 /// [`MQTT_STREAM`]: for replay, not for the processor's consumer of RAW.
 pub const RAW_INTAKE_PREFIX: &str = "dataviz.raw.intake.";
@@ -193,6 +195,14 @@ pub async fn raw_original(
         let Ok(stored) = stream.get_raw_message(seq).await else {
             continue;
         };
+        let is = |raw: &crate::message::RawMessage| raw.id == id || raw.readings_id() == Some(id);
+        if crate::pack::is_pack(Some(&stored.headers)) {
+            let members = crate::pack::decode(Some(&stored.headers), &stored.payload);
+            if let Some(member) = members.ok().and_then(|m| m.into_iter().find(is)) {
+                return Some(member);
+            }
+            continue;
+        }
         let raw = crate::message::RawMessage::stored(
             &stored.subject,
             seq,
@@ -201,7 +211,7 @@ pub async fn raw_original(
             stored.payload,
         );
         if let Ok(raw) = raw
-            && (raw.id == id || raw.readings_id() == Some(id))
+            && is(&raw)
         {
             return Some(raw);
         }

@@ -63,3 +63,50 @@ async fn the_processor_consumer_of_an_earlier_version_is_narrowed_and_keeps_its_
         "a copy kept for replay is not the processor's"
     );
 }
+
+/// A unit a later stage refuses is traced back to its original by its id: in a pack, the
+/// member of that id (or whose readings have it), not the pack.
+#[tokio::test]
+async fn the_original_of_a_pack_member_is_that_member() {
+    use dataviz_core::pack;
+    let nats = NatsServer::start();
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = dataviz_core::config::jetstream(client.clone());
+    streams::ensure(&client, &js, &StreamSettings::default())
+        .await
+        .unwrap();
+    let members = [
+        RawMessage::received("gateways/1/a".into(), r#"{"d": []}"#.into()),
+        RawMessage::received(
+            "gateways/2/b".into(),
+            r#"{"d": [{"tag": "t", "value": 1}], "ts": "2024-01-01T00:00:00Z"}"#.into(),
+        ),
+    ];
+    let seq = streams::publish_stored(
+        &js,
+        streams::RAW_PACK_SUBJECT.into(),
+        pack::headers(),
+        pack::encode(&members),
+    )
+    .await
+    .unwrap()
+    .sequence;
+
+    for member in &members {
+        let found = streams::raw_original(&js, seq, member.id).await;
+        assert_eq!(found.as_ref(), Some(member));
+    }
+    let readings_id = members[1].readings_id().unwrap();
+    assert_ne!(
+        readings_id, members[1].id,
+        "a message with `ts` is named by its content"
+    );
+    assert_eq!(
+        streams::raw_original(&js, seq, readings_id).await.as_ref(),
+        Some(&members[1])
+    );
+    assert_eq!(
+        streams::raw_original(&js, seq, uuid::Uuid::now_v7()).await,
+        None
+    );
+}

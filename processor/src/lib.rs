@@ -32,6 +32,7 @@ use dataviz_core::{
         TagReading, chrono_time,
     },
     ops::{Progress, metric},
+    pack,
     payload::{self, Payload, PayloadLimits},
     shutdown::Shutdown,
     streams::{self, Intake, StreamSettings},
@@ -110,14 +111,68 @@ impl Stage for Processor {
     /// Decides what becomes of each raw message and publishes the readings to READINGS,
     /// waiting until stored: a message is done once READINGS holds its readings.
     async fn handle(&self, messages: &[jetstream::Message]) -> Vec<Settle> {
-        let outcomes = self.outcomes(messages).await;
-        self.publish(outcomes).await
+        let (reads, owners) = members(messages);
+        let outcomes = self.outcomes(reads).await;
+        let settles = self.publish(outcomes).await;
+        per_message(messages.len(), &owners, settles)
     }
+}
+
+/// The raw messages of a fetch, in order: a message's own, or the members of a pack
+/// ([`dataviz_core::pack`]); each with the index of the message it came from.
+pub(crate) fn members(messages: &[jetstream::Message]) -> (Vec<Read>, Vec<usize>) {
+    let mut reads = Vec::with_capacity(messages.len());
+    let mut owners = Vec::with_capacity(messages.len());
+    for (index, message) in messages.iter().enumerate() {
+        if !pack::is_pack(message.headers.as_ref()) {
+            reads.push(Processor::read(message));
+            owners.push(index);
+            continue;
+        }
+        let seq = message.info().ok().map(|i| i.stream_sequence);
+        match pack::decode(message.headers.as_ref(), &message.payload) {
+            Ok(members) => {
+                owners.extend(std::iter::repeat_n(index, members.len()));
+                reads.extend(members.into_iter().map(|raw| Read::Raw(raw, seq)));
+            }
+            Err(e) => {
+                let raw =
+                    RawMessage::received(message.subject.to_string(), message.payload.clone());
+                reads.push(Read::Settled(dead(
+                    raw,
+                    DeadReason::ForeignMessage,
+                    e.to_string(),
+                )));
+                owners.push(index);
+            }
+        }
+    }
+    (reads, owners)
+}
+
+/// One settle per message (`count` of them) from its members' (`owners[i]`: the message of
+/// member `i`, as [`members`] gives them): a member to retry hands the whole message back (the
+/// members done already are absorbed downstream, as any redelivery is); otherwise the
+/// members' letters are stored; otherwise it is done. A message of no member is done.
+pub(crate) fn per_message(count: usize, owners: &[usize], settles: Vec<Settle>) -> Vec<Settle> {
+    let mut out: Vec<Settle> = (0..count).map(|_| Settle::Done).collect();
+    for (&owner, settle) in owners.iter().zip(settles) {
+        out[owner] = match (std::mem::replace(&mut out[owner], Settle::Done), settle) {
+            (retry @ Settle::Retry(_), _) | (_, retry @ Settle::Retry(_)) => retry,
+            (Settle::Dead(mut letters), Settle::Dead(more)) => {
+                letters.extend(more);
+                Settle::Dead(letters)
+            }
+            (dead @ Settle::Dead(_), Settle::Done) | (Settle::Done, dead @ Settle::Dead(_)) => dead,
+            (Settle::Done, Settle::Done) => Settle::Done,
+        };
+    }
+    out
 }
 
 /// A message handed to the processor, read: the raw message and where RAW keeps it, or what
 /// becomes of it already.
-enum Read {
+pub(crate) enum Read {
     /// To process; RAW keeps it at this sequence (`None`: a message of a replay's own).
     Raw(RawMessage, Option<u64>),
     /// Decided already: a dead letter, or a retry.
@@ -201,7 +256,7 @@ impl Processor {
         &self.registry
     }
 
-    /// What becomes of each RAW message, nothing published yet, in order.
+    /// What becomes of each raw message read ([`members`]), nothing published yet, in order.
     ///
     /// Most messages are decided by the registry's cache alone, here, without waiting. The
     /// others (a device or tag not cached, a tag whose type changes: after a start, every
@@ -209,15 +264,15 @@ impl Processor {
     /// order (a tag's type is the latest message's), up to [`RESOLVE_CONCURRENCY`] devices at
     /// once. Only those are made futures: one waiting on the registry takes kilobytes, and
     /// made for every message of a fetch they were megabytes of fresh memory per fetch.
-    pub(crate) async fn outcomes(&self, messages: &[jetstream::Message]) -> Vec<Outcome> {
+    pub(crate) async fn outcomes(&self, reads: Vec<Read>) -> Vec<Outcome> {
         // Read once per fetch: `server_info` copies the server's whole description.
         let max_payload = self.js.client().server_info().max_payload;
-        let mut outcomes = Vec::with_capacity(messages.len());
+        let mut outcomes = Vec::with_capacity(reads.len());
         // Per device with a message waiting, its place in `waiting`.
         let mut devices: HashMap<(i32, String), usize> = HashMap::new();
         let mut waiting: Vec<Vec<(usize, Pending)>> = Vec::new();
-        for (index, message) in messages.iter().enumerate() {
-            match self.decide_now(Self::read(message), max_payload, &devices) {
+        for (index, read) in reads.into_iter().enumerate() {
+            match self.decide_now(read, max_payload, &devices) {
                 Decision::Now(outcome) => outcomes.push(Some(outcome)),
                 Decision::Waits(pending) => {
                     outcomes.push(None);
@@ -433,12 +488,7 @@ fn too_large(raw: RawMessage, unit: &MessageReadings, max_payload: usize) -> Opt
 }
 
 /// The raw message a message of RAW or of nats-server's MQTT stream holds
-/// ([`RawMessage::stored`]).
-pub fn raw_of(message: &jetstream::Message) -> Result<RawMessage, HeaderError> {
-    raw_at(message, message.info().ok().as_ref())
-}
-
-/// [`raw_of`] with the message's place in its stream read already.
+/// ([`RawMessage::stored`]), its place in its stream read already.
 fn raw_at(
     message: &jetstream::Message,
     info: Option<&jetstream::message::Info>,

@@ -10,7 +10,7 @@
 //! Progress is kept in a durable consumer named after the range: an interrupted replay resumes
 //! where it stopped when run again with the same range (`restart` starts over).
 
-use crate::{Outcome, Processor};
+use crate::{Outcome, Processor, Read};
 use anyhow::Context as _;
 use async_nats::jetstream::{self, consumer};
 use chrono::{DateTime, Utc};
@@ -40,6 +40,35 @@ pub struct Range {
     pub device: Option<String>,
 }
 
+impl Range {
+    /// Whether a raw message read from a message on `subject` is of the range's gateway and
+    /// device: a pack's members may be of any gateway. A message that cannot be read is in a
+    /// range of no device, and of a gateway when on its subject (not a pack's).
+    fn wants(&self, read: &Read, subject: &str) -> bool {
+        if self.gateway.is_none() && self.device.is_none() {
+            return true;
+        }
+        let Read::Raw(raw, _) = read else {
+            return self.device.is_none() && subject != streams::RAW_PACK_SUBJECT;
+        };
+        match topic::parse(&raw.topic) {
+            Ok(topic) => {
+                self.gateway.is_none_or(|id| id == topic.gateway_id)
+                    && self
+                        .device
+                        .as_ref()
+                        .is_none_or(|code| code == topic.device_code)
+            }
+            Err(_) => {
+                self.device.is_none()
+                    && self
+                        .gateway
+                        .is_none_or(|id| dataviz_core::topic::gateway_of(&raw.topic) == Some(id))
+            }
+        }
+    }
+}
+
 /// How to replay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Options {
@@ -64,9 +93,10 @@ impl Observer for () {}
 /// What a replay did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Summary {
-    /// Raw messages read from RAW.
+    /// Raw messages read from RAW (each member of a pack, [`dataviz_core::pack`]).
     pub read: u64,
-    /// Read, but of another device than the one asked for.
+    /// Read, but of another gateway or device than the one asked for (a pack's members may be
+    /// of any).
     pub skipped: u64,
     /// Their readings were already stored: nothing written again.
     pub already_stored: u64,
@@ -143,6 +173,8 @@ pub async fn replay(
     observer.start(pending);
     let started = Instant::now();
     let mut summary = Summary::default();
+    // The messages of the streams read: raw messages or packs of them.
+    let mut fetched = 0;
     // The keys of the messages it publishes for the first time.
     let mut new_keys: Vec<Uuid> = Vec::new();
     let earlier = EarlierIds::default();
@@ -152,39 +184,41 @@ pub async fn replay(
             if messages.is_empty() && (end || reader.info().await?.num_pending == 0) {
                 break;
             }
-            summary.read += messages.len() as u64;
-            // The messages of the device asked for; the others are settled as done at once.
-            let (wanted, others): (Vec<_>, Vec<_>) = messages.into_iter().partition(|message| {
-                let Some(device) = &range.device else {
-                    return true;
-                };
-                crate::raw_of(message).is_ok_and(|raw| {
-                    topic::parse(&raw.topic).is_ok_and(|t| t.device_code == device)
-                })
-            });
-            summary.skipped += others.len() as u64;
+            fetched += messages.len() as u64;
+            let (reads, owners) = crate::members(&messages);
+            summary.read += reads.len() as u64;
+            // The raw messages of the range's gateway and device (a pack's members may be of
+            // any); the others are done at once.
+            let wanted: Vec<bool> = (reads.iter().zip(&owners))
+                .map(|(read, &owner)| range.wants(read, &messages[owner].subject))
+                .collect();
+            summary.skipped += wanted.iter().filter(|wanted| !**wanted).count() as u64;
             if options.dry_run {
-                for message in &wanted {
+                for (read, _) in reads.iter().zip(&wanted).filter(|(_, wanted)| **wanted) {
                     *summary
                         .would
-                        .entry(dry_run(processor, message).await?)
+                        .entry(dry_run(processor, read).await?)
                         .or_default() += 1;
                 }
             } else {
-                let settles = others.iter().map(|_| Settle::Done).collect();
-                consume::settle(js, Processor::NAME, &others, settles).await;
+                let fetch = Fetch {
+                    messages: &messages,
+                    reads,
+                    owners: &owners,
+                    wanted: &wanted,
+                };
                 replay_fetch(
                     processor,
                     pool,
                     &earlier,
                     &name,
-                    &wanted,
+                    fetch,
                     &mut summary,
                     &mut new_keys,
                 )
                 .await?;
             }
-            observer.read(summary.read);
+            observer.read(fetched);
             if end {
                 break;
             }
@@ -222,6 +256,7 @@ async fn stores(
         Some(id) => vec![
             streams::raw_subject(Some(id)),
             streams::raw_intake_subject(Some(id)),
+            streams::RAW_PACK_SUBJECT.to_owned(),
         ],
         None => vec![streams::RAW_SUBJECTS.into()],
     };
@@ -263,29 +298,51 @@ async fn fetch(
     Ok((messages, false))
 }
 
-/// What a dry run says of one message.
-async fn dry_run(processor: &Processor, message: &jetstream::Message) -> anyhow::Result<String> {
-    let Ok(raw) = crate::raw_of(message) else {
-        return Ok("would go to DEAD: foreign_message".to_owned());
+/// What a dry run says of one raw message.
+async fn dry_run(processor: &Processor, read: &Read) -> anyhow::Result<String> {
+    let raw = match read {
+        Read::Raw(raw, _) => raw,
+        Read::Settled(Outcome::Dead(letter)) => {
+            return Ok(format!("would go to DEAD: {}", letter.reason));
+        }
+        Read::Settled(_) => return Ok("would be retried".to_owned()),
     };
-    Ok(match processor.dry_run(&raw).await? {
+    Ok(match processor.dry_run(raw).await? {
         Ok(_) => "would be processed".to_owned(),
         Err((reason, _)) => format!("would go to DEAD: {reason}"),
     })
 }
 
-/// Processes and settles one fetch of the replay `name`, counting what became of each message.
-/// Its READINGS messages are its own ([`Processor::publish_in`]).
+/// One fetch of a replay: its messages, the raw messages they hold ([`crate::members`]), and
+/// which of those the range wants.
+struct Fetch<'a> {
+    messages: &'a [jetstream::Message],
+    reads: Vec<Read>,
+    owners: &'a [usize],
+    wanted: &'a [bool],
+}
+
+/// Processes and settles one fetch of the replay `name`, counting what became of each raw
+/// message. Its READINGS messages are its own ([`Processor::publish_in`]).
 async fn replay_fetch(
     processor: &Processor,
     pool: &deadpool_postgres::Pool,
     earlier: &EarlierIds,
     name: &str,
-    messages: &[jetstream::Message],
+    fetch: Fetch<'_>,
     summary: &mut Summary,
     new_keys: &mut Vec<Uuid>,
 ) -> anyhow::Result<()> {
-    let outcomes = processor.outcomes(messages).await;
+    // Where each wanted raw message is among all of them.
+    let mut places = Vec::with_capacity(fetch.reads.len());
+    let wanted: Vec<Read> = (fetch.reads.into_iter().zip(fetch.wanted).enumerate())
+        .filter(|(_, (_, wanted))| **wanted)
+        .map(|(place, (read, _))| {
+            places.push(place);
+            read
+        })
+        .collect();
+    let outcomes = processor.outcomes(wanted).await;
     // Per message: its id, key and readings, when it has readings.
     let readings: Vec<Option<(Uuid, Uuid, u64)>> = outcomes
         .iter()
@@ -316,7 +373,12 @@ async fn replay_fetch(
             }
         }
     }
-    consume::settle(&processor.js, Processor::NAME, messages, settles).await;
+    let mut every: Vec<Settle> = fetch.owners.iter().map(|_| Settle::Done).collect();
+    for (place, settle) in places.into_iter().zip(settles) {
+        every[place] = settle;
+    }
+    let settles = crate::per_message(fetch.messages.len(), fetch.owners, every);
+    consume::settle(&processor.js, Processor::NAME, fetch.messages, settles).await;
     match stopped {
         Some(e) => anyhow::bail!("replay stopped: {e} (run the same command again to resume)"),
         None => Ok(()),
