@@ -25,15 +25,28 @@
 //! window reach RAW twice; the writer recognises those that carry `ts` by their content
 //! (`dataviz_core::identity`).
 //!
+//! # Packs
+//! When messages queue (a flood, a backlog after an outage), the bridge stores up to
+//! [`PACK_MEMBERS`] of them as one RAW message, a pack ([`dataviz_core::pack`]): JetStream's
+//! cost is per message. A pack's `Nats-Msg-Id` is its own (its first member's raw id), so that
+//! a retry of the same pack is deduplicated; a redelivery of one of its members is recognised
+//! by the bridge itself ([`recent`]), from the packet id and content of what it took last
+//! under that packet id, read back from RAW's packs when it starts. A redelivery the bridge
+//! does not know is stored alone, and JetStream's deduplication of messages stored alone
+//! applies as above.
+//!
 //! Retained messages delivered on subscribe are old values the bridge saw live (its session
 //! persists while it is away); they are acknowledged and skipped.
 //!
 //! # Layout
 //! - [`config`]: `MQTT_*` settings.
+//! - [`recent`]: the packet ids and content of the messages taken last, to recognise
+//!   redeliveries.
 //! - [`run`]: the event loop task (reads MQTT, never blocks on JetStream) and the store task
 //!   (publishes to RAW with acks in flight, then acks MQTT).
 
 pub mod config;
+pub mod recent;
 
 use anyhow::Context as _;
 use async_nats::jetstream::{
@@ -43,12 +56,14 @@ use async_nats::jetstream::{
 };
 use bytes::Bytes;
 use config::{BridgeConfig, MqttConnection};
-use dataviz_core::message::RawMessage;
+use dataviz_core::message::{HEADER_MSG_ID, RawMessage};
 use dataviz_core::ops::{Progress, metric};
 use dataviz_core::retry::Backoff;
-use dataviz_core::{MQTT_LOG_TARGET, shutdown::Shutdown, streams};
+use dataviz_core::{MQTT_LOG_TARGET, pack, shutdown::Shutdown, streams};
 use futures::{StreamExt, stream::FuturesUnordered};
+use recent::{Admit, Recent};
 use rumqttc::{AsyncClient, Event, Packet, Publish, QoS};
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -56,6 +71,16 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 const STAGE: &str = "bridge";
+
+/// The most messages a pack takes: past a few dozen, JetStream's cost per member hardly falls
+/// (BENCHMARKS.md, "Packing in the pipeline") while a pack to retry grows.
+pub const PACK_MEMBERS: usize = 50;
+
+/// The bytes of a pack's members, at most: what the NATS server takes less its headers (its
+/// own, and two keys per member, [`recent::HEADER_KEYS`]).
+fn pack_capacity(max_payload: usize, client_id: &str) -> usize {
+    max_payload.saturating_sub(1024 + client_id.len() + PACK_MEMBERS * 24)
+}
 
 /// A message taken from MQTT, on its way to RAW.
 struct Received {
@@ -104,6 +129,9 @@ pub async fn run(
     let budget =
         u32::try_from((config.bridge_max_in_flight_bytes / BUDGET_UNIT).max(1)).unwrap_or(u32::MAX);
     let connection = Arc::new(AtomicU64::new(0));
+    let Some(recent) = read_back(&js, &config.mqtt_client_id, &shutdown).await else {
+        return Ok(());
+    };
 
     let raw_store = RawStore {
         js,
@@ -112,7 +140,23 @@ pub async fn run(
         connection: connection.clone(),
         shutdown: shutdown.clone(),
     };
-    let store = tokio::spawn(store_loop(rx, raw_store, client.clone(), progress));
+    // Acks go out in order from one task of their own: the store loop never waits on the MQTT
+    // request queue, which the event loop drains only between the packets it reads. (A task per
+    // ack once the queue was full made each blocked send scan all the others: quadratic.)
+    let (acks, mut to_ack) = mpsc::unbounded_channel::<Publish>();
+    let acking = client.clone();
+    let acker = tokio::spawn(async move {
+        while let Some(publish) = to_ack.recv().await {
+            if acking.ack(&publish).await.is_err() {
+                break; // the event loop is gone: the broker sends these again
+            }
+        }
+    });
+    let store = tokio::spawn(async move {
+        let stored = store_loop(rx, raw_store, recent, acks, progress).await;
+        let _ = acker.await;
+        stored
+    });
     let events = tokio::spawn(event_loop(
         eventloop,
         client.clone(),
@@ -128,6 +172,36 @@ pub async fn run(
     let _ = client.try_disconnect();
     let events = events.await?;
     events.and(stored)
+}
+
+/// What this bridge stored in packs lately ([`Recent::read_back`]), read again until RAW
+/// answers; `None` when shutting down first. Read before the bridge takes a message: a
+/// redelivery of a member would otherwise be stored again.
+async fn read_back(
+    js: &jetstream::Context,
+    client_id: &str,
+    shutdown: &Shutdown,
+) -> Option<Recent> {
+    let mut backoff = Backoff::default();
+    loop {
+        match Recent::read_back(js, client_id).await {
+            Ok(recent) => {
+                tracing::info!(
+                    packet_ids = recent.len(),
+                    "read back the packet ids of the messages this bridge stored in packs lately"
+                );
+                return Some(recent);
+            }
+            Err(e) => {
+                let wait = backoff.next_delay();
+                tracing::warn!(error = format!("{e:#}"), retry_in = ?wait, "reading RAW's packs back failed; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return None,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    }
 }
 
 /// Makes sure the bridge's persistent session exists on the broker, subscribed to its topics.
@@ -382,26 +456,19 @@ struct RawStore {
 }
 
 /// Stores what the event loop hands over, many messages in flight, and acks each on MQTT once
-/// JetStream has it.
+/// JetStream has it (through `acks`): alone, or packed with those queued behind it
+/// ([`PACK_MEMBERS`]). A redelivery of a message RAW has or is being given ([`Recent`]) is
+/// acked without storing.
 async fn store_loop(
     mut rx: mpsc::UnboundedReceiver<Received>,
     raw_store: RawStore,
-    client: AsyncClient,
+    mut recent: Recent,
+    acks: mpsc::UnboundedSender<Publish>,
     progress: Arc<Progress>,
 ) -> anyhow::Result<()> {
-    // Acks go out in order from one task of their own: the store loop never waits on the MQTT
-    // request queue, which the event loop drains only between the packets it reads. (A task per
-    // ack once the queue was full made each blocked send scan all the others: quadratic.)
-    let (acks, mut to_ack) = mpsc::unbounded_channel::<Publish>();
-    let acker = tokio::spawn(async move {
-        while let Some(publish) = to_ack.recv().await {
-            if client.ack(&publish).await.is_err() {
-                break; // the event loop is gone: the broker sends these again
-            }
-        }
-    });
     let stored_total = metrics::counter!(metric::BRIDGE_STORED);
-    // A message in flight is, most of the time, in one of the first two sets, whose futures
+    let capacity = pack_capacity(raw_store.max_payload, &raw_store.client_id);
+    // A message stored alone is, most of the time, in one of the first two sets, whose futures
     // hold little besides the message: sent to RAW (a step that waits only while the NATS
     // client's queue or its acknowledgements in flight are full), then waiting for RAW's
     // acknowledgement. Whatever else the first answer asks for (a failure, a duplicate to
@@ -410,23 +477,85 @@ async fn store_loop(
     let mut sending = FuturesUnordered::new();
     let mut acking = FuturesUnordered::new();
     let mut storing = FuturesUnordered::new();
+    // Packs, each stored whole by one future ([`RawStore::store_pack`]), and their members.
+    let mut packs = FuturesUnordered::new();
+    let mut packed = 0;
+    // Redeliveries waiting for the copy of their message on its way to RAW, by its raw id.
+    let mut waiting: HashMap<uuid::Uuid, Vec<Received>> = HashMap::new();
     let mut open = true;
     loop {
-        let in_flight = sending.len() + acking.len() + storing.len();
+        let in_flight = sending.len() + acking.len() + storing.len() + packed;
+        // Redeliveries left waiting once nothing is in flight are those of copies not stored
+        // (shutting down): unacked, the broker sends them again.
         if !open && in_flight == 0 {
             break;
         }
-        progress.set_waiting(in_flight as u64);
-        let stored = tokio::select! {
+        progress.set_waiting((in_flight + waiting.values().map(Vec::len).sum::<usize>()) as u64);
+        let stored: Vec<Received> = tokio::select! {
             received = rx.recv(), if open => {
-                match received {
-                    Some(received) if dataviz_core::dead::fits(&received.raw, raw_store.max_payload) => {
-                        sending.push(raw_store.send(received));
-                    }
-                    Some(received) => storing.push(Box::pin(raw_store.store(received, None))),
-                    None => open = false,
+                let Some(first) = received else {
+                    open = false;
+                    continue;
+                };
+                // What queued behind it, up to a pack.
+                let mut taken = vec![first];
+                while taken.len() < PACK_MEMBERS
+                    && let Ok(more) = rx.try_recv()
+                {
+                    taken.push(more);
                 }
-                continue;
+                let mut known = Vec::new();
+                let mut groups: Vec<Vec<Received>> = vec![Vec::new()];
+                let mut group_bytes = 0;
+                for received in taken {
+                    let pkid = (received.publish.qos != QoS::AtMostOnce)
+                        .then_some(received.publish.pkid);
+                    if let Some(pkid) = pkid {
+                        match recent.admit(pkid, received.publish.dup, &received.raw) {
+                            Admit::Stored => {
+                                known.push(received);
+                                continue;
+                            }
+                            Admit::Waits(id) => {
+                                waiting.entry(id).or_default().push(received);
+                                continue;
+                            }
+                            Admit::Store => recent.sending(pkid, &received.raw),
+                        }
+                    }
+                    let fits = dataviz_core::dead::fits(&received.raw, raw_store.max_payload);
+                    let len = pack::member_len(&received.raw);
+                    // A redelivery the bridge does not know goes alone, where JetStream's
+                    // deduplication finds a copy stored alone.
+                    if !fits || received.publish.dup || len > capacity {
+                        if fits {
+                            sending.push(raw_store.send(received));
+                        } else {
+                            storing.push(Box::pin(raw_store.store(received, None)));
+                        }
+                        continue;
+                    }
+                    if group_bytes + len > capacity {
+                        groups.push(Vec::new());
+                        group_bytes = 0;
+                    }
+                    group_bytes += len;
+                    groups.last_mut().expect("never empty").push(received);
+                }
+                for mut group in groups {
+                    match group.len() {
+                        0 => {}
+                        1 => sending.push(raw_store.send(group.pop().expect("one"))),
+                        n => {
+                            packed += n;
+                            packs.push(Box::pin(raw_store.store_pack(group)));
+                        }
+                    }
+                }
+                if known.is_empty() {
+                    continue;
+                }
+                known
             }
             Some((received, sent)) = sending.next() => {
                 match sent {
@@ -436,7 +565,7 @@ async fn store_loop(
                 continue;
             }
             Some((received, acked)) = acking.next() => match acked {
-                Ok(ack) if !ack.duplicate => received,
+                Ok(ack) if !ack.duplicate => vec![received],
                 acked => {
                     storing.push(Box::pin(raw_store.store(received, Some(acked))));
                     continue;
@@ -445,13 +574,29 @@ async fn store_loop(
             // Not stored: shutting down while JetStream was unreachable. Unacked, the message
             // comes back from the broker with the next session.
             Some(stored) = storing.next() => match stored {
-                Some(received) => received,
+                Some(received) => vec![received],
                 None => continue,
             },
+            Some((members, stored)) = packs.next() => {
+                packed -= members.len();
+                if !stored {
+                    continue;
+                }
+                members
+            }
         };
-        stored_total.increment(1);
-        progress.advanced();
-        if stored.publish.qos != QoS::AtMostOnce {
+        let waiters = stored
+            .iter()
+            .filter_map(|received| waiting.remove(&received.raw.id))
+            .flatten()
+            .collect::<Vec<_>>();
+        for stored in stored.into_iter().chain(waiters) {
+            stored_total.increment(1);
+            progress.advanced();
+            if stored.publish.qos == QoS::AtMostOnce {
+                continue;
+            }
+            recent.stored(stored.publish.pkid, &stored.raw);
             if stored.connection == raw_store.connection.load(Ordering::SeqCst) {
                 // Acks can queue here by the thousand, each a packet id and flags: the MQTT
                 // client sends one between reads of up to ten incoming packets, and the
@@ -463,8 +608,6 @@ async fn store_loop(
             }
         }
     }
-    drop(acks);
-    let _ = acker.await;
     Ok(())
 }
 
@@ -482,8 +625,7 @@ impl RawStore {
     fn dedup_id(&self, received: &Received) -> Option<String> {
         let (publish, raw) = (&received.publish, &received.raw);
         (publish.qos != QoS::AtMostOnce).then(|| {
-            let hash =
-                xxhash_rust::xxh3::xxh3_64_with_seed(raw.payload.as_ref(), topic_seed(&raw.topic));
+            let hash = recent::content_hash(raw);
             // Written into a string of its final size: `format!` starts this one empty and
             // reallocates as it writes.
             let mut id = String::with_capacity(self.client_id.len() + 24);
@@ -491,6 +633,38 @@ impl RawStore {
             let _ = write!(id, ":{}:{hash:016x}", publish.pkid);
             id
         })
+    }
+
+    /// Stores `members` in RAW as one pack, retrying until JetStream has it; gives them back,
+    /// and whether it did (not when shutting down first). Every attempt is the same message
+    /// under the same id: JetStream takes a retry whose first attempt reached it as a
+    /// duplicate, stored.
+    async fn store_pack(&self, members: Vec<Received>) -> (Vec<Received>, bool) {
+        let payload = pack::encode(members.iter().map(|m| &m.raw));
+        let mut headers = pack::headers();
+        let id = format!("{}:pack:{}", self.client_id, members[0].raw.id);
+        headers.insert(HEADER_MSG_ID, id);
+        let keys = members.iter().map(|m| {
+            let pkid = (m.publish.qos != QoS::AtMostOnce).then_some(m.publish.pkid);
+            (pkid, &m.raw)
+        });
+        Recent::pack_headers(&mut headers, &self.client_id, keys);
+        let mut backoff = Backoff::default();
+        loop {
+            let subject = streams::RAW_PACK_SUBJECT.to_owned();
+            match streams::publish_stored(&self.js, subject, headers.clone(), payload.clone()).await
+            {
+                Ok(_) => return (members, true),
+                Err(e) => {
+                    let wait = backoff.next_delay();
+                    tracing::warn!(error = %e, members = members.len(), retry_in = ?wait, "storing a pack in RAW failed; retrying");
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => return (members, false),
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        }
     }
 
     /// Sends a message that fits in RAW: the first attempt [`RawStore::store`] would make.
@@ -633,10 +807,6 @@ impl RawStore {
     }
 }
 
-fn topic_seed(topic: &str) -> u64 {
-    xxhash_rust::xxh3::xxh3_64(topic.as_bytes())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -716,6 +886,160 @@ mod tests {
             3,
             "an attempt whose answer was lost is not stored twice"
         );
+    }
+
+    /// Runs the store loop on a real nats-server, as the bridge `dataviz-bridge` would: what
+    /// is sent on the first channel is what the event loop hands over, what comes out of the
+    /// second is acked on MQTT.
+    struct Harness {
+        tx: mpsc::UnboundedSender<Received>,
+        acks: mpsc::UnboundedReceiver<Publish>,
+        permits: Arc<Semaphore>,
+        task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    }
+
+    impl Harness {
+        /// Starts the loop once `queued` are queued: those queued together go as packs.
+        fn start(js: &jetstream::Context, recent: Recent, queued: &[(u16, bool, &str)]) -> Harness {
+            let store = RawStore {
+                js: js.clone(),
+                client_id: "dataviz-bridge".into(),
+                max_payload: 1 << 20,
+                connection: Arc::new(AtomicU64::new(1)),
+                shutdown: Shutdown::new(),
+            };
+            let (tx, rx) = mpsc::unbounded_channel();
+            let (acks_tx, acks) = mpsc::unbounded_channel();
+            let permits = Arc::new(Semaphore::new(10_000));
+            for &(pkid, dup, payload) in queued {
+                tx.send(Self::received(&permits, pkid, dup, payload))
+                    .unwrap();
+            }
+            let progress = Arc::new(Progress::new(STAGE));
+            let task = tokio::spawn(store_loop(rx, store, recent, acks_tx, progress));
+            Harness {
+                tx,
+                acks,
+                permits,
+                task,
+            }
+        }
+
+        fn received(permits: &Arc<Semaphore>, pkid: u16, dup: bool, payload: &str) -> Received {
+            let mut publish = Publish::new("gateways/1/d", QoS::AtLeastOnce, "");
+            (publish.pkid, publish.dup) = (pkid, dup);
+            Received {
+                raw: RawMessage::received("gateways/1/d".into(), Bytes::from(payload.to_owned())),
+                publish,
+                connection: 1,
+                _slot: permits.clone().try_acquire_owned().unwrap(),
+                _budget: permits.clone().try_acquire_owned().unwrap(),
+            }
+        }
+
+        fn send(&self, pkid: u16, dup: bool, payload: &str) {
+            let received = Self::received(&self.permits, pkid, dup, payload);
+            self.tx.send(received).unwrap();
+        }
+
+        /// The packet ids of the next `n` acks, in order, waiting 10 s at most.
+        async fn acked(&mut self, n: usize) -> Vec<u16> {
+            let mut pkids = Vec::new();
+            while pkids.len() < n {
+                let next = tokio::time::timeout(Duration::from_secs(10), self.acks.recv());
+                let publish = next
+                    .await
+                    .expect("acked within 10 s")
+                    .expect("loop running");
+                pkids.push(publish.pkid);
+            }
+            pkids.sort();
+            pkids
+        }
+
+        async fn stop(self) {
+            drop(self.tx);
+            self.task.await.unwrap().unwrap();
+        }
+    }
+
+    /// RAW's messages, and the raw messages they hold.
+    async fn raw_and_members(js: &jetstream::Context) -> (u64, usize) {
+        let stream = js.get_stream(streams::RAW_STREAM).await.unwrap();
+        let messages = messages_in_raw(js).await;
+        let mut members = 0;
+        for seq in 1..=stream.get_info().await.unwrap().state.last_sequence {
+            let Ok(stored) = stream.get_raw_message(seq).await else {
+                continue;
+            };
+            members += match pack::decode(Some(&stored.headers), &stored.payload) {
+                Ok(packed) => packed.len(),
+                Err(_) => 1,
+            };
+        }
+        (messages, members)
+    }
+
+    #[tokio::test]
+    async fn queued_messages_go_as_one_pack_and_redeliveries_of_its_members_are_not_stored() {
+        let nats = dataviz_testkit::NatsServer::start();
+        let client = async_nats::connect(nats.url()).await.unwrap();
+        let js = dataviz_core::config::jetstream(client.clone());
+        streams::ensure(&client, &js, &streams::StreamSettings::default())
+            .await
+            .unwrap();
+        let payloads: Vec<String> = (0..=10).map(|i| format!("{{\"n\": {i}}}")).collect();
+        let queued: Vec<_> = (1..=10u16)
+            .map(|pkid| (pkid, false, payloads[pkid as usize].as_str()))
+            .collect();
+        let mut bridge = Harness::start(&js, Recent::default(), &queued);
+        assert_eq!(bridge.acked(10).await, (1..=10).collect::<Vec<_>>());
+        assert_eq!(raw_and_members(&js).await, (1, 10), "one pack of ten");
+
+        // The broker sends two of them again (DUP): acked, not stored.
+        bridge.send(3, true, &payloads[3]);
+        bridge.send(7, true, &payloads[7]);
+        assert_eq!(bridge.acked(2).await, vec![3, 7]);
+        // A new message under a packet id given back, with the same content: stored.
+        bridge.send(3, false, &payloads[3]);
+        assert_eq!(bridge.acked(1).await, vec![3]);
+        assert_eq!(raw_and_members(&js).await, (2, 11));
+        bridge.stop().await;
+
+        // A bridge that starts again knows its packs from RAW: a redelivery of a member is not
+        // stored; one of another content under that packet id is, alone.
+        let recent = Recent::read_back(&js, "dataviz-bridge").await.unwrap();
+        assert_eq!(recent.len(), 10);
+        let mut bridge = Harness::start(&js, recent, &[(5, true, &payloads[5])]);
+        assert_eq!(bridge.acked(1).await, vec![5]);
+        assert_eq!(raw_and_members(&js).await, (2, 11));
+        bridge.send(5, true, "another");
+        assert_eq!(bridge.acked(1).await, vec![5]);
+        assert_eq!(raw_and_members(&js).await, (3, 12));
+        bridge.stop().await;
+        let other = Recent::read_back(&js, "another-bridge").await.unwrap();
+        assert!(other.is_empty(), "a bridge reads back its own packs only");
+    }
+
+    #[tokio::test]
+    async fn a_redelivery_of_a_member_in_flight_is_acked_once_its_pack_is_stored() {
+        let nats = dataviz_testkit::NatsServer::start();
+        let client = async_nats::connect(nats.url()).await.unwrap();
+        let js = dataviz_core::config::jetstream(client.clone());
+        streams::ensure(&client, &js, &streams::StreamSettings::default())
+            .await
+            .unwrap();
+        nats.pause();
+        let queued = [(1, false, "a"), (2, false, "b"), (3, false, "c")];
+        let mut bridge = Harness::start(&js, Recent::default(), &queued);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        bridge.send(2, true, "b");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(bridge.acks.try_recv().is_err(), "acked before RAW had it");
+        nats.resume();
+        assert_eq!(bridge.acked(4).await, vec![1, 2, 2, 3]);
+        assert_eq!(raw_and_members(&js).await, (1, 3), "the redelivery waited");
+        bridge.stop().await;
     }
 
     /// Every message in flight holds one such future (`BRIDGE_MAX_IN_FLIGHT`, 4,096 by

@@ -183,7 +183,7 @@ async fn readings_without_ts_held_by_a_killed_bridge_are_stored_once() {
     let _writer = stack.spawn("writer", &[WINDOW]);
     let device = publish_untimed(&stack, MESSAGES).await;
     // Mid-stream: the bridge holds messages received, some stored in RAW, not yet acknowledged.
-    while common::stream_count(&stack.nats.url(), "RAW").await < MESSAGES as u64 / 4 {
+    while common::raw_member_count(&stack.nats.url()).await < MESSAGES as u64 / 4 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     bridge.kill();

@@ -183,19 +183,30 @@ async fn wait_until_rows(db: &TestDb, roles: &mut [Role]) {
     }
 }
 
-/// RAW's messages counted by the MQTT client id of the bridge that stored them (the prefix of
-/// their `Nats-Msg-Id`, `<client id>:<packet id>:<hash>`).
+/// RAW's raw messages counted by the MQTT client id of the bridge that stored them: the prefix
+/// of a message's `Nats-Msg-Id` (`<client id>:<packet id>:<hash>`), a pack's writer for each
+/// of its members (`dataviz_core::pack`).
 async fn raw_messages_by_bridge(nats_url: &str) -> HashMap<String, usize> {
     let mut counts = HashMap::new();
     for message in common::stream_messages(nats_url, "RAW").await {
-        let id = message
-            .headers
-            .as_ref()
-            .and_then(|h| h.get("Nats-Msg-Id"))
-            .map(|v| v.as_str().to_owned())
-            .unwrap_or_default();
-        let bridge = id.split(':').next().unwrap_or_default().to_owned();
-        *counts.entry(bridge).or_default() += 1;
+        let headers = message.headers.as_ref();
+        let header = |name: &str| {
+            headers
+                .and_then(|h| h.get(name))
+                .map(|v| v.as_str().to_owned())
+                .unwrap_or_default()
+        };
+        let (bridge, members) = if dataviz_core::pack::is_pack(headers) {
+            let members = dataviz_core::pack::decode(headers, &message.payload);
+            (
+                header(dataviz_bridge::recent::HEADER_CLIENT),
+                members.expect("a pack that reads").len(),
+            )
+        } else {
+            let id = header("Nats-Msg-Id");
+            (id.split(':').next().unwrap_or_default().to_owned(), 1)
+        };
+        *counts.entry(bridge).or_default() += members;
     }
     counts
 }

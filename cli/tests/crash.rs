@@ -6,7 +6,7 @@ mod common;
 
 use common::{
     BrokerStack, Publisher, Role, Stack, assert_every_numbered_message_once, count_on,
-    numbered_reading, publish_numbered_burst, stream_count,
+    numbered_reading, publish_numbered_burst,
 };
 use std::time::Duration;
 
@@ -101,7 +101,7 @@ async fn a_bridge_away_longer_than_the_duplicate_window_stores_every_reading_onc
     mqtt.wait_acked(Duration::from_secs(60)).await;
 
     assert_every_numbered_message_once(&stack.db, MESSAGES, Duration::from_secs(180)).await;
-    let raw = stream_count(&stack.nats.url(), "RAW").await;
+    let raw = common::raw_member_count(&stack.nats.url()).await;
     eprintln!("RAW holds {raw} messages for {MESSAGES} sent");
     assert!(
         raw > MESSAGES as u64,

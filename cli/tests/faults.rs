@@ -221,7 +221,7 @@ async fn while_nats_is_away_the_bridge_holds_no_more_than_its_in_flight_limit() 
     let _roles = [stack.spawn("processor", &ENV), stack.spawn("writer", &ENV)];
     assert_every_numbered_message_once(&stack.db, SENT, Duration::from_secs(60)).await;
     // Not only the writer's doing (it knows these readings by their `ts`).
-    let raw = common::stream_count(&stack.nats.url(), "RAW").await;
+    let raw = common::raw_member_count(&stack.nats.url()).await;
     assert_eq!(raw, SENT as u64, "RAW holds each message once");
 }
 
@@ -267,7 +267,7 @@ async fn nats_away_past_the_mqtt_keep_alive_stores_each_message_once() {
         .await;
     let _roles = [stack.spawn("processor", &ENV), stack.spawn("writer", &ENV)];
     assert_every_numbered_message_once(&stack.db, SENT, Duration::from_secs(60)).await;
-    let raw = common::stream_count(&stack.nats.url(), "RAW").await;
+    let raw = common::raw_member_count(&stack.nats.url()).await;
     assert_eq!(raw, SENT as u64, "RAW holds each message once");
     assert_eq!(common::dead_letters(&stack).await, 0);
 }
@@ -526,22 +526,15 @@ async fn readings_stream_at_its_size_limit_pushes_back_and_loses_nothing() {
             .get_info()
             .await
             .unwrap();
-        let raw = js
-            .get_stream("RAW")
-            .await
-            .unwrap()
-            .get_info()
-            .await
-            .unwrap();
+        let raw = common::raw_member_count(&stack.nats.url()).await;
         // Full: the next READINGS message would not fit.
         let room = LIMIT as u64 - readings.state.bytes.min(LIMIT as u64);
-        if raw.state.messages == MESSAGES as u64 && room < READINGS_MESSAGE_BYTES as u64 + 4096 {
+        if raw == MESSAGES as u64 && room < READINGS_MESSAGE_BYTES as u64 + 4096 {
             break readings;
         }
         assert!(
             Instant::now() < deadline,
-            "RAW {} messages, READINGS {} bytes of {LIMIT}",
-            raw.state.messages,
+            "RAW {raw} messages, READINGS {} bytes of {LIMIT}",
             readings.state.bytes
         );
         tokio::time::sleep(Duration::from_millis(200)).await;

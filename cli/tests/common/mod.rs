@@ -404,6 +404,23 @@ pub async fn stream_count(nats_url: &str, stream: &str) -> u64 {
     stream.info().await.expect("stream info").state.messages
 }
 
+/// The raw messages RAW holds: each message stored alone, and each member of a pack
+/// (`dataviz_core::pack`).
+pub async fn raw_member_count(nats_url: &str) -> u64 {
+    stream_messages(nats_url, dataviz_core::streams::RAW_STREAM)
+        .await
+        .iter()
+        .map(|message| {
+            let headers = message.headers.as_ref();
+            if !dataviz_core::pack::is_pack(headers) {
+                return 1;
+            }
+            let members = dataviz_core::pack::decode(headers, &message.payload);
+            members.expect("a pack that reads").len() as u64
+        })
+        .sum()
+}
+
 /// Waits (60 s at most) until the processor and the writer have settled everything RAW and
 /// READINGS hold: what was published before is written, or refused, for good.
 pub async fn wait_drained(nats_url: &str) {
