@@ -152,15 +152,15 @@ impl Recent {
         }
     }
 
-    /// What `client_id` stored in packs within RAW's duplicate window (and a little before:
-    /// the window is the server's, counted from its clock), read from the packs' headers.
+    /// What `client_id` stored in packs within RAW's duplicate window, read from the packs'
+    /// headers: a redelivery is recognised as long as it would be had its copy gone alone.
     pub async fn read_back(js: &jetstream::Context, client_id: &str) -> anyhow::Result<Recent> {
         let mut stream = js
             .get_stream(streams::RAW_STREAM)
             .await
             .context("opening RAW")?;
         let window = stream.info().await?.config.duplicate_window;
-        let since = time::OffsetDateTime::now_utc() - (window + Duration::from_secs(10));
+        let since = time::OffsetDateTime::now_utc() - window;
         let reader: consumer::PullConsumer = stream
             .create_consumer(consumer::pull::Config {
                 filter_subject: streams::RAW_PACK_SUBJECT.to_owned(),
