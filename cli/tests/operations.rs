@@ -622,13 +622,14 @@ async fn message_ids_are_kept_while_a_copy_can_come_back_and_pruned_from_the_fir
 /// A pack in RAW (`dataviz_core::pack`): each member is processed as the same message stored
 /// alone would be. The good ones are stored; each refused one is a dead letter of its own,
 /// holding that member, re-queued alone; a pack that cannot be read is one letter, whole.
-/// Replay reads members, by gateway and device.
+/// Replay reads members, by gateway and device. The processor takes two members at a time
+/// (`PROCESSOR_BATCH_SIZE`), so a pack's are handled in several steps and settled once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pack_in_raw_is_processed_refused_and_replayed_member_by_member() {
     use dataviz_core::{message::RawMessage, pack, streams};
     let stack = Stack::start().await;
     stack.create_gateway(1).await;
-    let all = stack.spawn("all", &[]);
+    let all = stack.spawn("all", &[("PROCESSOR_BATCH_SIZE", "2")]);
     let js = async_nats::jetstream::new(async_nats::connect(stack.nats.url()).await.unwrap());
     let members = [
         RawMessage::received("gateways/1/dev-a".into(), reading(1).into()),

@@ -68,7 +68,8 @@ pub struct ProcessorConfig {
         default_value_t = PayloadLimits::DEFAULT.max_readings
     )]
     pub max_readings_per_message: usize,
-    /// Raw messages handled per batch by each worker.
+    /// Messages fetched per batch by each worker; the members of packs are handled this many at a
+    /// time.
     #[arg(
         long,
         env = "PROCESSOR_BATCH_SIZE",
@@ -103,6 +104,8 @@ pub struct Processor {
     registry: Registry,
     limits: PayloadLimits,
     js: jetstream::Context,
+    /// Raw messages decided and published at once ([`Processor::members_at_once`]).
+    members_at_once: usize,
 }
 
 impl Stage for Processor {
@@ -112,8 +115,16 @@ impl Stage for Processor {
     /// waiting until stored: a message is done once READINGS holds its readings.
     async fn handle(&self, messages: &[jetstream::Message]) -> Vec<Settle> {
         let (reads, owners) = members(messages);
-        let outcomes = self.outcomes(reads).await;
-        let settles = self.publish(outcomes).await;
+        // A fetch of packs holds many raw messages per message: they go a batch's worth at a
+        // time, so that what a worker holds at once (their readings, decided and published)
+        // is what a fetch of messages stored alone gives it.
+        let mut settles = Vec::with_capacity(reads.len());
+        let mut reads = reads.into_iter().peekable();
+        while reads.peek().is_some() {
+            let step: Vec<Read> = reads.by_ref().take(self.members_at_once).collect();
+            let outcomes = self.outcomes(step).await;
+            settles.extend(self.publish(outcomes).await);
+        }
         per_message(messages.len(), &owners, settles)
     }
 }
@@ -249,7 +260,15 @@ impl Processor {
             registry: Registry::new(pool),
             limits,
             js,
+            members_at_once: 500,
         }
+    }
+
+    /// Decides and publishes at most `n` raw messages at once (500 unless told): a fetch holds
+    /// more when it holds packs.
+    pub fn members_at_once(mut self, n: usize) -> Processor {
+        self.members_at_once = n.max(1);
+        self
     }
 
     pub fn registry(&self) -> &Registry {
@@ -605,7 +624,10 @@ pub async fn run(
     progress: Arc<Progress>,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
-    let processor = Arc::new(Processor::new(pool, js.clone(), config.limits()));
+    let processor = Arc::new(
+        Processor::new(pool, js.clone(), config.limits())
+            .members_at_once(config.processor_batch_size),
+    );
     let workers = usize::from(config.worker_count);
     let flusher = {
         let processor = processor.clone();

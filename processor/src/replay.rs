@@ -180,7 +180,8 @@ pub async fn replay(
     let earlier = EarlierIds::default();
     'streams: for (_, reader, end_seq) in &mut readers {
         loop {
-            let (messages, end) = fetch(reader, *end_seq, range.until).await?;
+            let max_bytes = consume::fetch_bytes(js.client().server_info().max_payload);
+            let (messages, end) = fetch(reader, *end_seq, range.until, max_bytes).await?;
             if messages.is_empty() && (end || reader.info().await?.num_pending == 0) {
                 break;
             }
@@ -275,10 +276,14 @@ async fn fetch(
     reader: &mut consumer::PullConsumer,
     end_seq: u64,
     until: Option<DateTime<Utc>>,
+    max_bytes: usize,
 ) -> anyhow::Result<(Vec<jetstream::Message>, bool)> {
+    // Bounded in bytes too: a fetch of packs holds many raw messages per message, and large
+    // messages hold many bytes.
     let mut unit = reader
         .fetch()
         .max_messages(500)
+        .max_bytes(max_bytes)
         .expires(Duration::from_secs(2))
         .messages()
         .await
