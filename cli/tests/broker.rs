@@ -166,7 +166,9 @@ async fn published_before_dataviz_first_runs(intake: &'static str) {
 /// its turn in the new bridge (RAW's copy was received later: the same message), and a
 /// redelivery that reaches the bridge behind thousands of queued messages, past the default
 /// window (30 s) on a loaded test machine; the window is 2 minutes here, so that the test checks
-/// the recognition, not the machine's speed (README: where the guarantee stops).
+/// the recognition, not the machine's speed (README: where the guarantee stops). Under this
+/// flood the bridge stores most messages in packs, whose members' redeliveries it recognises
+/// itself, the new bridge from the packs it reads back when it starts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readings_without_ts_held_by_a_killed_bridge_are_stored_once() {
     const MESSAGES: i64 = 20_000;
@@ -205,7 +207,14 @@ async fn readings_without_ts_held_by_a_killed_bridge_are_stored_once() {
         resent > 0,
         "nothing was sent again: the test did not exercise the case"
     );
+    let raw = common::raw_counts(&stack.nats.url()).await;
+    eprintln!(
+        "RAW holds {} packs, {} raw messages",
+        raw.packs, raw.members
+    );
+    assert!(raw.packs > 0, "no pack: the test did not exercise packs");
     assert_each_untimed_reading_once(&stack, MESSAGES).await;
+    assert_eq!(raw.members, MESSAGES as u64, "RAW holds each message once");
 }
 
 /// With the nats intake a message's id is its place in nats-server's MQTT stream, whatever

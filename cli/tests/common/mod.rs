@@ -404,21 +404,34 @@ pub async fn stream_count(nats_url: &str, stream: &str) -> u64 {
     stream.info().await.expect("stream info").state.messages
 }
 
-/// The raw messages RAW holds: each message stored alone, and each member of a pack
-/// (`dataviz_core::pack`).
+/// What RAW holds: its packs (`dataviz_core::pack`), and its raw messages, each message stored
+/// alone and each member of a pack.
+pub struct RawCounts {
+    pub packs: u64,
+    pub members: u64,
+}
+
+pub async fn raw_counts(nats_url: &str) -> RawCounts {
+    let mut counts = RawCounts {
+        packs: 0,
+        members: 0,
+    };
+    for message in stream_messages(nats_url, dataviz_core::streams::RAW_STREAM).await {
+        let headers = message.headers.as_ref();
+        if !dataviz_core::pack::is_pack(headers) {
+            counts.members += 1;
+            continue;
+        }
+        let members = dataviz_core::pack::decode(headers, &message.payload);
+        counts.packs += 1;
+        counts.members += members.expect("a pack that reads").len() as u64;
+    }
+    counts
+}
+
+/// The raw messages RAW holds ([`raw_counts`]).
 pub async fn raw_member_count(nats_url: &str) -> u64 {
-    stream_messages(nats_url, dataviz_core::streams::RAW_STREAM)
-        .await
-        .iter()
-        .map(|message| {
-            let headers = message.headers.as_ref();
-            if !dataviz_core::pack::is_pack(headers) {
-                return 1;
-            }
-            let members = dataviz_core::pack::decode(headers, &message.payload);
-            members.expect("a pack that reads").len() as u64
-        })
-        .sum()
+    raw_counts(nats_url).await.members
 }
 
 /// Waits (60 s at most) until the processor and the writer have settled everything RAW and
