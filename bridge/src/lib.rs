@@ -811,6 +811,21 @@ impl RawStore {
 mod tests {
     use super::*;
 
+    /// A nats-server of its own, a client, and the streams made.
+    async fn with_streams() -> (
+        dataviz_testkit::NatsServer,
+        async_nats::Client,
+        jetstream::Context,
+    ) {
+        let nats = dataviz_testkit::NatsServer::start();
+        let client = async_nats::connect(nats.url()).await.unwrap();
+        let js = dataviz_core::config::jetstream(client.clone());
+        streams::ensure(&client, &js, &streams::StreamSettings::default())
+            .await
+            .unwrap();
+        (nats, client, js)
+    }
+
     async fn messages_in_raw(js: &jetstream::Context) -> u64 {
         let mut raw = js.get_stream(streams::RAW_STREAM).await.unwrap();
         raw.info().await.unwrap().state.messages
@@ -822,12 +837,7 @@ mod tests {
     /// content, and a failure whose message JetStream stored all the same (its ack lost).
     #[tokio::test]
     async fn a_first_answer_other_than_stored_is_carried_on_by_the_whole_store() {
-        let nats = dataviz_testkit::NatsServer::start();
-        let client = async_nats::connect(nats.url()).await.unwrap();
-        let js = dataviz_core::config::jetstream(client.clone());
-        streams::ensure(&client, &js, &streams::StreamSettings::default())
-            .await
-            .unwrap();
+        let (_nats, client, js) = with_streams().await;
         let store = RawStore {
             js: js.clone(),
             client_id: "dataviz-bridge".into(),
@@ -982,12 +992,7 @@ mod tests {
 
     #[tokio::test]
     async fn queued_messages_go_as_one_pack_and_redeliveries_of_its_members_are_not_stored() {
-        let nats = dataviz_testkit::NatsServer::start();
-        let client = async_nats::connect(nats.url()).await.unwrap();
-        let js = dataviz_core::config::jetstream(client.clone());
-        streams::ensure(&client, &js, &streams::StreamSettings::default())
-            .await
-            .unwrap();
+        let (_nats, _client, js) = with_streams().await;
         let payloads: Vec<String> = (0..=10).map(|i| format!("{{\"n\": {i}}}")).collect();
         let queued: Vec<_> = (1..=10u16)
             .map(|pkid| (pkid, false, payloads[pkid as usize].as_str()))
@@ -1023,12 +1028,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_redelivery_of_a_member_in_flight_is_acked_once_its_pack_is_stored() {
-        let nats = dataviz_testkit::NatsServer::start();
-        let client = async_nats::connect(nats.url()).await.unwrap();
-        let js = dataviz_core::config::jetstream(client.clone());
-        streams::ensure(&client, &js, &streams::StreamSettings::default())
-            .await
-            .unwrap();
+        let (nats, _client, js) = with_streams().await;
         nats.pause();
         let queued = [(1, false, "a"), (2, false, "b"), (3, false, "c")];
         let mut bridge = Harness::start(&js, Recent::default(), &queued);
