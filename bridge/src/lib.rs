@@ -826,6 +826,17 @@ mod tests {
         (nats, client, js)
     }
 
+    /// The store of the bridge `dataviz-bridge`, on its first MQTT connection.
+    fn test_store(js: &jetstream::Context, max_payload: usize) -> RawStore {
+        RawStore {
+            js: js.clone(),
+            client_id: "dataviz-bridge".into(),
+            max_payload,
+            connection: Arc::new(AtomicU64::new(1)),
+            shutdown: Shutdown::new(),
+        }
+    }
+
     async fn messages_in_raw(js: &jetstream::Context) -> u64 {
         let mut raw = js.get_stream(streams::RAW_STREAM).await.unwrap();
         raw.info().await.unwrap().state.messages
@@ -838,13 +849,7 @@ mod tests {
     #[tokio::test]
     async fn a_first_answer_other_than_stored_is_carried_on_by_the_whole_store() {
         let (_nats, client, js) = with_streams().await;
-        let store = RawStore {
-            js: js.clone(),
-            client_id: "dataviz-bridge".into(),
-            max_payload: client.server_info().max_payload,
-            connection: Arc::new(AtomicU64::new(1)),
-            shutdown: Shutdown::new(),
-        };
+        let store = test_store(&js, client.server_info().max_payload);
         let permits = Arc::new(Semaphore::new(64));
         let received = |payload: &'static [u8], dup: bool| {
             let mut publish = Publish::new("gateways/1/d", QoS::AtLeastOnce, "");
@@ -911,13 +916,7 @@ mod tests {
     impl Harness {
         /// Starts the loop once `queued` are queued: those queued together go as packs.
         fn start(js: &jetstream::Context, recent: Recent, queued: &[(u16, bool, &str)]) -> Harness {
-            let store = RawStore {
-                js: js.clone(),
-                client_id: "dataviz-bridge".into(),
-                max_payload: 1 << 20,
-                connection: Arc::new(AtomicU64::new(1)),
-                shutdown: Shutdown::new(),
-            };
+            let store = test_store(js, 1 << 20);
             let (tx, rx) = mpsc::unbounded_channel();
             let (acks_tx, acks) = mpsc::unbounded_channel();
             let permits = Arc::new(Semaphore::new(10_000));
@@ -1055,13 +1054,7 @@ mod tests {
             .await
             .unwrap();
         let js = jetstream::new(client);
-        let store = RawStore {
-            js: js.clone(),
-            client_id: "dataviz-bridge".into(),
-            max_payload: 1 << 20,
-            connection: Arc::new(AtomicU64::new(1)),
-            shutdown: Shutdown::new(),
-        };
+        let store = test_store(&js, 1 << 20);
         let (slots, budget) = (Arc::new(Semaphore::new(2)), Arc::new(Semaphore::new(2)));
         let received = || Received {
             raw: RawMessage::received("gateways/1/d".into(), Bytes::from_static(b"{}")),
