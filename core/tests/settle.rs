@@ -16,6 +16,7 @@ use futures::StreamExt;
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
+use tokio::time::Instant;
 
 /// Settles each message as its payload says: `done`, `dead`, or `retry-N` (retried until its
 /// N-th delivery, then done). Counts what it was handed (by the payload's first 16 bytes), and
@@ -294,4 +295,59 @@ async fn take_one(setup: &Setup) -> Vec<jetstream::Message> {
         .await
         .unwrap();
     vec![batch.next().await.unwrap().unwrap()]
+}
+
+/// The loop's pull, lost with its connection (the server killed, then started again), is made
+/// again as soon as the client is back: a message stored then is handled within seconds, not
+/// once the lost pull would have expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loop_pulls_again_as_soon_as_the_server_is_back() {
+    let Setup {
+        _nats: mut nats,
+        js,
+        settings,
+    } = setup().await;
+    publish(&js, &["done-before"]).await;
+    let stage = Scripted::default();
+    let shutdown = Shutdown::new();
+    let progress = Progress::new(Scripted::NAME);
+    let handled = |what: &'static str| {
+        let stage = &stage;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !stage.handled.lock().unwrap().contains_key(what) {
+                assert!(Instant::now() < deadline, "{what} not handled in 30 s");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Instant::now()
+        }
+    };
+    let run = consume::run(
+        &stage,
+        &js,
+        streams::RAW_STREAM,
+        settings.processor_consumer(),
+        10,
+        &progress,
+        &shutdown,
+    );
+    let script = async {
+        handled("done-before").await;
+        // The loop's pull is now waiting on the server.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // Killed, so that it ends no pull itself.
+        nats.kill();
+        nats.restart();
+        publish(&js, &["done-after"]).await;
+        let stored = Instant::now();
+        let took = handled("done-after").await - stored;
+        shutdown.cancel();
+        took
+    };
+    let (ran, took) = tokio::join!(run, script);
+    ran.unwrap();
+    assert!(
+        took < Duration::from_secs(4),
+        "a message stored after the restart was handled {took:?} later"
+    );
 }
