@@ -1105,13 +1105,6 @@ fn start_all(
             }
             None => Command::new(std::env::current_exe()?),
         };
-        if role == "all" {
-            static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-            let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            command
-                .env("LD_PRELOAD", "/usr/lib/heaptrack/libheaptrack_preload.so")
-                .env("DUMP_HEAPTRACK_OUTPUT", format!("/tmp/ht/raw-{n}"));
-        }
         command
             .arg(role)
             .envs(broker.env())
