@@ -84,6 +84,11 @@ pub trait Stage: Send + Sync {
     /// The stage's name, in logs and metrics (and in the dead letters it makes).
     const NAME: &'static str;
 
+    /// Most payload bytes handed to [`Stage::handle`] at once, beside the batch size, for a
+    /// stage that holds what it is handed in a larger form while it works; a message larger
+    /// than this goes alone. By default only the pull's bound ([`fetch_bytes`]).
+    const BATCH_BYTES: usize = usize::MAX;
+
     fn handle<'a>(
         &'a self,
         messages: &'a [jetstream::Message],
@@ -303,7 +308,7 @@ pub async fn run<S: Stage>(
             let chunk = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                chunk = next_batch(&mut messages, batch_size, max_bytes) => chunk,
+                chunk = next_batch(&mut messages, batch_size, max_bytes.min(S::BATCH_BYTES)) => chunk,
             };
             let Some(chunk) = chunk else { break };
             let mut batch = Vec::with_capacity(chunk.len());

@@ -74,6 +74,12 @@ impl Stage for Scripted {
     }
 }
 
+impl AsRef<Scripted> for Scripted {
+    fn as_ref(&self) -> &Scripted {
+        self
+    }
+}
+
 struct Setup {
     _nats: NatsServer,
     js: jetstream::Context,
@@ -133,13 +139,14 @@ where
     run_until_batch(setup, stage, 10, done).await;
 }
 
-async fn run_until_batch<F, Fut>(setup: &Setup, stage: &Scripted, batch: usize, mut done: F)
+async fn run_until_batch<S, F, Fut>(setup: &Setup, stage: &S, batch: usize, mut done: F)
 where
+    S: Stage + AsRef<Scripted>,
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
     let shutdown = Shutdown::new();
-    let progress = Progress::new(Scripted::NAME);
+    let progress = Progress::new(S::NAME);
     let run = consume::run(
         stage,
         &setup.js,
@@ -155,7 +162,7 @@ where
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "not settled in 30 s: {:?}",
-                stage.handled.lock().unwrap()
+                stage.as_ref().handled.lock().unwrap()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -349,5 +356,49 @@ async fn a_loop_pulls_again_as_soon_as_the_server_is_back() {
     assert!(
         took < Duration::from_secs(4),
         "a message stored after the restart was handled {took:?} later"
+    );
+}
+
+/// [`Scripted`], handed at most [`Small::BATCH_BYTES`] of payload at once.
+struct Small(Scripted);
+
+impl Stage for Small {
+    const NAME: &'static str = "small";
+    const BATCH_BYTES: usize = 1024;
+
+    async fn handle(&self, messages: &[jetstream::Message]) -> Vec<Settle> {
+        self.0.handle(messages).await
+    }
+}
+
+impl AsRef<Scripted> for Small {
+    fn as_ref(&self) -> &Scripted {
+        &self.0
+    }
+}
+
+/// A stage's `BATCH_BYTES` bounds what it is handed at once, whatever has arrived: the message
+/// that reaches the bound is the last of its batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_is_handed_no_more_than_its_batch_bytes() {
+    let setup = setup().await;
+    let payloads: Vec<String> = (0..20)
+        .map(|n| format!("done-{n:02}-{}", "x".repeat(600)))
+        .collect();
+    publish(&setup.js, &payloads).await;
+    let stage = Small(Scripted {
+        pause: Duration::from_millis(50),
+        ..Default::default()
+    });
+    run_until_batch(&setup, &stage, 10, || consumer_idle(&setup.js)).await;
+    assert_eq!(
+        stage.0.handled.lock().unwrap().len(),
+        20,
+        "every message handled"
+    );
+    let largest = *stage.0.largest_fetch.lock().unwrap();
+    assert!(
+        (1024..1024 + 610).contains(&largest),
+        "handed {largest} bytes at once: two messages of 608 bytes, the second reaching the bound"
     );
 }

@@ -19,7 +19,10 @@ use dataviz_core::{
     consume::{self, Failure, Settle, Stage},
     db::{self, DbError, ErrorKind},
     ingested::{self, EarlierIds},
-    message::{DeadLetter, DeadReason, MessageReadings, RawMessage, ReadingsMessage, Unreadable},
+    message::{
+        DeadLetter, DeadReason, MessageReadings, READINGS_MESSAGE_BYTES, RawMessage,
+        ReadingsMessage, Unreadable,
+    },
     ops::{Progress, metric},
     shutdown::Shutdown,
     streams,
@@ -35,8 +38,9 @@ use uuid::Uuid;
 /// Writer settings.
 #[derive(Debug, Clone, clap::Args)]
 pub struct WriterConfig {
-    /// READINGS messages written per transaction, at most (each holds the readings of up to
-    /// one processor batch of one gateway, 256 KiB at most).
+    /// READINGS messages written per transaction, at most, and 256 KiB of them (each holds the
+    /// readings of up to one processor batch of one gateway, 256 KiB at most; a larger one goes
+    /// alone).
     #[arg(
         long,
         env = "WRITER_BATCH_SIZE",
@@ -214,6 +218,11 @@ impl Writer {
 
 impl Stage for Writer {
     const NAME: &'static str = "writer";
+    /// One full READINGS message's bytes at a time: decoded, a unit takes several times its
+    /// bytes (each reading's tag and value on the heap), and fetches of up to sixteen messages,
+    /// decoded whole by each of the writer's loops, were the largest part of `dataviz all`'s
+    /// heap under load (16 MB at its peak, in two loops).
+    const BATCH_BYTES: usize = READINGS_MESSAGE_BYTES;
 
     /// Writes the units of a fetch in one transaction. A message is done once each of its
     /// units is written (or was already); what PostgreSQL refuses for its data is found unit
