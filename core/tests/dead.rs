@@ -2,9 +2,11 @@
 
 use dataviz_core::dead::{self, DeadFilter};
 use dataviz_core::message::{DeadLetter, DeadReason, RawMessage};
-use dataviz_core::streams::{self, StreamSettings};
-use dataviz_testkit::NatsServer;
+use dataviz_core::streams;
 use futures::StreamExt as _;
+
+mod common;
+use common::with_streams;
 
 /// A letter of `stage` whose payload is too large for DEAD with its headers, as read at
 /// `source_seq`: `dead::store` keeps its beginning in DEAD and the whole beside it. Its payload
@@ -51,17 +53,6 @@ async fn whole_payloads(js: &async_nats::jetstream::Context) -> Vec<String> {
         .await;
     names.sort();
     names
-}
-
-/// A nats-server with the streams every role relies on, and a JetStream context on it.
-async fn with_streams() -> (NatsServer, async_nats::jetstream::Context) {
-    let nats = NatsServer::start();
-    let client = async_nats::connect(nats.url()).await.unwrap();
-    let js = dataviz_core::config::jetstream(client.clone());
-    streams::ensure(&client, &js, &StreamSettings::default())
-        .await
-        .unwrap();
-    (nats, js)
 }
 
 /// Any stage's letter cut to fit DEAD has its whole payload kept beside it; purging the letter

@@ -18,6 +18,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 use tokio::time::Instant;
 
+mod common;
+
 /// Settles each message as its payload says: `done`, `dead`, or `retry-N` (retried until its
 /// N-th delivery, then done). Counts what it was handed (by the payload's first 16 bytes), and
 /// the most payload bytes one fetch handed it; takes `pause` over each fetch.
@@ -87,15 +89,11 @@ struct Setup {
 }
 
 async fn setup() -> Setup {
-    let nats = NatsServer::start();
-    let client = async_nats::connect(nats.url()).await.unwrap();
-    let js = jetstream::new(client.clone());
-    let settings = StreamSettings::default();
-    streams::ensure(&client, &js, &settings).await.unwrap();
+    let (nats, js) = common::with_streams().await;
     Setup {
         _nats: nats,
         js,
-        settings,
+        settings: StreamSettings::default(),
     }
 }
 

@@ -6,6 +6,8 @@ use dataviz_core::message::RawMessage;
 use dataviz_core::streams::{self, StreamSettings};
 use dataviz_testkit::NatsServer;
 
+mod common;
+
 /// An earlier version's processor consumer read all of RAW. `ensure` narrows it to the subjects
 /// to process (not the copies `MQTT_INTAKE=nats` keeps there), and what it had not taken yet is
 /// still its own.
@@ -69,12 +71,7 @@ async fn the_processor_consumer_of_an_earlier_version_is_narrowed_and_keeps_its_
 #[tokio::test]
 async fn the_original_of_a_pack_member_is_that_member() {
     use dataviz_core::pack;
-    let nats = NatsServer::start();
-    let client = async_nats::connect(nats.url()).await.unwrap();
-    let js = dataviz_core::config::jetstream(client.clone());
-    streams::ensure(&client, &js, &StreamSettings::default())
-        .await
-        .unwrap();
+    let (_nats, js) = common::with_streams().await;
     let members = [
         RawMessage::received("gateways/1/a".into(), r#"{"d": []}"#.into()),
         RawMessage::received(
