@@ -114,6 +114,21 @@ pub struct HeaderError {
     pub problem: String,
 }
 
+/// The value of an optional header that holds `what` (a number, say), read as `T`.
+fn parsed<T: std::str::FromStr>(
+    headers: Option<&HeaderMap>,
+    header: &'static str,
+    what: &str,
+) -> Result<Option<T>, HeaderError> {
+    let Some(value) = headers.and_then(|h| h.get(header)) else {
+        return Ok(None);
+    };
+    value.as_str().parse().map(Some).map_err(|_| HeaderError {
+        header,
+        problem: format!("{:?} is not {what}", value.as_str()),
+    })
+}
+
 /// A time as JetStream gives it ([`time`]), as Dataviz keeps it ([`chrono`]).
 pub fn chrono_time(t: time::OffsetDateTime) -> DateTime<Utc> {
     DateTime::from_timestamp_nanos(i64::try_from(t.unix_timestamp_nanos()).unwrap_or(i64::MAX))
@@ -449,22 +464,10 @@ impl DeadLetter {
                     problem: "missing".into(),
                 })
         };
-        let whole_size = match headers.and_then(|h| h.get(HEADER_DEAD_WHOLE_SIZE)) {
-            None => None,
-            Some(size) => Some(size.as_str().parse().map_err(|_| HeaderError {
-                header: HEADER_DEAD_WHOLE_SIZE,
-                problem: format!("{:?} is not a size", size.as_str()),
-            })?),
-        };
+        let whole_size = parsed(headers, HEADER_DEAD_WHOLE_SIZE, "a size")?;
         // Written since whole payloads are kept per letter: without it, a letter's whole payload
         // is under the raw id, as `whole_name` gives it.
-        let source_seq = match headers.and_then(|h| h.get(HEADER_DEAD_SOURCE_SEQ)) {
-            None => None,
-            Some(seq) => Some(seq.as_str().parse().map_err(|_| HeaderError {
-                header: HEADER_DEAD_SOURCE_SEQ,
-                problem: format!("{:?} is not a sequence", seq.as_str()),
-            })?),
-        };
+        let source_seq = parsed(headers, HEADER_DEAD_SOURCE_SEQ, "a sequence")?;
         let reason = get(HEADER_DEAD_REASON)?;
         let reason = DeadReason::from_name(&reason).ok_or(HeaderError {
             header: HEADER_DEAD_REASON,
@@ -603,5 +606,21 @@ mod tests {
         assert_eq!(dead.subject(), "dataviz.dead.processor.bad_topic");
         let back = DeadLetter::from_parts(Some(&dead.headers()), dead.raw.payload.clone()).unwrap();
         assert_eq!(back, dead);
+        // Numbers that do not read are named, with the header they came in.
+        for (header, what) in [
+            (HEADER_DEAD_WHOLE_SIZE, "a size"),
+            (HEADER_DEAD_SOURCE_SEQ, "a sequence"),
+        ] {
+            let mut headers = dead.headers();
+            headers.insert(header, "5 MB");
+            let error = DeadLetter::from_parts(Some(&headers), dead.raw.payload.clone());
+            assert_eq!(
+                error,
+                Err(HeaderError {
+                    header,
+                    problem: format!("\"5 MB\" is not {what}"),
+                })
+            );
+        }
     }
 }
