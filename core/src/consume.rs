@@ -84,9 +84,10 @@ pub trait Stage: Send + Sync {
     /// The stage's name, in logs and metrics (and in the dead letters it makes).
     const NAME: &'static str;
 
-    /// Most payload bytes handed to [`Stage::handle`] at once, beside the batch size, for a
-    /// stage that holds what it is handed in a larger form while it works; a message larger
-    /// than this goes alone. By default only the pull's bound ([`fetch_bytes`]).
+    /// Payload bytes handed to [`Stage::handle`] at once, beside the batch size, for a stage
+    /// that holds what it is handed in a larger form while it works: the message that reaches
+    /// them is the last of its batch, so one larger than this still goes through. By default
+    /// only the pull's bound ([`fetch_bytes`]).
     const BATCH_BYTES: usize = usize::MAX;
 
     fn handle<'a>(

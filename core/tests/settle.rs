@@ -400,3 +400,35 @@ async fn a_stage_is_handed_no_more_than_its_batch_bytes() {
         "handed {largest} bytes at once: two messages of 608 bytes, the second reaching the bound"
     );
 }
+
+/// A message larger than a stage's `BATCH_BYTES` is not held back: it ends the batch it reaches,
+/// and the messages after it go on in batches of their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_larger_than_a_stage_s_batch_bytes_still_goes_through() {
+    let setup = setup().await;
+    let big = format!("done-big-{}", "y".repeat(4096));
+    let payloads = [
+        "done-before".to_owned(),
+        big.clone(),
+        "done-after-1".to_owned(),
+        "done-after-2".to_owned(),
+    ];
+    publish(&setup.js, &payloads).await;
+    let stage = Small(Scripted {
+        pause: Duration::from_millis(50),
+        ..Default::default()
+    });
+    run_until_batch(&setup, &stage, 10, || consumer_idle(&setup.js)).await;
+    assert_eq!(
+        stage.0.handled.lock().unwrap().len(),
+        4,
+        "every message handled, the large one too"
+    );
+    let largest = *stage.0.largest_fetch.lock().unwrap();
+    // At most the one before it and the large one: past the bound, nothing follows it.
+    let most = payloads[0].len() + big.len();
+    assert!(
+        largest <= most,
+        "handed {largest} bytes at once, more than {most}: a message followed the large one"
+    );
+}

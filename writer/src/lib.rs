@@ -38,9 +38,9 @@ use uuid::Uuid;
 /// Writer settings.
 #[derive(Debug, Clone, clap::Args)]
 pub struct WriterConfig {
-    /// READINGS messages written per transaction, at most, and 256 KiB of them (each holds the
-    /// readings of up to one processor batch of one gateway, 256 KiB at most; a larger one goes
-    /// alone).
+    /// READINGS messages written per transaction, at most; the message that reaches 256 KiB is
+    /// also the last (each holds the readings of up to one processor batch of one gateway,
+    /// 256 KiB at most, or one unit larger than that).
     #[arg(
         long,
         env = "WRITER_BATCH_SIZE",
