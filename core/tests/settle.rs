@@ -375,6 +375,18 @@ impl AsRef<Scripted> for Small {
     }
 }
 
+/// Publishes `payloads` to RAW and runs a [`Small`] stage over them, 10 messages a fetch, until
+/// every one is settled.
+async fn run_small(setup: &Setup, payloads: &[String]) -> Small {
+    publish(&setup.js, payloads).await;
+    let stage = Small(Scripted {
+        pause: Duration::from_millis(50),
+        ..Default::default()
+    });
+    run_until_batch(setup, &stage, 10, || consumer_idle(&setup.js)).await;
+    stage
+}
+
 /// A stage's `BATCH_BYTES` bounds what it is handed at once, whatever has arrived: the message
 /// that reaches the bound is the last of its batch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -383,12 +395,7 @@ async fn a_stage_is_handed_no_more_than_its_batch_bytes() {
     let payloads: Vec<String> = (0..20)
         .map(|n| format!("done-{n:02}-{}", "x".repeat(600)))
         .collect();
-    publish(&setup.js, &payloads).await;
-    let stage = Small(Scripted {
-        pause: Duration::from_millis(50),
-        ..Default::default()
-    });
-    run_until_batch(&setup, &stage, 10, || consumer_idle(&setup.js)).await;
+    let stage = run_small(&setup, &payloads).await;
     assert_eq!(
         stage.0.handled.lock().unwrap().len(),
         20,
@@ -413,12 +420,7 @@ async fn a_message_larger_than_a_stage_s_batch_bytes_still_goes_through() {
         "done-after-1".to_owned(),
         "done-after-2".to_owned(),
     ];
-    publish(&setup.js, &payloads).await;
-    let stage = Small(Scripted {
-        pause: Duration::from_millis(50),
-        ..Default::default()
-    });
-    run_until_batch(&setup, &stage, 10, || consumer_idle(&setup.js)).await;
+    let stage = run_small(&setup, &payloads).await;
     assert_eq!(
         stage.0.handled.lock().unwrap().len(),
         4,
