@@ -89,6 +89,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "ingested_keys",
         sql: Sql::Both(include_str!("../../migrations/0005_ingested_keys.sql")),
     },
+    Migration {
+        version: 6,
+        name: "retention_ranges",
+        sql: Sql::Both(include_str!("../../migrations/0006_retention_ranges.sql")),
+    },
 ];
 
 /// An arbitrary constant naming the migration lock among the database's advisory locks.

@@ -127,14 +127,13 @@ pub async fn apply_retention(
 /// Summarizing a range keeps every row a running transaction may still see, deleted ones
 /// included, and a transaction of any database begun before a deletion holds that horizon
 /// back (a writer's always does under load): a range summarized then keeps the deleted times,
-/// and every later pass would read it. So `deleted_from` carries the ranges deleted from over
-/// to the next pass, which summarizes them once more first, when no transaction of the time is
-/// left.
+/// and every later pass would read it. So the ranges deleted from are recorded in the table
+/// `retention_range`, and the next pass summarizes them once more first, when no transaction
+/// of the time is left: whichever writer takes it, and after a restart.
 pub async fn prune(
     client: &mut tokio_postgres::Client,
     readings: Period,
     ids: Option<Duration>,
-    deleted_from: &mut DeletedRanges,
 ) -> anyhow::Result<u64> {
     let timescale = client
         .query_opt(
@@ -146,8 +145,7 @@ pub async fn prune(
     let mut deleted = 0;
     if let (false, Some(keep)) = (timescale, readings.0) {
         let mut summaries = true;
-        let again = std::mem::take(&mut deleted_from.0);
-        summarize_time_index(client, &again, &mut summaries).await;
+        summarize_time_index(client, Ranges::Recorded, &mut summaries).await;
         loop {
             let tx = client.transaction().await?;
             tx.batch_execute("SET LOCAL enable_seqscan = off").await?;
@@ -167,16 +165,13 @@ pub async fn prune(
             deleted += n as u64;
             // The ranges deleted from still hold the deleted times in their summaries: summarized
             // again from what they hold now, the next slice skips them; the next pass summarizes
-            // them once more (`deleted_from`), in case a running transaction kept those times.
+            // them once more (they are recorded), in case a running transaction kept those times.
             let ranges: Vec<i64> = gone.iter().map(|row| row.get(0)).collect();
-            summarize_time_index(client, &ranges, &mut summaries).await;
-            deleted_from.0.extend(ranges);
+            summarize_time_index(client, Ranges::DeletedFrom(&ranges), &mut summaries).await;
             if n < SLICE {
                 break;
             }
         }
-        deleted_from.0.sort_unstable();
-        deleted_from.0.dedup();
     }
     while let Some(ids) = ids {
         // The index on ingested_at finds the old ids; the primary key deletes them. Without
@@ -201,34 +196,61 @@ pub async fn prune(
     Ok(deleted)
 }
 
+/// Which ranges of `tag_reading_time_brin` [`summarize_time_index`] summarizes again.
+enum Ranges<'a> {
+    /// Those an earlier pass deleted from (recorded in `retention_range`), which it forgets once
+    /// summarized.
+    Recorded,
+    /// Those starting at these pages, which this pass deleted from: recorded for the next one.
+    DeletedFrom(&'a [i64]),
+}
+
 /// Summarizes the page ranges of `tag_reading`'s BRIN index on `time` that have none, after
-/// dropping the summaries of the ranges starting at the pages `again`. Best effort: it needs the
-/// index's owner (the role that ran the migrations), and without it a pass is still correct,
-/// only slower; said once per pass (`summaries` turns false).
+/// dropping the summaries of the ranges `again`. Best effort: it needs the index's owner (the
+/// role that ran the migrations), and without it a pass is still correct, only slower; said once
+/// per pass (`summaries` turns false).
 async fn summarize_time_index(
-    client: &tokio_postgres::Client,
-    again: &[i64],
+    client: &mut tokio_postgres::Client,
+    again: Ranges<'_>,
     summaries: &mut bool,
 ) {
     if !*summaries {
         return;
     }
     let summarized = async {
-        if !again.is_empty() {
-            client
-                .execute(
-                    "SELECT brin_desummarize_range('tag_reading_time_brin', page)
-                       FROM unnest($1::bigint[]) page",
-                    &[&again],
+        // One transaction: recorded ranges are forgotten only once summarized again.
+        let tx = client.transaction().await?;
+        let pages: Vec<i64> = match again {
+            Ranges::Recorded => tx
+                .query("DELETE FROM retention_range RETURNING first_page", &[])
+                .await?
+                .iter()
+                .map(|row| row.get(0))
+                .collect(),
+            Ranges::DeletedFrom(pages) => {
+                tx.execute(
+                    "INSERT INTO retention_range (first_page) SELECT unnest($1::bigint[])
+                     ON CONFLICT DO NOTHING",
+                    &[&pages],
                 )
                 .await?;
-        }
-        client
-            .execute(
-                "SELECT brin_summarize_new_values('tag_reading_time_brin')",
-                &[],
+                pages.to_vec()
+            }
+        };
+        if !pages.is_empty() {
+            tx.execute(
+                "SELECT brin_desummarize_range('tag_reading_time_brin', page)
+                   FROM unnest($1::bigint[]) page",
+                &[&pages],
             )
-            .await
+            .await?;
+        }
+        tx.execute(
+            "SELECT brin_summarize_new_values('tag_reading_time_brin')",
+            &[],
+        )
+        .await?;
+        tx.commit().await
     }
     .await;
     if let Err(e) = summarized {
@@ -240,11 +262,6 @@ async fn summarize_time_index(
         *summaries = false;
     }
 }
-
-/// The page ranges of `tag_reading` a pass of [`prune`] deleted readings from (their first
-/// pages), for the next pass to summarize again.
-#[derive(Debug, Default)]
-pub struct DeletedRanges(Vec<i64>);
 
 /// Rows deleted per transaction, at most.
 const SLICE: i64 = 10_000;
@@ -295,7 +312,6 @@ pub async fn prune_loop(
     let start = tokio::time::Instant::now() + FIRST_PRUNE_AFTER.min(every);
     let mut tick = tokio::time::interval_at(start, every);
     let mut told = None;
-    let mut deleted_from = DeletedRanges::default();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -319,7 +335,7 @@ pub async fn prune_loop(
             if !locked {
                 return Ok(0);
             }
-            let result = prune(&mut client, readings, ids, &mut deleted_from).await;
+            let result = prune(&mut client, readings, ids).await;
             client
                 .execute("SELECT pg_advisory_unlock($1)", &[&PRUNE_LOCK])
                 .await?;

@@ -192,7 +192,8 @@ async fn timescale_flavour_on_real_timescaledb() {
             "0002_tag_reading",
             "0003_users",
             "0004_ingested_at",
-            "0005_ingested_keys"
+            "0005_ingested_keys",
+            "0006_retention_ranges"
         ]
     );
     assert_eq!(report.already, 0);
@@ -203,7 +204,7 @@ async fn timescale_flavour_on_real_timescaledb() {
         "applied again: {:?}",
         again.applied
     );
-    assert_eq!(again.already, 5);
+    assert_eq!(again.already, 6);
     db::check_migrated(&client).await.unwrap();
     let flavors: Vec<Option<String>> = client
         .query("SELECT flavor FROM schema_migration ORDER BY version", &[])
@@ -214,7 +215,7 @@ async fn timescale_flavour_on_real_timescaledb() {
         .collect();
     assert_eq!(
         flavors,
-        [None, Some("timescale".to_owned()), None, None, None]
+        [None, Some("timescale".to_owned()), None, None, None, None]
     );
 
     let described = db::describe(&client).await.unwrap();
@@ -591,7 +592,6 @@ async fn timescale_flavour_on_real_timescaledb() {
         &mut client,
         configured.readings_retention,
         Some(Duration::from_secs(8 * 86_400)),
-        &mut retention::DeletedRanges::default(),
     )
     .await
     .unwrap();
