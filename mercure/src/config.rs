@@ -246,8 +246,8 @@ impl HubConfig {
     pub const DEFAULT_MAX_TOPICS: usize = 1_000;
     pub const DEFAULT_HISTORY_SIZE: usize = 10_000;
     /// 16 MiB: the count still bounds updates of up to about 1.6 KB each; with larger ones, a
-    /// history of 64 MiB took `dataviz all` past 150 MB on the default broker (189–214 MiB at a
-    /// hundred readings per message, against 132–144 at 16 MiB; BENCHMARKS.md).
+    /// history of 64 MiB took `dataviz all` to 189–214 MiB on the default broker at a hundred
+    /// readings per message, against 132–174 at 16 MiB (BENCHMARKS.md).
     pub const DEFAULT_HISTORY_BYTES: usize = 16 * 1024 * 1024;
     pub const DEFAULT_HEARTBEAT: &'static str = "40s";
     pub const DEFAULT_STREAM: &'static str = "MERCURE";
