@@ -160,13 +160,25 @@ pub async fn prune(
                 )
                 .await
                 .context("deleting old readings")?;
+            let ranges: Vec<i64> = gone.iter().map(|row| row.get(0)).collect();
+            // Recorded with the deletion itself, so that a pass stopped right after it (a crash,
+            // a restart) still leaves them to the next one. Only where summaries can be made:
+            // the record is the index owner's, as they are.
+            if summaries && !ranges.is_empty() {
+                tx.execute(
+                    "INSERT INTO retention_range (first_page) SELECT unnest($1::bigint[])
+                     ON CONFLICT DO NOTHING",
+                    &[&ranges],
+                )
+                .await
+                .context("recording the ranges deleted from")?;
+            }
             tx.commit().await?;
             let n: i64 = gone.iter().map(|row| row.get::<_, i64>(1)).sum();
             deleted += n as u64;
             // The ranges deleted from still hold the deleted times in their summaries: summarized
             // again from what they hold now, the next slice skips them; the next pass summarizes
             // them once more (they are recorded), in case a running transaction kept those times.
-            let ranges: Vec<i64> = gone.iter().map(|row| row.get(0)).collect();
             summarize_time_index(client, Ranges::DeletedFrom(&ranges), &mut summaries).await;
             if n < SLICE {
                 break;
@@ -201,7 +213,7 @@ enum Ranges<'a> {
     /// Those an earlier pass deleted from (recorded in `retention_range`), which it forgets once
     /// summarized.
     Recorded,
-    /// Those starting at these pages, which this pass deleted from: recorded for the next one.
+    /// Those starting at these pages, which this pass deleted from (and recorded for the next).
     DeletedFrom(&'a [i64]),
 }
 
@@ -220,22 +232,18 @@ async fn summarize_time_index(
     let summarized = async {
         // One transaction: recorded ranges are forgotten only once summarized again.
         let tx = client.transaction().await?;
-        let pages: Vec<i64> = match again {
-            Ranges::Recorded => tx
-                .query("DELETE FROM retention_range RETURNING first_page", &[])
-                .await?
-                .iter()
-                .map(|row| row.get(0))
-                .collect(),
-            Ranges::DeletedFrom(pages) => {
-                tx.execute(
-                    "INSERT INTO retention_range (first_page) SELECT unnest($1::bigint[])
-                     ON CONFLICT DO NOTHING",
-                    &[&pages],
-                )
-                .await?;
-                pages.to_vec()
+        let recorded: Vec<i64>;
+        let pages = match again {
+            Ranges::Recorded => {
+                recorded = tx
+                    .query("DELETE FROM retention_range RETURNING first_page", &[])
+                    .await?
+                    .iter()
+                    .map(|row| row.get(0))
+                    .collect();
+                &recorded
             }
+            Ranges::DeletedFrom(pages) => pages,
         };
         if !pages.is_empty() {
             tx.execute(
